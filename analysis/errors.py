@@ -1,0 +1,2 @@
+class VlsafeError(Exception):
+    """A user-facing error: one line, names the file, tensor or row."""

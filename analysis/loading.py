@@ -1,0 +1,64 @@
+"""Load a runnable transformers model for a `Checkpoint` (AutoModel classes chosen by family kind)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from analysis.errors import VlsafeError
+
+if TYPE_CHECKING:
+    from analysis.checkpoints import Checkpoint
+
+
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`"float32"`/`"fp32"`/`"bf16"`/torch dtype → torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp64": "float64"}
+    name = aliases.get(str(dtype), str(dtype))
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise VlsafeError(f"unknown dtype {dtype!r} (use float32, bfloat16, float16 or float64)")
+    return getattr(torch, name)
+
+
+def _check_loadable(ckpt: "Checkpoint") -> None:
+    if not ckpt.path.is_dir() or not (ckpt.path / "config.json").is_file():
+        raise VlsafeError(f"{ckpt.spec}: cannot build a runnable model without a config.json next to the weights")
+    if ckpt.config.get("auto_map") and not ckpt.trust_remote_code:
+        raise VlsafeError(f"{ckpt.spec}: needs custom code from the checkpoint (auto_map); "
+                          "pass trust_remote_code=True / --trust-remote-code if you trust it")
+
+
+def load_runnable(ckpt: "Checkpoint", *, dtype: str | torch.dtype = "float32", device: str = "cpu",
+                  attn_implementation: str = "eager") -> tuple[Any, Any, Any]:
+    """(model, tokenizer, processor) for `ckpt`; processor is None for text models.
+
+    Tokenizers are set to left padding (pad = eos when missing) so batched last-token reads line up.
+    """
+    import transformers as T
+
+    _check_loadable(ckpt)
+    kw: dict[str, Any] = dict(dtype=as_dtype(dtype), attn_implementation=attn_implementation,
+                              trust_remote_code=ckpt.trust_remote_code)
+    if ckpt.source.kind == "pickle":
+        kw["use_safetensors"] = False
+    auto = T.AutoModelForImageTextToText if ckpt.family.is_lvlm else T.AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(str(ckpt.path), **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise VlsafeError(f"{ckpt.spec}: transformers cannot load it ({str(e).splitlines()[0][:200]})") from None
+    model = model.to(device).eval()
+    processor = None
+    if ckpt.family.is_lvlm:
+        try:
+            processor = T.AutoProcessor.from_pretrained(str(ckpt.path), trust_remote_code=ckpt.trust_remote_code)
+        except (OSError, ValueError, TypeError, KeyError):
+            processor = None
+    tokenizer = getattr(processor, "tokenizer", None) or T.AutoTokenizer.from_pretrained(
+        str(ckpt.path), trust_remote_code=ckpt.trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, processor

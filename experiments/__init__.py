@@ -1,0 +1,1 @@
+"""vlsafe experiments package."""

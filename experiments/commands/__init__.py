@@ -1,0 +1,1 @@
+"""`vlsafe` sub-commands, one module each, discovered by `experiments.cli`."""

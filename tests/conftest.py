@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny real-format checkpoints built in-process, and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_dir: Path) -> Path:
+    """A 2-layer random LlamaForCausalLM (hidden 64) with a ChatML tokenizer, saved in HF format."""
+    from analysis.tiny import tiny_llama
+
+    return tiny_llama(tiny_dir / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tiny_dir: Path) -> Path:
+    """A random LlavaForConditionalGeneration (CLIP tower, 2-layer Llama LM) with its processor."""
+    from analysis.tiny import tiny_llava
+
+    return tiny_llava(tiny_dir / "llava", vision="clip")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted once to the vlsafe safetensors cache."""
+    from analysis.resolve import resolve
+
+    return resolve("default")
