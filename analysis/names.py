@@ -100,8 +100,8 @@ def guess_family(raw_names: Iterable[str], source: str) -> Family:
     esc = re.escape(lm_prefix) + r"\." if lm_prefix else ""
     rules = [(f"^{esc}(layers\\..+|embed_tokens\\..+|norm\\..+)$", "model.\\1")]
     rules += [(r"^(?:.*\.)?lm_head\.(.+)$", "lm_head.\\1")]
-    rules += [(r"^(?:.*?)(?:mm_projector|multi_modal_projector|connector|projector)\.(.+)$", "projector.\\1")]
-    rules += [(r"^(?:.*?)(?:vision_tower|vision_model|visual|vision)\.(.+)$", "vision.\\1")]
+    rules += [(r"^(?:.*?\.)?\w*(?:projector|connector)\w*\.(.+)$", "projector.\\1")]
+    rules += [(r"^(?:.*?\.)?\w*(?:vision|visual)\w*\.(.+)$", "vision.\\1")]
     kind = "lvlm" if any(re.search(r"vision|visual|projector|connector", n) for n in names) else "text"
     note = (f"unknown family: guessed the language model is '{lm_prefix or '<root>'}.layers.N' "
             f"({prefixes[lm_prefix]} tensors); vision/projector by name keywords")
