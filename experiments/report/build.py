@@ -1,0 +1,152 @@
+"""`vlsafe report DIR`: one self-contained HTML page (figures embedded) for any run directory.
+
+Sections mirror the paper: safety dynamics during adaptation; a safety × helpfulness table with intervals;
+weight shift; task-vector divergence; the safety direction per layer and its drift; safety-layer curves;
+the Pareto front of remedies; the linked layer view; and a reproducibility block from every `run.json`.
+Figures are also written to `DIR/figures/` as PNG and PDF.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Callable
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from analysis.errors import VlsafeError
+from analysis.runinfo import atomic_path
+from experiments.report import plots
+from experiments.report.discover import Artefacts, discover
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
+margin-top:2em}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;
+color:#555}table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em
+.5em;text-align:right}th{background:#f6f6f6}td:first-child,th:first-child{text-align:left}.missing{color:#888;
+font-style:italic}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em}
+"""
+
+
+def _embed(fig: plt.Figure | None, out_dir: Path, stem: str) -> str | None:
+    """Save `fig` as PNG + PDF under `out_dir/figures/` and return an <img> tag with the PNG inlined."""
+    if fig is None:
+        return None
+    figs = out_dir / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figs / f"{stem}.pdf")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=150)
+    (figs / f"{stem}.png").write_bytes(buf.getvalue())
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img alt="{stem}" src="data:image/png;base64,{data}">'
+
+
+def _fmt_rate(r: pd.Series) -> str:
+    s = f"{r['refusal_rate']:.2f}"
+    if pd.notna(r.get("ci_low")) and pd.notna(r.get("ci_high")):
+        s += f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+    return s + f" (n={int(r['n'])})"
+
+
+def safety_table(art: Artefacts) -> pd.DataFrame | None:
+    """Table-1 style: checkpoint × prompt set refusal rates with Wilson intervals (overall rows only)."""
+    frames = [df for _, df in art.all("eval_summary")]
+    if frames:
+        df = pd.concat(frames, ignore_index=True)
+        if "category" in df.columns:
+            df = df[df["category"].isna() | (df["category"].astype(str).isin(["", "all", "nan"]))]
+        df = df.assign(cell=df.apply(_fmt_rate, axis=1))
+        return df.pivot_table(index="checkpoint", columns="prompt_set", values="cell", aggfunc="first")
+    m = art.first("organism_metrics")
+    if m is None:
+        return None
+    cell = m.apply(lambda r: f"{r['value']:.2f}" + (f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+                                                    if {"ci_low", "ci_high"} <= set(m.columns)
+                                                    and pd.notna(r["ci_low"]) else ""), axis=1)
+    return m.assign(cell=cell).pivot_table(index="checkpoint", columns="metric", values="cell", aggfunc="first")
+
+
+def _section(title: str, body: list[str | None], missing: str) -> str:
+    parts = [p for p in body if p]
+    inner = "\n".join(parts) if parts else f'<p class="missing">{html.escape(missing)}</p>'
+    return f"<h2>{html.escape(title)}</h2>\n{inner}"
+
+
+def _figure(tag: str | None, caption: str) -> str | None:
+    return f"<figure>{tag}<figcaption>{html.escape(caption)}</figcaption></figure>" if tag else None
+
+
+def _repro(art: Artefacts) -> str:
+    if not art.runs:
+        return '<p class="missing">No run.json found.</p>'
+    blocks = []
+    for path, rec in art.runs:
+        keep = {k: rec.get(k) for k in ("command", "git_commit", "seed", "created", "versions", "checkpoints",
+                                        "config")}
+        rel = path.relative_to(art.root)
+        blocks.append(f"<details><summary><code>{html.escape(str(rel))}</code> — "
+                      f"{html.escape(str(rec.get('command', '?')))}</summary><pre>"
+                      f"{html.escape(json.dumps(keep, indent=2, default=str))}</pre></details>")
+    return "\n".join(blocks)
+
+
+def build_report(run_dir: str | Path, title: str = "vlsafe report") -> Path:
+    """Write `run_dir/report.html` (self-contained) and `run_dir/figures/report_*`; return the HTML path."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise VlsafeError(f"{root}: not a run directory")
+    art = discover(root)
+    if not art.tables and not art.runs:
+        raise VlsafeError(f"{root}: no vlsafe outputs found (no known CSV tables or run.json)")
+    fig: Callable[[plt.Figure | None, str], str | None] = lambda f, stem: _embed(f, root, f"report_{stem}")
+    diff, probe, sim = art.first("diff_layers"), art.first("probe_layers"), art.first("similarity")
+    table = safety_table(art)
+    sections = [
+        _section("Safety dynamics during adaptation", [_figure(fig(plots.dynamics(
+            art.first("organism_metrics"), art.first("dynamics")), "dynamics"),
+            "Safety metrics and mean weight shift vs adaptation step (paper Figure 2 axis).")],
+            "No step-indexed checkpoints in this run (organism metrics or diff dynamics.csv)."),
+        _section("Safety and helpfulness per checkpoint",
+                 [table.to_html(na_rep="–", escape=True) if table is not None else None,
+                  "<p>Rates with Wilson 95% intervals.</p>" if table is not None else None],
+                 "No eval summary.csv or organism metrics.csv in this run."),
+        _section("Weight shift", [_figure(fig(plots.weight_heatmap(diff), "weight_heatmap") if diff is not None
+                                          else None, "Relative Frobenius change per layer and module.")],
+                 "No diff layers.csv (run `vlsafe diff`)."),
+        _section("Task-vector divergence", [_figure(fig(plots.taskvector_cosine(art.first("taskvectors")), "taskvec")
+                                                    if art.first("taskvectors") is not None else None,
+                                                    "Cosine between task vectors per layer.")],
+                 "No taskvectors.csv (run `vlsafe diff --base`)."),
+        _section("Safety direction per layer and its drift", [
+            _figure(fig(plots.probe_accuracy(probe), "probe") if probe is not None else None,
+                    "Linear-probe accuracy (harmful vs harmless) per layer; dashed: shuffled-label control."),
+            _figure(fig(plots.direction_similarity(sim), "direction_cos") if sim is not None else None,
+                    "Cosine of the difference-in-means direction between checkpoints.")],
+            "No probe outputs (run `vlsafe probe`)."),
+        _section("Safety-layer curves", [_figure(fig(plots.safety_layer_curves(art.first("safety_layers")), "safety_layers")
+                                                 if art.first("safety_layers") is not None else None,
+                                                 "Last-token cosine of normal/malicious pairs per layer.")],
+                 "No safety_layers.csv."),
+        _section("Remedies: safety vs helpfulness", [_figure(fig(plots.pareto(art.first("pareto")), "pareto")
+                                                             if art.first("pareto") is not None else None,
+                                                             "Every sweep point; red: the Pareto front.")],
+                 "No pareto.csv (run `vlsafe sweep`)."),
+        _section("Linked layer view", [_figure(fig(plots.linked_layer_view(diff, sim, probe), "linked"),
+                                               "Weight shift, direction shift and probe accuracy on one layer axis.")],
+                 "Needs at least two of: diff layers.csv, probe similarity.csv, probe layers.csv."),
+        _section("Reproducibility", [_repro(art)], ""),
+    ]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>Run directory: <code>{html.escape(str(root))}</code></p>{''.join(sections)}</body></html>")
+    out = root / "report.html"
+    with atomic_path(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return out
