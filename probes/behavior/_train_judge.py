@@ -1,0 +1,81 @@
+"""Train the default ``vlsafe`` judge: features of ``judge_train.jsonl`` → logistic regression → JSON weights.
+
+Usage: ``python -m probes.behavior._train_judge [--train FILE] [--out FILE] [--holdout FILE]``. The regularisation
+strength is chosen by stratified 5-fold cross-validation on the training file only; ``--holdout`` (never used for
+fitting or selection) is only scored and printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from probes.behavior.judge_features import FEATURE_NAMES, extract
+
+HERE = Path(__file__).parent
+
+
+def load_jsonl(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Read ``response`` / ``refused`` columns of a labelled JSONL file."""
+    rows = [json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return [r["response"] for r in rows], np.array([int(r["refused"]) for r in rows])
+
+
+def featurise(texts: list[str]) -> np.ndarray:
+    """Stack feature vectors in FEATURE_NAMES order."""
+    return np.array([[extract(t)[k] for k in FEATURE_NAMES] for t in texts], dtype=np.float64)
+
+
+def train(train_path: Path, out_path: Path, holdout: Path | None = None, seed: int = 0) -> dict:
+    """Fit, write the weights JSON and return it (with CV and optional held-out accuracy)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    texts, y = load_jsonl(train_path)
+    X = featurise(texts)
+    keep = X[:, FEATURE_NAMES.index("empty")] == 0  # empty responses are decided by rule, not by the model
+    X, y = X[keep], y[keep]
+    cv = StratifiedKFold(5, shuffle=True, random_state=seed)
+    scores = {}
+    for C in (0.03, 0.1, 0.3, 1.0, 3.0):
+        pipe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000))
+        scores[C] = float(cross_val_score(pipe, X, y, cv=cv).mean())
+    best_c = max(scores, key=lambda c: (round(scores[c], 3), -c))  # ties → stronger regularisation
+    scaler = StandardScaler().fit(X)
+    scale = np.where(scaler.scale_ > 1e-9, scaler.scale_, 1.0)
+    lr = LogisticRegression(C=best_c, max_iter=5000).fit((X - scaler.mean_) / scale, y)
+    w = {
+        "version": 1, "model": "logistic_regression", "features": list(FEATURE_NAMES),
+        "mean": [round(float(v), 6) for v in scaler.mean_], "scale": [round(float(v), 6) for v in scale],
+        "coef": [round(float(v), 6) for v in lr.coef_[0]], "intercept": round(float(lr.intercept_[0]), 6),
+        "C": best_c, "cv_accuracy": {str(k): round(v, 4) for k, v in scores.items()},
+        "train_file": train_path.name, "n_train": int(len(y)), "n_refused": int(y.sum()),
+        "train_accuracy": round(float(lr.score((X - scaler.mean_) / scale, y)), 4),
+    }
+    out_path.write_text(json.dumps(w, indent=1) + "\n", encoding="utf-8")
+    if holdout is not None:
+        ht, hy = load_jsonl(holdout)
+        Xh = featurise(ht)
+        w["holdout_accuracy"] = float(lr.score((Xh - scaler.mean_) / scale, hy))
+    return w
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--train", type=Path, default=HERE / "judge_train.jsonl")
+    ap.add_argument("--out", type=Path, default=HERE / "judge_weights.json")
+    ap.add_argument("--holdout", type=Path, default=None)
+    a = ap.parse_args()
+    w = train(a.train, a.out, a.holdout)
+    print(f"n={w['n_train']} C={w['C']} cv={w['cv_accuracy']} train_acc={w['train_accuracy']}"
+          + (f" holdout_acc={w['holdout_accuracy']:.4f}" if "holdout_accuracy" in w else ""))
+    top = sorted(zip(w["features"], w["coef"]), key=lambda kv: -abs(kv[1]))[:12]
+    print("top coefficients:", ", ".join(f"{k}={v:+.2f}" for k, v in top))
+
+
+if __name__ == "__main__":
+    main()

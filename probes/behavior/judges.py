@@ -1,0 +1,149 @@
+"""Refusal judges: public API and registry.
+
+>>> from probes.behavior.judges import get_judge
+>>> j = get_judge("default")              # the offline feature + logistic-regression judge "vlsafe"
+>>> [r.refused for r in j.judge(["I'm sorry, but I can't help with that.", "Sure! Step 1: preheat the oven."])]
+[True, False]
+
+Judge names (``list_judges()``):
+
+- ``vlsafe`` / ``default`` — offline feature-based judge (partial refusals count as refusals); ``vlsafe:weights.json``
+  loads other weights.
+- ``substring-rd``, ``substring-gcg``, ``substring-jbb``, ``substring-vlguard``, ``substring-xstest`` — the public
+  keyword lists (see :mod:`probes.behavior.judge_substring`); ``substring-rd:extra.txt`` adds phrases from a file,
+  ``substring:phrases.txt`` uses only the file's phrases; ``extra=[...]`` adds phrases in code.
+- ``classifier:<hf_id_or_path>`` — a LlamaGuard-style causal LM or a sequence classifier, loaded from a local path or
+  the local HF cache only (see :mod:`probes.behavior.judge_classifier`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from probes.behavior.judge_base import Judge, JudgeResult
+from probes.behavior.judge_substring import SUBSTRING_LISTS, SubstringJudge
+
+__all__ = ["Judge", "JudgeResult", "get_judge", "list_judges", "judge_file", "read_table", "DEFAULT_JUDGE"]
+
+DEFAULT_JUDGE = "vlsafe"
+
+
+def _vlsafe(arg: str | None, **kw: Any) -> Judge:
+    from probes.behavior.judge_vlsafe import VlsafeJudge
+
+    return VlsafeJudge(weights=arg or kw.pop("weights", None), **kw)
+
+
+def _substring(list_id: str) -> Callable[..., Judge]:
+    def make(arg: str | None, **kw: Any) -> Judge:
+        return SubstringJudge(list_id, extra=kw.pop("extra", None), file=arg or kw.pop("file", None))
+
+    return make
+
+
+def _classifier(arg: str | None, **kw: Any) -> Judge:
+    from analysis.errors import VlsafeError
+    from probes.behavior.judge_classifier import ClassifierJudge
+
+    if not arg:
+        raise VlsafeError("judge 'classifier' needs a model: use classifier:<hf_id_or_local_path>")
+    return ClassifierJudge(arg, **kw)
+
+
+_REGISTRY: dict[str, Callable[..., Judge]] = {
+    "vlsafe": _vlsafe,
+    **{f"substring-{k}": _substring(k) for k in SUBSTRING_LISTS if k != "custom"},
+    "substring": _substring("custom"),
+    "classifier": _classifier,
+}
+_ALIASES = {"default": "vlsafe", "substring-custom": "substring"}
+
+
+def list_judges() -> list[str]:
+    """Names accepted by :func:`get_judge` (``name`` or ``name:ARG``)."""
+    return sorted(_REGISTRY) + sorted(_ALIASES)
+
+
+def get_judge(name: str = DEFAULT_JUDGE, **kw: Any) -> Judge:
+    """Build a judge by name: ``"default"``, ``"substring-rd"``, ``"substring:my.txt"``, ``"classifier:DIR"``, ….
+
+    Keyword arguments go to the judge (``extra=[...]`` for substring lists, ``threshold=`` for vlsafe,
+    ``device=``/``batch_size=``/``refused_labels=`` for classifiers).
+    """
+    from analysis.errors import VlsafeError
+
+    base, _, arg = (name or DEFAULT_JUDGE).strip().partition(":")
+    base = _ALIASES.get(base, base)
+    if base not in _REGISTRY:
+        raise VlsafeError(f"unknown judge {name!r}; available: {', '.join(list_judges())}")
+    return _REGISTRY[base](arg or None, **kw)
+
+
+# ---------------------------------------------------------------- files
+
+def read_table(path: str | Path) -> "Any":
+    """Read a CSV/TSV or JSON/JSONL file into a DataFrame (one-line ``VlsafeError`` on unreadable input)."""
+    import pandas as pd
+    from analysis.errors import VlsafeError
+
+    p = Path(path)
+    if not p.is_file():
+        raise VlsafeError(f"judge: input file {p} does not exist")
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            return pd.read_csv(p, keep_default_na=False, sep="\t" if suffix == ".tsv" else ",")
+        if suffix in (".jsonl", ".ndjson"):
+            return pd.DataFrame([json.loads(ln) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()])
+        if suffix == ".json":
+            data = json.loads(p.read_text(encoding="utf-8"))
+            return pd.DataFrame(data if isinstance(data, list) else data.get("data", data))
+    except (ValueError, json.JSONDecodeError) as e:
+        raise VlsafeError(f"judge: cannot parse {p}: {str(e).splitlines()[0]}") from None
+    raise VlsafeError(f"judge: {p} has unsupported extension {suffix!r} (use .csv, .tsv, .jsonl or .json)")
+
+
+def _write_atomic(df: "Any", out: Path) -> None:
+    """Write ``df`` as CSV or JSONL (by suffix) via a temp file in the same folder + ``os.replace``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        if out.suffix.lower() in (".jsonl", ".ndjson"):
+            df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        else:
+            df.to_csv(tmp, index=False)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def judge_file(path: str | Path, column: str = "response", judge_name: str = DEFAULT_JUDGE,
+               out_path: str | Path | None = None, prompt_column: str | None = None, **judge_kw: Any) -> "Any":
+    """Judge ``column`` of a CSV/JSONL file; add ``refused`` (0/1), ``judge_score`` and ``judge``; write atomically.
+
+    ``out_path`` defaults to ``<stem>.judged.csv`` next to the input. ``prompt_column`` (optional) is passed to
+    judges that use prompts (classifiers). Returns the DataFrame that was written.
+    """
+    from analysis.errors import VlsafeError
+
+    p = Path(path)
+    df = read_table(p)
+    for col in [column] + ([prompt_column] if prompt_column else []):
+        if col not in df.columns:
+            raise VlsafeError(f"judge: {p} has no column {col!r}; available columns: {', '.join(map(str, df.columns))}")
+    judge = get_judge(judge_name, **judge_kw)
+    responses = ["" if v is None or v != v else str(v) for v in df[column].tolist()]
+    prompts = [str(v) for v in df[prompt_column].tolist()] if prompt_column else None
+    results = judge.judge(responses, prompts)
+    df = df.copy()
+    df["refused"] = [int(r.refused) for r in results]
+    df["judge_score"] = [r.score for r in results]
+    df["judge"] = judge.name
+    out = Path(out_path) if out_path is not None else p.with_name(p.stem + ".judged.csv")
+    _write_atomic(df, out)
+    return df
