@@ -1,0 +1,64 @@
+"""Capture backends: each runs one `Batch` and returns the requested activations, gathered at the positions.
+
+A backend is a context manager built from `(lm, requests)` where `requests` is a list of `(kind, layer)` with
+kind in `resid_pre`, `resid_post`, `attn_out`, `mlp_out`; `run(batch, gather)` returns
+`{(kind, layer): gather(hidden[n, T, d])}`. `gather` reduces the sequence axis to the requested positions
+(it is applied inside the hook, so full sequences are never kept).
+
+- `hooks` (default): PyTorch forward (pre-)hooks on the decoder blocks; stops the forward after the last
+  requested layer (no final norm, no lm_head).
+- `transformer_lens`: TL 4.x `TransformerBridge` around a deep copy of the model, `run_with_cache` with a
+  names filter.
+- `nnsight`: nnsight 0.8 trace, modules read in forward order.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Protocol
+
+import torch
+
+from analysis.errors import VlsafeError
+
+HookRequest = tuple[str, int]
+Gather = Callable[[torch.Tensor], torch.Tensor]
+BACKENDS = {"hooks": "probes.backends.hooks", "transformer_lens": "probes.backends.transformer_lens",
+            "nnsight": "probes.backends.nnsight"}
+_ALIASES = {"tl": "transformer_lens", "transformerlens": "transformer_lens", "torch": "hooks", "native": "hooks"}
+
+
+class Backend(Protocol):
+    """What `probes.capture.capture` needs from a backend."""
+
+    name: str
+
+    def run(self, batch: Any, gather: Gather) -> dict[HookRequest, torch.Tensor]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "Backend": ...
+
+    def __exit__(self, *exc: Any) -> None: ...
+
+
+def get_backend(name: str, lm: Any, requests: list[HookRequest]) -> Backend:
+    """Instantiate backend `name` (`hooks`, `transformer_lens`/`tl`, `nnsight`) for `requests` on `lm`."""
+    key = _ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in BACKENDS:
+        raise VlsafeError(f"unknown capture backend {name!r} (choose from {', '.join(BACKENDS)})")
+    module = importlib.import_module(BACKENDS[key])
+    return module.make(lm, requests)
+
+
+def by_layer(requests: list[HookRequest]) -> dict[int, set[str]]:
+    """`{layer: {kinds}}` in ascending layer order."""
+    out: dict[int, set[str]] = {}
+    for kind, layer in sorted(requests, key=lambda r: r[1]):
+        out.setdefault(layer, set()).add(kind)
+    return out
+
+
+def first(x: Any) -> torch.Tensor:
+    """The hidden-state tensor of a module output (first element of a tuple/list, else itself)."""
+    return x[0] if isinstance(x, (tuple, list)) else x
