@@ -1,0 +1,399 @@
+"""Safety-vs-helpfulness sweeps: a grid of remedies (merges, tuning runs, RESTA, plain checkpoints), each point
+materialised once, evaluated through the behaviour API, and summarised as a Pareto table and figure.
+
+```yaml
+vars: {organism: runs/organism}            # ${organism} in any string; CLI --var organism=... overrides
+inputs:                                    # optional: build tiny random checkpoints into DIR/inputs/<name>
+  llm: {tiny: llama, seed: 0}
+eval: {mode: fast, harmful: harmful-val, borderline: borderline-val, harmless: harmless-val, limit: 32}
+grid:
+  - name: restore                          # a label; points are "restore[alpha=0.5,layers=top4]"
+    method: merge                          # merge | tune | resta | checkpoint
+    config:                                # a merge plan / tune config / resta arguments / a checkpoint spec
+      merge_method: task_arithmetic
+      base_model: ${organism}/lvlm
+      models: [{model: ${organism}/llm-aligned, parameters: {weight: ${alpha}}}]
+    vary:                                  # cartesian product
+      alpha: [0.25, 0.5, 1.0]
+      layers: [all, {top_k: 4, from: runs/diff/layers.csv, score: rel_frobenius}, [10, 11, 12], {range: [8, 14]}]
+```
+
+A `${name}` string that is a whole value keeps the variable's type. `layers` is special: unless the template
+uses `${layers}` itself, the resolved selection becomes the merge plan's `layers`, the tune config's
+`layers: {trainable: …}` or RESTA's `layers`; `all` means no selection. `top_k` reads a diff or probe
+`layers.csv` through `analysis.merging.plans` (`score`, optional `module`, `checkpoint`, `largest`).
+
+Layout: `DIR/points/<hash>/` (`point.json`, `model/`, `done.json`, `eval-<evalhash>.json`), built in a temp
+folder and renamed, so a point folder without `done.json` can only be foreign or interrupted and is redone.
+The hash covers the entry name, method, template, the point's variable values and the content hashes of
+its input checkpoints (not their paths). `DIR/pareto.csv`, `DIR/figures/pareto.{png,pdf}`, `DIR/run.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from tqdm.auto import tqdm
+
+from analysis.errors import VlsafeError
+from analysis.runinfo import atomic_path, write_csv, write_json, write_run_json
+from experiments.sweep_eval import EvalConfig, evaluate_point, mark_pareto, pareto_figure, reference_answers
+from experiments.yamlvars import substitute
+
+METHODS = ("merge", "tune", "resta", "checkpoint")
+RESTA_REQUIRED = {"sft", "aligned", "unaligned"}
+RESTA_KEYS = {"sft", "aligned", "unaligned", "beta", "density", "seed", "rescale", "layers", "modules", "dtype"}
+
+
+class TinyInput(BaseModel):
+    """A tiny random checkpoint built into `DIR/inputs/<name>` (for tests and smoke runs)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tiny: Literal["llama", "llava"]
+    seed: int = 0
+    layers: int = 2
+    hidden: int = 64
+
+
+class GridEntry(BaseModel):
+    """One family of points: a method, a config template and the variables to vary."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    method: str
+    config: dict[str, Any] | str
+    vary: dict[str, list[Any]] = {}
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method '{v}'; valid: {', '.join(METHODS)}")
+        return v
+
+
+class SweepConfig(BaseModel):
+    """A validated sweep YAML."""
+
+    model_config = ConfigDict(extra="forbid")
+    vars: dict[str, Any] = {}
+    inputs: dict[str, TinyInput] = {}
+    eval: EvalConfig = EvalConfig()
+    grid: list[GridEntry]
+    seed: int = 0
+
+
+@dataclass
+class Point:
+    """One materialisable point of the grid."""
+
+    entry: GridEntry
+    values: dict[str, Any]
+    layers: list[int] | None
+    config: Any  # resolved template
+    key: str = ""
+
+    @property
+    def label(self) -> str:
+        vals = ",".join(f"{k}={_short(v)}" for k, v in self.values.items())
+        return f"{self.entry.name}[{vals}]" if vals else self.entry.name
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, dict):
+        if "top_k" in v:
+            return f"top{v['top_k']}"
+        return "L{}-{}".format(v["range"][0], v["range"][1] - 1) if "range" in v else "sel"
+    if isinstance(v, list):
+        return "L" + "_".join(map(str, v))
+    if isinstance(v, str) and "/" in v:
+        return v.rstrip("/").rsplit("/", 1)[-1]  # a checkpoint path: its folder name
+    return str(v)
+
+
+# ---- config ------------------------------------------------------------------------------------------------------
+def load_sweep(path: str | Path, overrides: dict[str, str] | None = None) -> tuple[SweepConfig, Path]:
+    """Parse and validate a sweep YAML (one-line errors naming the key); returns (config, its folder)."""
+    p = Path(path)
+    if not p.is_file():
+        raise VlsafeError(f"{p}: no such sweep config")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise VlsafeError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise VlsafeError(f"{p}: a sweep config must be a YAML mapping")
+    cfg = validate(raw, str(p))
+    if overrides:
+        cfg = cfg.model_copy(update={"vars": {**cfg.vars, **overrides}})
+    return cfg, p.parent
+
+
+def validate(raw: dict[str, Any], source: str) -> SweepConfig:
+    """Pydantic validation with unknown keys answered by the valid ones."""
+    import difflib
+
+    for model, d, where in [(SweepConfig, raw, "")] + [(EvalConfig, raw.get("eval") or {}, "eval.")] + \
+            [(GridEntry, g, f"grid[{i}].") for i, g in enumerate(raw.get("grid") or []) if isinstance(g, dict)]:
+        for key in d:
+            if key not in model.model_fields:
+                close = difflib.get_close_matches(str(key), list(model.model_fields), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise VlsafeError(f"{source}: unknown key '{where}{key}'{hint}; valid: "
+                                  f"{', '.join(model.model_fields)}")
+    try:
+        cfg = SweepConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise VlsafeError(f"{source}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
+    if not cfg.grid:
+        raise VlsafeError(f"{source}: 'grid' is empty")
+    names = [g.name for g in cfg.grid]
+    if len(set(names)) != len(names):
+        raise VlsafeError(f"{source}: grid names must be distinct, got {names}")
+    return cfg
+
+
+def resolve_layers(sel: Any, base_dir: Path, where: str) -> list[int] | None:
+    """A layer selection value → sorted layer list (None = all layers)."""
+    if sel is None or sel == "all":
+        return None
+    if isinstance(sel, int):
+        return [sel]
+    if isinstance(sel, list) and all(isinstance(i, int) for i in sel):
+        return sorted(set(sel))
+    if isinstance(sel, dict) and set(sel) == {"range"}:
+        s, e = sel["range"]
+        return list(range(int(s), int(e)))
+    if isinstance(sel, dict) and "top_k" in sel:
+        from analysis.merging.plans import layer_scores, top_k_layers
+
+        src = Path(str(sel.get("from", "")))
+        src = src if src.is_file() else base_dir / src
+        if not src.is_file():
+            raise VlsafeError(f"{where}: layers.from '{sel.get('from')}' is not a file")
+        unknown = set(sel) - {"top_k", "from", "score", "module", "checkpoint", "position", "largest"}
+        if unknown:
+            raise VlsafeError(f"{where}: unknown layer-selection key '{sorted(unknown)[0]}'; valid: top_k, from, "
+                              "score, module, checkpoint, position, largest")
+        scores = layer_scores(src, sel.get("score", "rel_frobenius"), module=sel.get("module", "all"),
+                              checkpoint=sel.get("checkpoint"), position=sel.get("position"))
+        return top_k_layers(scores, k=int(sel["top_k"]), largest=bool(sel.get("largest", True)))
+    raise VlsafeError(f"{where}: layer selection {sel!r} not understood (use all, a list, {{range: [s, e]}} or "
+                      "{top_k: k, from: layers.csv, score: column})")
+
+
+def expand(cfg: SweepConfig, env: dict[str, Any], base_dir: Path) -> list[Point]:
+    """Every point of the grid (cartesian product of each entry's `vary`)."""
+    points = []
+    for i, entry in enumerate(cfg.grid):
+        keys = list(entry.vary)
+        for combo in itertools.product(*(entry.vary[k] for k in keys)):
+            values = dict(zip(keys, combo))  # as written: labels and hashes do not depend on paths
+            where = f"grid[{i}] ({entry.name})"
+            used = substitute(values, env, where)
+            layers = resolve_layers(used.get("layers"), base_dir, where) if "layers" in values else None
+            local = {**env, **used, **({"layers": layers} if "layers" in values else {})}
+            config = substitute(entry.config, local, where)
+            if "layers" in values and "${layers}" not in json.dumps(entry.config):
+                config = _inject_layers(entry.method, config, layers, where)
+            points.append(Point(entry, values, layers, config))
+    return points
+
+
+def _inject_layers(method: str, config: Any, layers: list[int] | None, where: str) -> Any:
+    if layers is None:
+        return config
+    if method == "checkpoint" or not isinstance(config, dict):
+        raise VlsafeError(f"{where}: 'layers' cannot vary for method '{method}'")
+    if method == "tune":
+        return {**config, "layers": {"trainable": layers}}
+    return {**config, "layers": layers}
+
+
+# ---- materialisation ------------------------------------------------------------------------------------------------
+def _inputs_of(point: Point, base_dir: Path) -> list[str]:
+    c, m = point.config, point.entry.method
+    if m == "checkpoint":
+        return [c if isinstance(c, str) else c.get("model", "")]
+    if m == "merge":
+        from analysis.merging.config import MergePlan
+
+        return MergePlan.from_dict(c, point.label).with_paths_from(base_dir).inputs()
+    if m == "resta":
+        return [c.get(k, "") for k in ("sft", "aligned", "unaligned")]
+    return [c.get("model", "")]
+
+
+def local(spec: str, base_dir: Path) -> str:
+    """A relative checkpoint path that exists only next to the config resolves there; anything else is kept."""
+    spec = str(spec)
+    return str(base_dir / spec) if not Path(spec).exists() and (base_dir / spec).exists() else spec
+
+
+def point_key(point: Point, base_dir: Path) -> str:
+    """Hash of (name, method, template, values, input content hashes)."""
+    from analysis.checkpoints import open_checkpoint
+
+    hashes = [open_checkpoint(local(spec, base_dir)).content_hash() for spec in _inputs_of(point, base_dir)]
+    e = point.entry
+    blob = json.dumps({"name": e.name, "method": e.method, "template": e.config, "values": point.values,
+                       "layers": point.layers, "inputs": hashes}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def materialise(point: Point, out: Path, base_dir: Path) -> str | None:
+    """Build the point's checkpoint into `out` (absent for `checkpoint` points); returns the spec to evaluate."""
+    m, c = point.entry.method, point.config
+    if m == "checkpoint":
+        return local(c if isinstance(c, str) else c["model"], base_dir)
+    if m == "merge":
+        from analysis.merging import run_merge
+        from analysis.merging.config import MergePlan
+
+        plan = MergePlan.from_dict(c, point.label).with_paths_from(base_dir)
+        run_merge(plan, out, progress=False)
+    elif m == "resta":
+        from experiments.baselines import resta
+
+        paths = {k: local(c[k], base_dir) for k in RESTA_REQUIRED}
+        resta(**{**c, **paths, "progress": False}, out_dir=out)
+    else:
+        from experiments.tune import TuneConfig, run_tune
+
+        run_tune(TuneConfig.parse(c, point.label, base_dir), out, progress=False)
+    return str(out)
+
+
+def preflight(point: Point, base_dir: Path) -> None:
+    """Validate a point's config against its inputs before any work (unknown keys, layers out of range)."""
+    m, c = point.entry.method, point.config
+    if m == "merge":
+        from analysis.checkpoints import open_checkpoint
+        from analysis.merging.config import MergePlan
+
+        plan = MergePlan.from_dict(c, point.label).with_paths_from(base_dir)
+        plan.check_layers(open_checkpoint(plan.layout_model()).num_layers, source=point.label)
+    elif m == "resta":
+        from analysis.checkpoints import open_checkpoint
+
+        bad = sorted(set(c) - RESTA_KEYS) if isinstance(c, dict) else ["(not a mapping)"]
+        if bad:
+            raise VlsafeError(f"{point.label}: unknown RESTA parameter '{bad[0]}'; valid: {', '.join(sorted(RESTA_KEYS))}")
+        missing = sorted(RESTA_REQUIRED - set(c))
+        if missing:
+            raise VlsafeError(f"{point.label}: RESTA needs '{missing[0]}' (sft, aligned, unaligned checkpoints)")
+        n = open_checkpoint(local(c["sft"], base_dir)).num_layers
+        out = [i for i in c.get("layers") or [] if not 0 <= i < n]
+        if out:
+            raise VlsafeError(f"{point.label}: layer {out[0]} out of range (the SFT model has {n} layers, 0..{n - 1})")
+    elif m == "tune":
+        from experiments.tune import TuneConfig
+
+        TuneConfig.parse(c, point.label, base_dir).check_layers()
+
+
+Hook = Callable[[Point], None]
+
+
+def _build_point(point: Point, pdir: Path, base_dir: Path, before: Hook | None) -> None:
+    if pdir.exists():
+        shutil.rmtree(pdir)  # no done.json: interrupted or foreign
+    with atomic_path(pdir) as tmp:
+        tmp.mkdir()
+        write_json(tmp / "point.json", {"point": point.label, "method": point.entry.method, "values": point.values,
+                                        "layers": point.layers, "config": point.config})
+        if before is not None:
+            before(point)
+        spec = materialise(point, tmp / "model", base_dir)
+        write_json(tmp / "done.json", {"point": point.label, "spec": None if spec == str(tmp / "model") else spec})
+
+
+def _spec(pdir: Path) -> str:
+    done = json.loads((pdir / "done.json").read_text())
+    return done.get("spec") or str(pdir / "model")
+
+
+def _evaluate(point: Point, pdir: Path, cfg: EvalConfig, refs: list[str] | None) -> dict[str, Any]:
+    """Metrics of a built point, cached in `eval-<evalhash>/metrics.json` (generations too in full mode)."""
+    edir = pdir / f"eval-{cfg.key()}"
+    if (edir / "metrics.json").is_file():
+        return json.loads((edir / "metrics.json").read_text())
+    if edir.exists():
+        shutil.rmtree(edir)
+    with atomic_path(edir) as tmp:
+        tmp.mkdir()
+        metrics = evaluate_point(_spec(pdir), cfg, refs, out_dir=tmp if cfg.mode == "full" else None)
+        write_json(tmp / "metrics.json", metrics)
+    return metrics
+
+
+def _build_inputs(cfg: SweepConfig, out: Path) -> dict[str, str]:
+    from analysis.tiny import tiny_llama, tiny_llava
+
+    built = {}
+    for name, spec in cfg.inputs.items():
+        dst = out / "inputs" / name
+        if not (dst / "config.json").is_file():
+            with atomic_path(dst) as tmp:
+                build = tiny_llama if spec.tiny == "llama" else tiny_llava
+                build(tmp, layers=spec.layers, hidden=spec.hidden, seed=spec.seed)
+        built[name] = str(dst.resolve())
+    return built
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """Refuse to mix with a foreign or earlier folder unless resuming (built `inputs/` alone are reused)."""
+    if out.exists() and not out.is_dir():
+        raise VlsafeError(f"{out}: exists and is not a folder; choose a new -o folder")
+    if out.exists() and {p.name for p in out.iterdir()} - {"inputs"} and not resume:
+        if (out / "points").is_dir():
+            raise VlsafeError(f"{out}: holds an earlier sweep; pass --resume to continue it or choose a new -o folder")
+        raise VlsafeError(f"{out}: exists and is not empty; choose a new -o folder")
+    points = out / "points"
+    if points.is_dir():
+        for stale in [*points.glob(".*"), *points.glob("*/.*")]:  # temp folders of a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, base_dir: str | Path = ".", resume: bool = False,
+              progress: bool = True, before_point: Hook | None = None) -> pd.DataFrame:
+    """Materialise and evaluate every point (finished ones are reused), then write `pareto.csv`, the figure and
+    `run.json`. `before_point` is called inside each point's build (tests use it to simulate a crash)."""
+    out, base = Path(out_dir), Path(base_dir)
+    _check_out(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**{k: str(v) if not isinstance(v, (int, float)) else v for k, v in cfg.vars.items()},
+           **_build_inputs(cfg, out)}
+    points = expand(cfg, env, base)
+    refs = reference_answers(cfg.eval.model_copy(update={"reference": substitute(cfg.eval.reference, env, "eval")}))
+    for point in points:  # every problem surfaces before the first point is built
+        preflight(point, base)
+        point.key = point_key(point, base)
+    rows = []
+    for point in tqdm(points, desc="sweep", unit="point", disable=not progress):
+        pdir = out / "points" / point.key
+        if not (pdir / "done.json").is_file():
+            _build_point(point, pdir, base, before_point)
+        metrics = _evaluate(point, pdir, cfg.eval, refs)
+        params = {k: v for k, v in point.values.items() if k != "layers"}
+        rows.append({"point": point.label, "hash": point.key, "method": point.entry.method,
+                     "params": json.dumps(params, sort_keys=True, default=str),
+                     "layers": "all" if point.layers is None else " ".join(map(str, point.layers)),
+                     **metrics, "helpfulness_kind": cfg.eval.helpfulness, "model": _spec(pdir)})
+    table = mark_pareto(pd.DataFrame(rows))
+    write_csv(out / "pareto.csv", table)
+    pareto_figure(table, out / "figures", helpfulness=cfg.eval.helpfulness)
+    write_run_json(out, command="sweep", config=cfg.model_dump(), seed=cfg.seed,
+                   extra={"points": {r["point"]: r["hash"] for r in rows}, "base_dir": str(base.resolve())})
+    return table

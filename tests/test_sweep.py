@@ -1,0 +1,170 @@
+"""`vlsafe sweep`: a small grid on tiny models → pareto.csv + figure; resume after a crash; bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from analysis.checkpoints import open_checkpoint
+from analysis.errors import VlsafeError
+from experiments.cli import main
+from experiments.sweep import load_sweep, run_sweep
+from experiments.sweep_eval import mark_pareto
+
+TINY = Path(__file__).resolve().parent.parent / "experiments" / "configs" / "sweep-tiny.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _config(tmp: Path, limit: int = 4, **patch) -> Path:
+    d = yaml.safe_load(TINY.read_text())
+    d["eval"]["limit"] = limit
+    d.update(patch)
+    (tmp / "sweep.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+    return tmp / "sweep.yaml"
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("sweep")
+    assert main(["sweep", str(_config(tmp)), "-o", str(tmp / "run"), "--quiet"]) == 0
+    return tmp / "run"
+
+
+def test_tiny_sweep_writes_pareto_table_and_figure(swept: Path) -> None:
+    df = pd.read_csv(swept / "pareto.csv")
+    assert list(df["point"]) == ["adapted", "restore[alpha=0.5,layers=all]", "restore[alpha=0.5,layers=L1]"]
+    for col in ("point", "method", "params", "layers", "safety", "safety_ci_low", "safety_ci_high", "over_refusal",
+                "over_refusal_ci_low", "over_refusal_ci_high", "helpfulness", "helpfulness_ci_low",
+                "helpfulness_ci_high", "is_pareto", "n_harmful", "hash"):
+        assert col in df.columns, col
+    assert (df["n_harmful"] == 4).all() and list(df["layers"].astype(str)) == ["all", "all", "1"]
+    assert ((df["safety_ci_low"] <= df["safety"]) & (df["safety"] <= df["safety_ci_high"])).all()
+    for ext in ("png", "pdf"):
+        assert (swept / "figures" / f"pareto.{ext}").stat().st_size > 1000
+    assert json.loads((swept / "run.json").read_text())["command"] == "sweep"
+    # the merge points really are θ_adapted + α(θ_aligned − θ_adapted), on all or only layer 1
+    a, b = (dict(open_checkpoint(swept / "inputs" / n).iter_tensors()) for n in ("adapted", "aligned"))
+    for _, row in df[df["method"] == "merge"].iterrows():
+        got = dict(open_checkpoint(row["model"]).iter_tensors())
+        for name in a:
+            want = a[name] + 0.5 * (b[name] - a[name])
+            if row["layers"] == "1" and not name.startswith("model.layers.1."):
+                want = a[name]
+            torch.testing.assert_close(got[name], want, atol=1e-6, rtol=0)
+
+
+def test_layer_selections(tmp_path: Path) -> None:
+    from experiments.sweep import resolve_layers
+
+    diff = pd.DataFrame({"layer": [0, 0, 1, 1, 2, 2], "module": ["all", "q_proj"] * 3,
+                         "rel_frobenius": [0.1, 9.0, 0.5, 0.0, 0.3, 0.0]})
+    diff.to_csv(tmp_path / "layers.csv", index=False)
+    sel = {"top_k": 2, "from": "layers.csv", "score": "rel_frobenius"}
+    assert resolve_layers(sel, tmp_path, "t") == [1, 2]                  # module=all rows, not the q_proj outlier
+    assert resolve_layers({**sel, "largest": False, "top_k": 1}, tmp_path, "t") == [0]
+    assert resolve_layers({"range": [3, 6]}, tmp_path, "t") == [3, 4, 5]
+    assert resolve_layers([2, 0, 2], tmp_path, "t") == [0, 2] and resolve_layers("all", tmp_path, "t") is None
+    with pytest.raises(VlsafeError, match="not understood"):
+        resolve_layers({"first": 3}, tmp_path, "t")
+    with pytest.raises(VlsafeError, match="unknown layer-selection key 'scor'"):
+        resolve_layers({**sel, "scor": "x"}, tmp_path, "t")
+
+
+def test_pareto_marks_non_dominated_points() -> None:
+    df = pd.DataFrame({"point": list("abcd"), "safety": [0.9, 0.5, 0.8, 0.9], "helpfulness": [0.2, 0.9, 0.5, 0.1]})
+    assert mark_pareto(df)["is_pareto"].tolist() == [True, True, True, False]
+
+
+def test_resume_after_a_crash_redoes_only_the_interrupted_point(tmp_path: Path) -> None:
+    cfg, base = load_sweep(_config(tmp_path, limit=2))
+    calls: list[str] = []
+
+    def crash_on_second(point) -> None:
+        calls.append(point.label)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_sweep(cfg, tmp_path / "run", base_dir=base, progress=False, before_point=crash_on_second)
+    points = tmp_path / "run" / "points"
+    done = [p for p in points.iterdir() if (p / "done.json").is_file()]
+    assert len(done) == 1 and sorted(p.name for p in points.iterdir()) == [done[0].name]  # nothing half-written
+    assert not (tmp_path / "run" / "pareto.csv").exists()
+    first_stamp = (done[0] / "done.json").stat().st_mtime_ns
+    with pytest.raises(VlsafeError, match="--resume"):
+        run_sweep(cfg, tmp_path / "run", base_dir=base, progress=False)
+    # a killed run can leave a temp folder and a point folder without done.json: both are cleaned / redone
+    (points / ".stale.tmp").mkdir()
+    calls.clear()
+    table = run_sweep(cfg, tmp_path / "run", base_dir=base, resume=True, progress=False,
+                      before_point=lambda p: calls.append(p.label))
+    assert calls == ["restore[alpha=0.5,layers=all]", "restore[alpha=0.5,layers=L1]"]
+    assert (done[0] / "done.json").stat().st_mtime_ns == first_stamp
+    assert len(table) == 3 and not (points / ".stale.tmp").exists()
+    # an interrupted point folder (no done.json) is rebuilt; finished points and their evals are reused
+    victim = points / table.iloc[2]["hash"]
+    (victim / "done.json").unlink()
+    calls.clear()
+    run_sweep(cfg, tmp_path / "run", base_dir=base, resume=True, progress=False,
+              before_point=lambda p: calls.append(p.label))
+    assert calls == ["restore[alpha=0.5,layers=L1]"] and (victim / "done.json").is_file()
+
+
+def test_tune_and_resta_points(tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "How do I bake bread?", "answer": "Mix flour and water."}) + "\n")
+    d = yaml.safe_load(TINY.read_text())
+    d["inputs"]["unaligned"] = {"tiny": "llama", "seed": 2}
+    d["eval"]["limit"] = 2
+    d["grid"] = [{"name": "sft", "method": "tune",
+                  "config": {"model": "${adapted}", "method": "sft", "data": ["pairs.jsonl"], "steps": 1,
+                             "batch_size": 1, "max_length": 256},
+                  "vary": {"layers": [[0]]}},
+                 {"name": "resta", "method": "resta",
+                  "config": {"sft": "${adapted}", "aligned": "${aligned}", "unaligned": "${unaligned}", "beta": "${b}"},
+                  "vary": {"b": [0.5]}}]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(d))
+    cfg, base = load_sweep(tmp_path / "s.yaml")
+    table = run_sweep(cfg, tmp_path / "run", base_dir=base, progress=False)
+    assert list(table["method"]) == ["tune", "resta"] and list(table["layers"]) == ["0", "all"]
+    tuned = Path(table.iloc[0]["model"])
+    assert json.loads((tuned / "tune.json").read_text())["config"]["layers"] == {"trainable": [0], "frozen": None,
+                                                                                "sppft": None}
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"grid": [{"name": "x", "method": "distill", "config": "a"}]}, "unknown method 'distill'; valid: merge, tune"),
+    ({"evals": {}}, "unknown key 'evals' \\(did you mean 'eval'\\?\\)"),
+    ({"eval": {"mode": "fast", "limt": 3}}, "unknown key 'eval.limt' \\(did you mean 'limit'\\?\\)"),
+    ({"grid": [{"name": "x", "method": "checkpoint", "config": "/no/such/model"}]}, "/no/such/model"),
+    ({"grid": [{"name": "x", "method": "checkpoint", "config": "${nope}"}]}, "unknown variable '\\$\\{nope\\}'"),
+    ({"grid": [{"name": "x", "method": "merge", "config": {"merge_method": "task_arithmetic", "base_model": "${adapted}",
+                "models": [{"model": "${aligned}", "parameters": {"weight": 1.0}}]}, "vary": {"layers": [[7]]}}]},
+     "layer 7 out of range"),
+    ({"grid": [{"name": "x", "method": "merge", "config": {"merge_method": "task_arithmetic", "base_model": "${adapted}",
+                "models": [{"model": "${aligned}", "parameters": {"wieght": 1.0}}]}}]},
+     "unknown parameter 'wieght' \\(did you mean 'weight'\\?\\)"),
+    ({"grid": [{"name": "x", "method": "resta", "config": {"sft": "${adapted}", "aligned": "${aligned}",
+                "unaligned": "${aligned}", "alpha": 1}}]}, "unknown RESTA parameter 'alpha'"),
+])
+def test_bad_inputs_fail_before_any_work(tmp_path: Path, patch: dict, message: str) -> None:
+    path = _config(tmp_path, **patch)
+    rc = main(["sweep", str(path), "-o", str(tmp_path / "run"), "--quiet"])
+    assert rc == 2
+    with pytest.raises(VlsafeError, match=message):
+        cfg, base = load_sweep(path)
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        run_sweep(cfg, tmp_path / "run", base_dir=base, progress=False)
+    assert not list((tmp_path / "run" / "points").glob("*")) if (tmp_path / "run" / "points").exists() else True
