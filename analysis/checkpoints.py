@@ -199,12 +199,18 @@ class Checkpoint:
 
     # ---- runnable model -------------------------------------------------------------------------------
     def load_model(self, dtype: str | torch.dtype = "float32", device: str = "cpu",
-                   attn_implementation: str = "eager") -> LoadedModel:
-        """A runnable transformers model (+ tokenizer, or processor for an LVLM), eval mode, left padding."""
+                   attn_implementation: str = "eager", device_map: Any = None, max_memory: Any = None,
+                   offload_folder: str | os.PathLike | None = None) -> LoadedModel:
+        """A runnable transformers model (+ tokenizer, or processor for an LVLM), eval mode, left padding.
+
+        `device_map` (`"auto"`, `"balanced"`, or `{module name or layer index: device or "disk"}`), `max_memory`
+        and `offload_folder` spread a large model over devices with accelerate (see `analysis.placement`).
+        """
         from analysis.loading import load_runnable
 
         model, tokenizer, processor = load_runnable(self, dtype=dtype, device=device,
-                                                    attn_implementation=attn_implementation)
+                                                    attn_implementation=attn_implementation, device_map=device_map,
+                                                    max_memory=max_memory, offload_folder=offload_folder)
         return LoadedModel(model, tokenizer, processor, self)
 
 

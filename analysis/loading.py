@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -31,11 +31,42 @@ def _check_loadable(ckpt: "Checkpoint") -> None:
                           "pass trust_remote_code=True / --trust-remote-code if you trust it")
 
 
+def _placement(ckpt: "Checkpoint", auto: Any, device: str, device_map: Any, max_memory: Any,
+               offload_folder: Any) -> dict[str, Any]:
+    """`from_pretrained` keywords for a device map (see `analysis.placement`); {} without one."""
+    from analysis import placement as P
+
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise VlsafeError(f"{ckpt.spec}: max_memory / offload_folder need a device_map (e.g. device_map='auto')")
+        return {}
+    if isinstance(device_map, Mapping):
+        import transformers as T
+
+        config = T.AutoConfig.from_pretrained(str(ckpt.path), trust_remote_code=ckpt.trust_remote_code)
+        device_map = P.build_device_map(P.skeleton(auto, config, ckpt.trust_remote_code), device_map, device)
+    else:
+        device_map = P.build_device_map(None, device_map)
+    if P.uses_disk(device_map) and offload_folder is None:
+        raise VlsafeError(f"{ckpt.spec}: the device_map puts modules on disk; pass offload_folder=DIR")
+    kw: dict[str, Any] = {"device_map": device_map}
+    if max_memory is not None:
+        kw["max_memory"] = P.max_memory_arg(max_memory)
+    if offload_folder is not None:
+        kw["offload_folder"] = str(offload_folder)
+    return kw
+
+
 def load_runnable(ckpt: "Checkpoint", *, dtype: str | torch.dtype = "float32", device: str = "cpu",
-                  attn_implementation: str = "eager") -> tuple[Any, Any, Any]:
+                  attn_implementation: str = "eager", device_map: Any = None, max_memory: Any = None,
+                  offload_folder: Any = None) -> tuple[Any, Any, Any]:
     """(model, tokenizer, processor) for `ckpt`; processor is None for text models.
 
     Tokenizers are set to left padding (pad = eos when missing) so batched last-token reads line up.
+    `device_map` (`auto`, `balanced`, a `{module or layer index: device or "disk"}` dict; see
+    `analysis.placement`) spreads the model over devices with accelerate instead of `.to(device)`; `device`
+    is then where modules a partial dict does not name go. `max_memory` caps each device, `offload_folder`
+    holds weights put on disk.
     """
     import transformers as T
 
@@ -45,11 +76,12 @@ def load_runnable(ckpt: "Checkpoint", *, dtype: str | torch.dtype = "float32", d
     if ckpt.source.kind == "pickle":
         kw["use_safetensors"] = False
     auto = T.AutoModelForImageTextToText if ckpt.family.is_lvlm else T.AutoModelForCausalLM
+    placed = _placement(ckpt, auto, device, device_map, max_memory, offload_folder)
     try:
-        model = auto.from_pretrained(str(ckpt.path), **kw)
+        model = auto.from_pretrained(str(ckpt.path), **kw, **placed)
     except (OSError, ValueError, KeyError) as e:
         raise VlsafeError(f"{ckpt.spec}: transformers cannot load it ({str(e).splitlines()[0][:200]})") from None
-    model = model.to(device).eval()
+    model = (model if placed else model.to(device)).eval()
     processor = None
     if ckpt.family.is_lvlm:
         try:

@@ -9,6 +9,10 @@ Goal: vlsafe ≤ 1.05× plain and faster than tl and nnsight. Also: accumulator 
 (`capture(..., accumulate=True)`), which must stay flat.
 
     .venv/bin/python benchmarks/bench_capture.py [--repeats 3] [--batches 8 32] [--out benchmarks/results/capture.csv]
+    python benchmarks/bench_capture.py --device cuda --batches 8 32 128 --out benchmarks/results/capture_cuda.csv
+
+`--device cpu|cuda|cuda:N|auto` (default cpu; auto = cuda when available) puts the model there; GPU timings wait
+for the device (`torch.cuda.synchronize`) before the clock stops. Every row records `device` and `device_name`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from analysis.placement import device_name, resolve_device, synchronize  # noqa: E402
 from analysis.runinfo import write_csv  # noqa: E402
 from probes import models as M  # noqa: E402
 from probes.backends.nnsight import wrap  # noqa: E402
@@ -48,18 +53,20 @@ def load_prompts(n: int) -> list[str]:
     return [f"Write {i % 5 + 1} sentences about topic number {i} for a school newsletter." for i in range(n)]
 
 
-def timed_round_robin(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+def timed_round_robin(fns: dict, repeats: int, device: str = "cpu") -> dict[str, tuple[float, float]]:
     """Median (wall, CPU) seconds per function; one warm-up each, then the functions are interleaved per repeat
     so that load from other processes hits every method alike. CPU time (`time.process_time`, all threads of
-    this process) is the steadier figure on a shared machine."""
+    this process) is the steadier figure on a shared machine. On a GPU the clock stops after a synchronize."""
     for fn in fns.values():
         fn()
+    synchronize(device)
     wall: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             t, c = time.perf_counter(), time.process_time()
             fn()
+            synchronize(device)
             wall[name].append(time.perf_counter() - t)
             cpu[name].append(time.process_time() - c)
     return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
@@ -67,7 +74,7 @@ def timed_round_robin(fns: dict, repeats: int) -> dict[str, tuple[float, float]]
 
 def methods(lm, prompts: list[str], bridge, nns) -> dict:
     L = M.num_layers(lm.model)
-    batch = encode(lm, prompts)
+    batch = encode(lm, prompts).to(next(lm.model.parameters()).device)
     names = [f"blocks.{i}.hook_resid_{k}" for i in range(L) for k in ("pre", "post")]
 
     def plain():
@@ -95,13 +102,13 @@ def methods(lm, prompts: list[str], bridge, nns) -> dict:
     return {"plain": plain, "vlsafe": vlsafe, "tl": tl, "nnsight": nnsight_trace}
 
 
-def bench_speed(lm, batches: list[int], repeats: int) -> list[dict]:
+def bench_speed(lm, batches: list[int], repeats: int, device: str = "cpu") -> list[dict]:
     bridge, nns = build_bridge(lm), wrap(lm)
     rows = []
     for n in batches:
         prompts = load_prompts(n)
         tokens = int(encode(lm, prompts).input_ids.numel())
-        timed = timed_round_robin(methods(lm, prompts, bridge, nns), repeats)
+        timed = timed_round_robin(methods(lm, prompts, bridge, nns), repeats, device)
         base_w, base_c = timed["plain"]
         for name, (wall, cpu) in timed.items():
             rows.append({"benchmark": "speed", "method": name, "batch": n, "tokens": tokens, "seconds": wall,
@@ -134,15 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--memory-counts", type=int, nargs="+", default=[8, 32, 64])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto (cuda when available)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "capture.csv")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = M.load("default")
-    print(f"SmolLM2: {M.num_layers(lm.model)} layers, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
-    rows = bench_speed(lm, args.batches, args.repeats) + bench_memory(lm, args.memory_counts)
-    write_csv(args.out, pd.DataFrame(rows))
+    device = str(resolve_device(args.device))
+    lm = M.load("default", device=device)
+    print(f"SmolLM2: {M.num_layers(lm.model)} layers on {device} ({device_name(device)}), torch threads "
+          f"{torch.get_num_threads()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
+    rows = bench_speed(lm, args.batches, args.repeats, device) + bench_memory(lm, args.memory_counts)
+    write_csv(args.out, pd.DataFrame(rows).assign(device=device, device_name=device_name(device)))
     print(f"wrote {args.out}")
     return 0
 

@@ -101,10 +101,11 @@ class Point:
     layers: list[int] | None
     config: Any  # resolved template
     key: str = ""
+    shown: dict[str, Any] | None = None  # values with non-path ${vars} filled in, for labels only
 
     @property
     def label(self) -> str:
-        vals = ",".join(f"{k}={_short(v)}" for k, v in self.values.items())
+        vals = ",".join(f"{k}={_short(v)}" for k, v in (self.shown or self.values).items())
         return f"{self.entry.name}[{vals}]" if vals else self.entry.name
 
 
@@ -112,7 +113,7 @@ def _short(v: Any) -> str:
     if isinstance(v, dict):
         if "top_k" in v:
             return f"top{v['top_k']}"
-        return "L{}-{}".format(v["range"][0], v["range"][1] - 1) if "range" in v else "sel"
+        return "L{}-{}".format(int(v["range"][0]), int(v["range"][1]) - 1) if "range" in v else "sel"
     if isinstance(v, list):
         return "L" + "_".join(map(str, v))
     if isinstance(v, str) and "/" in v:
@@ -207,7 +208,8 @@ def expand(cfg: SweepConfig, env: dict[str, Any], base_dir: Path) -> list[Point]
             config = substitute(entry.config, local, where)
             if "layers" in values and "${layers}" not in json.dumps(entry.config):
                 config = _inject_layers(entry.method, config, layers, where)
-            points.append(Point(entry, values, layers, config))
+            plain = {k: (v if "/" not in str(v) else "${" + k + "}") for k, v in env.items()}
+            points.append(Point(entry, values, layers, config, shown=substitute(values, plain, where)))
     return points
 
 

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis.errors import VlsafeError
+from analysis.placement import input_device
 from probes import models as M
 from probes.activations import Activations, model_identity
 from probes.backends import get_backend
@@ -181,15 +182,19 @@ def capture(lm: Any, prompts: Sequence[str] | Any, *, hooks: str | Sequence[str]
             layers: Sequence[int] | None = None, positions: Any = "last", images: Any = None,
             batch_size: int = 8, backend: str = "hooks", accumulate: bool = False, cov: bool = False,
             spill_to: str | Path | None = None, progress: bool = True, chat: bool = True,
-            system: str | None = None) -> Activations:
+            system: str | None = None, remote: bool | str = False, remote_model: str | None = None) -> Activations:
     """Run `prompts` through `lm` in left-padded batches and keep the requested activations.
 
     `prompts`: strings or a `PromptSet` (its labels and image specs are used). `images`: one PIL image (or None)
     per prompt, or a single image for all. `accumulate=True` keeps only fp64 running stats per (hook, layer,
     position, label) — memory independent of the number of prompts (`cov=True` adds full covariances).
     `spill_to=DIR` writes each batch to `DIR/chunk_NNNNN.safetensors` instead of holding it in memory.
+    `remote=True` (nnsight backend only) runs the forward passes on NDIF (`NDIF_API_KEY`; a hub-id `lm` is
+    then never loaded here), `remote="local"` is the offline dry run; see `probes.backends.nnsight`.
+    Models spread over devices (`load_model(device_map=...)`) work with every backend: inputs go to the
+    embedding's device and activations are gathered to the CPU accumulator.
     """
-    lm = M.load(lm)
+    lm = _remote_lm(lm, backend, remote) if remote else M.load(lm)
     texts, labels, images = _unpack(prompts, images, lm)
     requests = resolve_hooks(hooks, layers, M.num_layers(lm.model))
     pos = resolve_positions(positions, lm.processor or lm.tokenizer, chat=chat)
@@ -198,13 +203,15 @@ def capture(lm: Any, prompts: Sequence[str] | Any, *, hooks: str | Sequence[str]
     ident = model_identity(lm)
     meta = {**ident, "backend": backend, "chat": chat, "system": system, "positions_spec": str(positions),
             "prompt_set": getattr(prompts, "name", None), "ids": list(getattr(prompts, "ids", []) or []) or None}
+    if remote:
+        meta["remote"] = remote
     acts = Activations(requests, pos, M.hidden_size(lm.model), labels, meta, accumulate=accumulate, cov=cov)
     spill = Path(spill_to) if spill_to is not None else None
     if spill is not None:
         spill.mkdir(parents=True, exist_ok=True)
     n_batches = -(-len(texts) // max(batch_size, 1))
-    device = next(lm.model.parameters()).device
-    with get_backend(backend, lm, requests) as be:
+    device = input_device(lm.model)
+    with _backend(backend, lm, requests, remote, remote_model) as be:
         it = batches(lm, texts, images, batch_size=batch_size, chat=chat, system=system)
         for b, batch in enumerate(tqdm(it, total=n_batches, disable=not progress, desc=f"capture[{be.name}]")):
             start = b * batch_size
@@ -216,3 +223,25 @@ def capture(lm: Any, prompts: Sequence[str] | Any, *, hooks: str | Sequence[str]
     if spill is not None:
         acts.write_spill_meta(spill)
     return acts
+
+
+def _remote_lm(lm: Any, backend: str, remote: Any) -> Any:
+    """The model for a remote capture: checked backend and key; a hub id becomes a weightless model."""
+    from probes.backends import nnsight as NB
+
+    if str(backend).lower() != "nnsight":
+        raise VlsafeError(f"remote execution needs backend='nnsight' (got {backend!r})")
+    remote = NB.check_remote(remote)
+    if remote != "local":
+        NB.api_key()
+        if NB.is_hub_id(lm):
+            return NB.remote_lm(lm)
+    return M.load(lm)
+
+
+def _backend(name: str, lm: Any, requests: list[tuple[str, int]], remote: Any, remote_model: str | None) -> Any:
+    if not remote:
+        return get_backend(name, lm, requests)
+    from probes.backends import nnsight as NB
+
+    return NB.make(lm, requests, remote=remote, remote_model=remote_model)

@@ -1,0 +1,136 @@
+"""`vlsafe demo`: the main job, end to end on the embedded default (or on tiny models with `profile="tiny"`).
+
+organism (built if not cached) → weight shift `llm-aligned` → `lvlm` (+ dynamics over `lvlm-step-N`, + the
+task-vector cosine of VL adaptation vs post-hoc safety tuning) → probes on every organism checkpoint (text-only
+and, for LVLMs, with an image) → behaviour on the shipped test sets → a merge sweep whose layer-targeted plans
+come from the measured weight shift → `report.html`.
+
+Every stage goes through the same CLI a researcher would type, so the demo is also a worked example. A stage is
+skipped when its outputs exist for the same arguments and the same checkpoint contents (`.demo_stage.json`);
+the organism and the sweep resume on their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from analysis.errors import VlsafeError
+from analysis.runinfo import write_json, write_run_json
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much of each shipped set the demo uses (the organism's full profile defines its own)."""
+
+    probe_n: int
+    eval_limit: int
+    max_new_tokens: int
+    pairs: int
+    top_k: int          # layers touched by the sweep's targeted merges
+    band: tuple[int, int]
+
+
+SIZES = {"full": Sizes(probe_n=120, eval_limit=60, max_new_tokens=32, pairs=200, top_k=6, band=(10, 20)),
+         "tiny": Sizes(probe_n=24, eval_limit=6, max_new_tokens=4, pairs=20, top_k=1, band=(0, 1))}
+
+
+def _cli(argv: list[str]) -> None:
+    from experiments.cli import main
+
+    code = main(argv)
+    if code != 0:
+        raise VlsafeError(f"demo stage failed: vlsafe {' '.join(argv)} (exit {code})")
+
+
+def _content_key(argv: list[str], checkpoints: list[Path]) -> str:
+    from analysis.checkpoints import open_checkpoint
+
+    h = hashlib.sha256(json.dumps(argv).encode())
+    for c in checkpoints:
+        h.update(open_checkpoint(c).content_hash().encode())
+    return h.hexdigest()[:16]
+
+
+class Stages:
+    """Runs named stages with cache checks, time estimates from the previous run, and a time log."""
+
+    def __init__(self, out: Path, echo: Callable[[str], None] = print):
+        self.out, self.echo = out, echo
+        self.times_file = out / "demo_times.json"
+        self.previous = json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, argv: list[str], stage_dir: Path | None, checkpoints: list[Path]) -> None:
+        est = self.previous.get(name)
+        self.echo(f"[demo] {name:<10} " + (f"(last run {est:.0f}s)" if est is not None else "(first run)"))
+        t0 = time.perf_counter()
+        marker = stage_dir / ".demo_stage.json" if stage_dir else None
+        key = _content_key(argv, checkpoints) if marker else None
+        if marker and marker.is_file() and json.loads(marker.read_text()).get("key") == key \
+                and (stage_dir / "run.json").is_file():
+            self.echo(f"[demo] {name:<10} cached")
+        else:
+            _cli(argv)
+            if marker:
+                write_json(marker, {"key": key, "argv": argv})
+        self.times[name] = time.perf_counter() - t0
+        write_json(self.times_file, {**self.previous, **self.times})
+
+
+def _organism_checkpoints(org: Path) -> dict[str, Path]:
+    names = ["llm-base", "llm-aligned", "lvlm", "lvlm-safety-posthoc", "lvlm-safety-mixed"]
+    found = {n: org / n for n in names if (org / n / "config.json").is_file()}
+    missing = [n for n in ("llm-aligned", "lvlm") if n not in found]
+    if missing:
+        raise VlsafeError(f"{org}: organism is missing {', '.join(missing)} (rerun `vlsafe organism -o {org}`)")
+    return found
+
+
+def _steps(org: Path) -> list[Path]:
+    from analysis.dynamics import parse_step
+
+    steps = [p for p in org.glob("lvlm-step-*") if (p / "config.json").is_file()]
+    return sorted(steps, key=lambda p: parse_step(p.name) or 0)
+
+
+def run_demo(out: str | Path = "runs/demo", *, profile: str = "full", echo: Callable[[str], None] = print) -> Path:
+    """Run the whole demo into `out` and return the path of `report.html`."""
+    if profile not in SIZES:
+        raise VlsafeError(f"unknown demo profile {profile!r} (expected one of {sorted(SIZES)})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    size, org = SIZES[profile], out / "organism"
+    st = Stages(out, echo)
+    st.run("organism", ["organism", "--profile", profile, "-o", str(org)], None, [])
+    ck = _organism_checkpoints(org)
+    lvlms = [p for n, p in ck.items() if n.startswith("lvlm")]
+    every = list(ck.values())
+    steps = _steps(org)
+    st.run("diff", ["diff", str(ck["llm-aligned"]), *map(str, steps), str(ck["lvlm"]), "-o", str(out / "diff")],
+           out / "diff", [ck["llm-aligned"], *steps, ck["lvlm"]])
+    if "lvlm-safety-posthoc" in ck:
+        tv = [str(ck["lvlm"]), str(ck["lvlm-safety-posthoc"]), "--base", str(ck["llm-aligned"]), "--tv-mode", "chain"]
+        st.run("taskvec", ["diff", *tv, "-o", str(out / "taskvec")], out / "taskvec",
+               [ck["llm-aligned"], ck["lvlm"], ck["lvlm-safety-posthoc"]])
+    st.run("probe", ["probe", *map(str, every), "--image", "blank", "--n", str(size.probe_n),
+                     "--pairs", str(size.pairs), "-o", str(out / "probe")], out / "probe", every)
+    gen = ["--limit", str(size.eval_limit), "--max-new-tokens", str(size.max_new_tokens)]
+    st.run("eval", ["eval", *map(str, every), "--prompts", "harmful-test", "--prompts", "borderline-test",
+                    "--prompts", "harmless-test", *gen, "-o", str(out / "eval")], out / "eval", every)
+    st.run("eval-img", ["eval", *map(str, lvlms), "--prompts", "harmful-test+blank", *gen,
+                        "-o", str(out / "eval_image")], out / "eval_image", lvlms)
+    sweep = CONFIGS / "sweep-organism.yaml"
+    st.run("sweep", ["sweep", str(sweep), "-o", str(out / "sweep"), "--resume", "--quiet",
+                     "--var", f"organism={org}", "--var", f"diff={out / 'diff'}", "--var", f"top_k={size.top_k}",
+                     "--var", f"band_start={size.band[0]}", "--var", f"band_end={size.band[1]}"], None, [])
+    write_run_json(out, command="vlsafe demo", config={"profile": profile, "sizes": size.__dict__},
+                   checkpoints={n: str(p) for n, p in ck.items()}, extra={"stage_seconds": st.times})
+    st.run("report", ["report", str(out), "--title", "vlsafe demo: the model organism"], None, [])
+    return out / "report.html"
