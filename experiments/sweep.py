@@ -31,6 +31,7 @@ its input checkpoints (not their paths). `DIR/pareto.csv`, `DIR/figures/pareto.{
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -368,10 +369,38 @@ def _check_out(out: Path, resume: bool) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def _row(point: Point, pdir: Path, metrics: dict[str, Any], helpfulness: str) -> dict[str, Any]:
+    params = {k: v for k, v in point.values.items() if k != "layers"}
+    return {"point": point.label, "hash": point.key, "method": point.entry.method,
+            "params": json.dumps(params, sort_keys=True, default=str),
+            "layers": "all" if point.layers is None else " ".join(map(str, point.layers)),
+            **metrics, "helpfulness_kind": helpfulness, "model": _spec(pdir)}
+
+
+def run_point(point: Point, *, out: Path, base: Path, ecfg: Any, refs: Any, before: Hook | None = None
+              ) -> dict[str, Any]:
+    """Build (unless done) and evaluate one point; its pareto.csv row. Module-level so Ray can ship it."""
+    pdir = out / "points" / point.key
+    if not (pdir / "done.json").is_file():
+        _build_point(point, pdir, base, before)
+    return _row(point, pdir, _evaluate(point, pdir, ecfg, refs), ecfg.helpfulness)
+
+
+def finished_row(point: Point, *, out: Path, ecfg: Any) -> dict[str, Any] | None:
+    """The row of a point that is built and evaluated already, else None (so Ray skips dispatching it)."""
+    pdir = out / "points" / point.key
+    m = pdir / f"eval-{ecfg.key()}" / "metrics.json"
+    if (pdir / "done.json").is_file() and m.is_file():
+        return _row(point, pdir, json.loads(m.read_text()), ecfg.helpfulness)
+    return None
+
+
 def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, base_dir: str | Path = ".", resume: bool = False,
-              progress: bool = True, before_point: Hook | None = None) -> pd.DataFrame:
+              progress: bool = True, before_point: Hook | None = None, ray: str | None = None,
+              ray_resources: dict[str, Any] | None = None) -> pd.DataFrame:
     """Materialise and evaluate every point (finished ones are reused), then write `pareto.csv`, the figure and
-    `run.json`. `before_point` is called inside each point's build (tests use it to simulate a crash)."""
+    `run.json`. `before_point` is called inside each point's build (tests use it to simulate a crash).
+    `ray` (`auto`, `local`, `ray://HOST:10001`, `HOST:6379`) dispatches points as Ray tasks with `ray_resources`."""
     out, base = Path(out_dir), Path(base_dir)
     _check_out(out, resume)
     out.mkdir(parents=True, exist_ok=True)
@@ -382,20 +411,20 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, base_dir: str | Path = "
     for point in points:  # every problem surfaces before the first point is built
         preflight(point, base)
         point.key = point_key(point, base)
-    rows = []
-    for point in tqdm(points, desc="sweep", unit="point", disable=not progress):
-        pdir = out / "points" / point.key
-        if not (pdir / "done.json").is_file():
-            _build_point(point, pdir, base, before_point)
-        metrics = _evaluate(point, pdir, cfg.eval, refs)
-        params = {k: v for k, v in point.values.items() if k != "layers"}
-        rows.append({"point": point.label, "hash": point.key, "method": point.entry.method,
-                     "params": json.dumps(params, sort_keys=True, default=str),
-                     "layers": "all" if point.layers is None else " ".join(map(str, point.layers)),
-                     **metrics, "helpfulness_kind": cfg.eval.helpfulness, "model": _spec(pdir)})
+    root, rbase = (out.resolve(), base.resolve()) if ray else (out, base)
+    one = functools.partial(run_point, out=root, base=rbase, ecfg=cfg.eval, refs=refs, before=before_point)
+    if ray is None:
+        rows = [one(p) for p in tqdm(points, desc="sweep", unit="point", disable=not progress)]
+    else:
+        from experiments.sweep_ray import run_points_ray
+
+        rows = run_points_ray(points, one, address=ray, resources=ray_resources,
+                              done=functools.partial(finished_row, out=root, ecfg=cfg.eval),
+                              label=lambda p: p.label, progress=progress)
     table = mark_pareto(pd.DataFrame(rows))
     write_csv(out / "pareto.csv", table)
     pareto_figure(table, out / "figures", helpfulness=cfg.eval.helpfulness)
     write_run_json(out, command="sweep", config=cfg.model_dump(), seed=cfg.seed,
-                   extra={"points": {r["point"]: r["hash"] for r in rows}, "base_dir": str(base.resolve())})
+                   extra={"points": {r["point"]: r["hash"] for r in rows}, "base_dir": str(base.resolve()),
+                          "ray": ray})
     return table

@@ -91,3 +91,18 @@ def test_task_options_split_custom_resources():
     opts = task_options(lambda p: {"num_cpus": 2, "num_gpus": p, "big_disk": 1}, 1)
     assert opts == {"num_cpus": 2, "num_gpus": 1, "resources": {"big_disk": 1}}
     assert task_options(None, "x") == {"num_cpus": 1}
+
+
+def test_sweep_cli_with_ray_matches_serial(tmp_path: Path) -> None:
+    """The tiny sweep config through `vlsafe sweep --ray local` gives the serial run's pareto.csv."""
+    pytest.importorskip("ray")
+    import pandas as pd
+
+    from experiments.cli import main
+
+    cfg = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "sweep-tiny.yaml"
+    assert main(["sweep", str(cfg), "-o", str(tmp_path / "serial"), "--quiet"]) == 0
+    assert main(["sweep", str(cfg), "-o", str(tmp_path / "ray"), "--quiet", "--ray", "local"]) == 0
+    a = pd.read_csv(tmp_path / "serial" / "pareto.csv").drop(columns=["model"])
+    b = pd.read_csv(tmp_path / "ray" / "pareto.csv").drop(columns=["model"])
+    pd.testing.assert_frame_equal(a, b)

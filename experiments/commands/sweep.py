@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def sweep(
@@ -15,12 +16,17 @@ def register(app: typer.Typer) -> None:
         resume: Annotated[bool, typer.Option(help="Continue a sweep in OUT: finished points are reused.")] = False,
         var: Annotated[Optional[list[str]], typer.Option("--var", help="Override a YAML var, KEY=VALUE (repeatable).")] = None,
         quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+        ray: Annotated[Optional[str], typer.Option(help="Dispatch points to Ray: auto, local, ray://HOST:10001 "
+                                                        "or HOST:6379 (needs vlsafe[ray]).")] = None,
+        ray_cpus: Annotated[float, typer.Option(help="CPUs per point with --ray.")] = 1,
+        ray_gpus: Annotated[float, typer.Option(help="GPUs per point with --ray.")] = 0,
     ) -> None:
         """Materialise and evaluate every grid point (merge, tune, RESTA or a checkpoint), then the Pareto front."""
         from experiments.sweep import load_sweep, run_sweep
         from experiments.yamlvars import parse_vars
 
         cfg, base = load_sweep(config, parse_vars(var))
-        table = run_sweep(cfg, out, base_dir=base, resume=resume, progress=not quiet)
+        table = run_sweep(cfg, out, base_dir=base, resume=resume, progress=not quiet, ray=ray,
+                          ray_resources={"num_cpus": ray_cpus, "num_gpus": ray_gpus} if ray else None)
         front = table[table["is_pareto"]]["point"].tolist()
         typer.echo(f"wrote {out / 'pareto.csv'} ({len(table)} points; Pareto: {', '.join(front)})")
