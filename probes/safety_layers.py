@@ -157,7 +157,9 @@ def greedy_continuations(lm: Any, prompts: Sequence[str], *, max_new_tokens: int
                          batch_size: int = 8) -> list[str]:
     """Greedy continuations (new tokens only, decoded) of chat-formatted prompts, left-padded batches."""
     tok = getattr(lm.tokenizer, "tokenizer", None) or lm.tokenizer
-    device = next(lm.model.parameters()).device
+    from analysis.placement import input_device
+
+    device = input_device(lm.model)
     out: list[str] = []
     for batch in T.batches(lm, list(prompts), images, batch_size=batch_size):
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v

@@ -110,10 +110,9 @@ def _extend(batch: T.Batch, ids: Sequence[int]) -> dict[str, Any]:
 
 
 def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    from analysis.placement import input_device
+
+    return input_device(model)
 
 
 def _forward_kwargs(model: Any) -> dict[str, Any]:
