@@ -98,9 +98,6 @@ def test_capture_with_embedding_on_disk(plain, embed_on_disk):
     assert _max_diff(capture(plain, PROMPTS, **kw), capture(embed_on_disk, PROMPTS, **kw)) <= 1e-6
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="generate.py sends inputs to next(parameters()).device (meta here); "
-                          "fix: analysis.placement.input_device")
 def test_generation_with_embedding_on_disk(plain, embed_on_disk):
     from probes.behavior.generate import generate
 
