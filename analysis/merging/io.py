@@ -1,0 +1,222 @@
+"""Streaming tensor I/O for merges: a reader keeping one shard open per checkpoint, and a safetensors writer
+whose headers are planned up front so every tensor goes to disk as soon as it is computed.
+
+The writer knows every output tensor's name, dtype and shape before the first byte is written (the output
+follows the base model's layout), so it lays out shards and offsets in advance and never buffers a shard
+in memory: peak memory is one tensor group, however large the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from analysis.errors import VlsafeError
+
+_TO_ST = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+          torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_FROM_ST = {v: k for k, v in _TO_ST.items()}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from `5GB`, `500MB`, `50KB`, `2GiB` or a plain integer (decimal units, as HF's max_shard_size)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise VlsafeError(f"shard size {size!r}: use e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise VlsafeError(f"shard size {size!r} must be positive")
+    return n
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    """The safetensors spelling of a torch dtype (`torch.bfloat16` → `BF16`)."""
+    return _TO_ST[dtype]
+
+
+def torch_dtype(st: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype string."""
+    return _FROM_ST[st]
+
+
+class TensorReader:
+    """Reads one checkpoint's tensors by canonical name, keeping only the current shard open.
+
+    Safetensors data is read with plain file reads at the header's offsets straight into a fresh tensor
+    (no memory map), so resident memory holds the tensors in use and not the touched pages of whole shards.
+    A missing `lm_head.weight` falls back to `model.embed_tokens.weight` (tied embeddings), as mergekit's
+    `tied_names` do.
+    """
+
+    def __init__(self, ckpt: Any):
+        self.ckpt = ckpt
+        self._file: Path | None = None
+        self._handle: Any = None
+
+    def _name(self, canonical: str) -> str | None:
+        if canonical in self.ckpt.infos:
+            return canonical
+        if canonical == "lm_head.weight" and "model.embed_tokens.weight" in self.ckpt.infos:
+            return "model.embed_tokens.weight"
+        return None
+
+    def has(self, canonical: str) -> bool:
+        return self._name(canonical) is not None
+
+    def shape(self, canonical: str) -> tuple[int, ...]:
+        return tuple(self.ckpt.infos[self._name(canonical)].shape)
+
+    def get(self, canonical: str) -> torch.Tensor:
+        """The tensor (a fresh CPU tensor); switching shard closes the previous one."""
+        name = self._name(canonical)
+        if name is None:
+            raise VlsafeError(f"{self.ckpt.spec}: no tensor '{canonical}'")
+        raw = self.ckpt.raw_name(name)
+        src = self.ckpt.source
+        file = src.tensors[raw].file
+        if file != self._file:
+            self.close()
+            if src.kind == "safetensors":
+                self._handle = file.open("rb")
+                self._data_start = 8 + struct.unpack("<Q", self._handle.read(8))[0]
+            else:
+                self._handle = type(src)._load(file)
+            self._file = file
+        if src.kind != "safetensors":
+            return self._handle[raw]
+        info = src.tensors[raw]
+        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        self._handle.seek(self._data_start + info.offset)
+        got = 0
+        while got < len(buf):
+            n = self._handle.readinto(buf[got:])
+            if not n:
+                raise VlsafeError(f"{file}: truncated while reading tensor '{raw}'")
+            got += n
+        return out
+
+    def close(self) -> None:
+        if self._handle is not None and hasattr(self._handle, "close"):
+            self._handle.close()
+        self._handle, self._file = None, None
+
+
+@dataclass
+class _Shard:
+    file: str
+    names: list[str]
+    header: bytes
+    size: int  # data bytes
+
+
+class ShardedWriter:
+    """Writes tensors, in a fixed planned order, into safetensors shards (+ index when more than one).
+
+    `entries` lists (name, dtype, shape) in write order; `write(name, tensor)` must follow that order and
+    match dtype and shape. Shards hold at most `max_shard_bytes` of data (a larger single tensor gets its
+    own shard). One shard is a plain `model.safetensors`; more are `model-0000i-of-0000n.safetensors` plus
+    `model.safetensors.index.json`.
+    """
+
+    def __init__(self, out_dir: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int | str = "5GB", metadata: dict[str, str] | None = None):
+        self.out_dir = Path(out_dir)
+        self.entries = entries
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shards = self._layout(parse_size(max_shard_bytes))
+        self._pos = 0
+        self._shard = -1
+        self._fh: Any = None
+        self._written = 0
+
+    def _layout(self, limit: int) -> list[_Shard]:
+        groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+        size = 0
+        for e in self.entries:
+            n = _nbytes(e[1], e[2])
+            if groups[-1] and size + n > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(e)
+            size += n
+        total = len(groups)
+        shards = []
+        for i, group in enumerate(groups):
+            file = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            header: dict[str, Any] = {"__metadata__": self.metadata}
+            offset = 0
+            for name, dtype, shape in group:
+                n = _nbytes(dtype, shape)
+                header[name] = {"dtype": st_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + n]}
+                offset += n
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            shards.append(_Shard(file, [g[0] for g in group], raw, offset))
+        return shards
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next planned tensor."""
+        if self._pos >= len(self.entries):
+            raise VlsafeError(f"writer: unexpected extra tensor '{name}'")
+        want, dtype, shape = self.entries[self._pos]
+        if name != want or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise VlsafeError(f"writer: got '{name}' {tensor.dtype} {tuple(tensor.shape)}, expected '{want}' "
+                              f"{dtype} {tuple(shape)}")
+        if self._shard < 0 or name not in self._current_names:
+            self._open_next()
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._fh.write(memoryview(data))
+        self._written += data.nbytes
+        self._pos += 1
+
+    def _open_next(self) -> None:
+        self._finish_shard()
+        self._shard += 1
+        sh = self.shards[self._shard]
+        self._current_names = set(sh.names)
+        self._fh = (self.out_dir / sh.file).open("wb")
+        self._fh.write(struct.pack("<Q", len(sh.header)))
+        self._fh.write(sh.header)
+        self._written = 0
+
+    def _finish_shard(self) -> None:
+        if self._fh is None:
+            return
+        sh = self.shards[self._shard]
+        self._fh.close()
+        self._fh = None
+        if self._written != sh.size:
+            raise VlsafeError(f"writer: shard {sh.file} got {self._written} bytes, planned {sh.size}")
+
+    def close(self) -> list[Path]:
+        """Finish the last shard, write the index when sharded; every planned tensor must have been written."""
+        if self._pos != len(self.entries):
+            raise VlsafeError(f"writer: {len(self.entries) - self._pos} planned tensors were not written "
+                              f"(next: '{self.entries[self._pos][0]}')")
+        if self._shard < 0:  # nothing to write: still produce a valid empty shard
+            self._open_next()
+        self._finish_shard()
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": sum(s.size for s in self.shards)},
+                     "weight_map": {n: s.file for s in self.shards for n in s.names}}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return [self.out_dir / s.file for s in self.shards]
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
