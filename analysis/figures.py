@@ -1,0 +1,200 @@
+"""Paper-style figures: one look for every vlsafe plot, and the weight-space plots themselves.
+
+Public style API (reused by probes and experiments):
+
+>>> from analysis.figures import paper_style, new_figure, save_figure, checkpoint_colors
+>>> colors = checkpoint_colors(["llm", "lvlm", "lvlm-safe"])       # stable label -> colour mapping
+>>> fig, ax = new_figure("column")                                  # 3.3 in wide (or "page": 6.8 in)
+>>> ax.plot(x, y, color=colors["lvlm"])
+>>> save_figure(fig, "run/figures", "my_plot")                       # run/figures/my_plot.{png,pdf}
+
+Figures are built on `matplotlib.figure.Figure` directly (no pyplot, no global backend switch), so they
+work headless (Agg canvas on save) and in notebooks alike, and never leak open figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.runinfo import atomic_path
+
+COLUMN_WIDTH = 3.3  # inches, one column of a two-column paper
+PAGE_WIDTH = 6.8  # inches, full text width
+DPI = 200
+# Okabe–Ito: distinguishable for colour-blind readers and in greyscale print.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
+PAPER_RC: dict[str, Any] = {
+    "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
+    "legend.fontsize": 7, "legend.frameon": False, "axes.spines.top": False, "axes.spines.right": False,
+    "axes.linewidth": 0.6, "lines.linewidth": 1.2, "lines.markersize": 3, "xtick.major.width": 0.6,
+    "ytick.major.width": 0.6, "grid.linewidth": 0.4, "grid.alpha": 0.4, "savefig.dpi": DPI,
+    "savefig.bbox": "tight", "savefig.pad_inches": 0.02, "pdf.fonttype": 42, "ps.fonttype": 42,
+    "image.cmap": "magma", "axes.prop_cycle": matplotlib.cycler(color=list(PALETTE)),
+}
+MODULE_COLORS = {"q_proj": PALETTE[0], "k_proj": PALETTE[5], "v_proj": PALETTE[2], "o_proj": PALETTE[3],
+                 "mlp.gate_proj": PALETTE[4], "mlp.up_proj": PALETTE[1], "mlp.down_proj": PALETTE[7]}
+
+
+@contextlib.contextmanager
+def paper_style() -> Iterator[dict[str, Any]]:
+    """Context in which matplotlib uses the vlsafe paper rc (small fonts, thin lines, Okabe–Ito colours)."""
+    with matplotlib.rc_context(PAPER_RC):
+        yield PAPER_RC
+
+
+def _width(width: str | float) -> float:
+    return {"column": COLUMN_WIDTH, "page": PAGE_WIDTH}.get(width, width) if isinstance(width, str) else width
+
+
+def new_figure(width: str | float = "column", height: float | None = None, nrows: int = 1, ncols: int = 1,
+               **subplot_kw: Any) -> tuple[Figure, Any]:
+    """A constrained-layout Figure in paper style; `width` is "column" (3.3 in), "page" (6.8 in) or inches."""
+    w = _width(width)
+    with paper_style():
+        fig = Figure(figsize=(w, height or w * 0.68), layout="constrained")
+        axes = fig.subplots(nrows, ncols, **subplot_kw)
+    return fig, axes
+
+
+def checkpoint_colors(labels: Sequence[str]) -> dict[str, str]:
+    """A fixed colour per checkpoint label, by position (the same list gives the same colours everywhere)."""
+    labels = list(dict.fromkeys(labels))
+    if len(labels) <= len(PALETTE):
+        return {lb: PALETTE[i] for i, lb in enumerate(labels)}
+    cmap = matplotlib.colormaps["viridis"]
+    return {lb: matplotlib.colors.to_hex(cmap(i / (len(labels) - 1))) for i, lb in enumerate(labels)}
+
+
+def save_figure(fig: Figure, out_dir: str | os.PathLike, stem: str, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Write `out_dir/stem.{png,pdf}` atomically (PNG at 200 dpi, vector PDF); returns the paths."""
+    out = []
+    with paper_style():
+        for fmt in formats:
+            path = Path(out_dir) / f"{stem}.{fmt}"
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format=fmt, dpi=DPI)
+            out.append(path)
+    return out
+
+
+def _module_columns(modules: Sequence[str]) -> list[str]:
+    from analysis.weightshift import MODULE_ORDER
+
+    present = [m for m in MODULE_ORDER if m in modules]
+    rest = sorted(m for m in modules if m not in MODULE_ORDER and m != "all")
+    return present + rest + (["all"] if "all" in modules else [])
+
+
+def _matrix(layers: pd.DataFrame, value: str) -> tuple[np.ndarray, list[int], list[str]]:
+    sub = layers.dropna(subset=["layer"])
+    cols = _module_columns(sub["module"].unique().tolist())
+    rows = sorted(int(x) for x in sub["layer"].unique())
+    grid = sub.pivot_table(index="layer", columns="module", values=value, aggfunc="first")
+    grid = grid.reindex(index=rows, columns=cols).astype(float)
+    return np.ma.masked_invalid(grid.to_numpy()), rows, cols
+
+
+def _short(module: str) -> str:
+    return module.removeprefix("mlp.").replace("_proj", "").replace("input_layernorm", "ln1") \
+        .replace("post_attention_layernorm", "ln2")
+
+
+def layer_module_heatmap(layers: pd.DataFrame, value: str = "rel_frobenius", max_panels: int = 4) -> Figure:
+    """Layer × module heatmap of `value`, one panel per POST (the last `max_panels`), shared colour scale."""
+    posts = list(dict.fromkeys(layers["checkpoint_b"]))[-max_panels:]
+    mats = [_matrix(layers[layers["checkpoint_b"] == p], value) for p in posts]
+    vmax = max((float(m.max()) for m, _, _ in mats if m.count()), default=1.0) or 1.0
+    n_layers = max(len(r) for _, r, _ in mats)
+    fig, axes = new_figure("page" if len(posts) > 1 else "column", height=min(8.0, 1.2 + 0.12 * n_layers),
+                           ncols=len(posts))
+    axes = np.atleast_1d(axes)
+    with paper_style():
+        for ax, post, (m, rows, cols) in zip(axes, posts, mats):
+            im = ax.imshow(m, aspect="auto", vmin=0.0, vmax=vmax, interpolation="nearest")
+            ax.set_xticks(range(len(cols)), [_short(c) for c in cols], rotation=90)
+            ax.set_yticks(range(len(rows))[:: max(1, len(rows) // 12)], rows[:: max(1, len(rows) // 12)])
+            ax.set_title(f"{layers['checkpoint_a'].iloc[0]} → {post}")
+            ax.set_ylabel("layer")
+        fig.colorbar(im, ax=list(axes), label=value.replace("_", " "), shrink=0.9)
+    return fig
+
+
+def layer_curves(layers: pd.DataFrame, value: str = "rel_frobenius", labels: Sequence[str] | None = None) -> Figure:
+    """Left: `value` per layer (module=all), one line per POST. Right: per module, for the last POST."""
+    labels = list(labels) if labels else [layers["checkpoint_a"].iloc[0], *dict.fromkeys(layers["checkpoint_b"])]
+    colors = checkpoint_colors(labels)
+    fig, (ax1, ax2) = new_figure("page", height=2.3, ncols=2)
+    with paper_style():
+        allrows = layers[layers["module"] == "all"]
+        for post, g in allrows.groupby("checkpoint_b", sort=False):
+            ax1.plot(g["layer"].astype(int), g[value], marker="o", color=colors.get(post), label=post)
+        ax1.set(xlabel="layer", ylabel=value.replace("_", " "), title="all modules")
+        ax1.legend()
+        last = layers[(layers["checkpoint_b"] == layers["checkpoint_b"].iloc[-1]) & layers["layer"].notna()]
+        for module, g in last[last["module"].isin(MODULE_COLORS)].groupby("module", sort=False):
+            ax2.plot(g["layer"].astype(int), g[value], color=MODULE_COLORS[module], label=_short(module))
+        ax2.set(xlabel="layer", title=f"per module ({layers['checkpoint_b'].iloc[-1]})")
+        ax2.legend(ncols=2)
+    return fig
+
+
+def taskvector_figure(tv_layers: pd.DataFrame, labels: Sequence[str] | None = None) -> Figure:
+    """Left: cos(τ_A, τ_B) per layer (bars; one series per POST). Right: ‖τ_A‖ and ‖τ_B‖ per layer.
+
+    `labels` (PRE first, then the POSTs) fixes the colours so they match `layer_curves`.
+    """
+    allrows = tv_layers[tv_layers["module"] == "all"]
+    groups = list(allrows.groupby(["checkpoint_a", "checkpoint_b"], sort=False))
+    default = [groups[0][0][0], *(k[1] for k, _ in groups)] if groups else []
+    colors = checkpoint_colors(labels or default)
+    fig, (ax1, ax2) = new_figure("page", height=2.3, ncols=2)
+    with paper_style():
+        width = 0.8 / max(1, len(groups))
+        for i, ((ca, cb), g) in enumerate(groups):
+            x = g["layer"].astype(int).to_numpy() + (i - (len(groups) - 1) / 2) * width
+            ax1.bar(x, g["cosine"], width=width, color=colors.get(cb), label=cb)
+            ax2.plot(g["layer"].astype(int), g["norm_b"], marker="o", color=colors.get(cb), label=f"‖τ_B‖ {cb}")
+        if groups:
+            (ca, _), g0 = groups[0]
+            ax2.plot(g0["layer"].astype(int), g0["norm_a"], marker="s", color="0.4", ls="--",
+                     label=f"‖τ_A‖ {ca} − {g0['base'].iloc[0]}")
+        ax1.axhline(0.0, color="0.3", lw=0.6)
+        mode = tv_layers["mode"].iloc[0] if len(tv_layers) else ""
+        ax1.set(xlabel="layer", ylabel="cos(τ_A, τ_B)", title=f"task-vector cosine ({mode})")
+        ax2.set(xlabel="layer", ylabel="norm", title="task-vector norms")
+        ax1.legend()
+        ax2.legend()
+    return fig
+
+
+def dynamics_figure(dyn: pd.DataFrame, value: str = "rel_frobenius") -> Figure:
+    """`value` vs step (or checkpoint index) per layer, coloured by depth; embed/head dashed grey."""
+    use_step = dyn["step"].notna().all() and len(dyn)
+    xcol = "step" if use_step else "index"
+    fig, ax = new_figure("column", height=2.4)
+    with paper_style():
+        layers = dyn.dropna(subset=["layer"])
+        n = max(1, int(layers["layer"].max()) + 1) if len(layers) else 1
+        cmap = matplotlib.colormaps["viridis"]
+        for layer, g in layers.groupby("layer"):
+            ax.plot(g[xcol].astype(float), g[value], color=cmap(int(layer) / max(1, n - 1)), lw=0.9, marker=".")
+        for (module, g), ls in zip(dyn[dyn["layer"].isna()].groupby("module"), ("--", ":", "-.", (0, (5, 1)))):
+            ax.plot(g[xcol].astype(float), g[value], color="0.45", ls=ls, lw=0.9, label=module)
+        sm = matplotlib.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0, max(1, n - 1)))
+        fig.colorbar(sm, ax=ax, label="layer")
+        ax.set(xlabel=xcol, ylabel=value.replace("_", " "), title="shift from the first checkpoint")
+        if dyn["layer"].isna().any():
+            ax.legend()
+        ticks = dyn.drop_duplicates("index")
+        if len(ticks) <= 12:
+            ax.set_xticks(ticks[xcol].astype(float).tolist())
+    return fig
+
