@@ -1,0 +1,69 @@
+"""`vlsafe organism [--profile tiny|full] [--config PATH] [--only STAGE] -o DIR`: build (or resume) the model
+organism — llm-base, llm-aligned, lvlm (+ lvlm-step-N), lvlm-safety-posthoc, lvlm-safety-mixed — and write
+`DIR/metrics.csv`, `DIR/stage_times.csv` and `DIR/run.json`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+
+def _plan_printer() -> Any:
+    def show(spec: Any, reason: str | None, estimate: float) -> None:
+        if reason is None:
+            typer.echo(f"[organism] {spec.name:<22} cached")
+        else:
+            typer.echo(f"[organism] {spec.name:<22} building (~{estimate / 60:.1f} min estimated; {reason})")
+    return show
+
+
+def _checkpoints(out: Path) -> dict[str, Any]:
+    from analysis.checkpoints import open_checkpoint
+
+    found = {}
+    for d in sorted(out.iterdir()):
+        if (d / "stage.json").is_file() and (d / "config.json").is_file():
+            found[d.name] = open_checkpoint(d)
+    return found
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def organism(
+        out: Annotated[Path, typer.Option("-o", "--out", help="Output directory (reused as a cache).")],
+        profile: Annotated[str, typer.Option(help="tiny (random tiny models, <1 min) or full (SmolLM2).")] = "full",
+        config: Annotated[Optional[Path], typer.Option(help="A config YAML instead of the profile's.")] = None,
+        only: Annotated[Optional[str], typer.Option(help="Build just this stage (or 'metrics').")] = None,
+        alignment: Annotated[Optional[str], typer.Option(help="Override alignment_strength (moderate|strong).")] = None,
+        threads: Annotated[Optional[int], typer.Option(help="torch threads (overrides the config).")] = None,
+        progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    ) -> None:
+        """Build the safety-aligned LLM and its LLaVA adaptation (resumable stages), then evaluate them all."""
+        from analysis.runinfo import write_run_json
+        from experiments.organism.api import BENCH_CSV, STAGE_NAMES, build_organism
+        from experiments.organism.config import load_config
+        from experiments.organism.metrics import summary_table
+
+        overrides: dict[str, Any] = {}
+        if alignment:
+            overrides["alignment_strength"] = alignment
+        if threads:
+            overrides["threads"] = threads
+        cfg = load_config(profile, config, overrides)
+        if only is not None and only not in STAGE_NAMES:
+            from analysis.errors import VlsafeError
+
+            raise VlsafeError(f"--only {only}: unknown stage; stages: {', '.join(STAGE_NAMES)}")
+        out.mkdir(parents=True, exist_ok=True)
+        results, metrics = build_organism(cfg, out, only=only, progress=progress, bench_csv=BENCH_CSV,
+                                          on_plan=_plan_printer())
+        for r in results:
+            if r.status == "built":
+                typer.echo(f"[organism] {r.stage:<32} {r.seconds / 60:6.1f} min")
+        write_run_json(out, command="organism", config=cfg.model_dump(), checkpoints=_checkpoints(out),
+                       seed=cfg.seed, extra={"stages": [r.__dict__ for r in results]})
+        if metrics is not None:
+            typer.echo(summary_table(metrics).to_string())
+        typer.echo(f"[organism] wrote {out}")

@@ -1,0 +1,52 @@
+"""One call to build (or resume) the organism and evaluate every checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from experiments.organism.build import Hook, StageResult, StageSpec, build, record_times
+from experiments.organism.config import OrganismConfig, load_config
+from experiments.organism.metrics import estimate_seconds, run_metrics
+from experiments.organism.stages import specs
+
+__all__ = ["build_organism", "load_config", "STAGE_NAMES"]
+STAGE_NAMES = tuple(s.name for s in specs()) + ("metrics",)
+BENCH_CSV = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "organism.csv"
+
+
+def build_organism(cfg: OrganismConfig, out_dir: str | os.PathLike, *, only: str | None = None,
+                   hook: Hook | None = None, progress: bool = True, bench_csv: Path | None = None,
+                   on_plan: Callable[[StageSpec, str | None, float], None] | None = None,
+                   ) -> tuple[list[StageResult], pd.DataFrame | None]:
+    """Build the stages (all, or `only` one of `STAGE_NAMES`), then metrics; returns (stage results, metrics).
+
+    Stage times go to `DIR/stage_times.csv` (and to `bench_csv` when given). Metrics are skipped when `only`
+    names a build stage, and computed alone with `only="metrics"`.
+    """
+    import torch
+
+    out = Path(out_dir)
+    old_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        results: list[StageResult] = []
+        if only != "metrics":
+            results = build(cfg, out, specs(), only=only, hook=hook, progress=progress, on_plan=on_plan)
+        metrics = None
+        if only in (None, "metrics"):
+            if on_plan is not None:
+                on_plan(StageSpec("metrics", (), lambda c, p: {}, estimate_seconds), "evaluating every checkpoint "
+                        "(cached per checkpoint)", estimate_seconds(cfg))
+            metrics, times = run_metrics(cfg, out, progress=progress)
+            results += [StageResult(f"metrics:{k}", "cached" if cached else "built", sec, 0.0)
+                        for k, (sec, cached) in times.items()]
+        record_times(results, out, cfg, bench_csv)
+        return results, metrics
+    finally:
+        torch.set_num_threads(old_threads)

@@ -1,0 +1,226 @@
+"""Resumable, cached organism build: each stage writes `DIR/<stage>/` through a temp dir + rename, with a
+`stage.json` holding the hash of everything it depends on (its config section and its upstream stages' hashes),
+the files it wrote and their sizes.
+
+On a rerun a stage is skipped when its `stage.json` is intact, its hash matches the current config and every file
+is present at its recorded size (safetensors headers are parsed too); otherwise it is rebuilt — so an interrupted
+build resumes after the last finished stage, a corrupt or partial stage is rebuilt, and a config change rebuilds
+exactly the stages whose section changed plus their dependents. Metrics are cached per checkpoint the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.errors import VlsafeError
+from analysis.runinfo import atomic_path, write_csv
+from experiments.organism.config import OrganismConfig, stage_section
+
+STAGE_VERSION = 1
+STAGE_FILE = "stage.json"
+Hook = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: its upstream stages, how to build it into a fresh dir, and a time estimate (seconds)."""
+
+    name: str
+    deps: tuple[str, ...]
+    run: Callable[["Ctx", Path], dict[str, Any]]
+    estimate: Callable[[OrganismConfig], float]
+    extra: Callable[[OrganismConfig], list[str]] = field(default=lambda cfg: [])
+
+
+@dataclass
+class Ctx:
+    """What a stage's build function gets: the config, the output root, progress flag, stage hashes."""
+
+    cfg: OrganismConfig
+    root: Path
+    progress: bool = True
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    def path(self, stage: str) -> Path:
+        return self.root / stage
+
+    def save_extra(self, name: str, owner: str, write: Callable[[Path], None], info: dict[str, Any]) -> None:
+        """Write an extra checkpoint dir (e.g. `lvlm-step-N`) atomically, with its own `stage.json`."""
+        with atomic_path(self.root / name) as tmp:
+            write(tmp)
+            write_stage_json(tmp, name, extra_hash(self.hashes[owner], name), info, 0.0)
+
+
+@dataclass
+class StageResult:
+    """What happened to one stage in a build."""
+
+    stage: str
+    status: str  # built | cached
+    seconds: float  # build time (for a cached stage: when it was built)
+    estimate_s: float
+    reason: str = ""
+
+
+def stage_hashes(cfg: OrganismConfig, specs: list[StageSpec]) -> dict[str, str]:
+    """Hash of each stage: its config section plus its upstream stages' hashes (so changes propagate)."""
+    out: dict[str, str] = {}
+    for s in specs:
+        payload = {"stage": s.name, "version": STAGE_VERSION, "section": stage_section(cfg, s.name),
+                   "deps": {d: out[d] for d in s.deps}}
+        out[s.name] = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return out
+
+
+def extra_hash(owner_hash: str, name: str) -> str:
+    return hashlib.sha256(f"{owner_hash}:{name}".encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------- validity
+
+def _files(path: Path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != STAGE_FILE}
+
+
+def write_stage_json(path: Path, name: str, digest: str, info: dict[str, Any], seconds: float) -> None:
+    """Record a finished stage (written last, inside the temp dir, before the rename)."""
+    record = {"stage": name, "hash": digest, "version": STAGE_VERSION, "status": "complete",
+              "seconds": round(seconds, 2), "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+              "files": _files(path), "info": info}
+    (path / STAGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _safetensors_ok(f: Path) -> bool:
+    try:
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return f.stat().st_size == 8 + n + end
+    except (OSError, ValueError, KeyError, struct.error):
+        return False
+
+
+def check_stage(path: Path, digest: str) -> str | None:
+    """None when `path` holds a complete stage with hash `digest`, else why it must be (re)built."""
+    meta = path / STAGE_FILE
+    if not meta.is_file():
+        return "not built" if not path.exists() else "no stage.json (partial or foreign directory)"
+    try:
+        record = json.loads(meta.read_text())
+        files = dict(record["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "stage.json is unreadable"
+    if record.get("status") != "complete":
+        return "stage.json does not mark the stage complete"
+    if record.get("hash") != digest:
+        return "config or an upstream stage changed"
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, expected {size} (truncated or modified)"
+        if f.suffix == ".safetensors" and not _safetensors_ok(f):
+            return f"{rel} is not a valid safetensors file"
+    return None
+
+
+def built_seconds(path: Path) -> float:
+    """How long a cached stage took when it was built (from its `stage.json`)."""
+    try:
+        return float(json.loads((path / STAGE_FILE).read_text()).get("seconds", 0.0))
+    except (OSError, ValueError):
+        return 0.0
+
+
+def stage_reason(ctx: Ctx, spec: StageSpec) -> str | None:
+    """Why `spec` must be built (its own dir or one of its extra dirs is invalid), or None when cached."""
+    why = check_stage(ctx.path(spec.name), ctx.hashes[spec.name])
+    if why:
+        return why
+    for extra in spec.extra(ctx.cfg):
+        why = check_stage(ctx.path(extra), extra_hash(ctx.hashes[spec.name], extra))
+        if why:
+            return f"{extra}: {why}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------- building
+
+def _run_stage(ctx: Ctx, spec: StageSpec, hook: Hook | None) -> float:
+    if hook is not None:
+        hook(spec.name)
+    t0 = time.perf_counter()
+    with atomic_path(ctx.path(spec.name)) as tmp:
+        info = spec.run(ctx, tmp)
+        if not tmp.is_dir():
+            raise VlsafeError(f"stage {spec.name}: wrote nothing")
+        write_stage_json(tmp, spec.name, ctx.hashes[spec.name], info, time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+
+def build(cfg: OrganismConfig, out_dir: str | os.PathLike, specs: list[StageSpec], *, only: str | None = None,
+          hook: Hook | None = None, progress: bool = True,
+          on_plan: Callable[[StageSpec, str | None, float], None] | None = None) -> list[StageResult]:
+    """Build every stage of `specs` in order (or just `only`), skipping valid cached ones.
+
+    `hook(stage)` runs right before a stage is built (tests use it to simulate an interruption);
+    `on_plan(spec, reason, estimate)` reports each stage before it runs (reason None = cached).
+    """
+    ctx = Ctx(cfg, Path(out_dir), progress, stage_hashes(cfg, specs))
+    by_name = {s.name: s for s in specs}
+    if only is not None and only not in by_name:
+        raise VlsafeError(f"unknown stage {only!r}; stages: {', '.join(by_name)}")
+    chosen = [by_name[only]] if only else specs
+    if only:
+        missing = [d for d in by_name[only].deps if stage_reason(ctx, by_name[d])]
+        if missing:
+            raise VlsafeError(f"stage {only} needs {missing[0]} first ({stage_reason(ctx, by_name[missing[0]])}); "
+                              "run without --only")
+    results = []
+    for spec in chosen:
+        reason = stage_reason(ctx, spec)
+        est = spec.estimate(cfg)
+        if on_plan is not None:
+            on_plan(spec, reason, est)
+        if reason is None:
+            results.append(StageResult(spec.name, "cached", built_seconds(ctx.path(spec.name)), est))
+            continue
+        seconds = _run_stage(ctx, spec, hook)
+        results.append(StageResult(spec.name, "built", seconds, est, reason))
+    return results
+
+
+def record_times(results: list[StageResult], out_dir: Path, cfg: OrganismConfig, bench_csv: Path | None) -> None:
+    """Write `DIR/stage_times.csv` and append built stages to the benchmark CSV (with the load average)."""
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    rows = [{"stage": r.stage, "status": r.status, "seconds": round(r.seconds, 1), "estimate_s": round(r.estimate_s),
+             "reason": r.reason, "profile": cfg.profile, "alignment": cfg.alignment_strength,
+             "threads": cfg.threads or 0, "cpus": os.cpu_count(), "load_avg_1m": round(load, 2), "finished": now}
+            for r in results]
+    df = pd.DataFrame(rows)
+    old = out_dir / "stage_times.csv"
+    if old.is_file():  # keep rows of stages this run did not look at (e.g. with --only)
+        prev = pd.read_csv(old)
+        df = pd.concat([prev[~prev.stage.isin(df.stage)], df], ignore_index=True)
+    write_csv(old, df)
+    if bench_csv is not None:
+        built = pd.DataFrame([r for r in rows if r["status"] == "built"])
+        if not built.empty:
+            if bench_csv.is_file():
+                built = pd.concat([pd.read_csv(bench_csv), built], ignore_index=True)
+            write_csv(bench_csv, built)
