@@ -67,6 +67,7 @@ def safety_table(art: Artefacts) -> pd.DataFrame | None:
     m = art.first("organism_metrics")
     if m is None:
         return None
+    m = plots._metric_values(m)
     cell = m.apply(lambda r: f"{r['value']:.2f}" + (f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
                                                     if {"ci_low", "ci_high"} <= set(m.columns)
                                                     and pd.notna(r["ci_low"]) else ""), axis=1)

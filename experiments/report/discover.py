@@ -18,14 +18,14 @@ SIGNATURES: dict[str, set[str]] = {
     "probe_layers": {"checkpoint", "layer", "probe_accuracy"},
     "similarity": {"layer", "checkpoint_a", "checkpoint_b", "direction_cosine"},
     "eval_summary": {"checkpoint", "prompt_set", "n", "refusal_rate", "ci_low", "ci_high"},
-    "organism_metrics": {"checkpoint", "metric", "value"},
+    "organism_metrics": {"checkpoint", "metric"},
     "taskvectors": {"layer", "cos"},
-    "dynamics": {"layer", "step"},
+    "dynamics": {"layer", "step", "rel_frobenius"},
     "safety_layers": {"layer", "pair"},
     "pareto": {"safety", "helpfulness"},
 }
 # tables whose rows are per-tensor, not per-layer: same columns as diff_layers plus `tensor`
-_EXCLUDE = {"diff_layers": {"tensor"}}
+_EXCLUDE = {"diff_layers": {"tensor", "step"}}
 
 
 @dataclass
@@ -47,8 +47,10 @@ class Artefacts:
 def classify(df: pd.DataFrame) -> str | None:
     """The artefact kind of a table, from its columns (most specific signature first)."""
     cols = set(df.columns)
+    if {"checkpoint", "metric"} <= cols and {"value", "rate"} & cols:  # organism metrics: long format
+        return "organism_metrics"
     for kind in sorted(SIGNATURES, key=lambda k: -len(SIGNATURES[k])):
-        if SIGNATURES[kind] <= cols and not (_EXCLUDE.get(kind, set()) & cols):
+        if kind != "organism_metrics" and SIGNATURES[kind] <= cols and not (_EXCLUDE.get(kind, set()) & cols):
             return kind
     # task-vector tables may name the cosine differently
     if {"layer"} <= cols and any(c.startswith("cos") for c in cols) and any(c.startswith("norm") for c in cols):

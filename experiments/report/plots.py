@@ -35,6 +35,11 @@ def _step(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _metric_values(m: pd.DataFrame) -> pd.DataFrame:
+    """Organism metrics with the rate in a `value` column (files may call it `rate`)."""
+    return m if "value" in m.columns else m.rename(columns={"rate": "value"})
+
+
 def _layer_rows(df: pd.DataFrame) -> pd.DataFrame:
     d = df[pd.to_numeric(df["layer"], errors="coerce").notna()].copy()
     d["layer"] = d["layer"].astype(float).astype(int)
@@ -63,8 +68,10 @@ def weight_heatmap(layers: pd.DataFrame) -> plt.Figure | None:
 def dynamics(metrics: pd.DataFrame | None, dyn: pd.DataFrame | None) -> plt.Figure | None:
     """Figure-2 style: safety metrics and weight shift as a function of adaptation step."""
     panels = []
-    if metrics is not None and {"checkpoint", "metric", "value"} <= set(metrics.columns):
-        m = metrics.assign(step=metrics["checkpoint"].map(_step)).dropna(subset=["step"])
+    if metrics is not None and {"checkpoint", "metric"} <= set(metrics.columns):
+        m = _metric_values(metrics)
+        steps = m["stage2_step"] if "stage2_step" in m.columns else m["checkpoint"].map(_step)
+        m = m.assign(step=pd.to_numeric(steps, errors="coerce")).dropna(subset=["step"])
         if not m.empty:
             panels.append(("metric", m))
     if dyn is not None and {"layer", "step"} <= set(dyn.columns):

@@ -1,0 +1,34 @@
+"""`vlsafe demo --profile tiny`: the main job end to end on tiny models, into a report with every section."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from experiments.cli import main
+
+SECTIONS = {"dynamics", "weight_heatmap", "taskvec", "probe", "direction_cos", "safety_layers", "pareto", "linked"}
+
+
+def test_tiny_demo_fills_every_report_section(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--profile", "tiny", "-o", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert 'class="missing"' not in page
+    assert {m.removeprefix("report_") for m in re.findall(r'<img alt="([^"]+)"', page)} == SECTIONS
+    for csv in ("diff/layers.csv", "diff/dynamics.csv", "taskvec/taskvectors.csv", "probe/layers.csv",
+                "probe/similarity.csv", "eval/summary.csv", "eval_image/summary.csv", "sweep/pareto.csv",
+                "organism/metrics.csv"):
+        assert not pd.read_csv(out / csv).empty, csv
+    # every checkpoint in the safety table came from the eval run in this directory
+    summary = pd.concat([pd.read_csv(out / "eval/summary.csv"), pd.read_csv(out / "eval_image/summary.csv")])
+    for ckpt in summary["checkpoint"].unique():
+        assert ckpt in page
+    # a second run reuses every stage
+    capsys.readouterr()
+    assert main(["demo", "--profile", "tiny", "-o", str(out)]) == 0
+    log = capsys.readouterr().out
+    for stage in ("diff", "taskvec", "probe", "eval", "eval-img"):
+        assert re.search(rf"\[demo\] {re.escape(stage)}\s+cached", log), stage
