@@ -37,7 +37,9 @@ class Artefacts:
     runs: list[tuple[Path, dict]] = field(default_factory=list)
 
     def first(self, kind: str) -> pd.DataFrame | None:
-        items = self.tables.get(kind) or []
+        """The shallowest table of a kind (a run's summary sits above its per-item files)."""
+        items = sorted(self.tables.get(kind) or [], key=lambda it: (len(it[0].relative_to(self.root).parts),
+                                                                    str(it[0])))
         return items[0][1] if items else None
 
     def all(self, kind: str) -> list[tuple[Path, pd.DataFrame]]:

@@ -40,6 +40,20 @@ def _metric_values(m: pd.DataFrame) -> pd.DataFrame:
     return m if "value" in m.columns else m.rename(columns={"rate": "value"})
 
 
+def _int_axis(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend(ax: Any, n: int) -> None:
+    """A legend that stays readable: outside the axes and in columns when there are many entries."""
+    if n > 8:
+        ax.legend(fontsize=5, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    else:
+        ax.legend(fontsize=6)
+
+
 def _layer_rows(df: pd.DataFrame) -> pd.DataFrame:
     d = df[pd.to_numeric(df["layer"], errors="coerce").notna()].copy()
     d["layer"] = d["layer"].astype(float).astype(int)
@@ -76,8 +90,12 @@ def dynamics(metrics: pd.DataFrame | None, dyn: pd.DataFrame | None) -> plt.Figu
             panels.append(("metric", m))
     if dyn is not None and {"layer", "step"} <= set(dyn.columns):
         val = next((c for c in ("rel_frobenius", "shift", "value") if c in dyn.columns), None)
-        if val:
-            panels.append(("dyn", dyn.groupby("step", as_index=False)[val].mean().rename(columns={val: "shift"})))
+        d = dyn.assign(step=pd.to_numeric(dyn["step"], errors="coerce"))
+        if d["step"].isna().all() and "index" in d.columns:  # names without step numbers: checkpoint order
+            d = d.assign(step=d["index"])
+        d = d[pd.to_numeric(d["layer"], errors="coerce").notna()]  # transformer layers only
+        if val and not d.dropna(subset=["step"]).empty:
+            panels.append(("dyn", d.groupby("step", as_index=False)[val].mean().rename(columns={val: "shift"})))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=WIDE, squeeze=False)
@@ -88,7 +106,7 @@ def dynamics(metrics: pd.DataFrame | None, dyn: pd.DataFrame | None) -> plt.Figu
                 if {"ci_low", "ci_high"} <= set(g.columns):
                     ax.fill_between(g["step"], g["ci_low"], g["ci_high"], alpha=0.15)
             ax.set_ylabel("rate")
-            ax.legend(fontsize=6)
+            _legend(ax, len(ax.lines))
         else:
             ax.plot(d["step"], d["shift"], marker="o", color="k")
             ax.set_ylabel("mean rel. weight shift")
@@ -110,6 +128,7 @@ def taskvector_cosine(tv: pd.DataFrame) -> plt.Figure | None:
     ax.bar(d["layer"], d[col], color=np.where(d[col] < 0, "tab:red", "tab:blue"))
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("layer")
+    _int_axis(ax)
     ax.set_ylabel(r"cos($\tau_A$, $\tau_B$)")
     fig.tight_layout()
     return fig
@@ -130,8 +149,9 @@ def probe_accuracy(probe: pd.DataFrame) -> plt.Figure | None:
             ax.plot(g["layer"], g["control_accuracy"], color=colors[lab], ls="--", lw=0.8)
     ax.axhline(0.5, color="grey", lw=0.5)
     ax.set_xlabel("layer")
+    _int_axis(ax)
     ax.set_ylabel("probe accuracy")
-    ax.legend(fontsize=6)
+    _legend(ax, len(labels))
     fig.tight_layout()
     return fig
 
@@ -141,13 +161,20 @@ def direction_similarity(sim: pd.DataFrame) -> plt.Figure | None:
     d = _layer_rows(sim)
     if d.empty:
         return None
+    names = list(dict.fromkeys(d["checkpoint_a"].astype(str)))  # many pairs: keep those against one reference,
+    ref = next((n for n in names if "aligned" in n), names[0])   # the aligned LLM when there is one
+    pairs = d.groupby(["checkpoint_a", "checkpoint_b"])
+    if pairs.ngroups > 8:
+        d = d[(d["checkpoint_a"] == ref) | (d["checkpoint_b"] == ref)]
     fig, ax = plt.subplots(figsize=WIDE)
-    for (a, b), g in d.groupby(["checkpoint_a", "checkpoint_b"]):
+    groups = list(d.groupby(["checkpoint_a", "checkpoint_b"]))
+    for (a, b), g in groups:
         g = g.groupby("layer", as_index=False)["direction_cosine"].mean()
         ax.plot(g["layer"], g["direction_cosine"], marker=".", label=f"{a} vs {b}")
     ax.set_xlabel("layer")
+    _int_axis(ax)
     ax.set_ylabel("direction cosine")
-    ax.legend(fontsize=6)
+    _legend(ax, len(groups))
     fig.tight_layout()
     return fig
 
@@ -164,8 +191,9 @@ def safety_layer_curves(sl: pd.DataFrame) -> plt.Figure | None:
         g = g.groupby("layer", as_index=False)[val].mean()
         ax.plot(g["layer"], g[val], label=" ".join(map(str, np.atleast_1d(key))))
     ax.set_xlabel("layer")
+    _int_axis(ax)
     ax.set_ylabel("cosine of last-token states")
-    ax.legend(fontsize=6)
+    _legend(ax, len(ax.lines))
     fig.tight_layout()
     return fig
 
@@ -223,5 +251,6 @@ def linked_layer_view(diff: pd.DataFrame | None, sim: pd.DataFrame | None,
             ax.plot(d["layer"], d[col], color="k", marker=".")
         ax.set_ylabel(label, fontsize=7)
     axes[-1].set_xlabel("layer (language model)")
+    _int_axis(axes[-1])
     fig.tight_layout()
     return fig
