@@ -14,6 +14,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
 import struct
 import time
 from collections.abc import Callable
@@ -97,7 +98,7 @@ def _files(path: Path) -> dict[str, int]:
 def write_stage_json(path: Path, name: str, digest: str, info: dict[str, Any], seconds: float) -> None:
     """Record a finished stage (written last, inside the temp dir, before the rename)."""
     record = {"stage": name, "hash": digest, "version": STAGE_VERSION, "status": "complete",
-              "seconds": round(seconds, 2), "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+              "seconds": round(seconds, 4), "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
               "files": _files(path), "info": info}
     (path / STAGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -172,6 +173,17 @@ def _run_stage(ctx: Ctx, spec: StageSpec, hook: Hook | None) -> float:
     return time.perf_counter() - t0
 
 
+def _remove_stale_temps(ctx: Ctx, specs: list[StageSpec]) -> None:
+    """Delete temp dirs (`.<stage>.*`) left by a killed build; a stage only becomes visible by its rename."""
+    if not ctx.root.is_dir():
+        return
+    names = [s.name for s in specs] + [e for s in specs for e in s.extra(ctx.cfg)]
+    for name in names:
+        for tmp in ctx.root.glob(f".{name}.*"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build(cfg: OrganismConfig, out_dir: str | os.PathLike, specs: list[StageSpec], *, only: str | None = None,
           hook: Hook | None = None, progress: bool = True,
           on_plan: Callable[[StageSpec, str | None, float], None] | None = None) -> list[StageResult]:
@@ -190,6 +202,7 @@ def build(cfg: OrganismConfig, out_dir: str | os.PathLike, specs: list[StageSpec
         if missing:
             raise VlsafeError(f"stage {only} needs {missing[0]} first ({stage_reason(ctx, by_name[missing[0]])}); "
                               "run without --only")
+    _remove_stale_temps(ctx, specs)
     results = []
     for spec in chosen:
         reason = stage_reason(ctx, spec)
@@ -208,7 +221,7 @@ def record_times(results: list[StageResult], out_dir: Path, cfg: OrganismConfig,
     """Write `DIR/stage_times.csv` and append built stages to the benchmark CSV (with the load average)."""
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    rows = [{"stage": r.stage, "status": r.status, "seconds": round(r.seconds, 1), "estimate_s": round(r.estimate_s),
+    rows = [{"stage": r.stage, "status": r.status, "seconds": round(r.seconds, 3), "estimate_s": round(r.estimate_s),
              "reason": r.reason, "profile": cfg.profile, "alignment": cfg.alignment_strength,
              "threads": cfg.threads or 0, "cpus": os.cpu_count(), "load_avg_1m": round(load, 2), "finished": now}
             for r in results]
