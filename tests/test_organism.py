@@ -119,6 +119,7 @@ def test_corrupt_stages_are_detected_and_rebuilt(organism, tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
     (root / "vision" / "stage.json").write_text("{not json")
     shutil.rmtree(root / "lvlm-step-2")
+    (root / ".lvlm.killed123").mkdir()  # the temp dir of a build killed mid-stage
     ctx = Ctx(cfg, root, False, stage_hashes(cfg, specs()))
     reasons = {s.name: stage_reason(ctx, s) for s in specs()}
     assert "truncated" in reasons["llm-aligned"] and "unreadable" in reasons["vision"]
@@ -128,6 +129,7 @@ def test_corrupt_stages_are_detected_and_rebuilt(organism, tmp_path):
     build_organism(cfg, root, hook=built.append, progress=False)
     assert built == ["llm-aligned", "vision", "lvlm"]
     assert all(check_stage(root / s.name, ctx.hashes[s.name]) is None for s in specs())
+    assert not (root / ".lvlm.killed123").exists()
 
 
 def test_config_change_invalidates_exactly_dependents(organism):

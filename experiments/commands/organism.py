@@ -57,7 +57,8 @@ def register(app: typer.Typer) -> None:
 
             raise VlsafeError(f"--only {only}: unknown stage; stages: {', '.join(STAGE_NAMES)}")
         out.mkdir(parents=True, exist_ok=True)
-        results, metrics = build_organism(cfg, out, only=only, progress=progress, bench_csv=BENCH_CSV,
+        bench = BENCH_CSV if cfg.profile == "full" else None  # the budget is about the full profile
+        results, metrics = build_organism(cfg, out, only=only, progress=progress, bench_csv=bench,
                                           on_plan=_plan_printer())
         for r in results:
             if r.status == "built":
