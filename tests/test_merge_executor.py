@@ -121,20 +121,27 @@ def test_proportional_plan_from_a_diff_table(models, tmp_path):
         assert torch.allclose(m[k], want, atol=1e-6), k
 
 
-def test_streaming_keeps_one_tensor_group_alive(models, tmp_path, monkeypatch):
+def test_streaming_keeps_at_most_two_tensor_groups_alive(models, tmp_path, monkeypatch):
+    """Pipelined: while one group computes, the next loads and the previous output writes; never more."""
+    import threading
+
+    lock = threading.Lock()
     alive: dict[int, str] = {}
-    seen = {"reads": 0, "peak_group": 0}
+    seen = {"reads": 0, "peak_group": 0, "peak_names": 0}
     original = TensorReader.get
 
     def tracked(self, name):
-        stale = sorted({n for n in alive.values() if n != name})
-        assert not stale, f"{stale} still alive while reading {name}"
+        with lock:
+            stale = {n for n in alive.values() if n != name}
+            assert len(stale) <= 1, f"{sorted(stale)} still alive while reading {name}"
         t = original(self, name)
-        seen["reads"] += 1
-        key = seen["reads"]
-        alive[key] = name
-        weakref.finalize(t, alive.pop, key, None)
-        seen["peak_group"] = max(seen["peak_group"], len(alive))
+        with lock:
+            seen["reads"] += 1
+            key = seen["reads"]
+            alive[key] = name
+            weakref.finalize(t, lambda k=key: alive.pop(k, None))
+            seen["peak_group"] = max(seen["peak_group"], len(alive))
+            seen["peak_names"] = max(seen["peak_names"], len(set(alive.values())))
         return t
 
     written: dict[int, str] = {}
@@ -142,10 +149,11 @@ def test_streaming_keeps_one_tensor_group_alive(models, tmp_path, monkeypatch):
     write = ShardedWriter.write
 
     def tracked_write(self, name, tensor):
-        assert not written, f"output {sorted(written.values())} still alive while writing {name}"
-        key = next(counter)
-        written[key] = name
-        weakref.finalize(tensor, written.pop, key, None)
+        with lock:
+            assert len(written) <= 1, f"outputs {sorted(written.values())} still alive while writing {name}"
+            key = next(counter)
+            written[key] = name
+            weakref.finalize(tensor, lambda k=key: written.pop(k, None))
         return write(self, name, tensor)
 
     monkeypatch.setattr(TensorReader, "get", tracked)
@@ -154,7 +162,8 @@ def test_streaming_keeps_one_tensor_group_alive(models, tmp_path, monkeypatch):
                  models=[{"model": str(models[f"llm{i}"]), "parameters": {"weight": 0.5, "density": 0.5}} for i in (1, 2)])
     run_merge(plan, tmp_path / "m", progress=False)
     n_tensors = len(open_checkpoint(models["llm0"]).infos)
-    assert seen["reads"] == 3 * n_tensors and seen["peak_group"] == 3
+    assert seen["reads"] == 3 * n_tensors
+    assert 3 <= seen["peak_group"] <= 6 and seen["peak_names"] <= 2
 
 
 def test_sharded_output_round_trips(models, tmp_path):

@@ -30,7 +30,7 @@ from analysis.errors import VlsafeError
 from analysis.loading import as_dtype
 from analysis.merging import methods
 from analysis.merging.config import MergePlan, module_matches
-from analysis.merging.io import ShardedWriter, TensorReader, torch_dtype
+from analysis.merging.io import ShardedWriter, TensorReader, pipelined, torch_dtype
 from analysis.runinfo import atomic_path, write_run_json
 
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
@@ -133,12 +133,17 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
 
 
-def _compute(task: TensorTask, plan: MergePlan, readers: dict[str, TensorReader], seed: int) -> torch.Tensor:
+def _load(task: TensorTask, plan: MergePlan, readers: dict[str, TensorReader]) -> dict[str, torch.Tensor]:
+    """The input tensors `task` needs (the layout model's only, for a copy)."""
+    specs = [plan.layout_model()] if task.action == "copy" else plan.inputs()
+    return {s: readers[s].get(task.name) for s in specs}
+
+
+def _compute(task: TensorTask, plan: MergePlan, group: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
     layout = plan.layout_model()
     if task.action == "copy":
-        return readers[layout].get(task.name).to(task.out_dtype)
+        return group[layout].to(task.out_dtype)
     spec = plan.spec
-    group = {s: readers[s].get(task.name) for s in plan.inputs()}
     if task.rows is not None:
         full = group[layout].to(task.out_dtype, copy=True)
         group = {s: t[:task.rows] for s, t in group.items()}
@@ -224,10 +229,12 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, out_shard_size: int | str
     with atomic_path(out) as tmp:
         tmp.mkdir()
         writer = ShardedWriter(tmp, [(t.raw_name, t.out_dtype, t.shape) for t in tasks], out_shard_size)
-        for task in tqdm(tasks, desc=f"merge ({plan.merge_method})", unit="tensor", disable=not progress):
-            tensor = _compute(task, plan, readers, seed)
-            writer.write(task.raw_name, tensor)
-            del tensor
+        with tqdm(total=len(tasks), desc=f"merge ({plan.merge_method})", unit="tensor", disable=not progress) as bar:
+            def write(task: TensorTask, tensor: torch.Tensor) -> None:
+                writer.write(task.raw_name, tensor)
+                bar.update(1)
+
+            pipelined(tasks, lambda t: _load(t, plan, readers), lambda t, g: _compute(t, plan, g, seed), write)
         for r in readers.values():
             r.close()
         files = writer.close()

@@ -11,13 +11,18 @@ from __future__ import annotations
 import json
 import re
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
 from analysis.errors import VlsafeError
+
+T = TypeVar("T")
+G = TypeVar("G")
+O = TypeVar("O")
 
 _TO_ST = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -220,3 +225,36 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= int(s)
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+def pipelined(items: Iterable[T], load: Callable[[T], G], compute: Callable[[T, G], O],
+              write: Callable[[T, O], None]) -> None:
+    """`write(x, compute(x, load(x)))` for each item in order, with the next item's `load` and the previous
+    item's `write` running in background threads while `compute` runs (file reads and writes release the GIL).
+
+    At most three items are in flight (one loading, one computing, one writing), so peak memory is about three
+    tensor groups; each reader and the writer are still used by one thread at a time, in order.
+    """
+    items = list(items)
+    if not items:
+        return
+    with ThreadPoolExecutor(2, thread_name_prefix="vlsafe-io") as pool:
+        nxt: Future = pool.submit(load, items[0])
+        writing: Future | None = None
+        try:
+            for i, item in enumerate(items):
+                group = nxt.result()
+                if i + 1 < len(items):
+                    nxt = pool.submit(load, items[i + 1])
+                out = compute(item, group)
+                del group
+                if writing is not None:
+                    writing.result()
+                writing = pool.submit(write, item, out)
+                del out
+            if writing is not None:
+                writing.result()
+        finally:
+            nxt.cancel()
+            if writing is not None:
+                writing.cancel()
