@@ -40,6 +40,7 @@ class VisionConfig(_Strict):
     layers: int = Field(4, ge=1)
     heads: int = Field(4, ge=1)
     patch: int = Field(16, ge=2)
+    keep_cls: bool = Field(False, description="feed CLIP's CLS token to the projector too (strategy 'full')")
     steps: int = Field(800, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)

@@ -45,9 +45,11 @@ def with_image_token(tokenizer: Any) -> tuple[Any, int]:
     return tokenizer, int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
 
 
-def assemble(llm_dir: str | Path, vision_dir: str | Path, *, kind: str, seed: int = 0) -> tuple[Any, Any]:
+def assemble(llm_dir: str | Path, vision_dir: str | Path, *, kind: str, keep_cls: bool = False,
+             seed: int = 0) -> tuple[Any, Any]:
     """(LlavaForConditionalGeneration, LlavaProcessor): LM from `llm_dir`, tower from `vision_dir`, projector
-    freshly initialised (seeded), image features from the tower's last layer (CLS dropped for CLIP)."""
+    freshly initialised (seeded), image features from the tower's last layer (CLIP's CLS token dropped unless
+    `keep_cls`: LLaVA's "default" vs "full" feature strategy)."""
     from transformers import (AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
@@ -63,10 +65,12 @@ def assemble(llm_dir: str | Path, vision_dir: str | Path, *, kind: str, seed: in
                 llm.get_output_embeddings().weight[old_vocab:] = 0
     tower = AutoModel.from_pretrained(str(vision_dir), dtype=torch.float32)
     vcfg = tower.config
-    strategy = "default" if kind == "clip" else "full"
+    cls = kind == "clip"
+    strategy = "default" if cls and not keep_cls else "full"
+    n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + (1 if cls and keep_cls else 0)
     cfg = LlavaConfig(vision_config=vcfg.to_dict() | {"model_type": vcfg.model_type}, text_config=llm.config,
                       image_token_index=image_id, vision_feature_select_strategy=strategy, vision_feature_layer=-1,
-                      image_seq_length=(vcfg.image_size // vcfg.patch_size) ** 2, projector_hidden_act="gelu",
+                      image_seq_length=n_tokens, projector_hidden_act="gelu",
                       tie_word_embeddings=bool(llm.config.tie_word_embeddings))
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)

@@ -141,7 +141,7 @@ def run_stage1(ctx: Ctx, out: Path) -> dict[str, Any]:
 
     cfg = ctx.cfg
     model, processor = assemble(ctx.path("llm-aligned"), ctx.path("vision"), kind=cfg.vision.kind,
-                                seed=seed_for(cfg, 5))
+                                keep_cls=cfg.vision.keep_cls, seed=seed_for(cfg, 5))
     lm = LoadedModel(model, processor.tokenizer, processor, None)
     scenes = sample_scenes(cfg.stage1.scenes, seed=seed_for(cfg, 5), size=cfg.images.size)
     examples = D.scene_examples(scenes, {"caption": 1.0}, seed_for(cfg, 5))

@@ -3,11 +3,15 @@
 LLaVA plugs a *pretrained, frozen* encoder (CLIP ViT-L/14-336) into the LLM. No pretrained encoder can be
 downloaded here, and a random frozen tower would carry little usable signal, so the tower is pretrained briefly by
 supervised attribute classification: five linear heads (shape, colour, count, position, background) read the
-concatenated patch tokens of the layer that LLaVA later feeds to the projector (`vision_feature_layer = -1`, CLS
-dropped for CLIP). Classification was chosen over a contrastive objective because the attributes are exactly known and
-few, it converges in a few hundred CPU steps, and it forces the *patch* features (what LLaVA consumes) — not just a
-pooled CLS token — to carry every attribute. The heads are discarded; the tower is then frozen for all later
+concatenated patch tokens of the layer that LLaVA later feeds to the projector (`vision_feature_layer = -1`), and,
+with `keep_cls`, five more read the CLS token of that layer. Classification was chosen over a contrastive objective
+because the attributes are exactly known and few, it converges in a few hundred CPU steps, and it forces the
+tokens LLaVA consumes to carry every attribute. The heads are discarded; the tower is then frozen for all later
 stages, as in LLaVA.
+
+`keep_cls` (LLaVA's `vision_feature_select_strategy="full"`; LLaVA-1.5 itself uses "default", patches only): a
+CLIP CLS token that summarises the scene gives the tiny projector a token it can ground in ~100 CPU steps; the
+patch tokens are kept too.
 """
 
 from __future__ import annotations
@@ -44,23 +48,31 @@ def image_processor(cfg: Any, image_size: int) -> Any:
     return SiglipImageProcessor(size={"height": image_size, "width": image_size})
 
 
-def patch_features(tower: nn.Module, pixel_values: torch.Tensor, kind: str) -> torch.Tensor:
-    """What LLaVA hands to the projector: the last layer's hidden states, CLS dropped for CLIP."""
-    hidden = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1]
-    return hidden[:, 1:] if kind == "clip" else hidden
+def has_cls(kind: str) -> bool:
+    return kind == "clip"
+
+
+def tower_features(tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The last layer's hidden states, every token (CLIP: CLS first, then the patches)."""
+    return tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1]
 
 
 class AttributeHeads(nn.Module):
-    """One linear classifier per scene attribute over the concatenated patch features (so each patch token must
-    describe its own piece of the image, and position stays readable, as the LLM will need)."""
+    """Per attribute: a linear classifier over the concatenated patch tokens (each patch must describe its own piece
+    of the image; position stays readable) and, with `cls`, one over the CLS token."""
 
-    def __init__(self, hidden: int, n_patches: int):
+    def __init__(self, hidden: int, n_patches: int, cls: bool):
         super().__init__()
-        self.heads = nn.ModuleDict({a: nn.Linear(hidden * n_patches, len(CLASSES[a])) for a in ATTRIBUTES})
+        self.cls = cls
+        self.patches = nn.ModuleDict({a: nn.Linear(hidden * n_patches, len(CLASSES[a])) for a in ATTRIBUTES})
+        self.cls_heads = nn.ModuleDict({a: nn.Linear(hidden, len(CLASSES[a])) for a in ATTRIBUTES}) if cls else None
 
-    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        flat = feats.flatten(1)
-        return {a: h(flat) for a, h in self.heads.items()}
+    def forward(self, feats: torch.Tensor, has_cls_token: bool) -> dict[str, dict[str, torch.Tensor]]:
+        patches = feats[:, 1:] if has_cls_token else feats
+        out = {"patches": {a: h(patches.flatten(1)) for a, h in self.patches.items()}}
+        if self.cls_heads is not None:
+            out["cls"] = {a: h(feats[:, 0]) for a, h in self.cls_heads.items()}
+        return out
 
 
 def _dataset(processor: Any, n: int, seed: int | random.Random, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,13 +86,15 @@ def _dataset(processor: Any, n: int, seed: int | random.Random, size: int) -> tu
 @torch.no_grad()
 def attribute_accuracy(tower: nn.Module, heads: AttributeHeads, pix: torch.Tensor, labels: torch.Tensor,
                        kind: str, batch: int = 128) -> dict[str, float]:
-    """Held-out accuracy per attribute."""
-    correct = torch.zeros(len(ATTRIBUTES))
+    """Held-out accuracy per attribute and head (`patches:shape`, `cls:shape`, …)."""
+    correct: dict[str, float] = {}
     for s in range(0, len(pix), batch):
-        logits = heads(patch_features(tower, pix[s:s + batch], kind))
-        for j, a in enumerate(ATTRIBUTES):
-            correct[j] += (logits[a].argmax(-1) == labels[s:s + batch, j]).sum()
-    return {a: float(correct[j] / len(pix)) for j, a in enumerate(ATTRIBUTES)}
+        out = heads(tower_features(tower, pix[s:s + batch]), has_cls(kind))
+        for src, logits in out.items():
+            for j, a in enumerate(ATTRIBUTES):
+                key = f"{src}:{a}"
+                correct[key] = correct.get(key, 0.0) + float((logits[a].argmax(-1) == labels[s:s + batch, j]).sum())
+    return {k: v / len(pix) for k, v in correct.items()}
 
 
 def pretrain(cfg: Any, image_size: int, seed: int, seed_eval: int, *, progress: bool = True,
@@ -92,7 +106,7 @@ def pretrain(cfg: Any, image_size: int, seed: int, seed_eval: int, *, progress: 
     torch.manual_seed(seed)
     processor = image_processor(cfg, image_size)
     tower = AutoModel.from_config(vision_config(cfg, image_size))
-    heads = AttributeHeads(cfg.hidden, (image_size // cfg.patch) ** 2)
+    heads = AttributeHeads(cfg.hidden, (image_size // cfg.patch) ** 2, cfg.keep_cls and has_cls(cfg.kind))
     train_rng = random.Random(seed)  # fresh scenes every step: no image is seen twice
     ev_pix, ev_labels = _dataset(processor, cfg.n_eval, seed_eval, image_size)
     params = list(tower.parameters()) + list(heads.parameters())
@@ -103,8 +117,9 @@ def pretrain(cfg: Any, image_size: int, seed: int, seed_eval: int, *, progress: 
     bar = tqdm(range(1, cfg.steps + 1), desc="vision pretrain", disable=not progress, leave=False)
     for step in bar:
         pix, labels = _dataset(processor, cfg.batch_size, train_rng, image_size)
-        logits = heads(patch_features(tower, pix, cfg.kind))
-        loss = sum(nn.functional.cross_entropy(logits[a], labels[:, j]) for j, a in enumerate(ATTRIBUTES))
+        out = heads(tower_features(tower, pix), has_cls(cfg.kind))
+        loss = sum(nn.functional.cross_entropy(logits[a], labels[:, j])
+                   for logits in out.values() for j, a in enumerate(ATTRIBUTES))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
