@@ -129,7 +129,9 @@ def run_demo(out: str | Path = "runs/demo", *, profile: str = "full", echo: Call
     sweep = CONFIGS / "sweep-organism.yaml"
     st.run("sweep", ["sweep", str(sweep), "-o", str(out / "sweep"), "--resume", "--quiet",
                      "--var", f"organism={org}", "--var", f"diff={out / 'diff'}", "--var", f"top_k={size.top_k}",
-                     "--var", f"band_start={size.band[0]}", "--var", f"band_end={size.band[1]}"], None, [])
+                     "--var", f"band_start={size.band[0]}", "--var", f"band_end={size.band[1]}",
+                     "--var", f"eval_limit={size.eval_limit}", "--var", f"max_new_tokens={size.max_new_tokens}"],
+           None, [])
     write_run_json(out, command="vlsafe demo", config={"profile": profile, "sizes": size.__dict__},
                    checkpoints={n: str(p) for n, p in ck.items()}, extra={"stage_seconds": st.times})
     st.run("report", ["report", str(out), "--title", "vlsafe demo: the model organism"], None, [])

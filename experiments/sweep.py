@@ -134,10 +134,12 @@ def load_sweep(path: str | Path, overrides: dict[str, str] | None = None) -> tup
         raise VlsafeError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise VlsafeError(f"{p}: a sweep config must be a YAML mapping")
-    cfg = validate(raw, str(p))
     if overrides:
-        cfg = cfg.model_copy(update={"vars": {**cfg.vars, **overrides}})
-    return cfg, p.parent
+        raw = {**raw, "vars": {**(raw.get("vars") or {}), **overrides}}
+    if isinstance(raw.get("eval"), dict):  # `${var}`s in eval settings (eval.reference waits for built inputs)
+        raw["eval"] = {k: v if k == "reference" else substitute(v, raw.get("vars") or {}, f"{p}: eval.{k}")
+                       for k, v in raw["eval"].items()}
+    return validate(raw, str(p)), p.parent
 
 
 def validate(raw: dict[str, Any], source: str) -> SweepConfig:

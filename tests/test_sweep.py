@@ -168,3 +168,16 @@ def test_bad_inputs_fail_before_any_work(tmp_path: Path, patch: dict, message: s
         shutil.rmtree(tmp_path / "run", ignore_errors=True)
         run_sweep(cfg, tmp_path / "run", base_dir=base, progress=False)
     assert not list((tmp_path / "run" / "points").glob("*")) if (tmp_path / "run" / "points").exists() else True
+
+
+def test_vars_reach_eval_settings_and_cli_overrides_win(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("vars: {n: 5, mode: fast}\neval: {mode: '${mode}', limit: '${n}', max_new_tokens: 7}\n"
+                    "grid: [{name: a, method: checkpoint, config: x}]\n")
+    cfg, _ = load_sweep(path)
+    assert (cfg.eval.mode, cfg.eval.limit) == ("fast", 5)
+    cfg, _ = load_sweep(path, {"n": "3", "mode": "full"})
+    assert (cfg.eval.mode, cfg.eval.limit, cfg.eval.max_new_tokens) == ("full", 3, 7)
+    path.write_text("eval: {limit: '${nope}'}\ngrid: [{name: a, method: checkpoint, config: x}]\n")
+    with pytest.raises(VlsafeError, match="unknown variable"):
+        load_sweep(path)
