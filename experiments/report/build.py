@@ -58,12 +58,17 @@ def _fmt_rate(r: pd.Series) -> str:
 def safety_table(art: Artefacts) -> pd.DataFrame | None:
     """Table-1 style: checkpoint × prompt set refusal rates with Wilson intervals (overall rows only)."""
     frames = [df for _, df in art.all("eval_summary")]
-    if frames:
-        df = pd.concat(frames, ignore_index=True)
-        if "category" in df.columns:
-            df = df[df["category"].isna() | (df["category"].astype(str).isin(["", "all", "nan"]))]
-        df = df.assign(cell=df.apply(_fmt_rate, axis=1))
-        return df.pivot_table(index="checkpoint", columns="prompt_set", values="cell", aggfunc="first")
+    if not frames:
+        return None
+    df = pd.concat(frames, ignore_index=True)
+    if "category" in df.columns:
+        df = df[df["category"].isna() | (df["category"].astype(str).isin(["", "all", "nan"]))]
+    df = df.assign(cell=df.apply(_fmt_rate, axis=1))
+    return df.pivot_table(index="checkpoint", columns="prompt_set", values="cell", aggfunc="first")
+
+
+def organism_table(art: Artefacts) -> pd.DataFrame | None:
+    """Checkpoint × metric (refusal, over-refusal, compliance, VQA accuracy) from an organism `metrics.csv`."""
     m = art.first("organism_metrics")
     if m is None:
         return None
@@ -71,7 +76,15 @@ def safety_table(art: Artefacts) -> pd.DataFrame | None:
     cell = m.apply(lambda r: f"{r['value']:.2f}" + (f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
                                                     if {"ci_low", "ci_high"} <= set(m.columns)
                                                     and pd.notna(r["ci_low"]) else ""), axis=1)
-    return m.assign(cell=cell).pivot_table(index="checkpoint", columns="metric", values="cell", aggfunc="first")
+    wide = m.assign(cell=cell).pivot_table(index="checkpoint", columns="metric", values="cell", aggfunc="first")
+    cols = [c for c in _ORGANISM_COLUMNS if c in wide.columns] + [c for c in wide.columns if c not in _ORGANISM_COLUMNS]
+    wide = wide.reindex(index=list(dict.fromkeys(m["checkpoint"])), columns=cols)
+    return wide.rename(columns=_ORGANISM_COLUMNS).rename_axis(columns=None)
+
+
+_ORGANISM_COLUMNS = {"refusal_harmful_text": "refusal, harmful", "refusal_harmful_image": "refusal, harmful + image",
+                     "over_refusal_borderline": "over-refusal", "compliance_harmless": "compliance",
+                     "vqa_accuracy": "VQA accuracy"}
 
 
 def _section(title: str, body: list[str | None], missing: str) -> str:
@@ -108,15 +121,19 @@ def build_report(run_dir: str | Path, title: str = "vlsafe report") -> Path:
         raise VlsafeError(f"{root}: no vlsafe outputs found (no known CSV tables or run.json)")
     fig: Callable[[plt.Figure | None, str], str | None] = lambda f, stem: _embed(f, root, f"report_{stem}")
     diff, probe, sim = art.first("diff_layers"), art.first("probe_layers"), art.first("similarity")
-    table = safety_table(art)
+    table, organism = safety_table(art), organism_table(art)
     sections = [
         _section("Safety dynamics during adaptation", [_figure(fig(plots.dynamics(
             art.first("organism_metrics"), art.first("dynamics")), "dynamics"),
             "Safety metrics and mean weight shift vs adaptation step (paper Figure 2 axis).")],
             "No step-indexed checkpoints in this run (organism metrics or diff dynamics.csv)."),
         _section("Safety and helpfulness per checkpoint",
-                 [table.to_html(na_rep="–", escape=True) if table is not None else None,
-                  "<p>Rates with Wilson 95% intervals.</p>" if table is not None else None],
+                 [organism.to_html(na_rep="–", escape=True) if organism is not None else None,
+                  "<p>Organism metrics (<code>metrics.csv</code>): refusal and over-refusal rates, compliance, "
+                  "visual-QA accuracy; Wilson 95% intervals.</p>" if organism is not None else None,
+                  table.to_html(na_rep="–", escape=True) if table is not None else None,
+                  "<p>Refusal rate per prompt set (<code>vlsafe eval</code>; on harmless prompts this is "
+                  "over-refusal), Wilson 95% intervals.</p>" if table is not None else None],
                  "No eval summary.csv or organism metrics.csv in this run."),
         _section("Weight shift", [_figure(fig(plots.weight_heatmap(diff), "weight_heatmap") if diff is not None
                                           else None, "Relative Frobenius change per layer and module.")],
