@@ -39,6 +39,7 @@ class EvalConfig(BaseModel):
     limit: int | None = 32
     score_kind: Literal["opening", "first_token"] = "opening"
     threshold: float = 0.0
+    openings: list[str] | None = None  # fast mode: refusal openings to score (default: probes.scores' stock list)
     judge: str = "default"
     max_new_tokens: int = 32
     batch_size: int = 8
@@ -78,7 +79,8 @@ def _refusals(lm: Any, ps: Any, cfg: EvalConfig, out_dir: Path | None, tag: str)
     if cfg.mode == "fast":
         from probes.behavior.logit_judge import LogitJudge
 
-        judge = LogitJudge(lm, threshold=cfg.threshold, kind=cfg.score_kind, batch_size=cfg.batch_size)
+        judge = LogitJudge(lm, threshold=cfg.threshold, kind=cfg.score_kind, openings=cfg.openings,
+                           batch_size=cfg.batch_size)
         return [r.refused for r in judge.judge(None, ps.prompts, images=_images(ps))]
     from probes.behavior.generate import generate
     from probes.behavior.judges import get_judge

@@ -181,3 +181,22 @@ def test_vars_reach_eval_settings_and_cli_overrides_win(tmp_path: Path) -> None:
     path.write_text("eval: {limit: '${nope}'}\ngrid: [{name: a, method: checkpoint, config: x}]\n")
     with pytest.raises(VlsafeError, match="unknown variable"):
         load_sweep(path)
+
+
+def test_fast_mode_scores_the_configured_openings(tmp_path: Path) -> None:
+    import numpy as np
+
+    from analysis.tiny import tiny_llama
+    from experiments.sweep_eval import EvalConfig, _prompt_set, _refusals
+    from probes.models import load
+    from probes.scores import refusal_score
+
+    lm = load(tiny_llama(tmp_path / "llm"))
+    ps = _prompt_set("harmful-val", 12)
+    mine = ["Sure thing", "No way"]
+    scores = refusal_score(lm, ps.prompts, kind="opening", openings=mine)
+    t = float(np.median(scores))
+    got = _refusals(lm, ps, EvalConfig(mode="fast", openings=mine, threshold=t), None, "harmful")
+    assert got == [bool(s > t) for s in scores] and 0 < sum(got) < len(got)
+    stock = refusal_score(lm, ps.prompts, kind="opening")
+    assert not np.allclose(stock, scores)  # the openings are really what gets scored
