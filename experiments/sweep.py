@@ -1,27 +1,7 @@
 """Safety-vs-helpfulness sweeps: a grid of remedies (merges, tuning runs, RESTA, plain checkpoints), each point
 materialised once, evaluated through the behaviour API, and summarised as a Pareto table and figure.
 
-```yaml
-vars: {organism: runs/organism}            # ${organism} in any string; CLI --var organism=... overrides
-inputs:                                    # optional: build tiny random checkpoints into DIR/inputs/<name>
-  llm: {tiny: llama, seed: 0}
-eval: {mode: fast, harmful: harmful-val, borderline: borderline-val, harmless: harmless-val, limit: 32}
-grid:
-  - name: restore                          # a label; points are "restore[alpha=0.5,layers=top4]"
-    method: merge                          # merge | tune | resta | checkpoint
-    config:                                # a merge plan / tune config / resta arguments / a checkpoint spec
-      merge_method: task_arithmetic
-      base_model: ${organism}/lvlm
-      models: [{model: ${organism}/llm-aligned, parameters: {weight: ${alpha}}}]
-    vary:                                  # cartesian product
-      alpha: [0.25, 0.5, 1.0]
-      layers: [all, {top_k: 4, from: runs/diff/layers.csv, score: rel_frobenius}, [10, 11, 12], {range: [8, 14]}]
-```
-
-A `${name}` string that is a whole value keeps the variable's type. `layers` is special: unless the template
-uses `${layers}` itself, the resolved selection becomes the merge plan's `layers`, the tune config's
-`layers: {trainable: …}` or RESTA's `layers`; `all` means no selection. `top_k` reads a diff or probe
-`layers.csv` through `analysis.merging.plans` (`score`, optional `module`, `checkpoint`, `largest`).
+The YAML schema, `${vars}`, layer selections and grid expansion are in `experiments.sweep_config`.
 
 Layout: `DIR/points/<hash>/` (`point.json`, `model/`, `done.json`, `eval-<evalhash>.json`), built in a temp
 folder and renamed, so a point folder without `done.json` can only be foreign or interrupted and is redone.
@@ -33,197 +13,22 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import pandas as pd
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from tqdm.auto import tqdm
 
 from analysis.errors import VlsafeError
 from analysis.runinfo import atomic_path, write_csv, write_json, write_run_json
+from experiments.sweep_config import (RESTA_KEYS, RESTA_REQUIRED, Point, SweepConfig, expand, load_sweep,
+                                      resolve_layers)
 from experiments.sweep_eval import EvalConfig, evaluate_point, mark_pareto, pareto_figure, reference_answers
 from experiments.yamlvars import substitute
 
-METHODS = ("merge", "tune", "resta", "checkpoint")
-RESTA_REQUIRED = {"sft", "aligned", "unaligned"}
-RESTA_KEYS = {"sft", "aligned", "unaligned", "beta", "density", "seed", "rescale", "layers", "modules", "dtype"}
-
-
-class TinyInput(BaseModel):
-    """A tiny random checkpoint built into `DIR/inputs/<name>` (for tests and smoke runs)."""
-
-    model_config = ConfigDict(extra="forbid")
-    tiny: Literal["llama", "llava"]
-    seed: int = 0
-    layers: int = 2
-    hidden: int = 64
-
-
-class GridEntry(BaseModel):
-    """One family of points: a method, a config template and the variables to vary."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    method: str
-    config: dict[str, Any] | str
-    vary: dict[str, list[Any]] = {}
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method '{v}'; valid: {', '.join(METHODS)}")
-        return v
-
-
-class SweepConfig(BaseModel):
-    """A validated sweep YAML."""
-
-    model_config = ConfigDict(extra="forbid")
-    vars: dict[str, Any] = {}
-    inputs: dict[str, TinyInput] = {}
-    eval: EvalConfig = EvalConfig()
-    grid: list[GridEntry]
-    seed: int = 0
-
-
-@dataclass
-class Point:
-    """One materialisable point of the grid."""
-
-    entry: GridEntry
-    values: dict[str, Any]
-    layers: list[int] | None
-    config: Any  # resolved template
-    key: str = ""
-    shown: dict[str, Any] | None = None  # values with non-path ${vars} filled in, for labels only
-
-    @property
-    def label(self) -> str:
-        vals = ",".join(f"{k}={_short(v)}" for k, v in (self.shown or self.values).items())
-        return f"{self.entry.name}[{vals}]" if vals else self.entry.name
-
-
-def _short(v: Any) -> str:
-    if isinstance(v, dict):
-        if "top_k" in v:
-            return f"top{v['top_k']}"
-        return "L{}-{}".format(int(v["range"][0]), int(v["range"][1]) - 1) if "range" in v else "sel"
-    if isinstance(v, list):
-        return "L" + "_".join(map(str, v))
-    if isinstance(v, str) and "/" in v:
-        return v.rstrip("/").rsplit("/", 1)[-1]  # a checkpoint path: its folder name
-    return str(v)
-
-
-# ---- config ------------------------------------------------------------------------------------------------------
-def load_sweep(path: str | Path, overrides: dict[str, str] | None = None) -> tuple[SweepConfig, Path]:
-    """Parse and validate a sweep YAML (one-line errors naming the key); returns (config, its folder)."""
-    p = Path(path)
-    if not p.is_file():
-        raise VlsafeError(f"{p}: no such sweep config")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise VlsafeError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise VlsafeError(f"{p}: a sweep config must be a YAML mapping")
-    if overrides:
-        raw = {**raw, "vars": {**(raw.get("vars") or {}), **overrides}}
-    if isinstance(raw.get("eval"), dict):  # `${var}`s in eval settings (eval.reference waits for built inputs)
-        raw["eval"] = {k: v if k == "reference" else substitute(v, raw.get("vars") or {}, f"{p}: eval.{k}")
-                       for k, v in raw["eval"].items()}
-    return validate(raw, str(p)), p.parent
-
-
-def validate(raw: dict[str, Any], source: str) -> SweepConfig:
-    """Pydantic validation with unknown keys answered by the valid ones."""
-    import difflib
-
-    for model, d, where in [(SweepConfig, raw, "")] + [(EvalConfig, raw.get("eval") or {}, "eval.")] + \
-            [(GridEntry, g, f"grid[{i}].") for i, g in enumerate(raw.get("grid") or []) if isinstance(g, dict)]:
-        for key in d:
-            if key not in model.model_fields:
-                close = difflib.get_close_matches(str(key), list(model.model_fields), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise VlsafeError(f"{source}: unknown key '{where}{key}'{hint}; valid: "
-                                  f"{', '.join(model.model_fields)}")
-    try:
-        cfg = SweepConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise VlsafeError(f"{source}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
-    if not cfg.grid:
-        raise VlsafeError(f"{source}: 'grid' is empty")
-    names = [g.name for g in cfg.grid]
-    if len(set(names)) != len(names):
-        raise VlsafeError(f"{source}: grid names must be distinct, got {names}")
-    return cfg
-
-
-def resolve_layers(sel: Any, base_dir: Path, where: str) -> list[int] | None:
-    """A layer selection value → sorted layer list (None = all layers)."""
-    if sel is None or sel == "all":
-        return None
-    if isinstance(sel, int):
-        return [sel]
-    if isinstance(sel, list) and all(isinstance(i, int) for i in sel):
-        return sorted(set(sel))
-    if isinstance(sel, dict) and set(sel) == {"range"}:
-        s, e = sel["range"]
-        return list(range(int(s), int(e)))
-    if isinstance(sel, dict) and "top_k" in sel:
-        from analysis.merging.plans import layer_scores, top_k_layers
-
-        src = Path(str(sel.get("from", "")))
-        src = src if src.is_file() else base_dir / src
-        if not src.is_file():
-            raise VlsafeError(f"{where}: layers.from '{sel.get('from')}' is not a file")
-        unknown = set(sel) - {"top_k", "from", "score", "module", "checkpoint", "position", "largest"}
-        if unknown:
-            raise VlsafeError(f"{where}: unknown layer-selection key '{sorted(unknown)[0]}'; valid: top_k, from, "
-                              "score, module, checkpoint, position, largest")
-        scores = layer_scores(src, sel.get("score", "rel_frobenius"), module=sel.get("module", "all"),
-                              checkpoint=sel.get("checkpoint"), position=sel.get("position"))
-        return top_k_layers(scores, k=int(sel["top_k"]), largest=bool(sel.get("largest", True)))
-    raise VlsafeError(f"{where}: layer selection {sel!r} not understood (use all, a list, {{range: [s, e]}} or "
-                      "{top_k: k, from: layers.csv, score: column})")
-
-
-def expand(cfg: SweepConfig, env: dict[str, Any], base_dir: Path) -> list[Point]:
-    """Every point of the grid (cartesian product of each entry's `vary`)."""
-    points = []
-    for i, entry in enumerate(cfg.grid):
-        keys = list(entry.vary)
-        for combo in itertools.product(*(entry.vary[k] for k in keys)):
-            values = dict(zip(keys, combo))  # as written: labels and hashes do not depend on paths
-            where = f"grid[{i}] ({entry.name})"
-            used = substitute(values, env, where)
-            layers = resolve_layers(used.get("layers"), base_dir, where) if "layers" in values else None
-            local = {**env, **used, **({"layers": layers} if "layers" in values else {})}
-            config = substitute(entry.config, local, where)
-            if "layers" in values and "${layers}" not in json.dumps(entry.config):
-                config = _inject_layers(entry.method, config, layers, where)
-            plain = {k: (v if "/" not in str(v) else "${" + k + "}") for k, v in env.items()}
-            points.append(Point(entry, values, layers, config, shown=substitute(values, plain, where)))
-    return points
-
-
-def _inject_layers(method: str, config: Any, layers: list[int] | None, where: str) -> Any:
-    if layers is None:
-        return config
-    if method == "checkpoint" or not isinstance(config, dict):
-        raise VlsafeError(f"{where}: 'layers' cannot vary for method '{method}'")
-    if method == "tune":
-        return {**config, "layers": {"trainable": layers}}
-    return {**config, "layers": layers}
+__all__ = ["load_sweep", "resolve_layers", "run_sweep", "run_point", "finished_row", "SweepConfig", "Point"]
 
 
 # ---- materialisation ------------------------------------------------------------------------------------------------
