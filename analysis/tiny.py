@@ -167,6 +167,20 @@ def tiny_llava(
     return _save(model, processor, path, None)
 
 
+def tiny_llava_from(llm_dir: str | Path, path: str | Path, *, seed: int = 0) -> tuple[Any, Any, Any]:
+    """(LLaVA model, processor, LLM model) in memory: a random tiny LLaVA (CLIP tower, projector; its random init
+    written to `path`) whose language model and head are the Llama at `llm_dir`, transplanted by name, so
+    text-only inputs give the LLM's logits."""
+    from transformers import AutoProcessor, LlamaForCausalLM, LlavaForConditionalGeneration
+
+    llm = LlamaForCausalLM.from_pretrained(llm_dir)
+    raw = tiny_llava(path, text_config=llm.config, seed=seed)
+    lvlm, processor = LlavaForConditionalGeneration.from_pretrained(raw), AutoProcessor.from_pretrained(raw)
+    lvlm.model.language_model.load_state_dict(llm.model.state_dict())
+    lvlm.lm_head.load_state_dict(llm.lm_head.state_dict())
+    return lvlm.eval(), processor, llm.eval()
+
+
 def tiny_idefics3(path: str | Path, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
     """Write a random `Idefics3ForConditionalGeneration` (the SmolVLM family): SigLIP-style tower + connector."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration

@@ -28,25 +28,15 @@ ORGANISM = ROOT / "runs" / "demo" / "organism"
 
 # %%
 # %matplotlib inline
-import json
-import os
-import warnings
+from experiments.notebook import setup
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets: plain-text bars
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network: hub ids resolve from the local HF cache only
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+setup(SEED, OUT)  # offline, quiet, seeded: before anything imports transformers
+
+import json
 
 import pandas as pd
 import torch
 from IPython.display import display
-from transformers.utils import logging as hf_logging
-
-hf_logging.set_verbosity_error()
-hf_logging.disable_progress_bar()
-pd.set_option("display.precision", 4)
-pd.set_option("display.width", 120)
-torch.manual_seed(SEED)
-OUT.mkdir(parents=True, exist_ok=True)
 
 # %% [markdown]
 # ## 1 · Checkpoints
@@ -58,11 +48,9 @@ OUT.mkdir(parents=True, exist_ok=True)
 # there) and independent 0.1 % noise elsewhere.
 
 # %%
-from transformers import AutoProcessor, LlamaForCausalLM, LlavaForConditionalGeneration
-
 from analysis.dynamics import parse_step
 from analysis.names import layer_module
-from analysis.tiny import tiny_llama, tiny_llava
+from analysis.tiny import tiny_llama, tiny_llava_from
 
 PLANTED_LAYER, N_LAYERS = 2, 4
 PLANTED_EPS, BACKGROUND_EPS = 0.05, 1e-3  # relative size of τ_VL on the planted layer and elsewhere
@@ -86,11 +74,7 @@ def save_lvlm(lvlm, processor, params: dict, path: Path) -> Path:
 
 def build_tiny(root: Path) -> dict:
     llm_dir = tiny_llama(root / "llm", layers=N_LAYERS, seed=SEED)
-    llm = LlamaForCausalLM.from_pretrained(llm_dir)
-    raw = tiny_llava(root / "lvlm-init", text_config=llm.config, seed=SEED + 1)  # same LM shape, new tower
-    lvlm, processor = LlavaForConditionalGeneration.from_pretrained(raw), AutoProcessor.from_pretrained(raw)
-    lvlm.model.language_model.load_state_dict(llm.model.state_dict())  # transplant by name
-    lvlm.lm_head.load_state_dict(llm.lm_head.state_dict())
+    lvlm, processor, llm = tiny_llava_from(llm_dir, root / "lvlm-init", seed=SEED + 1)  # LM transplanted by name
     gen = torch.Generator().manual_seed(SEED)
     base = {n: p.detach().double() for n, p in llm.model.named_parameters()}
     planted = lambda n: layer_module("model." + n)[0] == PLANTED_LAYER  # noqa: E731

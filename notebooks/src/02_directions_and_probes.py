@@ -33,25 +33,15 @@ REAL_PAIR = (ORGANISM / "llm-aligned", ORGANISM / "lvlm")
 # %%
 # %matplotlib inline
 import copy
-import json
-import os
-import warnings
+from experiments.notebook import setup
 
-warnings.filterwarnings("ignore", message="IProgress not found")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+setup(SEED, OUT)  # offline, quiet, seeded: before anything imports transformers
+
+import json
 
 import pandas as pd
 import torch
 from IPython.display import display
-from transformers.utils import logging as hf_logging
-
-hf_logging.set_verbosity_error()
-hf_logging.disable_progress_bar()
-pd.set_option("display.precision", 4)
-pd.set_option("display.width", 120)
-torch.manual_seed(SEED)
-OUT.mkdir(parents=True, exist_ok=True)
 
 # %% [markdown]
 # ## 1 · Model and prompts
@@ -181,20 +171,14 @@ del ortho
 # drops after.
 
 # %%
-from transformers import AutoProcessor, LlamaForCausalLM, LlavaForConditionalGeneration
-
-from analysis.tiny import tiny_llava
+from analysis.tiny import tiny_llava_from
 from probes.compare import direction_cosines
 from probes.figures import similarity_figure
 
 
 def lvlm_from(llm_dir: Path, out: Path, changed_from: int, eps: float = 0.2) -> Path:
     """A tiny LLaVA whose language model is the LLM's, with layers >= changed_from perturbed by relative eps."""
-    llm = LlamaForCausalLM.from_pretrained(llm_dir)
-    raw = tiny_llava(out.with_name(out.name + "-init"), text_config=llm.config, seed=SEED + 1)
-    lvlm, processor = LlavaForConditionalGeneration.from_pretrained(raw), AutoProcessor.from_pretrained(raw)
-    lvlm.model.language_model.load_state_dict(llm.model.state_dict())
-    lvlm.lm_head.load_state_dict(llm.lm_head.state_dict())
+    lvlm, processor, _ = tiny_llava_from(llm_dir, out.with_name(out.name + "-init"), seed=SEED + 1)
     gen = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
         for block in lvlm.model.language_model.layers[changed_from:]:

@@ -28,28 +28,19 @@ ORGANISM = ROOT / "runs" / "demo" / "organism"  # `vlsafe demo` or `vlsafe organ
 
 # %%
 # %matplotlib inline
-import json
-import os
 import shutil
-import warnings
 
-warnings.filterwarnings("ignore", message="IProgress not found")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from experiments.notebook import setup
+
+shutil.rmtree(OUT / "merged", ignore_errors=True)  # merges refuse to overwrite a foreign folder; start clean
+setup(SEED, OUT)  # offline, quiet, seeded: before anything imports transformers
+
+import json
 
 import pandas as pd
 import torch
 import yaml
 from IPython.display import Markdown, display
-from transformers.utils import logging as hf_logging
-
-hf_logging.set_verbosity_error()
-hf_logging.disable_progress_bar()
-pd.set_option("display.precision", 4)
-pd.set_option("display.width", 120)
-torch.manual_seed(SEED)
-shutil.rmtree(OUT / "merged", ignore_errors=True)  # merges refuse to overwrite a foreign folder; start clean
-OUT.mkdir(parents=True, exist_ok=True)
 
 # %% [markdown]
 # ## 1 · Checkpoints
@@ -58,9 +49,7 @@ OUT.mkdir(parents=True, exist_ok=True)
 # change on layer `PLANTED_LAYER` and 0.2 % elsewhere; `lvlm-safe` adds 2 % noise to every language-model tensor.
 
 # %%
-from transformers import AutoProcessor, LlamaForCausalLM, LlavaForConditionalGeneration
-
-from analysis.tiny import tiny_llama, tiny_llava
+from analysis.tiny import tiny_llama, tiny_llava_from
 
 PLANTED_LAYER, N_LAYERS = 1, 4
 
@@ -72,11 +61,7 @@ def noisy(p: torch.Tensor, eps: float, gen: torch.Generator) -> torch.Tensor:
 
 def build_tiny(root: Path) -> dict:
     aligned = tiny_llama(root / "aligned", layers=N_LAYERS, seed=SEED)
-    llm = LlamaForCausalLM.from_pretrained(aligned)
-    raw = tiny_llava(root / "lvlm-init", text_config=llm.config, seed=SEED + 1)
-    lvlm, processor = LlavaForConditionalGeneration.from_pretrained(raw), AutoProcessor.from_pretrained(raw)
-    lvlm.model.language_model.load_state_dict(llm.model.state_dict())  # transplant by name
-    lvlm.lm_head.load_state_dict(llm.lm_head.state_dict())
+    lvlm, processor, _ = tiny_llava_from(aligned, root / "lvlm-init", seed=SEED + 1)  # LM transplanted by name
     gen = torch.Generator().manual_seed(SEED)
     paths = {"aligned": aligned}
     with torch.no_grad():

@@ -28,26 +28,19 @@ REPORT_DIR = Path("runs") / f"nb04_report_{PROFILE}"
 
 # %%
 # %matplotlib inline
+from experiments.notebook import setup
+
+setup(SEED, precision=3)  # offline, quiet, seeded: before anything imports transformers
+
 import json
 import os
 import time
 import warnings
 
-warnings.filterwarnings("ignore", message="IProgress not found")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import pandas as pd
-import torch
 from IPython.display import HTML, IFrame, display
-from transformers.utils import logging as hf_logging
 
-hf_logging.set_verbosity_error()
-hf_logging.disable_progress_bar()
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from the training stack
-torch.manual_seed(SEED)
-pd.set_option("display.precision", 3)
-pd.set_option("display.width", 120)
 
 # %% [markdown]
 # ## 1 · The recipe
