@@ -69,7 +69,7 @@ class Stages:
 
     def run(self, name: str, argv: list[str], stage_dir: Path | None, checkpoints: list[Path]) -> None:
         est = self.previous.get(name)
-        self.echo(f"[demo] {name:<10} " + (f"(last built in {est:.0f}s)" if est is not None else "(first run)"))
+        self.echo(f"[demo] {name:<10} " + (f"(last time {est:.0f}s)" if est is not None else "(first run)"))
         t0 = time.perf_counter()
         marker = stage_dir / ".demo_stage.json" if stage_dir else None
         key = _content_key(argv, checkpoints) if marker else None
@@ -95,6 +95,15 @@ def _organism_checkpoints(org: Path) -> dict[str, Path]:
     return found
 
 
+def _step_axis(profile: str, steps: list[Path]) -> str:
+    """Stage-2 steps of llm-aligned (0: stage 1 leaves the LM as it is), each lvlm-step-N, and lvlm (the last)."""
+    from analysis.dynamics import parse_step
+    from experiments.organism import load_config
+
+    last = load_config(profile).stage2.sft.steps
+    return ",".join(str(s) for s in [0, *(parse_step(p.name) for p in steps), last])
+
+
 def _steps(org: Path) -> list[Path]:
     from analysis.dynamics import parse_step
 
@@ -115,7 +124,8 @@ def run_demo(out: str | Path = "runs/demo", *, profile: str = "full", echo: Call
     lvlms = [p for n, p in ck.items() if n.startswith("lvlm")]
     every = list(ck.values())
     steps = _steps(org)
-    st.run("diff", ["diff", str(ck["llm-aligned"]), *map(str, steps), str(ck["lvlm"]), "-o", str(out / "diff")],
+    st.run("diff", ["diff", str(ck["llm-aligned"]), *map(str, steps), str(ck["lvlm"]), "--steps",
+                    _step_axis(profile, steps), "-o", str(out / "diff")],
            out / "diff", [ck["llm-aligned"], *steps, ck["lvlm"]])
     if "lvlm-safety-posthoc" in ck:
         tv = [str(ck["lvlm"]), str(ck["lvlm-safety-posthoc"]), "--base", str(ck["llm-aligned"]), "--tv-mode", "chain"]

@@ -76,6 +76,25 @@ def test_diff_errors_are_one_line(tiny_llama_dir: Path, tmp_path: Path, capsys: 
     assert (pd.read_csv(tmp_path / "r3" / "tensors.csv")["status"] == "shape_mismatch").sum() == 6
 
 
+
+def test_diff_steps_set_the_dynamics_axis(tiny_llama_dir: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    # names without step numbers ("lvlm" last, as in the organism): parsed steps are empty, --steps fills them
+    posts = [write_like(tiny_llama_dir, tmp_path / name, shift_one(TARGET, e))
+             for name, e in (("lvlm-step-24", 0.01), ("lvlm", 0.04))]
+    args = ["diff", str(tiny_llama_dir), *map(str, posts), "--no-figures"]
+    assert main([*args, "-o", str(tmp_path / "parsed")]) == 0
+    assert pd.read_csv(tmp_path / "parsed" / "dynamics.csv")["step"].isna().all()
+    assert main([*args, "--steps", "0,24,128", "-o", str(tmp_path / "given")]) == 0
+    dyn = pd.read_csv(tmp_path / "given" / "dynamics.csv")
+    assert dyn.groupby("index")["step"].first().tolist() == [0, 24, 128]
+    assert json.loads((tmp_path / "given" / "run.json").read_text())["config"]["steps"] == [0, 24, 128]
+    capsys.readouterr()
+    assert main([*args, "--steps", "0,24", "-o", str(tmp_path / "bad")]) == 2
+    assert "2 steps for 3 checkpoints" in capsys.readouterr().err
+    assert main([*args, "--steps", "0,x,1", "-o", str(tmp_path / "bad2")]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+
 @pytest.mark.smollm2
 def test_smollm2_per_layer_planted_shift(smollm2_dir: Path, tmp_path: Path) -> None:
     """Real SmolLM2 (30 layers, tied embeddings): o_proj of layer i moved by ε_i = 0.001·(i+1), ⟂ W."""

@@ -87,13 +87,3 @@ def test_pareto_front_drops_dominated_points() -> None:
     front = pareto_front(p)
     assert list(front.index) == [0, 1]
 
-
-def test_dynamics_steps_come_from_metrics_names_or_the_reference() -> None:
-    from experiments.report.plots import _dyn_steps
-
-    dyn = pd.DataFrame({"checkpoint": ["llm-aligned", "lvlm-step-24", "lvlm", "other"], "index": [0, 1, 2, 3],
-                        "step": [None, None, None, None]})
-    metrics = pd.DataFrame({"checkpoint": ["lvlm-stage1", "lvlm"], "stage2_step": [0, 128]})
-    got = _dyn_steps(dyn, metrics).tolist()
-    assert got[:3] == [0.0, 24.0, 128.0] and pd.isna(got[3])
-    assert _dyn_steps(dyn.assign(checkpoint=["a", "b", "c", "d"]), None).isna().all()  # no steps: caller falls back

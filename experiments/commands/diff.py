@@ -37,8 +37,10 @@ def _figures(out: Path, layers: pd.DataFrame, labels: Sequence[str], tv_layers: 
 def run_diff(pre: str, posts: Sequence[str], out_dir: str | Path, *, base: str | None = None,
              spectral: bool = False, top_k: int = 8, allow_mismatch: bool = False, tv_mode: str = "chain",
              rtol: float | None = None, atol: float | None = None, figures: bool = True,
-             allow_pickle: bool = False, progress: bool = True) -> dict[str, Path]:
-    """Run the whole `vlsafe diff` into `out_dir`; returns {output name: path}."""
+             allow_pickle: bool = False, steps: Sequence[int] | None = None,
+             progress: bool = True) -> dict[str, Path]:
+    """Run the whole `vlsafe diff` into `out_dir`; returns {output name: path}. `steps` (one per PRE and POST)
+    sets the training step of each checkpoint in `dynamics.csv` (default: parsed from the names)."""
     from analysis.checkpoints import open_checkpoint
     from analysis.dynamics import dynamics_table
     from analysis.pairing import checkpoint_labels
@@ -48,6 +50,8 @@ def run_diff(pre: str, posts: Sequence[str], out_dir: str | Path, *, base: str |
 
     if not posts:
         raise VlsafeError("diff needs PRE and at least one POST checkpoint")
+    if steps is not None and len(steps) != 1 + len(posts):
+        raise VlsafeError(f"--steps: got {len(steps)} steps for {1 + len(posts)} checkpoints (one per PRE and POST)")
     rtol, atol = RTOL if rtol is None else rtol, ATOL if atol is None else atol
     specs = [pre, *posts] + ([base] if base else [])
     ckpts = [open_checkpoint(s, allow_pickle=allow_pickle) for s in specs]
@@ -67,18 +71,28 @@ def run_diff(pre: str, posts: Sequence[str], out_dir: str | Path, *, base: str |
         written["taskvectors.csv"] = write_csv(out / "taskvectors.csv", tv_layers)
         written["taskvectors_tensors.csv"] = write_csv(out / "taskvectors_tensors.csv", tv)
     if len(posts) > 1:
-        dyn = dynamics_table(tensors, labels[:n])
+        dyn = dynamics_table(tensors, labels[:n], steps)
         written["dynamics.csv"] = write_csv(out / "dynamics.csv", dyn)
     fig_paths = _figures(out, layers, labels[:n], tv_layers, dyn) if figures else []
     config: dict[str, Any] = {"pre": pre, "posts": list(posts), "base": base, "spectral": spectral, "top_k": top_k,
                               "allow_mismatch": allow_mismatch, "tv_mode": tv_mode if base else None,
-                              "rtol": rtol, "atol": atol, "labels": labels}
+                              "rtol": rtol, "atol": atol, "labels": labels,
+                              "steps": list(steps) if steps is not None else None}
     written["run.json"] = write_run_json(
         out, command="diff", config=config, checkpoints=dict(zip(labels, ckpts)), seed=0 if spectral else None,
         extra={"outputs": sorted([*written, *(str(p.relative_to(out)) for p in fig_paths)]),
                "unpaired": int((tensors["status"] != "paired").sum())})
     written.update({str(p.relative_to(out)): p for p in fig_paths})
     return written
+
+
+def _parse_steps(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise VlsafeError(f"--steps {text!r}: give comma-separated integers, e.g. 0,24,48,128") from None
 
 
 def register(app: typer.Typer) -> None:
@@ -96,6 +110,8 @@ def register(app: typer.Typer) -> None:
         atol: Annotated[float | None, typer.Option(help="frac_changed absolute tolerance (default 1e-8).")] = None,
         figures: Annotated[bool, typer.Option(help="Write figures/ (PNG + PDF).")] = True,
         allow_pickle: Annotated[bool, typer.Option(help="Allow .bin/.pt pickles (loaded weights_only).")] = False,
+        steps: Annotated[str | None, typer.Option(help="Training step of each checkpoint for dynamics.csv, "
+                                                       "comma-separated (default: parsed from the names).")] = None,
     ) -> None:
         """Per-tensor and per-layer weight change from PRE to each POST (streaming), optional spectra,
         task-vector geometry (--base) and dynamics (several POSTs)."""
@@ -103,5 +119,5 @@ def register(app: typer.Typer) -> None:
             raise VlsafeError("diff needs PRE and at least one POST checkpoint")
         written = run_diff(ckpts[0], ckpts[1:], out, base=base, spectral=spectral, top_k=top_k,
                            allow_mismatch=allow_mismatch, tv_mode=tv_mode, rtol=rtol, atol=atol, figures=figures,
-                           allow_pickle=allow_pickle)
+                           allow_pickle=allow_pickle, steps=_parse_steps(steps))
         typer.echo(f"wrote {len(written)} files to {out}: " + ", ".join(sorted(written)))

@@ -79,21 +79,6 @@ def weight_heatmap(layers: pd.DataFrame) -> plt.Figure | None:
     return fig
 
 
-def _dyn_steps(dyn: pd.DataFrame, metrics: pd.DataFrame | None) -> pd.Series:
-    """Step of each dynamics row: its own `step`, else the organism's stage-2 step of that checkpoint, else a
-    number in its name (`lvlm-step-24`); the first checkpoint (the reference, shift 0) is step 0."""
-    known: dict[str, float] = {}
-    if metrics is not None and {"checkpoint", "stage2_step"} <= set(metrics.columns):
-        known = {str(c): float(s) for c, s in zip(metrics["checkpoint"], metrics["stage2_step"]) if pd.notna(s)}
-    steps = pd.to_numeric(dyn["step"], errors="coerce")
-    for i in steps.index[steps.isna()]:
-        name = str(dyn.at[i, "checkpoint"]) if "checkpoint" in dyn.columns else ""
-        steps.at[i] = known.get(name, _step(name) if _step(name) is not None else float("nan"))
-    if "index" in dyn.columns and steps.notna().any():
-        steps[(dyn["index"] == 0) & steps.isna()] = 0.0
-    return steps
-
-
 def dynamics(metrics: pd.DataFrame | None, dyn: pd.DataFrame | None) -> plt.Figure | None:
     """Figure-2 style: safety metrics and weight shift as a function of adaptation step."""
     panels = []
@@ -105,7 +90,7 @@ def dynamics(metrics: pd.DataFrame | None, dyn: pd.DataFrame | None) -> plt.Figu
             panels.append(("metric", m))
     if dyn is not None and {"layer", "step"} <= set(dyn.columns):
         val = next((c for c in ("rel_frobenius", "shift", "value") if c in dyn.columns), None)
-        d = dyn.assign(step=_dyn_steps(dyn, metrics))
+        d = dyn.assign(step=pd.to_numeric(dyn["step"], errors="coerce"))
         if d["step"].isna().all() and "index" in d.columns:  # names without step numbers: checkpoint order
             d = d.assign(step=d["index"])
         d = d[pd.to_numeric(d["layer"], errors="coerce").notna()]  # transformer layers only
