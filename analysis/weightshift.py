@@ -45,15 +45,6 @@ def f64(t: torch.Tensor) -> torch.Tensor:
     return t.float().double() if t.dtype == torch.float16 else t.double()
 
 
-def _piece(x: torch.Tensor, y: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
-    """[‖x‖², ‖y‖², ‖y−x‖², #changed, max|y−x|] of one fp64 piece (x is overwritten)."""
-    d = y - x
-    ad = d.abs()
-    sums = [torch.dot(x, x), torch.dot(y, y), torch.dot(d, d)]
-    changed = torch.count_nonzero(ad > x.abs_().mul_(rtol).add_(atol))
-    return torch.stack([*sums, changed.to(torch.float64), ad.max()])
-
-
 class _Scratch(threading.local):
     """Per-thread fp64/fp32 work buffers of one piece: the streaming loop allocates nothing per piece. Fresh
     half-megabyte temporaries per op can land on malloc's mmap path (a page fault per page): depending on the
@@ -75,7 +66,8 @@ _SCRATCH = _Scratch()
 
 
 def _piece_buffered(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
-    """`_piece` of one raw piece pair (any float dtype, read-only), upcast into this thread's scratch buffers."""
+    """[‖a‖², ‖b‖², ‖b−a‖², #changed, max|b−a|] of one piece pair (any float dtype, read-only), computed in fp64
+    in this thread's scratch buffers."""
     xf, yf, x, y, d, ad, thr, mask = _SCRATCH.views(a.numel())
     for src, half, dst in ((a, xf, x), (b, yf, y)):
         if src.dtype in (torch.float16, torch.bfloat16):
@@ -132,7 +124,7 @@ class PairStats:
             x, y = f64(a[i:i + SUB]), f64(b[i:i + SUB])
             ok = torch.isfinite(x) & torch.isfinite(y)
             self.nonfinite += int((~ok).sum())
-            parts.append(_piece(x[ok], y[ok], rtol, atol) if bool(ok.any()) else torch.zeros(5, dtype=torch.float64))
+            parts.append(_piece_buffered(x[ok], y[ok], rtol, atol) if bool(ok.any()) else torch.zeros(5, dtype=torch.float64))
         return torch.stack(parts)
 
     def metrics(self) -> dict[str, Any]:
