@@ -2,8 +2,8 @@
 
 A (default): SmolLM2-135M (`default`, fp32, 538 MB) vs a noisy copy written to a temp dir.
 B (`--big`): a synthetic pair with Llama-2-7B shapes in fp16, sharded like the hub checkpoint (two shards,
-~13.5 GB per model, ~27 GB in all), generated on demand and deleted afterwards; refused when less than
-60 GB of disk is free.
+~13.5 GB per model, ~27 GB in all), generated on demand and deleted afterwards
+(kept and reused with `--keep-big DIR`); refused when less than 60 GB of disk is free.
 
 Each measurement runs in a fresh subprocess (so peak RSS is its own) and alternates raw reads and diffs:
 - raw: `safe_open` every shard, `get_tensor` every tensor and touch one element per 4 KiB page;
@@ -223,15 +223,19 @@ def llama7b_shards(max_shard_bytes: float = 10e9) -> list[list[tuple[str, tuple[
 def bench_big(tmp: Path, repeats: int) -> list[dict]:
     import torch
 
+    pre, post = tmp / "llama7b-a", tmp / "llama7b-b"
+    if (tmp / "complete").is_file():
+        print(f"B: reusing the pair in {tmp}", flush=True)
+        return _measure_big(pre, post, repeats)
     free = shutil.disk_usage(tmp).free
     if free < MIN_FREE_BIG:
         print(f"B skipped: {free / 1e9:.0f} GB free on {tmp}, need {MIN_FREE_BIG / 1e9:.0f} GB")
         return [{"benchmark": "B_llama7b_fp16", "workload": "skipped", "note": f"{free / 1e9:.0f} GB free"}]
-    pre, post = tmp / "llama7b-a", tmp / "llama7b-b"
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
            "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000,
            "torch_dtype": "float16"}
     for d in (pre, post):
+        shutil.rmtree(d, ignore_errors=True)  # a partial pair from an interrupted --keep-big run
         d.mkdir()
         (d / "config.json").write_text(json.dumps(cfg))
     shards = llama7b_shards()
@@ -253,6 +257,11 @@ def bench_big(tmp: Path, repeats: int) -> list[dict]:
     print(f"B: wrote 2 x {sum(f.stat().st_size for f in weight_files(pre)) / 1e9:.1f} GB in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     del pool, noise
+    (tmp / "complete").write_text("")
+    return _measure_big(pre, post, repeats)
+
+
+def _measure_big(pre: Path, post: Path, repeats: int) -> list[dict]:
     # 27 GB does not fit the page cache of a 24 GiB machine: only cold reads are meaningful.
     rows = run_pair("B_llama7b_fp16", pre, post, repeats, 32000 * 4096 * 2, modes=("cold",))
     return rows + summarize(rows, "B_llama7b_fp16", 0.7, 2000, modes=("cold",))
@@ -277,6 +286,8 @@ def main() -> None:
     ap.add_argument("--only-big", action="store_true", help="run B only")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tmp", default=None, help="temp dir parent (default: system temp)")
+    ap.add_argument("--keep-big", default=None, metavar="DIR",
+                    help="generate B's pair into DIR and keep it (reused when already complete) instead of a temp dir")
     ap.add_argument("--child", choices=["raw", "diff"], help=argparse.SUPPRESS)
     ap.add_argument("--pre", help=argparse.SUPPRESS)
     ap.add_argument("--post", help=argparse.SUPPRESS)
@@ -293,8 +304,9 @@ def main() -> None:
             rows += bench_small(Path(tmp) / "a", args.repeats)
             benches.add("A_smollm2_fp32")
         if args.big or args.only_big:
-            (Path(tmp) / "b").mkdir()
-            rows += bench_big(Path(tmp) / "b", args.repeats)
+            big = Path(args.keep_big) if args.keep_big else Path(tmp) / "b"
+            big.mkdir(parents=True, exist_ok=True)
+            rows += bench_big(big, args.repeats)
             benches.add("B_llama7b_fp16")
     save(rows, benches)
 
