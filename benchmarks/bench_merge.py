@@ -158,6 +158,9 @@ def main() -> None:
     ap.add_argument("--big-layers", type=int, default=2,
                     help="also merge a 7B-shaped bf16 pair with this many layers (0 = skip); vlsafe's peak RSS is "
                          "one tensor group whatever the depth, mergekit's grows with its in-memory output shard")
+    ap.add_argument("--only-big", action="store_true",
+                    help="run only the 7B-shaped merge (use --big-layers 32 for the full depth, ~54 GB of temp "
+                         "disk); the CSV's other rows are kept")
     args = ap.parse_args()
     import pandas as pd
 
@@ -171,8 +174,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_merge_") as tmp:
         work = Path(tmp)
-        noisy = noisy_copy(base, work / "noisy")
-        pairs = {m: (base, noisy) for m in CONFIGS}
+        pairs = {}
+        if not args.only_big:
+            noisy = noisy_copy(base, work / "noisy")
+            pairs = {m: (base, noisy) for m in CONFIGS}
         if args.big_layers:
             big = [synthetic_7b_shaped(work / f"big{i}", args.big_layers, i) for i in range(2)]
             pairs[f"linear-7b-shaped-{args.big_layers}L-bf16"] = tuple(big)
@@ -198,6 +203,9 @@ def main() -> None:
                              "max_abs_vs_mergekit": diff, "repeats": args.repeat, "threads": args.threads,
                              "device": device, "device_used": r["device_used"], "device_name": device_name(device)})
     df = pd.DataFrame(rows)
+    if Path(args.out).is_file():  # keep the rows of methods not run this time
+        old = pd.read_csv(args.out)
+        df = pd.concat([old[~old["method"].isin(set(df["method"]))], df], ignore_index=True)
     write_csv(args.out, df)
     print(df.to_string(index=False))
     print(f"wrote {args.out}")
