@@ -1,8 +1,9 @@
 """Merge throughput and memory: vlsafe vs mergekit on the same YAML and inputs, measured in one run.
 
 Inputs: the embedded SmolLM2-135M (fp32, 538 MB) and a noisy copy (1% relative Gaussian noise per tensor).
-For `linear` and `ties`, each tool runs in its own fresh subprocess (so peak RSS is its own), `--repeat`
-times with the same torch thread count (`--threads`); the best time counts. Ratios are against mergekit measured in the same run. Also reports the
+For `linear`, `ties` and `ties_index` (vlsafe's opt-in `tie_break: index`, which mergekit ignores), each tool
+runs in its own fresh subprocess (so peak RSS is its own), `--repeat` times with the same torch thread count
+(`--threads`); the best time counts. Ratios are against mergekit measured in the same run. Also reports the
 max-abs difference between the two outputs on their common tensors (mergekit adds an untied `lm_head`).
 
     .venv/bin/python benchmarks/bench_merge.py [--repeat 2] [--out benchmarks/results/merge.csv]
@@ -33,6 +34,9 @@ CONFIGS = {
     "linear": "merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.5}}}}\n"
               "  - {{model: {b}, parameters: {{weight: 0.5}}}}\n",
     "ties": "merge_method: ties\nbase_model: {a}\nmodels:\n  - {{model: {b}, parameters: {{weight: 1.0, density: 0.5}}}}\n",
+    # vlsafe's opt-in kthvalue trim (mergekit ignores the parameter and sorts): max_abs shows what ties change
+    "ties_index": "merge_method: ties\nbase_model: {a}\nparameters: {{tie_break: index}}\nmodels:\n"
+                  "  - {{model: {b}, parameters: {{weight: 1.0, density: 0.5}}}}\n",
 }
 
 
@@ -158,6 +162,7 @@ def main() -> None:
     ap.add_argument("--big-layers", type=int, default=2,
                     help="also merge a 7B-shaped bf16 pair with this many layers (0 = skip); vlsafe's peak RSS is "
                          "one tensor group whatever the depth, mergekit's grows with its in-memory output shard")
+    ap.add_argument("--methods", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     ap.add_argument("--only-big", action="store_true",
                     help="run only the 7B-shaped merge (use --big-layers 32 for the full depth, ~54 GB of temp "
                          "disk); the CSV's other rows are kept")
@@ -177,7 +182,7 @@ def main() -> None:
         pairs = {}
         if not args.only_big:
             noisy = noisy_copy(base, work / "noisy")
-            pairs = {m: (base, noisy) for m in CONFIGS}
+            pairs = {m: (base, noisy) for m in args.methods.split(",")}
         if args.big_layers:
             big = [synthetic_7b_shaped(work / f"big{i}", args.big_layers, i) for i in range(2)]
             pairs[f"linear-7b-shaped-{args.big_layers}L-bf16"] = tuple(big)

@@ -166,6 +166,22 @@ def test_streaming_keeps_at_most_two_tensor_groups_alive(models, tmp_path, monke
     assert 3 <= seen["peak_group"] <= 6 and seen["peak_names"] <= 2
 
 
+def test_ties_index_tie_break_from_yaml(models, tmp_path):
+    ms = [{"model": str(models[f"llm{i}"]), "parameters": {"weight": 0.5, "density": 0.4}} for i in (1, 2)]
+    exact = run_merge(_plan(merge_method="ties", base_model=models["llm0"], models=ms), tmp_path / "sort",
+                      progress=False)
+    plan = _plan(merge_method="ties", base_model=models["llm0"], models=ms, parameters={"tie_break": "index"})
+    fast = run_merge(plan, tmp_path / "index", progress=False)
+    a, b = _weights(exact), _weights(fast)
+    # random fp32 weights have no ties at the trim threshold: the same entries survive, so the same merge
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "mergekit ignores it" in plan.to_mergekit_yaml()
+    bad = _plan(merge_method="ties", base_model=models["llm0"], models=ms, parameters={"tie_break": "random"})
+    with pytest.raises(VlsafeError, match="tie_break 'random'"):
+        run_merge(bad, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_sharded_output_round_trips(models, tmp_path):
     plan = _plan(merge_method="task_arithmetic", base_model=models["llm0"],
                  models=[{"model": str(models["llm1"]), "parameters": {"weight": 0.5}}])

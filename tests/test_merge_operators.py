@@ -86,6 +86,27 @@ def test_magnitude_prune_keeps_at_least_one():
     assert torch.equal(ops.magnitude_prune(d, 0.01), torch.tensor([0.0, -5.0, 0.0, 0.0]))
 
 
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.9])
+def test_index_tie_break_keeps_the_sorted_set_when_untied(density):
+    d = torch.randn(4096, generator=torch.Generator().manual_seed(1))  # continuous values: no ties
+    assert torch.equal(ops.magnitude_prune(d, density, tie_break="index"), ops.magnitude_prune(d, density))
+
+
+def test_index_tie_break_keeps_lowest_index_ties_and_k_entries():
+    d = torch.tensor([0.5, -3.0, 1.0, -1.0, 1.0, 2.0, -1.0, 0.1])  # k = 4 of 8: 3, 2, then 2 of the four ±1.0
+    out = ops.magnitude_prune(d, 0.5, tie_break="index")
+    assert torch.equal(out, torch.tensor([0.0, -3.0, 1.0, -1.0, 0.0, 2.0, 0.0, 0.0]))
+    q = torch.randint(-3, 4, (5000,), generator=torch.Generator().manual_seed(2)).float()  # heavily tied
+    for density in (0.1, 0.37, 0.8):
+        kept = ops.magnitude_prune(q, density, tie_break="index") != 0
+        ref = ops.magnitude_prune(q, density) != 0
+        nz = int((q != 0).sum())
+        assert int(kept.sum()) == min(int(ref.sum()), nz)  # the same count as the sort...
+        assert q[kept].abs().min() >= q[~kept].abs().max()  # ...and every kept magnitude ≥ every dropped one
+    with pytest.raises(VlsafeError, match="tie_break 'random'"):
+        ops.magnitude_prune(q, 0.5, tie_break="random")
+
+
 def test_dare_seeded_reproducible_and_d1_is_task_arithmetic(trio):
     base, x, y = trio
     a = ops.dare_linear(base, [x, y], [0.5, 0.5], density=0.4, seed=7)

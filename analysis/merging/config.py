@@ -293,7 +293,7 @@ def depth(layer: int | None, num_layers: int) -> float:
     return layer / (num_layers - 1) if num_layers > 1 else 1.0
 
 
-_ADAPTERS = {float: TypeAdapter(float), bool: TypeAdapter(bool)}
+_ADAPTERS = {float: TypeAdapter(float), bool: TypeAdapter(bool), str: TypeAdapter(str)}
 
 
 def evaluate_setting(name: str, setting: Any, t: float, layer: int | None, validate: Any) -> Any:
@@ -310,6 +310,8 @@ def evaluate_setting(name: str, setting: Any, t: float, layer: int | None, valid
         return None
     if all(isinstance(e, (bool, int, float, str)) for e in setting):
         values = [validate(e) for e in setting]
+        if any(isinstance(v, str) for v in values):
+            raise VlsafeError(f"tensor {name}: a gradient (list of values) needs numbers, got {setting!r}")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             return values[int(t * (len(values) - 1))]
         u = t * (len(values) - 1)

@@ -195,6 +195,8 @@ def to_mergekit_yaml(plan: MergePlan, names: Iterable[str] | None = None, num_la
     notes = []
     if plan.has_extensions():
         notes.append("# exported by vlsafe: per-layer maps / selections expanded into mergekit filters")
+    if "tie_break" in yaml.safe_dump(d.get("parameters") or {}):
+        notes.append("# tie_break is vlsafe-only: mergekit ignores it and breaks trim ties by its full sort")
     if plan.spec.sparsify == "random":
         notes.append(f"# vlsafe seeds DARE masks per tensor (seed {plan.seed}); mergekit's masks will differ")
     body = yaml.safe_dump(d, sort_keys=False, default_flow_style=None)

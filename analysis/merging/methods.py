@@ -2,7 +2,7 @@
 
 Mirrors mergekit 0.1.5's method specs (`merge_methods/registry.py`, `generalized_task_arithmetic.py`):
 per-model parameters (`weight`, `density`, `gamma`) resolve per input; shared ones (`lambda`, `normalize`,
-`rescale`, `t`) only from the global `parameters`. `linear` gives every input (the base included) a weight;
+`rescale`, `t`, and vlsafe's `tie_break` for magnitude trimming) only from the global `parameters`. `linear` gives every input (the base included) a weight;
 the task-arithmetic family ignores the base's per-model parameters. `int8_mask` is accepted for
 compatibility and ignored (masks are always boolean here).
 """
@@ -45,7 +45,7 @@ class MethodSpec:
 
 
 _TYPES = {"weight": float, "density": float, "gamma": float, "lambda": float, "t": float, "normalize": bool,
-          "rescale": bool, "int8_mask": bool}
+          "rescale": bool, "int8_mask": bool, "tie_break": str}
 
 
 def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, rescale: bool) -> MethodSpec:
@@ -53,6 +53,8 @@ def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, resc
     if sparsify == "band":
         per_model["gamma"] = 0.01
     shared = {"lambda": 1.0, "normalize": normalize, "rescale": rescale, "int8_mask": False}
+    if sparsify == "magnitude":
+        shared["tie_break"] = "sort"  # vlsafe extension: "index" trims without a full sort (see operators)
     return MethodSpec(name, True, per_model, shared, sparsify=sparsify, consensus=consensus, types=_TYPES)
 
 
@@ -96,7 +98,7 @@ def apply(spec: MethodSpec, base: torch.Tensor | None, others: Sequence[torch.Te
             raise VlsafeError(f"density {d} is outside (0, 1]")
     rescale = shared["rescale"]
     if spec.sparsify == "magnitude":
-        sp = lambda d, i: ops.magnitude_prune(d, ds[i], rescale)  # noqa: E731
+        sp = lambda d, i: ops.magnitude_prune(d, ds[i], rescale, shared["tie_break"])  # noqa: E731
     elif spec.sparsify == "random":
         sp = lambda d, i: ops.random_prune(d, ds[i], rescale, generator)  # noqa: E731
     elif spec.sparsify == "band":
