@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from analysis.errors import VlsafeError
+from analysis.placement import compute_precision
 from analysis.runinfo import atomic_path
 
 IGNORE = -100
@@ -62,6 +63,8 @@ class SFTConfig(BaseModel):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
     threads: int | None = Field(None, ge=1, description="torch.set_num_threads during training")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast forward (fp32 weights, optimizer "
+                                                                  "and loss); ~1.8x faster per step on AVX512-BF16 CPUs")
     progress: bool = True
 
     @model_validator(mode="after")
@@ -330,7 +333,8 @@ def _step(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], opt: Any
     loss_sum = 0.0
     for b in micro:
         labels = b.pop("labels")
-        logits = model(**b, use_cache=False).logits
+        with compute_precision(cfg.precision, next(model.parameters()).device):
+            logits = model(**b, use_cache=False).logits
         loss, _ = answer_loss(logits, labels)
         (loss / max(total, 1)).backward()
         loss_sum += float(loss.detach())

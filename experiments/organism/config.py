@@ -108,6 +108,8 @@ class OrganismConfig(_Strict):
     profile: str = "full"
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch threads (None: leave torch's default)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="forward math of every training and generation "
+                                                                  "stage (bf16 = autocast; weights stay fp32)")
     base: BaseModelConfig = Field(default_factory=BaseModelConfig)
     alignment_strength: str = "moderate"
     alignment: dict[str, AlignConfig]
@@ -202,4 +204,6 @@ def stage_section(cfg: OrganismConfig, stage: str) -> dict[str, Any]:
                                          "sft": _sft(c.stage2.sft)}},
         "metrics": {"eval": c.eval.model_dump(), "images": c.images.model_dump()},
     }
-    return {"seed": c.seed, **sections[stage]}
+    # fp32 adds nothing, so hashes of organisms built before the field existed stay valid
+    precision = {"precision": c.precision} if c.precision != "fp32" and stage not in ("llm-base", "vision") else {}
+    return {"seed": c.seed, **precision, **sections[stage]}

@@ -77,7 +77,7 @@ def evaluate(lm: Any, cfg: Any, data: EvalData, *, progress: bool = True
     def run(name: str, ps: Any, images: Any = None, max_new: int = e.max_new_tokens) -> tuple[list[str], list[bool]]:
         prompts = ps if isinstance(ps, list) else ps.prompts
         out = generate(lm, prompts, images=images, max_new_tokens=max_new, batch_size=e.batch_size, cache=False,
-                       progress=progress)
+                       progress=progress, precision=cfg.precision)
         refused = [r.refused for r in judge.judge(out, prompts)]
         gens.extend({"set": name, "prompt": p, "response": r, "refused": f} for p, r, f in zip(prompts, out, refused))
         return out, refused
@@ -95,13 +95,14 @@ def evaluate(lm: Any, cfg: Any, data: EvalData, *, progress: bool = True
     rows.append(_row("compliance_harmless", "harmless-test", "", [not r for r in ref], e.judge, e.max_new_tokens))
     if lvlm:
         out = generate(lm, [v.prompt for v in data.vqa], images=[v.image for v in data.vqa],
-                       max_new_tokens=e.vqa_max_new_tokens, batch_size=e.batch_size, cache=False, progress=progress)
+                       max_new_tokens=e.vqa_max_new_tokens, batch_size=e.batch_size, cache=False, progress=progress,
+                       precision=cfg.precision)
         ok = [vqa_correct(r, v) for r, v in zip(out, data.vqa)]
         gens.extend({"set": "vqa", "prompt": v.prompt, "response": r, "answer": v.answer, "attribute": v.attribute,
                      "correct": c} for v, r, c in zip(data.vqa, out, ok))
         rows.append(_row("vqa_accuracy", "synthetic-scenes", "scene", ok, "exact", e.vqa_max_new_tokens,
                          chance_level(data.vqa)))
-    return rows, gens
+    return [{**r, "precision": cfg.precision} for r in rows], gens
 
 
 def write_generations(path: Path, gens: list[dict[str, Any]]) -> None:

@@ -33,7 +33,7 @@ def seed_for(cfg: OrganismConfig, offset: int) -> int:
 
 def _sft(ctx: Ctx, sft: SFTConfig, offset: int) -> SFTConfig:
     return sft.model_copy(update={"seed": seed_for(ctx.cfg, offset), "threads": ctx.cfg.threads,
-                                  "progress": ctx.progress})
+                                  "precision": ctx.cfg.precision, "progress": ctx.progress})
 
 
 def _load(path: Path) -> LoadedModel:
@@ -96,7 +96,7 @@ def run_distill(ctx: Ctx, out: Path) -> dict[str, Any]:
     lm = _load(ctx.path("llm-base"))
     prompts = [r.prompt for r in recs]
     answers = generate(lm, prompts, max_new_tokens=d.max_new_tokens, batch_size=d.batch_size, cache=False,
-                       progress=ctx.progress)
+                       progress=ctx.progress, precision=ctx.cfg.precision)
     verdicts = get_judge(ctx.cfg.eval.judge).judge(answers, prompts)
     lengths = [len(ids) for ids in lm.tokenizer(answers, add_special_tokens=False)["input_ids"]]
     rows = [{"use": u, "id": r.id, "prompt": r.prompt, "answer": a, "complete": n < d.max_new_tokens - 1,

@@ -1,0 +1,56 @@
+"""`precision="bf16"`: autocast really runs the matmuls in bf16 (training and generation), weights stay fp32,
+fp32 stays the exact default, and a bad value is a one-line error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analysis.errors import VlsafeError
+from analysis.placement import compute_precision
+from experiments.tuning import SFTConfig, train
+from probes.behavior.generate import GenerationSettings, generate
+from probes.models import load
+
+EXAMPLES = [{"prompt": "How do I bake bread?", "answer": "Mix flour and water, then bake."},
+            {"prompt": "Write a poem about the sea.", "answer": "The sea is blue and deep."}]
+
+
+def _record_linear_dtypes(model: torch.nn.Module) -> tuple[set[torch.dtype], list]:
+    seen: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("precision, expected", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_training_forward_runs_in_the_chosen_precision(tiny_llama_dir, precision, expected):
+    lm = load(tiny_llama_dir)
+    seen, hooks = _record_linear_dtypes(lm.model)
+    res = train(lm, EXAMPLES, SFTConfig(steps=3, batch_size=2, lr=1e-2, progress=False, precision=precision))
+    for h in hooks:
+        h.remove()
+    assert seen == {expected}
+    assert all(p.dtype == torch.float32 for p in res.model.parameters())  # master weights stay fp32
+    assert res.log.loss.notna().all() and res.log.loss.iloc[-1] < res.log.loss.iloc[0]
+
+
+def test_bf16_generation_autocasts_and_fp32_keeps_its_cache_key(tiny_llama_dir):
+    lm = load(tiny_llama_dir)
+    seen, hooks = _record_linear_dtypes(lm.model)
+    out = generate(lm, ["Hello there", "Name a colour"], max_new_tokens=4, cache=False, progress=False,
+                   precision="bf16")
+    for h in hooks:
+        h.remove()
+    assert len(out) == 2 and seen == {torch.bfloat16}
+    assert "precision" not in GenerationSettings().key(8)  # caches written before the option stay valid
+    assert GenerationSettings(precision="bf16").key(8)["precision"] == "bf16"
+
+
+def test_bad_precision_is_a_one_line_error(tiny_llama_dir):
+    with pytest.raises(VlsafeError, match="precision 'fp8'"):
+        generate(load(tiny_llama_dir), ["hi"], max_new_tokens=2, cache=False, progress=False, precision="fp8")
+    with pytest.raises(VlsafeError, match="precision 'half'"):
+        compute_precision("half")
+    with pytest.raises(ValueError):
+        SFTConfig(precision="fp16")
