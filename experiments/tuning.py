@@ -27,14 +27,12 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from analysis.errors import VlsafeError
-from analysis.placement import compute_precision
 from analysis.runinfo import atomic_path
+from experiments.sft_loss import IGNORE, LossFn, answer_loss, pick_loss  # noqa: F401 (answer_loss: public here)
 
-IGNORE = -100
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Part = Literal["language", "projector", "vision"]
 Callback = Callable[[int, torch.nn.Module, dict[str, Any]], None]
@@ -158,15 +156,6 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
     if pix:  # LLaVA scatters image features into the rows' image tokens in order, so rows may mix
         batch["pixel_values"] = torch.stack(pix)
     return batch
-
-
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over answer positions and their count."""
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    n = int((shift_labels != IGNORE).sum())
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, n
 
 
 # ----------------------------------------------------------------------------------------------------- parameters
@@ -311,9 +300,11 @@ def train(lm: Any, examples: Sequence[Example | dict[str, Any]], cfg: SFTConfig,
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
         rows = []
         model.train()
+        loss_fn = pick_loss(model, collate(items[:cfg.batch_size], pad))
         bar = tqdm(range(1, cfg.steps + 1), desc=desc, disable=not cfg.progress, leave=False)
         for step in bar:
-            row = _step(model, [collate(next(stream), pad) for _ in range(cfg.grad_accum)], opt, sched, params, cfg)
+            row = _step(model, [collate(next(stream), pad) for _ in range(cfg.grad_accum)], opt, sched, params, cfg,
+                        loss_fn)
             row["step"] = step
             rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -327,15 +318,13 @@ def train(lm: Any, examples: Sequence[Example | dict[str, Any]], cfg: SFTConfig,
 
 
 def _step(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], opt: Any, sched: Any,
-          params: list[torch.Tensor], cfg: SFTConfig) -> dict[str, Any]:
+          params: list[torch.Tensor], cfg: SFTConfig, loss_fn: LossFn) -> dict[str, Any]:
     t0 = time.perf_counter()
     total = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
     loss_sum = 0.0
     for b in micro:
         labels = b.pop("labels")
-        with compute_precision(cfg.precision, next(model.parameters()).device):
-            logits = model(**b, use_cache=False).logits
-        loss, _ = answer_loss(logits, labels)
+        loss = loss_fn(model, b, labels, cfg.precision)
         (loss / max(total, 1)).backward()
         loss_sum += float(loss.detach())
     gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)

@@ -16,6 +16,7 @@ from analysis.tiny import tiny_llama, tiny_llava
 from experiments.baselines import projector, resta, safelora_project, select_modules
 
 R = 4
+ADAPTER_FILE = "adapter_model.safetensors"
 # module stem -> (layer, proj, cos target): inside the alignment subspace, orthogonal, partial ones
 PLANTED = {("q_proj", 0): 1.0, ("q_proj", 1): 0.0, ("v_proj", 0): 0.3, ("v_proj", 1): 0.8}
 
@@ -238,3 +239,25 @@ def test_resta_on_an_lvlm_touches_the_language_model_only(trio: dict[str, Path],
         else:
             torch.testing.assert_close(got[name].double(), t.double() + 0.3 * (a[name].double() - u[name].double()),
                                        atol=1e-6, rtol=0)
+
+
+def test_cli_safelora_and_resta(planted: dict, trio: dict[str, Path], tmp_path: Path) -> None:
+    from experiments.cli import main
+
+    args = ["safelora", str(planted["adapter"]), "--aligned", str(planted["aligned"]), "--base",
+            str(planted["base"]), "-o", str(tmp_path / "s"), "--quiet"]
+    assert main(args) == 0
+    api = safelora_project(planted["adapter"], planted["aligned"], planted["base"], tmp_path / "api", progress=False)
+    assert load_file(str(tmp_path / "s" / ADAPTER_FILE)).keys() == load_file(str(tmp_path / "api" / ADAPTER_FILE)).keys()
+    assert all(torch.equal(a, b) for a, b in zip(load_file(str(tmp_path / "s" / ADAPTER_FILE)).values(),
+                                                 load_file(str(tmp_path / "api" / ADAPTER_FILE)).values()))
+    assert main(args[:-3] + ["-o", str(tmp_path / "bad"), "--select", "best"]) == 2
+    assert not (tmp_path / "bad").exists()
+    r = ["resta", str(trio["sft"]), "--aligned", str(trio["aligned"]), "--unaligned", str(trio["unaligned"]),
+         "-o", str(tmp_path / "r"), "--beta", "0.7", "--layers", "1", "--quiet"]
+    assert main(r) == 0
+    api = resta(str(trio["sft"]), str(trio["aligned"]), str(trio["unaligned"]), tmp_path / "r_api", beta=0.7,
+                layers=[1], progress=False)
+    got, want = _tensors(tmp_path / "r"), _tensors(api)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert main(r[:-4] + ["-o", str(tmp_path / "r2"), "--layers", "9", "--quiet"]) == 2

@@ -16,9 +16,9 @@ EXAMPLES = [{"prompt": "How do I bake bread?", "answer": "Mix flour and water, t
             {"prompt": "Write a poem about the sea.", "answer": "The sea is blue and deep."}]
 
 
-def _record_linear_dtypes(model: torch.nn.Module) -> tuple[set[torch.dtype], list]:
-    seen: set[torch.dtype] = set()
-    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+def _record_linear_dtypes(model: torch.nn.Module) -> tuple[list[torch.dtype], list]:
+    seen: list[torch.dtype] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
              for m in model.modules() if isinstance(m, torch.nn.Linear)]
     return seen, hooks
 
@@ -30,7 +30,10 @@ def test_training_forward_runs_in_the_chosen_precision(tiny_llama_dir, precision
     res = train(lm, EXAMPLES, SFTConfig(steps=3, batch_size=2, lr=1e-2, progress=False, precision=precision))
     for h in hooks:
         h.remove()
-    assert seen == {expected}
+    # the last step's forward (every decoder Linear, then the head) ran in the chosen precision; the loss
+    # path check before training (`experiments.sft_loss.pick_loss`) runs in fp32 by design
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in lm.model.modules())
+    assert set(seen[-n_linear:]) == {expected}
     assert all(p.dtype == torch.float32 for p in res.model.parameters())  # master weights stay fp32
     assert res.log.loss.notna().all() and res.log.loss.iloc[-1] < res.log.loss.iloc[0]
 
@@ -42,7 +45,7 @@ def test_bf16_generation_autocasts_and_fp32_keeps_its_cache_key(tiny_llama_dir):
                    precision="bf16")
     for h in hooks:
         h.remove()
-    assert len(out) == 2 and seen == {torch.bfloat16}
+    assert len(out) == 2 and set(seen) == {torch.bfloat16}
     assert "precision" not in GenerationSettings().key(8)  # caches written before the option stay valid
     assert GenerationSettings(precision="bf16").key(8)["precision"] == "bf16"
 

@@ -136,3 +136,49 @@ def test_config_validation(tiny_llama_dir):
         train(load(tiny_llama_dir), EXAMPLES, SFTConfig(steps=1, frozen_layers=[7], progress=False))
     with pytest.raises(VlsafeError, match="example 1"):
         train(load(tiny_llama_dir), [EXAMPLES[0], {"prompt": "x"}], SFTConfig(steps=1, progress=False))
+
+
+def _llava_batch(tmp_path):
+    from experiments.tuning import collate
+
+    lm = load(tiny_llava(tmp_path / "llava"))
+    from PIL import Image
+
+    img = Image.new("RGB", (32, 32), (200, 30, 30))
+    items = [encode_example(lm, {**ex, "image": img}, 200, i) for i, ex in enumerate(EXAMPLES)]
+    return lm, collate(items, lm.tokenizer.pad_token_id or 0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llava"])
+def test_head_loss_equals_full_loss_with_gradients(kind, tiny_llama_dir, tmp_path):
+    from experiments.sft_loss import full_loss, head_loss, pick_loss
+    from experiments.tuning import collate
+
+    if kind == "llama":
+        lm = load(tiny_llama_dir)
+        batch = collate([encode_example(lm, ex, 200, i) for i, ex in enumerate(EXAMPLES)], 0)
+    else:
+        lm, batch = _llava_batch(tmp_path)
+    model = lm.model
+    assert pick_loss(model, batch) is head_loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    grads = []
+    for fn in (full_loss, head_loss):
+        model.zero_grad()
+        loss = fn(model, inputs, batch["labels"], "fp32")
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = grads
+    assert b == pytest.approx(a, rel=1e-5) and a > 0
+    assert ga.keys() == gb.keys() and all(torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-6) for n in ga)
+
+
+def test_pick_loss_falls_back_when_the_head_is_not_plain(tiny_llama_dir):
+    from experiments.sft_loss import full_loss, pick_loss
+    from experiments.tuning import collate
+
+    lm = load(tiny_llama_dir)
+    batch = collate([encode_example(lm, ex, 200, i) for i, ex in enumerate(EXAMPLES)], 0)
+    head = lm.model.get_output_embeddings()
+    lm.model.get_output_embeddings = lambda: (lambda h: 2.0 * head(h))  # e.g. scaled / soft-capped logits
+    assert pick_loss(lm.model, batch) is full_loss
