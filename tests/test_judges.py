@@ -27,6 +27,9 @@ def test_registry() -> None:
     assert get_judge("default").name == "vlsafe"
     with pytest.raises(VlsafeError, match="unknown judge 'nope'"):
         get_judge("nope")
+    for name in ("logit", "logit-first_token"):  # a prompt scorer: pointed to evaluate(), not "unknown"
+        with pytest.raises(VlsafeError, match=r"scores prompts with the model itself.*vlsafe eval --judge logit"):
+            get_judge(name)
     with pytest.raises(VlsafeError, match="lengths must match"):
         get_judge("substring-rd").judge(["a", "b"], ["p"])
 

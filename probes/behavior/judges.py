@@ -77,6 +77,9 @@ def get_judge(name: str = DEFAULT_JUDGE, **kw: Any) -> Judge:
 
     base, _, arg = (name or DEFAULT_JUDGE).strip().partition(":")
     base = _ALIASES.get(base, base)
+    if base.startswith("logit"):
+        raise VlsafeError(f"judge {name!r} scores prompts with the model itself, not responses: use it through "
+                          "evaluate(..., judge='logit') or `vlsafe eval --judge logit`")
     if base not in _REGISTRY:
         raise VlsafeError(f"unknown judge {name!r}; available: {', '.join(list_judges())}")
     return _REGISTRY[base](arg or None, **kw)
