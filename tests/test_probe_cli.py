@@ -92,3 +92,21 @@ def test_direction_file_from_another_model_is_refused(run, tmp_path):
     other = open_checkpoint(tiny_llama(tmp_path / "other", layers=3, seed=99))
     with pytest.raises(VlsafeError, match=r"directions.safetensors \[llm\]: computed on .* not on"):
         load_directions(run / "directions.safetensors", other)
+
+
+def test_remote_dry_run_matches_a_local_capture(pair, tmp_path, capsys):
+    llm, lvlm = pair
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    args = [str(llm), "--no-figures", "--layers", "1-2", *FAST]
+    assert main(["probe", *args, "-o", str(local)]) == 0
+    assert main(["probe", *args, "-o", str(remote), "--remote", "local"]) == 0  # nnsight's serialised dry run
+    a, b = (load_directions(p / "directions.safetensors") for p in (local, remote))
+    (name,) = a
+    assert torch.allclose(a[name].raw, b[name].raw, atol=1e-5)
+    assert json.loads((remote / "run.json").read_text())["config"]["remote"] == "local"
+    for extra, msg in ((["--select"], "drop --select"), (["--backend", "transformer_lens"], "cannot run remotely")):
+        assert main(["probe", *args, "-o", str(tmp_path / "bad"), "--remote", "local", *extra]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["probe", str(lvlm), "--image", "blank", "-o", str(tmp_path / "bad"), "--remote", "local",
+                 *FAST]) == 2
+    assert "text-only" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -90,7 +90,7 @@ class _Variant:
 
 
 def _capture_variant(v: _Variant, lm: Any, harmful: Any, harmless: Any, layers: list[int] | None, positions: Any,
-                     backend: str, batch_size: int, progress: bool) -> None:
+                     backend: str, batch_size: int, progress: bool, remote: str | bool = False) -> None:
     from probes.capture import capture
     from probes.directions import DirectionSet
 
@@ -101,7 +101,7 @@ def _capture_variant(v: _Variant, lm: Any, harmful: Any, harmless: Any, layers: 
 
         images = make_image(v.image, size=blank_image(lm).size[0])
     kw = dict(hooks=("resid_pre", "resid_post"), layers=layers, positions=positions, images=images,
-              batch_size=batch_size, backend=backend, progress=progress)
+              batch_size=batch_size, backend=backend, progress=progress, remote=remote)
     v.harmful, v.harmless = capture(lm, harmful.prompts, **kw), capture(lm, harmless.prompts, **kw)
     v.directions = DirectionSet.from_activations(v.harmful, v.harmless, checkpoint=v.ckpt,
                                                  num_layers=v.ckpt.num_layers)
@@ -176,8 +176,12 @@ def run_probe(specs: Sequence[str], out_dir: str | Path, *, harmful: str = "harm
               harmless: str = "harmless-train", layers: str | None = None, positions: str = "last",
               backend: str = "hooks", image: str | None = None, n: int | None = None, batch_size: int = 8,
               folds: int = 5, seed: int = 0, pairs: int = 500, select: bool = False, n_val: int = 32,
-              score: str = "first_token", figures: bool = True, progress: bool = True) -> dict[str, Path]:
-    """Run the whole `vlsafe probe` into `out_dir`; returns {output name: path}."""
+              score: str = "first_token", figures: bool = True, progress: bool = True,
+              remote: str | None = None) -> dict[str, Path]:
+    """Run the whole `vlsafe probe` into `out_dir`; returns {output name: path}.
+
+    `remote` (`ndif`, `local` or a host URL) captures through nnsight on NDIF from a weightless local model
+    (`probes.backends.nnsight.remote_lm`); `local` is the offline dry run. Remote runs are text-only."""
     from analysis.runinfo import write_csv, write_run_json
     from probes.directions import save_directions
     from probes.models import load
@@ -185,6 +189,7 @@ def run_probe(specs: Sequence[str], out_dir: str | Path, *, harmful: str = "harm
     if not specs:
         raise VlsafeError("probe needs at least one checkpoint")
     ckpts, labels = _open_all(specs)
+    remote_mode, backend = _remote(remote, backend, select, image)
     if image is not None:
         from probes.behavior.images import parse_image_spec
 
@@ -194,13 +199,13 @@ def run_probe(specs: Sequence[str], out_dir: str | Path, *, harmful: str = "harm
     pos = _with_last(parse_positions(positions))
     variants, selections, notes = [], [], []
     for ckpt, label in zip(ckpts, labels):
-        lm = load(ckpt)
+        lm = load(ckpt) if not remote_mode else _remote_lm(ckpt, remote_mode)
         conds = [None] + ([image] if image is not None and ckpt.family.is_lvlm else [])
         if image is not None and not ckpt.family.is_lvlm:
             notes.append(f"{label}: text-only model, --image {image} skipped")
         for cond in conds:
             v = _Variant(label if cond is None else f"{label}+{cond}", ckpt, cond)
-            _capture_variant(v, lm, hset, bset, lays, pos, backend, batch_size, progress)
+            _capture_variant(v, lm, hset, bset, lays, pos, backend, batch_size, progress, remote_mode)
             variants.append(v)
             if select:
                 selections.append(_selection(v, lm, n_val, seed, score, batch_size, progress))
@@ -223,13 +228,34 @@ def run_probe(specs: Sequence[str], out_dir: str | Path, *, harmful: str = "harm
     config = {"checkpoints": list(specs), "labels": names, "harmful": harmful, "harmless": harmless, "n": n,
               "n_harmful": len(hset), "n_harmless": len(bset), "layers": lays, "positions": positions,
               "backend": backend, "image": image, "batch_size": batch_size, "folds": folds, "pairs": pairs,
-              "select": select, "n_val": n_val if select else None, "score": score if select else None}
+              "select": select, "n_val": n_val if select else None, "score": score if select else None,
+              "remote": remote}
     written["run.json"] = write_run_json(
         out, command="probe", config=config, checkpoints=dict(zip(labels, ckpts)), seed=seed,
         extra={"outputs": sorted([*written, *(str(p.relative_to(out)) for p in fig_paths)]),
                "onset_layers": onsets, "notes": notes})
     written.update({str(p.relative_to(out)): p for p in fig_paths})
     return written
+
+
+def _remote(remote: str | None, backend: str, select: bool, image: str | None) -> tuple[str | bool, str]:
+    """(capture's `remote` value, backend) for `--remote`; one-line errors for what cannot run remotely."""
+    if remote is None:
+        return False, backend
+    from probes.backends.nnsight import check_remote
+
+    if backend not in ("hooks", "nnsight"):
+        raise VlsafeError(f"--remote captures with nnsight; --backend {backend} cannot run remotely")
+    if select or image is not None:
+        raise VlsafeError("--remote runs text-only captures: drop --select (it generates) and --image")
+    return check_remote(remote), "nnsight"
+
+
+def _remote_lm(ckpt: Any, remote: str | bool) -> Any:
+    """Weightless model: by hub id for NDIF, from the local directory for the dry run."""
+    from probes.backends.nnsight import remote_lm
+
+    return remote_lm(str(ckpt.path) if remote == "local" else ckpt.spec)
 
 
 def _with_last(positions: Any) -> Any:
@@ -258,10 +284,14 @@ def register(app: typer.Typer) -> None:
         n_val: Annotated[int, typer.Option(help="Prompts per val set for --select.")] = 32,
         score: Annotated[str, typer.Option(help="Refusal score for --select: first_token or opening.")] = "first_token",
         seed: Annotated[int, typer.Option(help="Seed for sampling, CV splits and the control.")] = 0,
+        remote: Annotated[str | None, typer.Option(
+            help="Capture on NDIF through nnsight: 'ndif' (needs NDIF_API_KEY), a host URL, or 'local' for the "
+                 "offline dry run. Weights are never loaded here; text-only.")] = None,
         no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip figures/.")] = False,
     ) -> None:
         """Safety directions, linear probes and safety-layer curves per checkpoint, compared across checkpoints."""
         written = run_probe(ckpts, out, harmful=harmful, harmless=harmless, layers=layers, positions=positions,
                             backend=backend, image=image, n=n, batch_size=batch_size, folds=folds, seed=seed,
-                            pairs=pairs, select=select, n_val=n_val, score=score, figures=not no_figures)
+                            pairs=pairs, select=select, n_val=n_val, score=score, figures=not no_figures,
+                            remote=remote)
         typer.echo(f"wrote {len(written)} files to {out}: {', '.join(sorted(written)[:8])}")
