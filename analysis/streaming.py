@@ -3,7 +3,9 @@
 `TensorReader` reads any tensor (or a range of its leading rows) of a checkpoint by canonical name. For
 safetensors it uses plain positioned reads from the byte offsets in the header (no mmap, so resident memory
 stays at the size of the chunk) and keeps one file handle open — an LRU of one, so consecutive tensors of
-the same shard reuse it. Pickle checkpoints keep their one most recently loaded file.
+the same shard reuse it. When the checkpoints being streamed are larger than the available memory
+(`wants_direct_io`), chunks are read with O_DIRECT: the page cache could not keep them anyway, and bypassing
+it saves the kernel's copy out of it and its reclaim. Pickle checkpoints keep their one most recently loaded file.
 
 `stream_rows` walks a list of jobs (tensor name + how many leading rows to read from each checkpoint) in
 order, in chunks of about `chunk_elems` elements, reading the next chunk group in a background thread while
@@ -17,6 +19,7 @@ the caller computes on the current one (I/O and arithmetic overlap; at most two 
 from __future__ import annotations
 
 import io
+import os
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +35,27 @@ from analysis.sources import torch_dtype
 DEFAULT_CHUNK_ELEMS = 1 << 23  # 8M elements: 16 MB of bf16, 32 MB of fp32 per checkpoint
 
 
+ALIGN = 4096
+DIRECT_MIN_BYTES = 1 << 20
+
+
+def _read_direct(fd: int, pos: int, nbytes: int) -> torch.Tensor | None:
+    """`nbytes` at `pos` read with O_DIRECT (page-aligned range into a page-aligned buffer; no page cache)."""
+    first = pos - pos % ALIGN
+    size = -(-(pos + nbytes - first) // ALIGN) * ALIGN
+    raw = torch.empty(size + ALIGN, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % ALIGN
+    view, got = memoryview(raw[skip:skip + size].numpy()), 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], first + got)
+        if not n:
+            break
+        got += n
+    if got < pos - first + nbytes:
+        return None
+    return raw[skip + pos - first: skip + pos - first + nbytes]
+
+
 def leading_rows(shape: Sequence[int]) -> int:
     """Number of rows along dim 0 (a 0-d tensor counts as one row)."""
     return int(shape[0]) if len(shape) else 1
@@ -45,15 +69,40 @@ def row_numel(shape: Sequence[int]) -> int:
     return n
 
 
-class TensorReader:
-    """Lazy reader of one checkpoint's tensors by canonical name; keeps one file handle open."""
+def _mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: assume it fits (buffered reads)
 
-    def __init__(self, ckpt: Checkpoint):
+
+def wants_direct_io(ckpts: Sequence[Checkpoint]) -> bool:
+    """Direct I/O when the checkpoints' safetensors files together exceed the available memory, so the page
+    cache cannot keep them anyway (`VLSAFE_DIRECT_IO=1`/`0` forces it on/off)."""
+    flag = os.environ.get("VLSAFE_DIRECT_IO", "").strip().lower()
+    if flag in ("0", "1", "true", "false", "on", "off"):
+        return flag in ("1", "true", "on")
+    files = {f for c in ckpts if c.source.kind == "safetensors" for f in c.source.files}
+    return sum(f.stat().st_size for f in files) > _mem_available()
+
+
+class TensorReader:
+    """Lazy reader of one checkpoint's tensors by canonical name; keeps one file handle open.
+
+    With `direct`, chunks of 1 MB and more are read with O_DIRECT (no page cache: no copy out of it, no reclaim
+    of it); where the file system refuses O_DIRECT the reader falls back to buffered reads."""
+
+    def __init__(self, ckpt: Checkpoint, direct: bool = False):
         self.ckpt = ckpt
         self._path: Path | None = None
         self._fh: io.FileIO | None = None
         self._data_start: dict[Path, int] = {}
         self._pickle: tuple[Path | None, dict[str, torch.Tensor] | None] = (None, None)
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self._dfd: tuple[Path, int] | None = None
 
     def __enter__(self) -> "TensorReader":
         return self
@@ -65,7 +114,9 @@ class TensorReader:
         """Release the open file handle and any cached pickle."""
         if self._fh is not None:
             self._fh.close()
-        self._fh, self._path, self._pickle = None, None, (None, None)
+        if self._dfd is not None:
+            os.close(self._dfd[1])
+        self._fh, self._path, self._pickle, self._dfd = None, None, (None, None), None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.ckpt.infos[name].shape)
@@ -86,17 +137,36 @@ class TensorReader:
         itemsize = torch.empty((), dtype=dtype).element_size()
         row_bytes = row_numel(shape) * itemsize
         nbytes = (stop - start) * row_bytes
-        buf = torch.empty(nbytes, dtype=torch.uint8)
         fh = self._handle(rt.file)
-        fh.seek(self._data_start[rt.file] + rt.offset + start * row_bytes)
+        pos = self._data_start[rt.file] + rt.offset + start * row_bytes
+        out_shape = (stop - start, *shape[1:]) if shape else ()
+        fd = self._direct_fd(rt.file) if self.direct and nbytes >= DIRECT_MIN_BYTES else None
+        if fd is not None:
+            buf = _read_direct(fd, pos, nbytes)
+            if buf is None:
+                raise VlsafeError(f"{rt.file}: truncated while reading tensor '{raw}'")
+            return buf.view(dtype).reshape(out_shape)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        fh.seek(pos)
         view, got = memoryview(buf.numpy()), 0
         while got < nbytes:
             n = fh.readinto(view[got:])
             if not n:
                 raise VlsafeError(f"{rt.file}: truncated while reading tensor '{raw}'")
             got += n
-        out_shape = (stop - start, *shape[1:]) if shape else ()
         return buf.view(dtype).reshape(out_shape)
+
+    def _direct_fd(self, path: Path) -> int | None:
+        if self._dfd is None or self._dfd[0] != path:
+            if self._dfd is not None:
+                os.close(self._dfd[1])
+                self._dfd = None
+            try:
+                self._dfd = (path, os.open(path, os.O_RDONLY | os.O_DIRECT))
+            except OSError:  # e.g. tmpfs: buffered reads instead
+                self.direct = False
+                return None
+        return self._dfd[1]
 
     def _handle(self, path: Path) -> io.FileIO:
         if self._path != path:

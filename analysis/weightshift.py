@@ -28,7 +28,7 @@ from analysis.checkpoints import Checkpoint, open_checkpoint
 from analysis.names import layer_module
 from analysis.pairing import Pairing, checkpoint_labels, pair_checkpoints
 from analysis.spectral import EXACT_MAX_NUMEL, left_singular, spectrum
-from analysis.streaming import DEFAULT_CHUNK_ELEMS, Job, TensorReader, stream_rows
+from analysis.streaming import DEFAULT_CHUNK_ELEMS, Job, TensorReader, stream_rows, wants_direct_io
 from analysis.threads import map_pieces, serial_torch
 
 CheckpointLike = Checkpoint | str | os.PathLike
@@ -227,7 +227,8 @@ def diff_checkpoints(pre: CheckpointLike, posts: Sequence[CheckpointLike] | Chec
     labels = list(labels) if labels else checkpoint_labels([pre.spec, *(p.spec for p in posts)])
     pairings = [pair_checkpoints(pre, p, label_a=labels[0], label_b=lb, allow_mismatch=allow_mismatch)
                 for p, lb in zip(posts, labels[1:])]
-    readers = [TensorReader(c) for c in (pre, *posts)]
+    direct = wants_direct_io([pre, *posts])
+    readers = [TensorReader(c, direct=direct) for c in (pre, *posts)]
     jobs = _jobs(pre, pairings, spectral)
     spectra = _Spectra(top_k, exact_max_numel) if spectral else None
     rows: list[dict[str, Any]] = []
