@@ -223,7 +223,8 @@ def record_times(results: list[StageResult], out_dir: Path, cfg: OrganismConfig,
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = [{"stage": r.stage, "status": r.status, "seconds": round(r.seconds, 3), "estimate_s": round(r.estimate_s),
              "reason": r.reason, "profile": cfg.profile, "alignment": cfg.alignment_strength,
-             "precision": cfg.precision, "threads": cfg.threads or 0, "cpus": os.cpu_count(), "load_avg_1m": round(load, 2), "finished": now}
+             "precision": cfg.precision, "threads": cfg.threads or 0, "cpus": os.cpu_count(),
+             "load_avg_1m": round(load, 2), "finished": now}
             for r in results]
     df = pd.DataFrame(rows)
     old = out_dir / "stage_times.csv"

@@ -184,8 +184,8 @@ def run_metrics(cfg: Any, root: Path, *, progress: bool = True
                 tmp.write_text(json.dumps({"key": key, "seconds": round(times[name][0], 1)}) + "\n")
         frames.append(pd.read_csv(cache))
     cols = ["checkpoint", "stage2_step", "metric", "prompt_set", "image", "n", "k", "rate", "ci_low", "ci_high",
-            "chance", "judge", "max_new_tokens"]
-    df = pd.concat(frames, ignore_index=True)[cols]
+            "chance", "judge", "max_new_tokens", "precision"]
+    df = pd.concat(frames, ignore_index=True).reindex(columns=cols)  # caches from before `precision`: empty
     df["stage2_step"] = df["stage2_step"].astype("Int64")
     write_csv(root / "metrics.csv", df)
     return df, times
