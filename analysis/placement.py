@@ -53,6 +53,22 @@ def resolve_device(name: str | torch.device | None = "cpu") -> torch.device:
 PRECISIONS = ("fp32", "bf16")
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); elsewhere autocast may be slower."""
+    try:
+        flags = {w for line in open("/proc/cpuinfo") if line.startswith("flags") for w in line.split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` → `bf16` on CPUs with native bf16 (see `native_bf16`), else `fp32`; other values unchanged."""
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    return precision
+
+
 def compute_precision(precision: str, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager:
     """Context for the forward math: `fp32` as stored, or `bf16` = `torch.autocast` (bf16 matmuls, fp32
     weights and reductions). On the 2-core AVX512-BF16 reference machine a SmolLM2 full-FT step of 8 x 112

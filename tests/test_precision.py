@@ -57,3 +57,15 @@ def test_bad_precision_is_a_one_line_error(tiny_llama_dir):
         compute_precision("half")
     with pytest.raises(ValueError):
         SFTConfig(precision="fp16")
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    import analysis.placement as P
+    from experiments.organism.config import load_config, stage_section
+
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(P, "native_bf16", lambda native=native: native)
+        assert P.resolve_precision("auto") == want and P.resolve_precision("fp32") == "fp32"
+        cfg = load_config("tiny", overrides={"precision": "auto"})
+        assert cfg.precision == want  # resolved at load, so the stage hashes name what actually ran
+        assert stage_section(cfg, "lvlm").get("precision") == (None if want == "fp32" else "bf16")

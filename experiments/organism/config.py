@@ -108,8 +108,9 @@ class OrganismConfig(_Strict):
     profile: str = "full"
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch threads (None: leave torch's default)")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="forward math of every training and generation "
-                                                                  "stage (bf16 = autocast; weights stay fp32)")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="forward math of every training and generation stage (bf16 = autocast; weights stay "
+                            "fp32; auto = bf16 where the CPU has native bf16, resolved when the config loads)")
     base: BaseModelConfig = Field(default_factory=BaseModelConfig)
     alignment_strength: str = "moderate"
     alignment: dict[str, AlignConfig]
@@ -124,6 +125,9 @@ class OrganismConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "OrganismConfig":
+        from analysis.placement import resolve_precision
+
+        self.precision = resolve_precision(self.precision)  # type: ignore[assignment]  # stage hashes see the result
         if self.alignment_strength not in self.alignment:
             raise ValueError(f"alignment_strength {self.alignment_strength!r} is not one of the alignment presets "
                              f"({', '.join(self.alignment)})")
