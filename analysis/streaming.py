@@ -89,6 +89,12 @@ def wants_direct_io(ckpts: Sequence[Checkpoint]) -> bool:
     return sum(f.stat().st_size for f in files) > _mem_available()
 
 
+def open_readers(ckpts: Sequence[Checkpoint]) -> list["TensorReader"]:
+    """One reader per checkpoint, all with direct I/O when `wants_direct_io(ckpts)` (the set is too big to cache)."""
+    direct = wants_direct_io(ckpts)
+    return [TensorReader(c, direct=direct) for c in ckpts]
+
+
 class TensorReader:
     """Lazy reader of one checkpoint's tensors by canonical name; keeps one file handle open.
 

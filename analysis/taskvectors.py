@@ -26,7 +26,7 @@ from analysis.checkpoints import Checkpoint, open_checkpoint
 from analysis.errors import VlsafeError
 from analysis.names import layer_module
 from analysis.pairing import checkpoint_labels, pair_checkpoints
-from analysis.streaming import DEFAULT_CHUNK_ELEMS, Job, TensorReader, stream_rows, wants_direct_io
+from analysis.streaming import DEFAULT_CHUNK_ELEMS, Job, open_readers, stream_rows
 from analysis.threads import map_pieces, serial_torch
 from analysis.weightshift import SUB, f64, sort_layer_rows
 
@@ -91,8 +91,7 @@ def task_vectors(base: Checkpoint | str, a: Checkpoint | str, b: Checkpoint | st
     if not names:
         raise VlsafeError(f"{base.spec}, {a.spec}, {b.spec}: no language-model tensor present in all three")
     jobs = [Job(n, (r, r, r)) for n in names for r in [min(pa.rows[n], pb.rows[n], second.rows[n])]]
-    direct = wants_direct_io([base, a, b])
-    readers = [TensorReader(c, direct=direct) for c in (base, a, b)]
+    readers = open_readers([base, a, b])
     rows, st = [], TaskStats()
     bar = tqdm(total=len(jobs), unit="tensor", desc="task vectors", disable=not progress)
     try:

@@ -28,7 +28,7 @@ from analysis.checkpoints import Checkpoint, open_checkpoint
 from analysis.names import layer_module
 from analysis.pairing import Pairing, checkpoint_labels, pair_checkpoints
 from analysis.spectral import EXACT_MAX_NUMEL, left_singular, spectrum
-from analysis.streaming import DEFAULT_CHUNK_ELEMS, Job, TensorReader, stream_rows, wants_direct_io
+from analysis.streaming import DEFAULT_CHUNK_ELEMS, Job, open_readers, stream_rows
 from analysis.threads import map_pieces, serial_torch
 
 CheckpointLike = Checkpoint | str | os.PathLike
@@ -65,7 +65,7 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-def _piece_buffered(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+def _piece(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
     """[‖a‖², ‖b‖², ‖b−a‖², #changed, max|b−a|] of one piece pair (any float dtype, read-only), computed in fp64
     in this thread's scratch buffers."""
     xf, yf, x, y, d, ad, thr, mask = _SCRATCH.views(a.numel())
@@ -109,7 +109,7 @@ class PairStats:
         if not a.numel():
             return
         with serial_torch():
-            s = map_pieces(lambda i, j: _piece_buffered(a[i:j], b[i:j], rtol, atol), a.numel(), SUB)
+            s = map_pieces(lambda i, j: _piece(a[i:j], b[i:j], rtol, atol), a.numel(), SUB)
             if not bool(torch.isfinite(s[:, :3]).all()):
                 s = self._masked(a, b, rtol, atol)
         sums = s[:, :4].sum(0).tolist()
@@ -121,10 +121,10 @@ class PairStats:
     def _masked(self, a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
         parts = []
         for i in range(0, a.numel(), SUB):
-            x, y = f64(a[i:i + SUB]), f64(b[i:i + SUB])
+            x, y = a[i:i + SUB], b[i:i + SUB]
             ok = torch.isfinite(x) & torch.isfinite(y)
             self.nonfinite += int((~ok).sum())
-            parts.append(_piece_buffered(x[ok], y[ok], rtol, atol) if bool(ok.any()) else torch.zeros(5, dtype=torch.float64))
+            parts.append(_piece(x[ok], y[ok], rtol, atol) if bool(ok.any()) else torch.zeros(5, dtype=torch.float64))
         return torch.stack(parts)
 
     def metrics(self) -> dict[str, Any]:
@@ -227,8 +227,7 @@ def diff_checkpoints(pre: CheckpointLike, posts: Sequence[CheckpointLike] | Chec
     labels = list(labels) if labels else checkpoint_labels([pre.spec, *(p.spec for p in posts)])
     pairings = [pair_checkpoints(pre, p, label_a=labels[0], label_b=lb, allow_mismatch=allow_mismatch)
                 for p, lb in zip(posts, labels[1:])]
-    direct = wants_direct_io([pre, *posts])
-    readers = [TensorReader(c, direct=direct) for c in (pre, *posts)]
+    readers = open_readers([pre, *posts])
     jobs = _jobs(pre, pairings, spectral)
     spectra = _Spectra(top_k, exact_max_numel) if spectral else None
     rows: list[dict[str, Any]] = []

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from analysis.errors import VlsafeError
+from analysis.yamlfile import read_yaml
 from experiments.sweep_eval import EvalConfig
 from experiments.yamlvars import substitute
 
@@ -119,14 +119,7 @@ def _short(v: Any) -> str:
 def load_sweep(path: str | Path, overrides: dict[str, str] | None = None) -> tuple[SweepConfig, Path]:
     """Parse and validate a sweep YAML (one-line errors naming the key); returns (config, its folder)."""
     p = Path(path)
-    if not p.is_file():
-        raise VlsafeError(f"{p}: no such sweep config")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise VlsafeError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise VlsafeError(f"{p}: a sweep config must be a YAML mapping")
+    raw = read_yaml(p, "sweep config")
     if overrides:
         raw = {**raw, "vars": {**(raw.get("vars") or {}), **overrides}}
     if isinstance(raw.get("eval"), dict):  # `${var}`s in eval settings (eval.reference waits for built inputs)

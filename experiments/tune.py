@@ -36,10 +36,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from analysis.errors import VlsafeError
+from analysis.yamlfile import read_yaml
 from experiments.tune_data import REFUSALS, DataSource
 
 METHODS = ("sft", "lora", "dpo")
@@ -202,12 +202,7 @@ def load_tune_config(path: str | Path, overrides: dict[str, str] | None = None) 
     from experiments.yamlvars import with_vars
 
     p = Path(path)
-    if not p.is_file():
-        raise VlsafeError(f"{p}: no such tune config")
-    try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise VlsafeError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    d = read_yaml(p, "tune config")
     return TuneConfig.parse(with_vars(d, overrides, str(p)), str(p), base_dir=p.parent)
 
 

@@ -61,8 +61,9 @@ class SFTConfig(BaseModel):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
     threads: int | None = Field(None, ge=1, description="torch.set_num_threads during training")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast forward (fp32 weights, optimizer "
-                                                                  "and loss); ~1.8x faster per step on AVX512-BF16 CPUs")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="bf16: autocast forward (fp32 weights, optimizer and loss; ~1.8x faster per step on "
+                            "AVX512-BF16 CPUs); auto: bf16 where the CPU has it natively, else fp32")
     progress: bool = True
 
     @model_validator(mode="after")

@@ -161,6 +161,11 @@ def test_head_loss_equals_full_loss_with_gradients(kind, tiny_llama_dir, tmp_pat
         lm, batch = _llava_batch(tmp_path)
     model = lm.model
     assert pick_loss(model, batch) is head_loss
+    if kind == "llama":  # a peft-wrapped model keeps the fast path (get_output_embeddings reaches the base head)
+        from experiments.tuning import apply_lora
+
+        lora = apply_lora(load(tiny_llama_dir).model, SFTConfig(method="lora", progress=False))
+        assert pick_loss(lora, batch) is head_loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     grads = []
     for fn in (full_loss, head_loss):

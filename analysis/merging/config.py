@@ -36,11 +36,11 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator
 
 from analysis.errors import VlsafeError
 from analysis.merging.methods import REQUIRED, MethodSpec, method_spec
+from analysis.yamlfile import parse_yaml
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
@@ -132,11 +132,7 @@ class MergePlan(BaseModel):
     @classmethod
     def from_yaml(cls, text: str, source: str = "config", base_dir: str | os.PathLike | None = None) -> "MergePlan":
         """Parse YAML text; relative model paths that exist under `base_dir` (not the cwd) are made absolute."""
-        try:
-            d = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise VlsafeError(f"{source}: invalid YAML ({str(e).splitlines()[0]})") from None
-        plan = cls.from_dict(d, source)
+        plan = cls.from_dict(parse_yaml(text, source), source)
         return plan.with_paths_from(Path(base_dir)) if base_dir is not None else plan
 
     def with_paths_from(self, base_dir: Path) -> "MergePlan":

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from analysis.errors import VlsafeError
+from analysis.yamlfile import read_yaml
 from experiments.tuning import SFTConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -164,14 +164,7 @@ def load_config(profile: str | None = "full", path: str | Path | None = None,
             raise VlsafeError(f"unknown profile {profile!r} (expected {' or '.join(PROFILES)})")
         path = CONFIG_DIR / f"organism-{profile}.yaml"
     path = Path(path)
-    if not path.is_file():
-        raise VlsafeError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise VlsafeError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise VlsafeError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml(path, "organism config")
     for key, value in (overrides or {}).items():
         node = raw
         *parents, leaf = key.split(".")

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from analysis.errors import VlsafeError
-from analysis.placement import PRECISIONS, compute_precision, input_device
+from analysis.placement import compute_precision, input_device, resolve_precision
 from analysis.runinfo import atomic_path
 
 CACHE_VERSION = 1
@@ -65,11 +65,12 @@ def generate(lm: Any, prompts: Any, *, images: Any = None, max_new_tokens: int =
     given). `images`: one PIL image / image spec (`blank`, `noise:SEED`, a file) / None per prompt, or a single
     one for all. Greedy unless `do_sample` (then `temperature`, `top_p`, reproducible with `seed`; top-k off).
     `cache`: True (the vlsafe cache), a directory, or False. `precision="bf16"` runs the forward passes under
-    bf16 autocast (faster on CPUs with AVX512-BF16; greedy outputs can differ from fp32 on near-ties).
+    bf16 autocast (faster on CPUs with AVX512-BF16; greedy outputs can differ from fp32 on near-ties); `"auto"`
+    picks bf16 only where the CPU has it natively (resolved before the cache key is made).
     """
     texts, specs = prompt_texts_and_images(prompts, images)
     settings = GenerationSettings(int(max_new_tokens), bool(do_sample), float(temperature), float(top_p),
-                                  int(seed), system, precision)
+                                  int(seed), system, resolve_precision(precision))
     check_inputs(lm, texts, specs, settings, batch_size)
     path = _cache_path(lm, texts, specs, settings, batch_size, cache)
     if path is not None and (hit := _read_cache(path, texts)) is not None:
@@ -113,8 +114,6 @@ def check_inputs(lm: Any, texts: list[str], specs: list[Any], s: GenerationSetti
             raise VlsafeError(f"generate: prompt {i} is empty or not a string")
     if batch_size < 1 or s.max_new_tokens < 1:
         raise VlsafeError(f"generate: batch_size ({batch_size}) and max_new_tokens ({s.max_new_tokens}) must be >= 1")
-    if s.precision not in PRECISIONS:
-        raise VlsafeError(f"generate: precision {s.precision!r} is not one of {', '.join(PRECISIONS)}")
     if s.do_sample and (s.temperature <= 0 or not 0 < s.top_p <= 1):
         raise VlsafeError(f"generate: sampling needs temperature > 0 and 0 < top_p <= 1 "
                           f"(got {s.temperature}, {s.top_p})")
