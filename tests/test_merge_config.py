@@ -8,7 +8,7 @@ import yaml
 from pydantic import TypeAdapter
 
 from analysis.errors import VlsafeError
-from analysis.merging.config import MergePlan, evaluate_setting
+from analysis.merging.config import MergePlan, evaluate_setting, load_plan
 from analysis.merging.export import to_mergekit_dict
 
 L = 13
@@ -159,3 +159,24 @@ def test_resolution_errors_name_the_tensor():
     p = plan(layers=[7], models=[{"model": "a", "parameters": {"weight": 1}}])
     with pytest.raises(VlsafeError, match=r"layers: layer 7 out of range \(the base has 4 layers"):
         p.check_layers(4)
+
+
+def test_yaml_files_fail_in_one_line(tmp_path):
+    from analysis.yamlfile import read_yaml
+    from experiments.sweep_config import load_sweep
+    from experiments.tune import load_tune_config
+
+    bad, listy, empty = tmp_path / "bad.yaml", tmp_path / "list.yaml", tmp_path / "empty.yaml"
+    bad.write_text("a: [1, 2\n")
+    listy.write_text("- 1\n- 2\n")
+    empty.write_text("")
+    assert read_yaml(empty) == {}
+    with pytest.raises(VlsafeError, match=r"no such sweep config"):
+        load_sweep(tmp_path / "missing.yaml")
+    for loader in (load_sweep, load_tune_config):
+        with pytest.raises(VlsafeError, match=r"bad.yaml: invalid YAML \("):
+            loader(bad)
+        with pytest.raises(VlsafeError, match=r"list.yaml: a (sweep|tune) config must be a YAML mapping"):
+            loader(listy)
+    with pytest.raises(VlsafeError, match=r"bad.yaml: invalid YAML \("):
+        load_plan(bad)
