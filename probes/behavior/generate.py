@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from analysis.errors import VlsafeError
-from analysis.placement import compute_precision, input_device, resolve_precision
+from analysis.placement import bf16_linear_weights, compute_precision, input_device, resolve_precision
 from analysis.runinfo import atomic_path
 
 CACHE_VERSION = 1
@@ -159,7 +159,7 @@ def _generate_all(lm: Any, texts: list[str], specs: list[Any], s: GenerationSett
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
     device = input_device(lm.model)
-    with _seeded(s.seed, device):
+    with _seeded(s.seed, device), bf16_linear_weights(lm.model, s.precision):
         for idx in tqdm(chunks, desc=f"generate {_label(lm)}", disable=not progress, leave=False):
             imgs = [load_image(specs[i]) for i in idx]
             batch = encode(lm, [texts[i] for i in idx], imgs if any(im is not None for im in imgs) else None,
