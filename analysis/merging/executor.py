@@ -32,6 +32,7 @@ from analysis.merging import methods
 from analysis.merging.config import MergePlan, module_matches
 from analysis.merging.io import ShardedWriter, TensorReader, pipelined, torch_dtype
 from analysis.runinfo import atomic_path, write_run_json
+from analysis.streaming import wants_direct_io
 
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
 _NOT_COPIED = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "run.json", "mergekit.yaml",
@@ -225,7 +226,8 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, out_shard_size: int | str
     names = [t.name for t in tasks if t.action == "merge" or t.reason.startswith("outside")]
     exported = plan.to_mergekit_yaml(names, layout.num_layers, _export_renames(ckpts))
     seed = 0 if plan.seed is None else plan.seed
-    readers = {s: TensorReader(ckpts[s]) for s in plan.inputs()}
+    direct = wants_direct_io([ckpts[s] for s in plan.inputs()])  # inputs larger than memory: bypass the cache
+    readers = {s: TensorReader(ckpts[s], direct=direct) for s in plan.inputs()}
     with atomic_path(out) as tmp:
         tmp.mkdir()
         writer = ShardedWriter(tmp, [(t.raw_name, t.out_dtype, t.shape) for t in tasks], out_shard_size)

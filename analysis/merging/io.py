@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
+from analysis import streaming
 from analysis.errors import VlsafeError
 
 T = TypeVar("T")
@@ -55,19 +56,11 @@ def torch_dtype(st: str) -> torch.dtype:
     return _FROM_ST[st]
 
 
-class TensorReader:
-    """Reads one checkpoint's tensors by canonical name, keeping only the current shard open.
-
-    Safetensors data is read with plain file reads at the header's offsets straight into a fresh tensor
-    (no memory map), so resident memory holds the tensors in use and not the touched pages of whole shards.
-    A missing `lm_head.weight` falls back to `model.embed_tokens.weight` (tied embeddings), as mergekit's
-    `tied_names` do.
-    """
-
-    def __init__(self, ckpt: Any):
-        self.ckpt = ckpt
-        self._file: Path | None = None
-        self._handle: Any = None
+class TensorReader(streaming.TensorReader):
+    """`analysis.streaming.TensorReader` addressed by canonical name, for merges: `get` returns a whole fresh
+    tensor (plain file reads at the header's offsets, no memory map, one shard open), and a missing
+    `lm_head.weight` falls back to `model.embed_tokens.weight` (tied embeddings), as mergekit's `tied_names` do.
+    `direct=True` reads with O_DIRECT (see `analysis.streaming.wants_direct_io`)."""
 
     def _name(self, canonical: str) -> str | None:
         if canonical in self.ckpt.infos:
@@ -76,46 +69,21 @@ class TensorReader:
             return "model.embed_tokens.weight"
         return None
 
+    def _resolve(self, canonical: str) -> str:
+        name = self._name(canonical)
+        if name is None:
+            raise VlsafeError(f"{self.ckpt.spec}: no tensor '{canonical}'")
+        return name
+
     def has(self, canonical: str) -> bool:
         return self._name(canonical) is not None
 
     def shape(self, canonical: str) -> tuple[int, ...]:
-        return tuple(self.ckpt.infos[self._name(canonical)].shape)
+        return super().shape(self._resolve(canonical))
 
     def get(self, canonical: str) -> torch.Tensor:
-        """The tensor (a fresh CPU tensor); switching shard closes the previous one."""
-        name = self._name(canonical)
-        if name is None:
-            raise VlsafeError(f"{self.ckpt.spec}: no tensor '{canonical}'")
-        raw = self.ckpt.raw_name(name)
-        src = self.ckpt.source
-        file = src.tensors[raw].file
-        if file != self._file:
-            self.close()
-            if src.kind == "safetensors":
-                self._handle = file.open("rb")
-                self._data_start = 8 + struct.unpack("<Q", self._handle.read(8))[0]
-            else:
-                self._handle = type(src)._load(file)
-            self._file = file
-        if src.kind != "safetensors":
-            return self._handle[raw]
-        info = src.tensors[raw]
-        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        self._handle.seek(self._data_start + info.offset)
-        got = 0
-        while got < len(buf):
-            n = self._handle.readinto(buf[got:])
-            if not n:
-                raise VlsafeError(f"{file}: truncated while reading tensor '{raw}'")
-            got += n
-        return out
-
-    def close(self) -> None:
-        if self._handle is not None and hasattr(self._handle, "close"):
-            self._handle.close()
-        self._handle, self._file = None, None
+        """The whole tensor, as a fresh CPU tensor."""
+        return self.read(self._resolve(canonical))
 
 
 @dataclass
