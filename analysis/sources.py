@@ -21,6 +21,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -128,7 +129,7 @@ class PickleSource:
         self.tensors: dict[str, RawTensor] = {}
         for file in files:
             for name, t in self._load(file).items():
-                dtype = next((k for k, v in _ST_DTYPES.items() if v == t.dtype), str(t.dtype))
+                dtype = _TO_ST.get(t.dtype, str(t.dtype))
                 self.tensors[name] = RawTensor(name, tuple(t.shape), dtype, file)
 
     @staticmethod
@@ -158,3 +159,8 @@ class PickleSource:
 def torch_dtype(st_dtype: str) -> torch.dtype:
     """torch dtype for a safetensors dtype string (`BF16` → torch.bfloat16)."""
     return _ST_DTYPES[st_dtype]
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    """The safetensors spelling of a torch dtype (`torch.bfloat16` → `BF16`)."""
+    return _TO_ST[dtype]

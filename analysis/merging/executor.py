@@ -30,8 +30,9 @@ from analysis.errors import VlsafeError
 from analysis.loading import as_dtype
 from analysis.merging import methods
 from analysis.merging.config import MergePlan, module_matches
-from analysis.merging.io import ShardedWriter, TensorReader, pipelined, torch_dtype
+from analysis.merging.io import ShardedWriter, TensorReader, pipelined
 from analysis.runinfo import atomic_path, write_run_json
+from analysis.sources import torch_dtype
 from analysis.streaming import wants_direct_io
 
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")

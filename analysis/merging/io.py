@@ -20,15 +20,12 @@ import torch
 
 from analysis import streaming
 from analysis.errors import VlsafeError
+from analysis.sources import st_dtype
 
 T = TypeVar("T")
 G = TypeVar("G")
 O = TypeVar("O")
 
-_TO_ST = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-          torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
-_FROM_ST = {v: k for k, v in _TO_ST.items()}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30, "TIB": 2**40}
 
@@ -44,16 +41,6 @@ def parse_size(size: int | str) -> int:
     if n <= 0:
         raise VlsafeError(f"shard size {size!r} must be positive")
     return n
-
-
-def st_dtype(dtype: torch.dtype) -> str:
-    """The safetensors spelling of a torch dtype (`torch.bfloat16` → `BF16`)."""
-    return _TO_ST[dtype]
-
-
-def torch_dtype(st: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype string."""
-    return _FROM_ST[st]
 
 
 class TensorReader(streaming.TensorReader):
