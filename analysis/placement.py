@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import os
 import platform
 from typing import Any, Iterator, Mapping
@@ -53,8 +54,10 @@ def resolve_device(name: str | torch.device | None = "cpu") -> torch.device:
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
+@functools.cache
 def native_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); elsewhere autocast may be slower."""
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); elsewhere autocast may be slower.
+    Read once per process: `precision="auto"` is resolved on every SFT forward."""
     try:
         flags = {w for line in open("/proc/cpuinfo") if line.startswith("flags") for w in line.split()}
     except OSError:

@@ -103,7 +103,11 @@ def test_fused_adamw_trains_like_the_default(tiny_llama_dir, monkeypatch):
     import experiments.tuning as T
 
     cfg = SFTConfig(steps=4, batch_size=2, lr=1e-2, progress=False)
+    made = []
+    real_adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: made.append(kw.get("fused")) or real_adamw(*a, **kw))
     fused = train(load(tiny_llama_dir), EXAMPLES, cfg).model.state_dict()
+    assert made == [True]  # train really asked for the fused kernel
     assert T._fusable(list(load(tiny_llama_dir).model.parameters()))
     monkeypatch.setattr(T, "_fusable", lambda _p: False)
     plain = train(load(tiny_llama_dir), EXAMPLES, cfg).model.state_dict()

@@ -139,11 +139,11 @@ def test_config_validation(tiny_llama_dir):
 
 
 def _llava_batch(tmp_path):
+    from PIL import Image
+
     from experiments.tuning import collate
 
     lm = load(tiny_llava(tmp_path / "llava"))
-    from PIL import Image
-
     img = Image.new("RGB", (32, 32), (200, 30, 30))
     items = [encode_example(lm, {**ex, "image": img}, 200, i) for i, ex in enumerate(EXAMPLES)]
     return lm, collate(items, lm.tokenizer.pad_token_id or 0)
