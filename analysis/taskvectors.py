@@ -24,11 +24,13 @@ from tqdm.auto import tqdm
 
 from analysis.checkpoints import Checkpoint, open_checkpoint
 from analysis.errors import VlsafeError
+from analysis.kernels import triple_sums, warm_up
+from analysis.layergroups import group_layers
 from analysis.names import layer_module
 from analysis.pairing import checkpoint_labels, pair_checkpoints
 from analysis.streaming import DEFAULT_CHUNK_ELEMS, Job, open_readers, stream_rows
 from analysis.threads import map_pieces, serial_torch
-from analysis.weightshift import SUB, f64, sort_layer_rows
+from analysis.weightshift import PIECE
 
 MODES = ("siblings", "chain")
 
@@ -49,22 +51,23 @@ class TaskStats:
         if not w0.numel():
             return
         with serial_torch():
-            s = map_pieces(lambda i, j: self._piece(w0[i:j], wa[i:j], wb[i:j], chain), w0.numel(), SUB)
-        sa, sb, d, bad = s.sum(0).tolist()
+            s = map_pieces(lambda i, j: triple_sums(w0[i:j], wa[i:j], wb[i:j], chain), w0.numel(), PIECE)
+            if not bool(torch.isfinite(s).all()):
+                s = self._masked(w0, wa, wb, chain)
+        sa, sb, d = s.sum(0).tolist()
         self.sq_a, self.sq_b, self.dot = self.sq_a + sa, self.sq_b + sb, self.dot + d
-        self.nonfinite += int(bad)
         self.numel += w0.numel()
 
-    @staticmethod
-    def _piece(w0: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, chain: bool) -> torch.Tensor:
-        x0, xa, xb = f64(w0), f64(wa), f64(wb)
-        ta, tb = xa - x0, xb - (xa if chain else x0)
-        ok = torch.isfinite(ta) & torch.isfinite(tb)
-        bad = ta.numel() - int(torch.count_nonzero(ok))
-        if bad:
-            ta, tb = ta[ok], tb[ok]
-        return torch.stack([torch.dot(ta, ta), torch.dot(tb, tb), torch.dot(ta, tb),
-                            torch.tensor(float(bad), dtype=torch.float64)])
+    def _masked(self, w0: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, chain: bool) -> torch.Tensor:
+        """Per piece, the sums over entries finite in all three checkpoints (the others counted in `nonfinite`)."""
+        parts = []
+        for i in range(0, w0.numel(), PIECE):
+            x0, xa, xb = w0[i:i + PIECE], wa[i:i + PIECE], wb[i:i + PIECE]
+            ok = torch.isfinite(x0) & torch.isfinite(xa) & torch.isfinite(xb)
+            self.nonfinite += int((~ok).sum())
+            parts.append(triple_sums(x0[ok], xa[ok], xb[ok], chain) if bool(ok.any())
+                         else torch.zeros(3, dtype=torch.float64))
+        return torch.stack(parts)
 
 
 def _cos(dot: float, sq_a: float, sq_b: float) -> float:
@@ -82,6 +85,7 @@ def task_vectors(base: Checkpoint | str, a: Checkpoint | str, b: Checkpoint | st
     """Per language-model tensor: ‖τ_A‖, ‖τ_B‖, cos(τ_A, τ_B) (and the fp64 sums), streaming three checkpoints."""
     if mode not in MODES:
         raise VlsafeError(f"task-vector mode '{mode}': expected one of {', '.join(MODES)}")
+    warm_up()
     base, a, b = _ckpt(base), _ckpt(a), _ckpt(b)
     lb = list(labels) if labels else checkpoint_labels([base.spec, a.spec, b.spec])
     pa = pair_checkpoints(base, a, namespaces=("language",))
@@ -95,7 +99,7 @@ def task_vectors(base: Checkpoint | str, a: Checkpoint | str, b: Checkpoint | st
     rows, st = [], TaskStats()
     bar = tqdm(total=len(jobs), unit="tensor", desc="task vectors", disable=not progress)
     try:
-        for name, _, _, (w0, wa, wb), last in stream_rows(readers, jobs, chunk_elems, prefetch):
+        for name, _, _, (w0, wa, wb), last in stream_rows(readers, jobs, chunk_elems, prefetch, reuse=True):
             st.update(w0, wa, wb, mode == "chain")
             if last:
                 rows.append(_row(name, st, lb, mode, pa.notes.get(name) or pb.notes.get(name, "")))
@@ -120,23 +124,11 @@ def _row(name: str, st: TaskStats, labels: Sequence[str], mode: str, note: str) 
             "sq_norm_a": st.sq_a, "sq_norm_b": st.sq_b, "dot": st.dot, "nonfinite": st.nonfinite, "note": note}
 
 
-def _agg(g: pd.DataFrame) -> dict[str, Any]:
-    sa, sb, d = float(g["sq_norm_a"].sum()), float(g["sq_norm_b"].sum()), float(g["dot"].sum())
-    return {"n_tensors": len(g), "numel": int(g["numel"].sum()), "norm_a": math.sqrt(sa), "norm_b": math.sqrt(sb),
-            "cosine": _cos(d, sa, sb), "dot": d}
-
-
 def aggregate_task_vectors(tv: pd.DataFrame) -> pd.DataFrame:
     """Per (layer, module) and per layer (`module=all`) norms and cosine from the fp64 per-tensor sums."""
-    keys = ["base", "checkpoint_a", "checkpoint_b", "mode"]
-    rows = []
-    for k, g in tv.groupby(keys, sort=False):
-        head = dict(zip(keys, k))
-        for (layer, module), gm in g.groupby(["layer", "module"], dropna=False, sort=False):
-            rows.append({**head, "layer": layer, "module": module, **_agg(gm)})
-        for layer, gl in g.dropna(subset=["layer"]).groupby("layer", sort=False):
-            rows.append({**head, "layer": layer, "module": "all", **_agg(gl)})
-    df = pd.DataFrame(rows)
-    df["layer"] = df["layer"].astype("Int64")
-    parts = [sort_layer_rows(g) for _, g in df.groupby(keys, sort=False)]
-    return pd.concat(parts, ignore_index=True)
+    g = group_layers(tv, ["base", "checkpoint_a", "checkpoint_b", "mode"], ["numel", "sq_norm_a", "sq_norm_b", "dot"])
+    g["numel"] = g["numel"].astype("int64")
+    g["norm_a"], g["norm_b"] = g["sq_norm_a"].map(math.sqrt), g["sq_norm_b"].map(math.sqrt)
+    g["cosine"] = [_cos(d, a, b) for d, a, b in zip(g["dot"], g["sq_norm_a"], g["sq_norm_b"])]
+    return g[["base", "checkpoint_a", "checkpoint_b", "mode", "layer", "module", "n_tensors", "numel", "norm_a",
+              "norm_b", "cosine", "dot"]]

@@ -8,16 +8,15 @@ Per paired tensor (W₀ in PRE, W₁ in POST, compared on shared rows): `rel_fro
 `cosine` ⟨W₀,W₁⟩/(‖W₀‖‖W₁‖), `max_abs` max|Δ|, `frac_changed` share of entries with |Δ| > atol + rtol·|W₀|,
 and the raw fp64 sums (`sq_norm_a` ‖W₀‖², `sq_norm_b`, `sq_norm_delta`, `dot_ab`) that layer aggregates
 are built from. Entries that are NaN/Inf on either side are counted in `nonfinite` and left out of the
-metrics. The sums of squares are accumulated in fp64 over pieces of each chunk (fp32 copies of half inputs are
-exact; every element is upcast on the fly); tensors stream in chunks (see `analysis.streaming`), so memory stays
-at a few chunks even for 7B checkpoints.
+metrics. All statistics of a piece come from one fused pass (`analysis.kernels.pair_sums`: every element
+upcast to fp64, differences, tolerance test and sums in fp64); tensors stream in chunks (see
+`analysis.streaming`), so memory stays at a few chunks even for 7B checkpoints.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -26,6 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis.checkpoints import Checkpoint, open_checkpoint
+from analysis.kernels import pair_sums, warm_up
+from analysis.layergroups import MODULE_ORDER, group_layers
 from analysis.names import layer_module
 from analysis.pairing import Pairing, checkpoint_labels, pair_checkpoints
 from analysis.spectral import EXACT_MAX_NUMEL, left_singular, spectrum
@@ -34,62 +35,9 @@ from analysis.threads import map_pieces, serial_torch
 
 CheckpointLike = Checkpoint | str | os.PathLike
 RTOL, ATOL = 1e-3, 1e-8
-SUB = 1 << 16  # elements per fp64 arithmetic piece (stays in cache; task vectors)
-PIECE = 1 << 18  # elements per piece of the diff statistics (fp32 work buffers of 1 MB)
-MODULE_ORDER = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_layernorm",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PIECE = 1 << 18  # elements per piece of the fused statistics (one thread's unit of work)
 SPECTRAL_COLUMNS = ("stable_rank", "effective_rank", "top_sigma", "subspace_overlap", "spectral_method",
                     "spectral_error")
-
-
-def f64(t: torch.Tensor) -> torch.Tensor:
-    """Upcast to fp64 (fp16 via fp32: torch's vectorised half→float path is ~2x faster than half→double)."""
-    return t.float().double() if t.dtype == torch.float16 else t.double()
-
-
-class _Scratch(threading.local):
-    """Per-thread work buffers of one piece: the streaming loop allocates nothing per piece. Fresh
-    megabyte temporaries per op can land on malloc's mmap path (a page fault per page): depending on the
-    allocator's state that ran 1.6-4x slower in micro-benchmarks."""
-
-    def __init__(self) -> None:
-        self.bufs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def views(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        work, mask = self.bufs.get(dtype, (None, None))
-        if work is None or work.shape[1] < n:
-            work = torch.empty((3, max(n, PIECE)), dtype=dtype)
-            mask = torch.empty(max(n, PIECE), dtype=torch.bool)
-            self.bufs[dtype] = (work, mask)
-        return (*work[:, :n], mask[:n])
-
-
-_SCRATCH = _Scratch()
-
-
-def _piece(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
-    """[‖a‖², ‖b‖², ‖b−a‖², #changed, max|b−a|] (fp64) of one piece pair (any float dtype, read-only).
-
-    Work runs in fp32 (fp64 for fp64 inputs) in this thread's scratch buffers; the three sums of squares
-    accumulate in fp64 with each element upcast on the fly (`vector_norm(dtype=float64)`), so ‖a‖² and ‖b‖²,
-    from which ⟨a,b⟩ is recovered, are as exact as an fp64 copy would give (fp32 holds half inputs exactly).
-    The tolerance test runs in the work dtype, so an entry within ~1e-7 (relative) of the threshold can count
-    differently than in fp64: on SmolLM2 vs llm-aligned, `frac_changed` moved by 1e-5 relative, the other
-    metrics by < 1e-13. In memory this ran 1.6-2x faster than fp64 work buffers (8 M fp16 pairs, 2 threads:
-    15-21 vs 31-33 ms)."""
-    x, y, d, mask = _SCRATCH.views(a.numel(), torch.float64 if a.dtype == torch.float64 else torch.float32)
-    x.copy_(a)
-    y.copy_(b)
-    sq = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in (x, y)]
-    torch.sub(y, x, out=d)
-    sq.append(torch.linalg.vector_norm(d, dtype=torch.float64))
-    torch.abs(d, out=d)
-    top = d.max().to(torch.float64)
-    torch.abs(x, out=y)
-    torch.sub(d, y, alpha=rtol, out=y)  # |Δ| − rtol·|a| > atol  ⇔  |Δ| > atol + rtol·|a|
-    torch.gt(y, atol, out=mask)
-    changed = torch.count_nonzero(mask).to(torch.float64)
-    return torch.stack([sq[0] * sq[0], sq[1] * sq[1], sq[2] * sq[2], changed, top])
 
 
 @dataclass
@@ -118,7 +66,7 @@ class PairStats:
         if not a.numel():
             return
         with serial_torch():
-            s = map_pieces(lambda i, j: _piece(a[i:j], b[i:j], rtol, atol), a.numel(), PIECE)
+            s = map_pieces(lambda i, j: pair_sums(a[i:j], b[i:j], rtol, atol), a.numel(), PIECE)
             if not bool(torch.isfinite(s[:, :3]).all()):
                 s = self._masked(a, b, rtol, atol)
         sums = s[:, :4].sum(0).tolist()
@@ -133,7 +81,7 @@ class PairStats:
             x, y = a[i:i + PIECE], b[i:i + PIECE]
             ok = torch.isfinite(x) & torch.isfinite(y)
             self.nonfinite += int((~ok).sum())
-            parts.append(_piece(x[ok], y[ok], rtol, atol) if bool(ok.any()) else torch.zeros(5, dtype=torch.float64))
+            parts.append(pair_sums(x[ok], y[ok], rtol, atol) if bool(ok.any()) else torch.zeros(5, dtype=torch.float64))
         return torch.stack(parts)
 
     def metrics(self) -> dict[str, Any]:
@@ -231,6 +179,7 @@ def diff_checkpoints(pre: CheckpointLike, posts: Sequence[CheckpointLike] | Chec
     (with `allow_mismatch`). `labels` names PRE and the POSTs (default: directory/file names). With
     `spectral`, 2-D tensors also get the columns of `analysis.spectral.spectrum` (top-k σ as a string).
     """
+    warm_up()
     pre = _as_checkpoint(pre)
     posts = [_as_checkpoint(p) for p in ([posts] if isinstance(posts, (str, os.PathLike, Checkpoint)) else posts)]
     labels = list(labels) if labels else checkpoint_labels([pre.spec, *(p.spec for p in posts)])
@@ -244,7 +193,7 @@ def diff_checkpoints(pre: CheckpointLike, posts: Sequence[CheckpointLike] | Chec
     bar = tqdm(total=sum(pre.infos[j.name].numel for j in jobs), unit="el", unit_scale=True,
                desc=f"diff {labels[0]}", disable=not progress)
     try:
-        for name, start, stop, (w0, *w1s), last in stream_rows(readers, jobs, chunk_elems, prefetch):
+        for name, start, stop, (w0, *w1s), last in stream_rows(readers, jobs, chunk_elems, prefetch, reuse=True):
             for k, w1 in enumerate(w1s):
                 if w1 is not None:
                     stats[k].update(w0[: w1.shape[0]] if w1.ndim else w0, w1, rtol, atol)
@@ -292,29 +241,6 @@ def _frame(rows: list[dict[str, Any]], spectral: bool) -> pd.DataFrame:
     return df
 
 
-def _module_rank(module: str) -> tuple[int, str]:
-    return (MODULE_ORDER.index(module), "") if module in MODULE_ORDER else (len(MODULE_ORDER), module)
-
-
-def sort_layer_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Order rows: embed first, then layers ascending (modules in block order, `all` last), then the rest."""
-    def key(r: pd.Series) -> tuple:
-        if pd.isna(r["layer"]):
-            return (0 if r["module"] == "embed" else 2, 0, (0, r["module"]))
-        return (1, int(r["layer"]), (2, "") if r["module"] == "all" else (1, *_module_rank(r["module"])))
-    order = sorted(range(len(df)), key=lambda i: key(df.iloc[i]))
-    return df.iloc[order].reset_index(drop=True)
-
-
-def _aggregate(g: pd.DataFrame) -> dict[str, Any]:
-    sq_a, sq_b, sq_d, dot = (float(g[c].sum()) for c in ("sq_norm_a", "sq_norm_b", "sq_norm_delta", "dot_ab"))
-    numel = int(g["numel"].sum())
-    return {"n_tensors": len(g), "numel": numel, "rel_frobenius": _ratio(math.sqrt(sq_d), math.sqrt(sq_a)),
-            "cosine": _cosine(dot, sq_a, sq_b), "max_abs": float(g["max_abs"].max()),
-            "frac_changed": float((g["frac_changed"] * g["numel"]).sum()) / numel if numel else math.nan,
-            "nonfinite": int(g["nonfinite"].sum()), "sq_norm_a": sq_a, "sq_norm_delta": sq_d}
-
-
 def aggregate_layers(tensors: pd.DataFrame) -> pd.DataFrame:
     """Per (POST, layer, module) and per (POST, layer) with `module=all`, from the fp64 sums.
 
@@ -322,18 +248,17 @@ def aggregate_layers(tensors: pd.DataFrame) -> pd.DataFrame:
     a numel-weighted aggregate, not a mean of ratios. Embedding, final norm and head rows have no layer.
     """
     paired = tensors[tensors["status"] == "paired"]
-    rows = []
-    for (la, lb), g in paired.groupby(["checkpoint_a", "checkpoint_b"], sort=False):
-        for (layer, module), gm in g.groupby(["layer", "module"], dropna=False, sort=False):
-            rows.append({"checkpoint_a": la, "checkpoint_b": lb, "layer": layer, "module": module, **_aggregate(gm)})
-        for layer, gl in g.dropna(subset=["layer"]).groupby("layer", sort=False):
-            rows.append({"checkpoint_a": la, "checkpoint_b": lb, "layer": layer, "module": "all", **_aggregate(gl)})
-    df = pd.DataFrame(rows, columns=["checkpoint_a", "checkpoint_b", "layer", "module", "n_tensors", "numel",
-                                     "rel_frobenius", "cosine", "max_abs", "frac_changed", "nonfinite",
-                                     "sq_norm_a", "sq_norm_delta"])
-    df["layer"] = df["layer"].astype("Int64")
-    parts = [sort_layer_rows(g) for _, g in df.groupby("checkpoint_b", sort=False)]
-    return pd.concat(parts, ignore_index=True) if parts else df
+    paired = paired.assign(changed=paired["frac_changed"] * paired["numel"],
+                           nonfinite=paired["nonfinite"].astype("float64"))
+    g = group_layers(paired, ["checkpoint_a", "checkpoint_b"],
+                     ["numel", "sq_norm_a", "sq_norm_b", "sq_norm_delta", "dot_ab", "changed", "nonfinite"], ["max_abs"])
+    g["numel"] = g["numel"].astype("int64")
+    g["rel_frobenius"] = [_ratio(math.sqrt(d), math.sqrt(a)) for d, a in zip(g["sq_norm_delta"], g["sq_norm_a"])]
+    g["cosine"] = [_cosine(d, a, b) for d, a, b in zip(g["dot_ab"], g["sq_norm_a"], g["sq_norm_b"])]
+    g["frac_changed"] = [c / n if n else math.nan for c, n in zip(g["changed"], g["numel"])]
+    g["nonfinite"] = g["nonfinite"].astype("int64")
+    return g[["checkpoint_a", "checkpoint_b", "layer", "module", "n_tensors", "numel", "rel_frobenius", "cosine",
+              "max_abs", "frac_changed", "nonfinite", "sq_norm_a", "sq_norm_delta"]]
 
 
 def unpaired(tensors: pd.DataFrame) -> pd.DataFrame:

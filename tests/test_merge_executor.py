@@ -328,8 +328,8 @@ def test_direct_io_merge_equals_buffered_merge(models, tmp_path, monkeypatch):
     monkeypatch.setenv("VLSAFE_DIRECT_IO", "1")
     monkeypatch.setattr(S, "DIRECT_MIN_BYTES", 0)  # tiny tensors: send every read through O_DIRECT
     used = []
-    real = S._read_direct
-    monkeypatch.setattr(S, "_read_direct", lambda *a: used.append(a[2]) or real(*a))
+    real = S.read_direct
+    monkeypatch.setattr(S, "read_direct", lambda *a: used.append(a[2]) or real(*a))
     direct = _weights(run_merge(plan, tmp_path / "direct", progress=False))
     assert len(used) >= 3 * len(buffered) - 3  # every input tensor (a tied head may be absent) came via O_DIRECT
     assert buffered.keys() == direct.keys() and all(torch.equal(buffered[k], direct[k]) for k in buffered)

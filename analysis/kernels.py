@@ -1,0 +1,134 @@
+"""Fused one-pass statistics of tensor pieces, compiled with numba: every element is read once.
+
+`pair_sums(a, b)` gives ‖a‖², ‖b‖², ‖b−a‖², the number of entries with |b−a| > atol + rtol·|a| and max|b−a|;
+`triple_sums(w0, wa, wb)` gives ‖τ_A‖², ‖τ_B‖² and ⟨τ_A,τ_B⟩ of two task vectors. Each element is upcast to
+fp64 on the fly and every difference, square, tolerance test and sum runs in fp64 (exact differences for
+fp32/half inputs). Sums are two-level (partial sums over blocks of `BLOCK` elements, then over blocks), and
+may be reassociated so LLVM vectorises them: on 600 K squares of integers the error was < 1e-15 relative
+(a plain running sum: 1.8e-12, which would blur cosines near 1); the order is fixed for a given machine. fp32 and fp64 pieces are read in place; half pieces (fp16, bf16, which numba cannot read)
+are first converted into per-thread fp32 scratch buffers (exact).
+
+The kernels release the GIL, so `analysis.threads.map_pieces` runs them on two cores. Non-finite entries
+propagate into the sums; callers detect that and redo such pieces with the entries masked out.
+Compiled code is cached on disk (numba `cache=True`); the first call of a process that finds no cache
+compiles each signature in about half a second.
+
+Measured (8 M fp32 pairs in memory, one thread): `pair_sums` 13 ms against 55 ms for the torch
+expression of the same statistics over 256 K-element pieces (8 kernels).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+from numba import njit
+
+_FAST = {"reassoc", "contract"}  # reorder sums (vectorisation); no assumption about NaN/Inf
+NATIVE = (torch.float32, torch.float64)
+BLOCK = 1024  # elements per inner partial sum
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
+def _pair(a, b, rtol, atol):  # pragma: no cover - compiled
+    sa = 0.0
+    sb = 0.0
+    sd = 0.0
+    top = 0.0
+    changed = 0
+    for s in range(0, a.size, BLOCK):  # two-level sums: the rounding error grows with BLOCK + n / BLOCK, not n
+        pa = 0.0
+        pb = 0.0
+        pd = 0.0
+        for i in range(s, min(s + BLOCK, a.size)):
+            x = np.float64(a[i])
+            y = np.float64(b[i])
+            d = y - x
+            pa += x * x
+            pb += y * y
+            pd += d * d
+            ad = abs(d)
+            top = max(top, ad)
+            changed += ad > atol + rtol * abs(x)
+        sa += pa
+        sb += pb
+        sd += pd
+    return sa, sb, sd, changed, top
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
+def _triple(w0, wa, wb, chain):  # pragma: no cover - compiled
+    sa = 0.0
+    sb = 0.0
+    dot = 0.0
+    for s in range(0, w0.size, BLOCK):
+        pa = 0.0
+        pb = 0.0
+        pd = 0.0
+        for i in range(s, min(s + BLOCK, w0.size)):
+            x0 = np.float64(w0[i])
+            xa = np.float64(wa[i])
+            ta = xa - x0
+            tb = np.float64(wb[i]) - (xa if chain else x0)
+            pa += ta * ta
+            pb += tb * tb
+            pd += ta * tb
+        sa += pa
+        sb += pb
+        dot += pd
+    return sa, sb, dot
+
+
+class _Scratch(threading.local):
+    """Per-thread fp32 buffers for half pieces: the streaming loop allocates nothing per piece."""
+
+    def __init__(self) -> None:
+        self.buf = torch.empty(0, dtype=torch.float32)
+
+    def arrays(self, *ts: torch.Tensor) -> list[np.ndarray]:
+        n = max(t.numel() for t in ts)
+        if self.buf.numel() < len(ts) * n:
+            self.buf = torch.empty(len(ts) * n, dtype=torch.float32)
+        out = []
+        for k, t in enumerate(ts):
+            if t.dtype in NATIVE:
+                out.append(t.contiguous().numpy())
+            else:
+                out.append(self.buf[k * n: k * n + t.numel()].copy_(t).numpy())
+        return out
+
+
+_SCRATCH = _Scratch()
+_WARMING: threading.Thread | None = None
+
+
+def warm_up() -> None:
+    """Load the compiled kernels in a background thread (once per process), to overlap the first reads.
+
+    numba's first call in a process costs ~0.3 s even from its disk cache (mostly numba importing and
+    registering its own typing modules); a later kernel call waits for this one through numba's lock."""
+    global _WARMING
+    if _WARMING is None:
+        _WARMING = threading.Thread(target=load, name="vlsafe-jit", daemon=True)
+        _WARMING.start()
+
+
+def load() -> None:
+    """Load (or compile) the kernels for fp32 and fp64 now, in this thread."""
+    for dtype in (np.float32, np.float64):
+        z = np.zeros(1, dtype=dtype)
+        _pair(z, z, 0.0, 0.0)
+        _triple(z, z, z, False)
+
+
+def pair_sums(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+    """fp64 `[‖a‖², ‖b‖², ‖b−a‖², #(|b−a| > atol + rtol·|a|), max|b−a|]` of two 1-D pieces (any float dtypes)."""
+    x, y = _SCRATCH.arrays(a, b)
+    return torch.tensor(_pair(x, y, float(rtol), float(atol)), dtype=torch.float64)
+
+
+def triple_sums(w0: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, chain: bool) -> torch.Tensor:
+    """fp64 `[‖τ_A‖², ‖τ_B‖², ⟨τ_A,τ_B⟩]` with τ_A = wa − w0 and τ_B = wb − (wa if `chain` else w0), 1-D pieces."""
+    x0, xa, xb = _SCRATCH.arrays(w0, wa, wb)
+    return torch.tensor(_triple(x0, xa, xb, bool(chain)), dtype=torch.float64)

@@ -1,0 +1,42 @@
+"""`analysis.layergroups`: group sums per (layer, module) and per layer, and the row order of the tables."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.layergroups import group_layers, sort_layer_rows
+
+
+def _rows() -> pd.DataFrame:
+    rows = [("b", "lm_head", None, 7.0), ("b", "mlp.down_proj", 1, 1.0), ("b", "q_proj", 1, 2.0),
+            ("b", "custom", 0, 3.0), ("b", "q_proj", 0, 4.0), ("b", "embed", None, 5.0), ("b", "norm", None, 6.0),
+            ("c", "q_proj", 0, 10.0), ("b", "q_proj", 1, 20.0)]
+    df = pd.DataFrame(rows, columns=["checkpoint_b", "module", "layer", "x"])
+    df["layer"] = df["layer"].astype("Int64")
+    return df
+
+
+def test_group_sums_per_module_and_per_layer() -> None:
+    g = group_layers(_rows(), ["checkpoint_b"], ["x"])
+    b = g[g["checkpoint_b"] == "b"]
+    got = list(zip(b["layer"].astype("object").where(b["layer"].notna(), None), b["module"], b["n_tensors"], b["x"]))
+    assert got == [(None, "embed", 1, 5.0),
+                   (0, "q_proj", 1, 4.0), (0, "custom", 1, 3.0), (0, "all", 2, 7.0),
+                   (1, "q_proj", 2, 22.0), (1, "mlp.down_proj", 1, 1.0), (1, "all", 3, 23.0),
+                   (None, "lm_head", 1, 7.0), (None, "norm", 1, 6.0)]
+    c = g[g["checkpoint_b"] == "c"]
+    assert list(c["module"]) == ["q_proj", "all"] and list(c["x"]) == [10.0, 10.0]
+    assert list(g["checkpoint_b"]) == ["b"] * 9 + ["c"] * 2  # groups keep their first-seen order
+
+
+def test_maxima_and_empty_input() -> None:
+    df = _rows().assign(m=range(9))
+    g = group_layers(df, ["checkpoint_b"], ["x"], ["m"])
+    assert g.loc[(g["checkpoint_b"] == "b") & (g["module"] == "all") & (g["layer"] == 1), "m"].item() == 8
+    assert group_layers(df.iloc[:0], ["checkpoint_b"], ["x"]).empty
+
+
+def test_sort_is_stable_within_equal_keys() -> None:
+    df = pd.DataFrame({"layer": pd.array([2, 2, None], dtype="Int64"), "module": ["q_proj", "q_proj", "embed"],
+                       "tag": ["first", "second", "e"]})
+    assert list(sort_layer_rows(df)["tag"]) == ["e", "first", "second"]
