@@ -11,6 +11,7 @@ time is ~0 and the diff ends 0.04 s after its last read.
 from __future__ import annotations
 
 import os
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +19,7 @@ from typing import Sequence
 import torch
 
 ALIGN = 4096
-WINDOW_BYTES = 32 << 20
+WINDOW_BYTES = 16 << 20
 
 
 class Buffer:
@@ -83,30 +84,31 @@ def plan_windows(ranges: Sequence[Range], window: int = WINDOW_BYTES) -> tuple[l
 class Windows:
     """The reads of a known sequence of ranges, served from planned O_DIRECT windows with read-ahead.
 
-    `plan_windows` groups the ranges so that no range is split between windows. When a window is switched
-    to, the next one is read in the background, so the device stays busy while the caller is busy elsewhere
+    `plan_windows` groups the ranges so that no range is split between windows. The next `ahead` windows of
+    the same file are read in the background, so the device stays busy while the caller is busy elsewhere
     (a run of small tensors, arithmetic). Windows go into `count` rotating buffers: a view returned by `get`
-    stays valid until `count - 1` more windows have been switched to, so `count = groups read ahead + 2`.
-    A read outside the plan falls back to its own `read_direct`."""
+    stays valid until `count - ahead` more windows have been switched to, so
+    `count = groups read ahead + ahead + 1`. A read outside the plan falls back to its own `read_direct`."""
 
     def __init__(self, ranges: Sequence[Range], count: int = 3, window: int = WINDOW_BYTES,
-                 pool: ThreadPoolExecutor | None = None) -> None:
-        if count < 2:
-            raise ValueError("Windows needs at least two buffers (the one served and the one read ahead)")
+                 pool: ThreadPoolExecutor | None = None, ahead: int = 1) -> None:
+        if count < ahead + 1:
+            raise ValueError(f"Windows with {ahead} read ahead needs at least {ahead + 1} buffers")
         self._ranges = list(ranges)
         self._wins, self._index = plan_windows(self._ranges, window)
         self._bufs = tuple(Buffer() for _ in range(count))
+        self.ahead = ahead
         self._next = 0  # the next planned range
         self._win = -1  # the window now served
-        self._cur = 0  # its buffer
+        self._loads = 0  # windows loaded so far (sync or ahead): the k-th goes into buffer k % count
         self._view = torch.empty(0, dtype=torch.uint8)
         self._got = 0
         self._own = pool is None
         self._pool = pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlsafe-readahead")
-        self._ahead: tuple[int, Future, torch.Tensor] | None = None  # window, bytes read, buffer
+        self._pending: deque[tuple[int, Future, torch.Tensor]] = deque()  # window, bytes read, buffer
 
     def close(self) -> None:
-        """Wait for the read-ahead in flight and stop its thread (unless the pool was passed in)."""
+        """Wait for the reads ahead in flight and stop the thread (unless the pool was passed in)."""
         self._settle()
         if self._own:
             self._pool.shutdown()
@@ -125,28 +127,32 @@ class Windows:
             return None
         return self._view[pos - first: pos - first + nbytes]
 
+    def _buffer(self, size: int) -> torch.Tensor:
+        buf = self._bufs[self._loads % len(self._bufs)].take(size)
+        self._loads += 1
+        return buf
+
     def _switch(self, fd: int, w: int) -> None:
-        ahead = self._settle()
-        self._cur = (self._cur + 1) % len(self._bufs)
-        if ahead is not None and ahead[0] == w:
-            self._got, self._view = ahead[1], ahead[2]
-        else:
+        if self._pending and self._pending[0][0] == w:
+            _, fut, self._view = self._pending.popleft()
+            self._got = fut.result()
+        else:  # the first window, or the first of another file (reads ahead stay within one file)
+            self._settle()
             _, first, size = self._wins[w]
-            self._view = self._bufs[self._cur].take(size)
+            self._view = self._buffer(size)
             self._got = _pread_all(fd, self._view, first)
         self._win = w
-        if w + 1 < len(self._wins) and self._wins[w + 1][0] == self._wins[w][0]:  # same file: read it ahead
-            _, first, size = self._wins[w + 1]
-            buf = self._bufs[(self._cur + 1) % len(self._bufs)].take(size)
-            self._ahead = (w + 1, self._pool.submit(_pread_closing, os.dup(fd), buf, first), buf)
+        nxt = self._pending[-1][0] + 1 if self._pending else w + 1
+        while len(self._pending) < self.ahead and nxt < len(self._wins) and self._wins[nxt][0] == self._wins[w][0]:
+            _, first, size = self._wins[nxt]
+            buf = self._buffer(size)
+            self._pending.append((nxt, self._pool.submit(_pread_closing, os.dup(fd), buf, first), buf))
+            nxt += 1
 
-    def _settle(self) -> tuple[int, int, torch.Tensor] | None:
-        """Wait for the read-ahead in flight (it writes into one of the buffers): (window, bytes read, buffer)."""
-        if self._ahead is None:
-            return None
-        w, fut, buf = self._ahead
-        self._ahead = None
-        return w, fut.result(), buf
+    def _settle(self) -> None:
+        """Wait for the reads ahead in flight (they write into the buffers) and drop them."""
+        while self._pending:
+            self._pending.popleft()[1].result()
 
 
 def _pread_closing(fd: int, buf: torch.Tensor, first: int) -> int:

@@ -41,11 +41,12 @@ from analysis.errors import VlsafeError
 from analysis.pagecache import cached_fraction
 from analysis.sources import torch_dtype
 
-DEFAULT_CHUNK_ELEMS = 1 << 23  # 8M elements: 16 MB of bf16, 32 MB of fp32 per checkpoint
+DEFAULT_CHUNK_ELEMS = 1 << 22  # 4M elements: 8 MB of bf16, 16 MB of fp32 per checkpoint
 
 
 DIRECT_MIN_BYTES = 1 << 20
-PREFETCH = 1  # chunk groups read ahead (O_DIRECT windows also read one window ahead)
+PREFETCH = 1  # chunk groups read ahead
+READ_AHEAD = 2  # O_DIRECT windows read ahead of the one served
 
 
 def leading_rows(shape: Sequence[int]) -> int:
@@ -271,7 +272,7 @@ def _windows(reader: TensorReader, plan: list[tuple[Job, int, int]], i: int, cou
         rng = None if r is None else reader.byte_range(job.name, *r)
         if rng is not None:
             ranges.append(rng)
-    return Windows(ranges, count, pool=pool)
+    return Windows(ranges, count, pool=pool, ahead=READ_AHEAD)
 
 
 def stream_rows(readers: Sequence[TensorReader], jobs: Sequence[Job], chunk_elems: int = DEFAULT_CHUNK_ELEMS,
@@ -288,7 +289,7 @@ def stream_rows(readers: Sequence[TensorReader], jobs: Sequence[Job], chunk_elem
     depth = PREFETCH if prefetch is True else int(prefetch)
     plan = [(job, a, b) for job in jobs for a, b in _chunks(job, _first_shape(readers, job), chunk_elems)]
     ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlsafe-readahead")  # one request at a time
-    wins = [_windows(r, plan, i, depth + 2, ahead) if reuse else None for i, r in enumerate(readers)]
+    wins = [_windows(r, plan, i, depth + READ_AHEAD + 1, ahead) if reuse else None for i, r in enumerate(readers)]
     mem = [[(Buffer() if reuse else None, w) for w in wins] for _ in range(depth + 1)]
     try:
         yield from _stream(readers, plan, depth, mem)

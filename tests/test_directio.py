@@ -51,22 +51,23 @@ def _random_ranges(path: Path, size: int) -> list[tuple[Path, int, int]]:
     return ranges
 
 
+@pytest.mark.parametrize("ahead", (1, 3))
 @pytest.mark.parametrize("uniform", (False, True))
-def test_windows_serve_the_file_and_keep_views_valid(blob: tuple[Path, bytes], uniform: bool) -> None:
+def test_windows_serve_the_file_and_keep_views_valid(blob: tuple[Path, bytes], uniform: bool, ahead: int) -> None:
     """Random ranges, and page-aligned ones whose windows all have one size (so buffers are reused, never
     regrown): every view still alive by the rotation's promise holds the file's bytes after the read-ahead."""
     path, data = blob
     ranges = [(path, p, 8 * ALIGN) for p in range(0, len(data), 8 * ALIGN)] if uniform else _random_ranges(path, len(data))
-    count = 3
-    win = Windows(ranges, count=count, window=128 << 10)
+    count = ahead + 2  # one chunk group read ahead
+    win = Windows(ranges, count=count, window=128 << 10, ahead=ahead)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         live: list[tuple[torch.Tensor, int, int, int]] = []
         for _, pos, n in ranges:
             live.append((win.get(fd, path, pos, n), pos, n, win._win))
-            if win._ahead is not None:
-                win._ahead[1].result()  # let the read-ahead land before looking
-            live = [v for v in live if win._win - v[3] <= count - 2]  # what the rotation promises to keep
+            for _, fut, _ in win._pending:
+                fut.result()  # let the reads ahead land before looking
+            live = [v for v in live if win._win - v[3] <= count - ahead - 1]  # what the rotation promises
             for view, p, m, _ in live:
                 assert bytes(view.numpy()) == data[p:p + m], (p, m)
         assert bytes(win.get(fd, path, 7, 11).numpy()) == data[7:18]  # outside the plan: read on its own
