@@ -101,3 +101,23 @@ def test_llava_descendants_exclude_vision_and_use_shared_vocab(planted: dict, tm
 def test_bad_mode_is_refused(planted: dict) -> None:
     with pytest.raises(VlsafeError, match="mode 'sideways'"):
         task_vectors(str(planted["base"]), str(planted["a"]), str(planted["chain"]), mode="sideways")
+
+
+def test_nonfinite_entries_are_counted_and_left_out(planted: dict, tmp_path: Path) -> None:
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def poison(n: str, t: torch.Tensor) -> torch.Tensor:
+        if n != name:
+            return t
+        t = t.clone()
+        t.view(-1)[[0, 5]] = torch.tensor([float("nan"), float("inf")])
+        return t
+    bad = write_like(planted["sibling"], tmp_path / "bad", poison)
+    tv = task_vectors(str(planted["base"]), str(planted["a"]), str(bad), mode="siblings", progress=False)
+    row = tv.set_index("tensor").loc[name]
+    assert row["nonfinite"] == 2 and "2 non-finite entries excluded" in row["note"]
+    w0, wa, wb = (load_all(p)[name].double().reshape(-1) for p in (planted["base"], planted["a"], bad))
+    ok = torch.isfinite(wb)
+    ta, tb = (wa - w0)[ok], (wb - w0)[ok]
+    assert row["cosine"] == pytest.approx(float(ta @ tb / (ta.norm() * tb.norm())), rel=1e-12)
+    assert tv["nonfinite"].sum() == 2
