@@ -5,8 +5,9 @@
 fp64 on the fly and every difference, square, tolerance test and sum runs in fp64 (exact differences for
 fp32/half inputs). Sums are two-level (partial sums over blocks of `BLOCK` elements, then over blocks), and
 may be reassociated so LLVM vectorises them: on 600 K squares of integers the error was < 1e-15 relative
-(a plain running sum: 1.8e-12, which would blur cosines near 1); the order is fixed for a given machine. fp32 and fp64 pieces are read in place; half pieces (fp16, bf16, which numba cannot read)
-are first converted into per-thread fp32 scratch buffers (exact).
+(a plain running sum: 1.8e-12, which would blur cosines near 1); the order is fixed for a given machine.
+fp32 and fp64 pieces are read in place; half pieces (fp16, bf16, which numba cannot read) are first
+converted into per-thread fp32 scratch buffers (exact).
 
 The kernels release the GIL, so `analysis.threads.map_pieces` runs them on two cores. Non-finite entries
 propagate into the sums; callers detect that and redo such pieces with the entries masked out.
@@ -106,7 +107,7 @@ _WARMING: threading.Thread | None = None
 def warm_up() -> None:
     """Load the compiled kernels in a background thread (once per process), to overlap the first reads.
 
-    numba's first call in a process costs ~0.3 s even from its disk cache (mostly numba importing and
+    numba's first call in a process costs 0.3-0.5 s even from its disk cache (mostly numba importing and
     registering its own typing modules); a later kernel call waits for this one through numba's lock."""
     global _WARMING
     if _WARMING is None:

@@ -251,7 +251,8 @@ def aggregate_layers(tensors: pd.DataFrame) -> pd.DataFrame:
     paired = paired.assign(changed=paired["frac_changed"] * paired["numel"],
                            nonfinite=paired["nonfinite"].astype("float64"))
     g = group_layers(paired, ["checkpoint_a", "checkpoint_b"],
-                     ["numel", "sq_norm_a", "sq_norm_b", "sq_norm_delta", "dot_ab", "changed", "nonfinite"], ["max_abs"])
+                     ["numel", "sq_norm_a", "sq_norm_b", "sq_norm_delta", "dot_ab", "changed", "nonfinite"],
+                     ["max_abs"])
     g["numel"] = g["numel"].astype("int64")
     g["rel_frobenius"] = [_ratio(math.sqrt(d), math.sqrt(a)) for d, a in zip(g["sq_norm_delta"], g["sq_norm_a"])]
     g["cosine"] = [_cosine(d, a, b) for d, a, b in zip(g["dot_ab"], g["sq_norm_a"], g["sq_norm_b"])]

@@ -146,7 +146,8 @@ def child(what: str, pre: str, post: str) -> dict:
         aggregate_layers(diff_checkpoints(pre, [post], progress=False))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     del torch
-    return {"seconds": seconds, "cpu_seconds": cpu, "startup_seconds": startup, "bytes": sum(f.stat().st_size for f in files), "base_rss_mb": base,
+    return {"seconds": seconds, "cpu_seconds": cpu, "startup_seconds": startup,
+            "bytes": sum(f.stat().st_size for f in files), "base_rss_mb": base,
             "peak_rss_mb": _status_mb("VmHWM"), "note": note}
 
 
@@ -223,7 +224,8 @@ def summarize(rows: list[dict], bench: str, goal_ratio: float, rss_bound_mb: flo
                     "meets_rss": rss <= rss_bound_mb})
         each = ", ".join(f"{w} {s:.2f} s" for w, s in base.items())
         print(f"{bench} {mode}: diff {dif:.2f} s = {ratio:.2f} x the fastest raw read ({fastest}; goal >= "
-              f"{goal_ratio}{'' if mode == 'cold' else ', reference only'}); baselines {each}; diff peak RSS {rss:.0f} MB (bound {rss_bound_mb:.0f} MB); "
+              f"{goal_ratio}{'' if mode == 'cold' else ', reference only'}); baselines {each}; "
+              f"diff peak RSS {rss:.0f} MB (bound {rss_bound_mb:.0f} MB); "
               f"diff CPU time {cpu:.1f} s (load avg {os.getloadavg()[0]:.1f})")
     return out
 

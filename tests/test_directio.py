@@ -57,7 +57,8 @@ def test_windows_serve_the_file_and_keep_views_valid(blob: tuple[Path, bytes], u
     """Random ranges, and page-aligned ones whose windows all have one size (so buffers are reused, never
     regrown): every view still alive by the rotation's promise holds the file's bytes after the read-ahead."""
     path, data = blob
-    ranges = [(path, p, 8 * ALIGN) for p in range(0, len(data), 8 * ALIGN)] if uniform else _random_ranges(path, len(data))
+    step = 8 * ALIGN
+    ranges = [(path, p, step) for p in range(0, len(data), step)] if uniform else _random_ranges(path, len(data))
     count = ahead + 2  # one chunk group read ahead
     win = Windows(ranges, count=count, window=128 << 10, ahead=ahead)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
