@@ -9,8 +9,8 @@ may be reassociated so LLVM vectorises them: on 600 K squares of integers the er
 fp32 and fp64 pieces are read in place; half pieces (fp16, bf16, which numba cannot read) are first
 converted into per-thread fp32 scratch buffers (exact).
 
-The kernels release the GIL, so `analysis.threads.map_pieces` runs them on two cores. Non-finite entries
-propagate into the sums; callers detect that and redo such pieces with the entries masked out.
+The kernels release the GIL, so `piece_sums` runs them over pieces on two cores (`analysis.threads.map_pieces`).
+Non-finite entries propagate into the sums; `piece_sums` then redoes such pieces with those entries left out.
 Compiled code is cached on disk (numba `cache=True`); the first call of a process that finds no cache
 compiles each signature in about half a second.
 
@@ -20,15 +20,20 @@ expression of the same statistics over 256 K-element pieces (8 kernels).
 
 from __future__ import annotations
 
+import functools
 import threading
+from typing import Callable
 
 import numpy as np
 import torch
 from numba import njit
 
+from analysis.threads import map_pieces, serial_torch
+
 _FAST = {"reassoc", "contract"}  # reorder sums (vectorisation); no assumption about NaN/Inf
 NATIVE = (torch.float32, torch.float64)
 BLOCK = 1024  # elements per inner partial sum
+PIECE = 1 << 18  # elements per kernel call (one thread's unit of work)
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
@@ -133,3 +138,21 @@ def triple_sums(w0: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, chain: boo
     """fp64 `[‖τ_A‖², ‖τ_B‖², ⟨τ_A,τ_B⟩]` with τ_A = wa − w0 and τ_B = wb − (wa if `chain` else w0), 1-D pieces."""
     x0, xa, xb = _SCRATCH.arrays(w0, wa, wb)
     return torch.tensor(_triple(x0, xa, xb, bool(chain)), dtype=torch.float64)
+
+
+def piece_sums(fn: Callable[..., torch.Tensor], *ts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`fn` (a kernel above, options bound) over `PIECE`-element pieces of the same-length 1-D tensors `ts`,
+    split over two threads. Pieces are redone over the entries finite in every tensor when a result is not
+    finite. Returns the per-piece results (one row each) and the number of entries left out."""
+    n = ts[0].numel()
+    with serial_torch():
+        s = map_pieces(lambda i, j: fn(*(t[i:j] for t in ts)), n, PIECE)
+        if bool(torch.isfinite(s).all()):
+            return s, 0
+        parts, left_out = [], 0
+        for i in range(0, n, PIECE):
+            xs = [t[i:i + PIECE] for t in ts]
+            ok = functools.reduce(torch.logical_and, (torch.isfinite(x) for x in xs))
+            left_out += int((~ok).sum())
+            parts.append(fn(*(x[ok] for x in xs)) if bool(ok.any()) else torch.zeros(s.shape[1], dtype=torch.float64))
+        return torch.stack(parts), left_out

@@ -13,9 +13,9 @@ here (0.5-0.6 CPU-s for the whole diff with O_DIRECT). Pickle checkpoints keep t
 order, in chunks of about `chunk_elems` elements, reading the next chunk group(s) in a background thread while
 the caller computes on the current one (I/O and arithmetic overlap; `PREFETCH + 1` chunk groups are alive).
 With `reuse=True` (the weight diff and task vectors) nothing is allocated per chunk, and O_DIRECT readers read
-planned windows of many tensors with one window of read-ahead (`analysis.directio.Windows`), so the device
-is kept busy through runs of small tensors: a cold SmolLM2 diff went from 1.0-1.3 s to the time of a plain
-sequential O_DIRECT read of the two files.
+planned windows of many tensors with `READ_AHEAD` windows read ahead (`analysis.directio.Windows`), so the
+device is kept busy through runs of small tensors: a cold SmolLM2 diff went from 1.4-1.6 s to 0.85-1.0 s
+(0.63-0.96 of a plain sequential O_DIRECT read of the two files, which varies with the disk's minute).
 
 >>> readers = [TensorReader(a), TensorReader(b)]
 >>> for name, start, stop, (ta, tb), last in stream_rows(readers, [("model.norm.weight", [1, 1])]):
@@ -93,16 +93,14 @@ def wants_direct_io(ckpts: Sequence[Checkpoint]) -> bool:
 
 
 def direct_flags(ckpts: Sequence[Checkpoint]) -> list[bool]:
-    """Per checkpoint, whether to read it with O_DIRECT: all when `wants_direct_io(ckpts)`; else those of
-    which less than half is in the page cache (cold files: O_DIRECT reads them at the device's speed without
-    allocating and filling page cache; cached ones are copied from memory). `VLSAFE_DIRECT_IO` forces all."""
-    if wants_direct_io(ckpts) or _flag() is not None:
-        return [wants_direct_io(ckpts)] * len(ckpts)
-    flags = []
-    for c in ckpts:
-        cached = cached_fraction(sorted(_files([c])))
-        flags.append(cached is not None and cached < 0.5)
-    return flags
+    """Per checkpoint, whether to read it with O_DIRECT: all when `wants_direct_io(ckpts)` (or none when
+    `VLSAFE_DIRECT_IO=0`); else those of which less than half is in the page cache (cold files: O_DIRECT reads
+    them at the device's speed without allocating and filling page cache; cached ones are copied from memory)."""
+    every = wants_direct_io(ckpts)
+    if every or _flag() is not None:
+        return [every] * len(ckpts)
+    fractions = (cached_fraction(sorted(_files([c]))) for c in ckpts)
+    return [f is not None and f < 0.5 for f in fractions]
 
 
 def open_readers(ckpts: Sequence[Checkpoint]) -> list["TensorReader"]:
@@ -154,7 +152,7 @@ class TensorReader:
         if self.ckpt.source.kind != "safetensors":
             t = self._pickle_tensor(raw)
             return t if not shape else t[start:stop]
-        return self._read_safetensors(raw, shape, start, stop, out, windows)
+        return self._read_safetensors(name, start, stop, out, windows)
 
     def byte_range(self, name: str, start: int = 0, stop: int | None = None) -> tuple[Path, int, int] | None:
         """(file, byte offset, byte count) that `read(name, start, stop)` reads; None for non-safetensors."""
@@ -163,34 +161,33 @@ class TensorReader:
         rt = self.ckpt.source.tensors[self.ckpt.raw_name(name)]
         shape = self.shape(name)
         stop = leading_rows(shape) if stop is None else stop
-        row_bytes = row_numel(shape) * torch.empty((), dtype=torch_dtype(rt.dtype)).element_size()
+        row_bytes = row_numel(shape) * torch_dtype(rt.dtype).itemsize
         self._handle(rt.file)
         return rt.file, self._data_start[rt.file] + rt.offset + start * row_bytes, (stop - start) * row_bytes
 
-    def _read_safetensors(self, raw: str, shape: tuple[int, ...], start: int, stop: int,
-                          out: Buffer | None, windows: Windows | None) -> torch.Tensor:
-        rt = self.ckpt.source.tensors[raw]
-        dtype = torch_dtype(rt.dtype)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        row_bytes = row_numel(shape) * itemsize
-        nbytes = (stop - start) * row_bytes
-        fh = self._handle(rt.file)
-        pos = self._data_start[rt.file] + rt.offset + start * row_bytes
+    def _read_safetensors(self, name: str, start: int, stop: int, out: Buffer | None,
+                          windows: Windows | None) -> torch.Tensor:
+        rng = self.byte_range(name, start, stop)
+        assert rng is not None
+        path, pos, nbytes = rng
+        raw, shape = self.ckpt.raw_name(name), self.shape(name)
+        dtype = torch_dtype(self.ckpt.source.tensors[raw].dtype)
         out_shape = (stop - start, *shape[1:]) if shape else ()
         # with windows, small tensors come out of large O_DIRECT reads too
-        fd = self._direct_fd(rt.file) if self.direct and (windows or nbytes >= DIRECT_MIN_BYTES) else None
+        fd = self._direct_fd(path) if self.direct and (windows or nbytes >= DIRECT_MIN_BYTES) else None
         if fd is not None:
-            buf = windows.get(fd, rt.file, pos, nbytes) if windows else read_direct(fd, pos, nbytes)
+            buf = windows.get(fd, path, pos, nbytes) if windows else read_direct(fd, pos, nbytes)
             if buf is None:
-                raise VlsafeError(f"{rt.file}: truncated while reading tensor '{raw}'")
+                raise VlsafeError(f"{path}: truncated while reading tensor '{raw}'")
             return buf.view(dtype).reshape(out_shape)
         buf = out.take(nbytes) if out is not None else torch.empty(nbytes, dtype=torch.uint8)
+        fh = self._handle(path)
         fh.seek(pos)
         view, got = memoryview(buf.numpy()), 0
         while got < nbytes:
             n = fh.readinto(view[got:])
             if not n:
-                raise VlsafeError(f"{rt.file}: truncated while reading tensor '{raw}'")
+                raise VlsafeError(f"{path}: truncated while reading tensor '{raw}'")
             got += n
         return buf.view(dtype).reshape(out_shape)
 
@@ -288,8 +285,9 @@ def stream_rows(readers: Sequence[TensorReader], jobs: Sequence[Job], chunk_elem
     """
     depth = PREFETCH if prefetch is True else int(prefetch)
     plan = [(job, a, b) for job in jobs for a, b in _chunks(job, _first_shape(readers, job), chunk_elems)]
-    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlsafe-readahead")  # one request at a time
-    wins = [_windows(r, plan, i, depth + READ_AHEAD + 1, ahead) if reuse else None for i, r in enumerate(readers)]
+    readahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlsafe-readahead")  # one request at a time
+    wins = [_windows(r, plan, i, depth + READ_AHEAD + 1, readahead) if reuse else None
+            for i, r in enumerate(readers)]
     mem = [[(Buffer() if reuse else None, w) for w in wins] for _ in range(depth + 1)]
     try:
         yield from _stream(readers, plan, depth, mem)
@@ -297,7 +295,7 @@ def stream_rows(readers: Sequence[TensorReader], jobs: Sequence[Job], chunk_elem
         for w in wins:
             if w is not None:
                 w.close()
-        ahead.shutdown()
+        readahead.shutdown()
 
 
 def _stream(readers: Sequence[TensorReader], plan: list[tuple[Job, int, int]], depth: int,

@@ -24,13 +24,11 @@ from tqdm.auto import tqdm
 
 from analysis.checkpoints import Checkpoint, open_checkpoint
 from analysis.errors import VlsafeError
-from analysis.kernels import triple_sums, warm_up
+from analysis.kernels import piece_sums, triple_sums, warm_up
 from analysis.layergroups import group_layers
 from analysis.names import layer_module
 from analysis.pairing import checkpoint_labels, pair_checkpoints
 from analysis.streaming import DEFAULT_CHUNK_ELEMS, Job, open_readers, stream_rows
-from analysis.threads import map_pieces, serial_torch
-from analysis.weightshift import PIECE
 
 MODES = ("siblings", "chain")
 
@@ -46,28 +44,15 @@ class TaskStats:
     nonfinite: int = 0
 
     def update(self, w0: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, chain: bool) -> None:
-        """Add one chunk triple (same shape)."""
+        """Add one chunk triple (same shape); entries non-finite in any of the three are left out."""
         w0, wa, wb = w0.reshape(-1), wa.reshape(-1), wb.reshape(-1)
         if not w0.numel():
             return
-        with serial_torch():
-            s = map_pieces(lambda i, j: triple_sums(w0[i:j], wa[i:j], wb[i:j], chain), w0.numel(), PIECE)
-            if not bool(torch.isfinite(s).all()):
-                s = self._masked(w0, wa, wb, chain)
+        s, left_out = piece_sums(lambda x0, xa, xb: triple_sums(x0, xa, xb, chain), w0, wa, wb)
         sa, sb, d = s.sum(0).tolist()
         self.sq_a, self.sq_b, self.dot = self.sq_a + sa, self.sq_b + sb, self.dot + d
+        self.nonfinite += left_out
         self.numel += w0.numel()
-
-    def _masked(self, w0: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, chain: bool) -> torch.Tensor:
-        """Per piece, the sums over entries finite in all three checkpoints (the others counted in `nonfinite`)."""
-        parts = []
-        for i in range(0, w0.numel(), PIECE):
-            x0, xa, xb = w0[i:i + PIECE], wa[i:i + PIECE], wb[i:i + PIECE]
-            ok = torch.isfinite(x0) & torch.isfinite(xa) & torch.isfinite(xb)
-            self.nonfinite += int((~ok).sum())
-            parts.append(triple_sums(x0[ok], xa[ok], xb[ok], chain) if bool(ok.any())
-                         else torch.zeros(3, dtype=torch.float64))
-        return torch.stack(parts)
 
 
 def _cos(dot: float, sq_a: float, sq_b: float) -> float:

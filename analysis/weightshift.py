@@ -25,17 +25,15 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis.checkpoints import Checkpoint, open_checkpoint
-from analysis.kernels import pair_sums, warm_up
+from analysis.kernels import pair_sums, piece_sums, warm_up
 from analysis.layergroups import MODULE_ORDER, group_layers
 from analysis.names import layer_module
 from analysis.pairing import Pairing, checkpoint_labels, pair_checkpoints
 from analysis.spectral import EXACT_MAX_NUMEL, left_singular, spectrum
 from analysis.streaming import DEFAULT_CHUNK_ELEMS, Job, open_readers, stream_rows
-from analysis.threads import map_pieces, serial_torch
 
 CheckpointLike = Checkpoint | str | os.PathLike
 RTOL, ATOL = 1e-3, 1e-8
-PIECE = 1 << 18  # elements per piece of the fused statistics (one thread's unit of work)
 SPECTRAL_COLUMNS = ("stable_rank", "effective_rank", "top_sigma", "subspace_overlap", "spectral_method",
                     "spectral_error")
 
@@ -61,28 +59,17 @@ class PairStats:
         return (self.sq_a + self.sq_b - self.sq_d) / 2
 
     def update(self, a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL, atol: float = ATOL) -> None:
-        """Add one chunk pair (same shape, any float dtype)."""
+        """Add one chunk pair (same shape, any float dtype); entries non-finite on either side are left out."""
         a, b = a.reshape(-1), b.reshape(-1)
         if not a.numel():
             return
-        with serial_torch():
-            s = map_pieces(lambda i, j: pair_sums(a[i:j], b[i:j], rtol, atol), a.numel(), PIECE)
-            if not bool(torch.isfinite(s[:, :3]).all()):
-                s = self._masked(a, b, rtol, atol)
+        s, left_out = piece_sums(lambda x, y: pair_sums(x, y, rtol, atol), a, b)
         sums = s[:, :4].sum(0).tolist()
         self.numel += a.numel()
+        self.nonfinite += left_out
         self.sq_a, self.sq_b, self.sq_d = self.sq_a + sums[0], self.sq_b + sums[1], self.sq_d + sums[2]
         self.changed += int(sums[3])
         self.max_abs = max(self.max_abs, float(s[:, 4].max()))
-
-    def _masked(self, a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
-        parts = []
-        for i in range(0, a.numel(), PIECE):
-            x, y = a[i:i + PIECE], b[i:i + PIECE]
-            ok = torch.isfinite(x) & torch.isfinite(y)
-            self.nonfinite += int((~ok).sum())
-            parts.append(pair_sums(x[ok], y[ok], rtol, atol) if bool(ok.any()) else torch.zeros(5, dtype=torch.float64))
-        return torch.stack(parts)
 
     def metrics(self) -> dict[str, Any]:
         """rel_frobenius, cosine, max_abs, frac_changed, nonfinite and the raw fp64 sums."""
