@@ -1,20 +1,24 @@
-"""O_DIRECT reads: page-aligned ranges into page-aligned, reusable buffers (no page cache).
+"""Planned reads: page-aligned byte ranges into page-aligned, reused buffers, with O_DIRECT where asked.
 
-`read_direct` reads one byte range. `Windows` serves a known sequence of ranges from planned windows of
-many tensors, reading the next window in the background. Measured on a cold SmolLM2 pair (2 × 538 MB fp32,
-this machine's virtual disk): one O_DIRECT request per tensor made the diff latency-bound (1.1-1.3 s
-against 0.75 s for reading the files in 16 MiB blocks); 32 MiB windows without read-ahead still left the
-device idle 0.2 s in all while the caller worked through runs of small tensors; with read-ahead the idle
-time is ~0 and the diff ends 0.04 s after its last read.
+`read_direct` reads one byte range with O_DIRECT. `WindowRing` serves a known sequence of reads made by
+several readers (one per checkpoint) from planned windows of many tensors, read ahead by one background
+thread into a few reused slots. Measured on a cold SmolLM2 pair (2 × 538 MB fp32, this machine's virtual
+disk): one O_DIRECT request per tensor made the diff latency-bound (1.1-1.3 s against 0.75 s for reading
+the files in 16 MiB blocks); windows without read-ahead left the device idle 0.2 s in all while the caller
+worked through runs of small tensors. Memory freshly taken from the OS is expensive on this VM (free page
+reporting hands freed memory back to the host, which faults it in again page by page: 96 MiB of fresh
+read buffers cost 0.1-0.4 s), so the ring uses few slots (readers + read-ahead) and keeps them in a small
+process-wide pool for the next stream.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -27,6 +31,10 @@ class Buffer:
 
     def __init__(self) -> None:
         self._raw = torch.empty(0, dtype=torch.uint8)
+
+    @property
+    def capacity(self) -> int:
+        return self._raw.numel()
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A page-aligned uint8 view of at least `nbytes` (contents undefined; invalidates earlier views' data)."""
@@ -51,13 +59,12 @@ def _pread_all(fd: int, buf: torch.Tensor, first: int) -> int:
     return got
 
 
-def read_direct(fd: int, pos: int, nbytes: int, out: Buffer | None = None) -> torch.Tensor | None:
-    """`nbytes` at `pos` of an O_DIRECT `fd` (None if the file ends first); a view into `out` when given."""
+def read_direct(fd: int, pos: int, nbytes: int, out: Buffer | None = None) -> torch.Tensor:
+    """`nbytes` at `pos` of an O_DIRECT `fd` (fewer if the file ends first); a view into `out` when given."""
     first, size = _span(pos, nbytes)
     buf = (out or Buffer()).take(size)
-    if _pread_all(fd, buf, first) < pos - first + nbytes:
-        return None
-    return buf[pos - first: pos - first + nbytes]
+    got = _pread_all(fd, buf, first)
+    return buf[pos - first: max(pos - first, min(got, pos - first + nbytes))]
 
 
 Range = tuple[Path, int, int]  # file, byte offset, byte count
@@ -81,82 +88,165 @@ def plan_windows(ranges: Sequence[Range], window: int = WINDOW_BYTES) -> tuple[l
     return wins, index
 
 
-class Windows:
-    """The reads of a known sequence of ranges, served from planned O_DIRECT windows with read-ahead.
 
-    `plan_windows` groups the ranges so that no range is split between windows. The next `ahead` windows of
-    the same file are read in the background, so the device stays busy while the caller is busy elsewhere
-    (a run of small tensors, arithmetic). Windows go into `count` rotating buffers: a view returned by `get`
-    stays valid until `count - ahead` more windows have been switched to, so
-    `count = groups read ahead + ahead + 1`. A read outside the plan falls back to its own `read_direct`."""
 
-    def __init__(self, ranges: Sequence[Range], count: int = 3, window: int = WINDOW_BYTES,
-                 pool: ThreadPoolExecutor | None = None, ahead: int = 1) -> None:
-        if count < ahead + 1:
-            raise ValueError(f"Windows with {ahead} read ahead needs at least {ahead + 1} buffers")
-        self._ranges = list(ranges)
-        self._wins, self._index = plan_windows(self._ranges, window)
-        self._bufs = tuple(Buffer() for _ in range(count))
-        self.ahead = ahead
-        self._next = 0  # the next planned range
-        self._win = -1  # the window now served
-        self._loads = 0  # windows loaded so far (sync or ahead): the k-th goes into buffer k % count
-        self._view = torch.empty(0, dtype=torch.uint8)
-        self._got = 0
-        self._own = pool is None
-        self._pool = pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlsafe-readahead")
-        self._pending: deque[tuple[int, Future, torch.Tensor]] = deque()  # window, bytes read, buffer
+Request = tuple[int, Path, int, int]  # reader index, file, byte offset, byte count
+SPARE_SLOTS = 8  # read buffers of window size kept for the next stream (process-wide)
+_SPARE: list[Buffer] = []
+_SPARE_LOCK = threading.Lock()
+
+
+def _take_buffers(n: int) -> list[Buffer]:
+    with _SPARE_LOCK:
+        got = _SPARE[:n]
+        del _SPARE[:n]
+    return got + [Buffer() for _ in range(n - len(got))]
+
+
+def _give_buffers(bufs: Sequence[Buffer]) -> None:
+    """Keep window-sized buffers for the next stream (larger ones, e.g. a whole matrix, are freed)."""
+    with _SPARE_LOCK:
+        for b in bufs:
+            if len(_SPARE) < SPARE_SLOTS and b.capacity <= 2 * WINDOW_BYTES + ALIGN:
+                _SPARE.append(b)
+
+
+class WindowRing:
+    """Serve a known sequence of reads, made by several readers in turn, from windows read ahead.
+
+    Per reader, `plan_windows` groups its reads into windows (no read is split). `threads` background threads
+    read the windows of all readers in the order the reads first need them, each taking a free slot and then
+    the next window, with O_DIRECT for the readers marked `direct` (buffered where the file system refuses
+    it). There are `readers + ahead` reused slots: up to `ahead` windows are read while the caller works. A
+    reader's window is released when that reader's next read moves to another window, so a view returned by
+    `get` stays valid until the same reader's next `get` (and until `close`). The caller holds at most one
+    window per reader and the windows are read in the order it first needs them, so a slot is always free
+    for the window it waits on (no deadlock, even with `ahead=0`). The caller must make the planned reads in
+    order; `get` answers None to a read that is not the reader's next planned one, and a shorter view when
+    the file ends early. An error in a reading thread is raised by the caller's next `get`."""
+
+    def __init__(self, requests: Sequence[Request], direct: Sequence[bool], ahead: int = 2,
+                 window: int = WINDOW_BYTES, threads: int = 1) -> None:
+        self._reqs: dict[int, list[tuple[Path, int, int]]] = {}
+        for i, path, pos, n in requests:
+            self._reqs.setdefault(i, []).append((path, pos, n))
+        self._gid: dict[int, list[int]] = {i: [] for i in self._reqs}
+        self._wins: list[tuple[int, tuple[Path, int, int]]] = []  # (reader, window), in order of first use
+        self._plan_order(requests, window)
+        self._direct = direct
+        self._next = dict.fromkeys(self._reqs, 0)
+        self._held: dict[int, int] = {}  # reader -> window it is served from
+        self._slots = _take_buffers(len(self._reqs) + max(0, ahead))
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for k in range(len(self._slots)):
+            self._free.put(k)
+        self._loaded: list[tuple[int, torch.Tensor] | None] = [None] * len(self._wins)  # slot, bytes read
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._stop = False
+        self._claimed = 0  # windows handed to the reading threads so far
+        self._threads = [threading.Thread(target=self._run, name="vlsafe-readahead", daemon=True)
+                         for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _plan_order(self, requests: Sequence[Request], window: int) -> None:
+        local = {i: plan_windows(r, window) for i, r in self._reqs.items()}
+        gids: dict[tuple[int, int], int] = {}
+        seen = dict.fromkeys(self._reqs, 0)
+        for i, *_ in requests:
+            w = local[i][1][seen[i]]
+            seen[i] += 1
+            if (i, w) not in gids:
+                gids[(i, w)] = len(self._wins)
+                self._wins.append((i, local[i][0][w]))
+            self._gid[i].append(gids[(i, w)])
+
+    def stream(self, reader: int) -> Callable[[Path, int, int], torch.Tensor | None]:
+        """`get` bound to one reader: `(path, pos, nbytes) -> view | None`."""
+        return partial(self.get, reader)
+
+    def get(self, reader: int, path: Path, pos: int, nbytes: int) -> torch.Tensor | None:
+        """The `nbytes` at `pos` of `path` as a uint8 view (shorter if the file ends first); None if this is
+        not `reader`'s next planned read."""
+        reqs, k = self._reqs.get(reader, []), self._next.get(reader, 0)
+        if k >= len(reqs) or reqs[k] != (path, pos, nbytes):
+            return None
+        self._next[reader] = k + 1
+        g = self._gid[reader][k]
+        if self._held.get(reader) != g:
+            old = self._held.pop(reader, None)
+            if old is not None:
+                self._release(old)  # before waiting: the reader thread may need this slot for window g
+        view = self._wait(g)
+        self._held[reader] = g
+        skip = pos - self._wins[g][1][1]
+        return view[skip:skip + nbytes]
+
+    def _release(self, g: int) -> None:
+        loaded = self._loaded[g]
+        assert loaded is not None
+        self._loaded[g] = None
+        self._free.put(loaded[0])
+
+    def _wait(self, g: int) -> torch.Tensor:
+        with self._cond:
+            while self._loaded[g] is None and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            return self._loaded[g][1]  # type: ignore[index]
+
+    def _claim(self) -> tuple[int, int] | None:
+        """A free slot and the next window to read into it (in order), or None when done or stopped."""
+        slot = self._free.get()
+        with self._cond:
+            if self._stop or self._claimed >= len(self._wins):
+                self._free.put(slot)  # wake the next thread to stop too
+                return None
+            self._claimed += 1
+            return slot, self._claimed - 1
+
+    def _run(self) -> None:
+        fds: dict[tuple[Path, bool], int] = {}
+        try:
+            while (claim := self._claim()) is not None:
+                slot, g = claim
+                i, (path, first, size) = self._wins[g]
+                key = (path, self._direct[i])
+                fd = fds[key] if key in fds else _open(path, key[1], fds)
+                buf = self._slots[slot].take(size)
+                got = _pread_all(fd, buf, first)
+                with self._cond:
+                    self._loaded[g] = (slot, buf[:got])
+                    self._cond.notify_all()
+        except BaseException as e:  # handed to the caller's next `get`
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def close(self) -> None:
-        """Wait for the reads ahead in flight and stop the thread (unless the pool was passed in)."""
-        self._settle()
-        if self._own:
-            self._pool.shutdown()
-
-    def get(self, fd: int, path: Path, pos: int, nbytes: int) -> torch.Tensor | None:
-        """`nbytes` at `pos` of `path` (open as `fd` with O_DIRECT), None if the file ends first."""
-        k = self._next
-        if k >= len(self._ranges) or self._ranges[k] != (path, pos, nbytes):
-            return read_direct(fd, pos, nbytes)
-        self._next += 1
-        w = self._index[k]
-        if w != self._win:
-            self._switch(fd, w)
-        first = self._wins[w][1]
-        if pos + nbytes - first > self._got:
-            return None
-        return self._view[pos - first: pos - first + nbytes]
-
-    def _buffer(self, size: int) -> torch.Tensor:
-        buf = self._bufs[self._loads % len(self._bufs)].take(size)
-        self._loads += 1
-        return buf
-
-    def _switch(self, fd: int, w: int) -> None:
-        if self._pending and self._pending[0][0] == w:
-            _, fut, self._view = self._pending.popleft()
-            self._got = fut.result()
-        else:  # the first window, or the first of another file (reads ahead stay within one file)
-            self._settle()
-            _, first, size = self._wins[w]
-            self._view = self._buffer(size)
-            self._got = _pread_all(fd, self._view, first)
-        self._win = w
-        nxt = self._pending[-1][0] + 1 if self._pending else w + 1
-        while len(self._pending) < self.ahead and nxt < len(self._wins) and self._wins[nxt][0] == self._wins[w][0]:
-            _, first, size = self._wins[nxt]
-            buf = self._buffer(size)
-            self._pending.append((nxt, self._pool.submit(_pread_closing, os.dup(fd), buf, first), buf))
-            nxt += 1
-
-    def _settle(self) -> None:
-        """Wait for the reads ahead in flight (they write into the buffers) and drop them."""
-        while self._pending:
-            self._pending.popleft()[1].result()
+        """Stop reading ahead and give the slots back to the pool (views from `get` become invalid)."""
+        with self._cond:
+            self._stop = True
+        self._free.put(-1)
+        for t in self._threads:
+            t.join()
+        _give_buffers(self._slots)
 
 
-def _pread_closing(fd: int, buf: torch.Tensor, first: int) -> int:
-    try:
-        return _pread_all(fd, buf, first)
-    finally:
-        os.close(fd)
+def _open(path: Path, direct: bool, fds: dict[tuple[Path, bool], int]) -> int:
+    """Open `path` for reading (O_DIRECT if `direct` and the file system allows it), remembered in `fds`."""
+    fd = None
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:  # e.g. tmpfs
+            fd = None
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+    fds[(path, direct)] = fd
+    return fd

@@ -10,15 +10,15 @@ kernel's copy out of it. A cold SmolLM2 pair (2 × 538 MB) read buffered cost 0.
 here (0.5-0.6 CPU-s for the whole diff with O_DIRECT). Pickle checkpoints keep their one most recently loaded file.
 
 `stream_rows` walks a list of jobs (tensor name + how many leading rows to read from each checkpoint) in
-order, in chunks of about `chunk_elems` elements, reading the next chunk group(s) in a background thread while
-the caller computes on the current one (I/O and arithmetic overlap; `PREFETCH + 1` chunk groups are alive).
-With `reuse=True` (the weight diff and task vectors) nothing is allocated per chunk, and O_DIRECT readers read
-planned windows of many tensors with `READ_AHEAD` windows read ahead (`analysis.directio.Windows`), so the
-device is kept busy through runs of small tensors: a cold SmolLM2 diff went from 1.4-1.6 s to 0.85-1.0 s
-(0.63-0.96 of a plain sequential O_DIRECT read of the two files, which varies with the disk's minute).
+order, in chunks of about `chunk_elems` elements. The safetensors reads are planned up front and served by
+`analysis.directio.WindowRing`: one background thread reads windows of many tensors (16 MiB) for all
+checkpoints, `READ_AHEAD` windows ahead, into a few reused slots, so the device stays busy through runs of
+small tensors while the caller computes and nothing is allocated per chunk. A cold SmolLM2 diff went from
+1.4-1.6 s (a read per tensor) to 0.85-1.0 s with per-checkpoint windows and a second read-ahead thread, and
+to MEASURED with one ring (see `benchmarks/results/weightshift.csv`).
 
 >>> readers = [TensorReader(a), TensorReader(b)]
->>> for name, start, stop, (ta, tb), last in stream_rows(readers, [("model.norm.weight", [1, 1])]):
+>>> for name, start, stop, (ta, tb), last in stream_rows(readers, [Job("model.norm.weight", (1, 1))]):
 ...     ...
 """
 
@@ -27,16 +27,14 @@ from __future__ import annotations
 import io
 import os
 import struct
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from analysis.checkpoints import Checkpoint
-from analysis.directio import Buffer, Windows, read_direct
+from analysis.directio import Request, WindowRing, read_direct
 from analysis.errors import VlsafeError
 from analysis.pagecache import cached_fraction
 from analysis.sources import torch_dtype
@@ -45,8 +43,8 @@ DEFAULT_CHUNK_ELEMS = 1 << 22  # 4M elements: 8 MB of bf16, 16 MB of fp32 per ch
 
 
 DIRECT_MIN_BYTES = 1 << 20
-PREFETCH = 1  # chunk groups read ahead
-READ_AHEAD = 2  # O_DIRECT windows read ahead of the one served
+READ_AHEAD = 4  # windows read ahead of the ones being served
+READ_THREADS = 2  # reads in flight at once (a second one helps on a busy virtual disk)
 
 
 def leading_rows(shape: Sequence[int]) -> int:
@@ -140,19 +138,19 @@ class TensorReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.ckpt.infos[name].shape)
 
-    def read(self, name: str, start: int = 0, stop: int | None = None, out: Buffer | None = None,
-             windows: Windows | None = None) -> torch.Tensor:
-        """Rows `[start, stop)` along dim 0 of tensor `name` (the whole tensor by default).
+    def read(self, name: str, start: int = 0, stop: int | None = None,
+             planned: Callable[[Path, int, int], torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Rows `[start, stop)` along dim 0 of tensor `name` (the whole tensor by default), as a fresh tensor.
 
-        Reused memory (as `stream_rows(reuse=True)` passes it; the result is then only valid while that memory
-        is not reused): buffered reads go into `out`; O_DIRECT reads are served from `windows`."""
+        `planned` (a `WindowRing.stream`, as `stream_rows` passes it) serves the bytes of a planned read from
+        reused memory instead: the result is then a view, valid only as long as the ring promises."""
         raw = self.ckpt.raw_name(name)
         shape = self.shape(name)
         stop = leading_rows(shape) if stop is None else stop
         if self.ckpt.source.kind != "safetensors":
             t = self._pickle_tensor(raw)
             return t if not shape else t[start:stop]
-        return self._read_safetensors(name, start, stop, out, windows)
+        return self._read_safetensors(name, start, stop, planned)
 
     def byte_range(self, name: str, start: int = 0, stop: int | None = None) -> tuple[Path, int, int] | None:
         """(file, byte offset, byte count) that `read(name, start, stop)` reads; None for non-safetensors."""
@@ -165,22 +163,22 @@ class TensorReader:
         self._handle(rt.file)
         return rt.file, self._data_start[rt.file] + rt.offset + start * row_bytes, (stop - start) * row_bytes
 
-    def _read_safetensors(self, name: str, start: int, stop: int, out: Buffer | None,
-                          windows: Windows | None) -> torch.Tensor:
+    def _read_safetensors(self, name: str, start: int, stop: int,
+                          planned: Callable[[Path, int, int], torch.Tensor | None] | None) -> torch.Tensor:
         rng = self.byte_range(name, start, stop)
         assert rng is not None
         path, pos, nbytes = rng
         raw, shape = self.ckpt.raw_name(name), self.shape(name)
         dtype = torch_dtype(self.ckpt.source.tensors[raw].dtype)
         out_shape = (stop - start, *shape[1:]) if shape else ()
-        # with windows, small tensors come out of large O_DIRECT reads too
-        fd = self._direct_fd(path) if self.direct and (windows or nbytes >= DIRECT_MIN_BYTES) else None
-        if fd is not None:
-            buf = windows.get(fd, path, pos, nbytes) if windows else read_direct(fd, pos, nbytes)
-            if buf is None:
+        buf = planned(path, pos, nbytes) if planned is not None else None
+        if buf is None and self.direct and nbytes >= DIRECT_MIN_BYTES and (fd := self._direct_fd(path)) is not None:
+            buf = read_direct(fd, pos, nbytes)
+        if buf is not None:
+            if buf.numel() < nbytes:
                 raise VlsafeError(f"{path}: truncated while reading tensor '{raw}'")
             return buf.view(dtype).reshape(out_shape)
-        buf = out.take(nbytes) if out is not None else torch.empty(nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         fh = self._handle(path)
         fh.seek(pos)
         view, got = memoryview(buf.numpy()), 0
@@ -249,71 +247,42 @@ def _rows(reader: TensorReader, job: Job, rows: int, start: int, stop: int) -> t
     return (start, hi) if hi > start else None
 
 
-def _read_group(readers: Sequence[TensorReader], job: Job, start: int, stop: int,
-                mem: Sequence[tuple[Buffer | None, Windows | None]]) -> list[torch.Tensor | None]:
-    out: list[torch.Tensor | None] = []
-    for reader, rows, (buf, win) in zip(readers, job.rows, mem):
-        r = _rows(reader, job, rows, start, stop)
-        out.append(None if r is None else reader.read(job.name, r[0], r[1], buf, win))
+def _requests(readers: Sequence[TensorReader], plan: list[tuple[Job, int, int]]) -> list[Request]:
+    """Every safetensors read of the plan, in the order `stream_rows` makes them."""
+    out: list[Request] = []
+    for job, a, b in plan:
+        for i, reader in enumerate(readers):
+            r = _rows(reader, job, job.rows[i], a, b)
+            rng = None if r is None else reader.byte_range(job.name, *r)
+            if rng is not None:
+                out.append((i, *rng))
     return out
 
 
-def _windows(reader: TensorReader, plan: list[tuple[Job, int, int]], i: int, count: int,
-             pool: ThreadPoolExecutor) -> Windows | None:
-    """Planned O_DIRECT windows for reader `i` over the whole plan (None unless it reads with O_DIRECT)."""
-    if not reader.direct:
-        return None
-    ranges = []
-    for job, a, b in plan:
-        r = _rows(reader, job, job.rows[i], a, b)
-        rng = None if r is None else reader.byte_range(job.name, *r)
-        if rng is not None:
-            ranges.append(rng)
-    return Windows(ranges, count, pool=pool, ahead=READ_AHEAD)
-
-
 def stream_rows(readers: Sequence[TensorReader], jobs: Sequence[Job], chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-                prefetch: bool | int = True, reuse: bool = False
-                ) -> Iterator[tuple[str, int, int, list[torch.Tensor | None], bool]]:
+                prefetch: bool | int = True) -> Iterator[tuple[str, int, int, list[torch.Tensor | None], bool]]:
     """Yield `(name, start, stop, tensors, last)` per row chunk of each job, one tensor per reader.
 
     A reader whose row count is exhausted (a shorter vocabulary) or that skips the job yields None.
-    `last` marks a job's final chunk. With `prefetch` (True = `PREFETCH` groups, or a number), the next chunk
-    groups are read ahead in a background thread, so the device stays busy while the caller computes.
-    With `reuse`, reads go into per-reader rotating memory (buffers, O_DIRECT windows; nothing allocated per
-    chunk): a yielded tensor is then only valid until the next one is requested — copy what you keep.
+    `last` marks a job's final chunk. The tensors are views into reused memory, valid until the next chunk
+    group is requested: copy what you keep. With `prefetch` (True = `READ_AHEAD` windows, or a number), one
+    background thread reads that many 16 MiB windows ahead, so the device stays busy while the caller
+    computes; False reads each window when it is needed. Readers with `direct` read with O_DIRECT.
     """
-    depth = PREFETCH if prefetch is True else int(prefetch)
+    ahead = READ_AHEAD if prefetch is True else int(prefetch)
     plan = [(job, a, b) for job in jobs for a, b in _chunks(job, _first_shape(readers, job), chunk_elems)]
-    readahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlsafe-readahead")  # one request at a time
-    wins = [_windows(r, plan, i, depth + READ_AHEAD + 1, readahead) if reuse else None
-            for i, r in enumerate(readers)]
-    mem = [[(Buffer() if reuse else None, w) for w in wins] for _ in range(depth + 1)]
+    ring = WindowRing(_requests(readers, plan), [r.direct for r in readers], ahead, threads=READ_THREADS)
+    planned = [ring.stream(i) for i in range(len(readers))]
     try:
-        yield from _stream(readers, plan, depth, mem)
-    finally:
-        for w in wins:
-            if w is not None:
-                w.close()
-        readahead.shutdown()
-
-
-def _stream(readers: Sequence[TensorReader], plan: list[tuple[Job, int, int]], depth: int,
-            mem: list[list[tuple[Buffer | None, Windows | None]]]
-            ) -> Iterator[tuple[str, int, int, list[torch.Tensor | None], bool]]:
-    if not depth:
         for k, (job, a, b) in enumerate(plan):
-            yield job.name, a, b, _read_group(readers, job, a, b, mem[0]), _is_last(plan, k)
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlsafe-read") as pool:
-        ahead: deque[Future] = deque()
-        for k, (job, a, b) in enumerate(plan):
-            while len(ahead) <= depth and k + len(ahead) < len(plan):
-                i = k + len(ahead)
-                ahead.append(pool.submit(_read_group, readers, *plan[i], mem[i % (depth + 1)]))
-            group = ahead.popleft().result()
+            group: list[torch.Tensor | None] = []
+            for i, reader in enumerate(readers):
+                r = _rows(reader, job, job.rows[i], a, b)
+                group.append(None if r is None else reader.read(job.name, r[0], r[1], planned[i]))
             yield job.name, a, b, group, _is_last(plan, k)
             del group
+    finally:
+        ring.close()
 
 
 def _first_shape(readers: Sequence[TensorReader], job: Job) -> tuple[int, ...]:

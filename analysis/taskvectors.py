@@ -84,7 +84,7 @@ def task_vectors(base: Checkpoint | str, a: Checkpoint | str, b: Checkpoint | st
     rows, st = [], TaskStats()
     bar = tqdm(total=len(jobs), unit="tensor", desc="task vectors", disable=not progress)
     try:
-        for name, _, _, (w0, wa, wb), last in stream_rows(readers, jobs, chunk_elems, prefetch, reuse=True):
+        for name, _, _, (w0, wa, wb), last in stream_rows(readers, jobs, chunk_elems, prefetch):
             st.update(w0, wa, wb, mode == "chain")
             if last:
                 rows.append(_row(name, st, lb, mode, pa.notes.get(name) or pb.notes.get(name, "")))

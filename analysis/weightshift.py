@@ -180,7 +180,7 @@ def diff_checkpoints(pre: CheckpointLike, posts: Sequence[CheckpointLike] | Chec
     bar = tqdm(total=sum(pre.infos[j.name].numel for j in jobs), unit="el", unit_scale=True,
                desc=f"diff {labels[0]}", disable=not progress)
     try:
-        for name, start, stop, (w0, *w1s), last in stream_rows(readers, jobs, chunk_elems, prefetch, reuse=True):
+        for name, start, stop, (w0, *w1s), last in stream_rows(readers, jobs, chunk_elems, prefetch):
             for k, w1 in enumerate(w1s):
                 if w1 is not None:
                     stats[k].update(w0[: w1.shape[0]] if w1.ndim else w0, w1, rtol, atol)

@@ -1,5 +1,6 @@
-"""`analysis.directio` windows and `analysis.pagecache`: planned windows never split a read, serve the file's
-bytes with read-ahead, keep views valid for as long as promised; cold checkpoints are read with O_DIRECT."""
+"""`analysis.directio` windows and `analysis.pagecache`: planned windows never split a read; the window ring
+serves the file's bytes to several readers with read-ahead and keeps views valid for as long as promised;
+cold checkpoints are read with O_DIRECT."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from analysis.checkpoints import open_checkpoint
-from analysis.directio import ALIGN, Windows, plan_windows
+from analysis.directio import ALIGN, WindowRing, plan_windows
 from analysis.pagecache import cached_fraction, resident_pages
 from analysis.streaming import TensorReader, direct_flags, stream_rows
 from analysis.weightshift import _jobs
@@ -41,40 +42,65 @@ def test_plan_windows_never_splits_a_read() -> None:
     assert index == [0, 0, 1, 2, 3, 4]  # over the window, backwards, new file, a range larger than the window
 
 
-def _random_ranges(path: Path, size: int) -> list[tuple[Path, int, int]]:
-    g = torch.Generator().manual_seed(1)
-    ranges, pos = [], 5
-    while pos < size - 70_000:
-        n = int(torch.randint(1, 60_000, (1,), generator=g))
-        ranges.append((path, pos, n))
-        pos += n + int(torch.randint(0, 3, (1,), generator=g)) * 1000
-    return ranges
+def _interleaved(path: Path, size: int, readers: int) -> list[tuple[int, Path, int, int]]:
+    """Reads by `readers` readers in turn (some skip a turn), each walking the file in random steps."""
+    g = torch.Generator().manual_seed(readers)
+    out: list[tuple[int, Path, int, int]] = []
+    pos = [5 * (i + 1) for i in range(readers)]
+    while min(pos) < size - 70_000:
+        for i in range(readers):
+            if pos[i] < size - 70_000 and int(torch.randint(0, 5, (1,), generator=g)):
+                n = int(torch.randint(1, 60_000, (1,), generator=g))
+                out.append((i, path, pos[i], n))
+                pos[i] += n + int(torch.randint(0, 3, (1,), generator=g)) * 1000
+            else:
+                pos[i] += 4096
+    return out
 
 
-@pytest.mark.parametrize("ahead", (1, 3))
-@pytest.mark.parametrize("uniform", (False, True))
-def test_windows_serve_the_file_and_keep_views_valid(blob: tuple[Path, bytes], uniform: bool, ahead: int) -> None:
-    """Random ranges, and page-aligned ones whose windows all have one size (so buffers are reused, never
-    regrown): every view still alive by the rotation's promise holds the file's bytes after the read-ahead."""
+@pytest.mark.parametrize("ahead", (0, 1, 3))
+@pytest.mark.parametrize("readers", (1, 2, 3))
+def test_window_ring_serves_the_file_and_keeps_views_valid(blob: tuple[Path, bytes], readers: int, ahead: int) -> None:
+    """Several readers' interleaved reads (random sizes, both sides of window edges): every view holds the
+    file's bytes until that reader's next read, while the ring reads ahead into the slots others released."""
     path, data = blob
-    step = 8 * ALIGN
-    ranges = [(path, p, step) for p in range(0, len(data), step)] if uniform else _random_ranges(path, len(data))
-    count = ahead + 2  # one chunk group read ahead
-    win = Windows(ranges, count=count, window=128 << 10, ahead=ahead)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    reqs = _interleaved(path, len(data), readers)
+    ring = WindowRing(reqs, [True, False, True][:readers], ahead=ahead, window=128 << 10)
     try:
-        live: list[tuple[torch.Tensor, int, int, int]] = []
-        for _, pos, n in ranges:
-            live.append((win.get(fd, path, pos, n), pos, n, win._win))
-            for _, fut, _ in win._pending:
-                fut.result()  # let the reads ahead land before looking
-            live = [v for v in live if win._win - v[3] <= count - ahead - 1]  # what the rotation promises
-            for view, p, m, _ in live:
-                assert bytes(view.numpy()) == data[p:p + m], (p, m)
-        assert bytes(win.get(fd, path, 7, 11).numpy()) == data[7:18]  # outside the plan: read on its own
+        live: dict[int, tuple[torch.Tensor, int, int]] = {}
+        for i, p, pos, n in reqs:
+            live[i] = (ring.get(i, p, pos, n), pos, n)
+            for view, q, m in live.values():  # what the ring promises: each reader's latest view
+                assert bytes(view.numpy()) == data[q:q + m], (i, q, m)
+        assert ring.get(0, path, 7, 11) is None  # not planned: the caller reads it on its own
     finally:
-        win.close()
-        os.close(fd)
+        ring.close()
+    assert len(ring._wins) > 2 * readers  # the reads really spanned many windows
+
+
+def test_window_ring_reports_a_short_file_and_errors(blob: tuple[Path, bytes], tmp_path: Path) -> None:
+    path, data = blob
+    ring = WindowRing([(0, path, len(data) - 100, 300)], [True])
+    try:
+        assert ring.get(0, path, len(data) - 100, 300).numel() == 100  # the file ends first: a shorter view
+    finally:
+        ring.close()
+    missing = tmp_path / "gone.bin"
+    ring = WindowRing([(0, missing, 0, 10)], [False])
+    try:
+        with pytest.raises(FileNotFoundError):
+            ring.get(0, missing, 0, 10)
+    finally:
+        ring.close()
+
+
+def test_window_ring_close_mid_stream_stops_the_thread(blob: tuple[Path, bytes]) -> None:
+    path, data = blob
+    reqs = [(0, path, p, 4096) for p in range(0, len(data) - 4096, 4096)]
+    ring = WindowRing(reqs, [True], ahead=1, window=8192)
+    ring.get(0, *reqs[0][1:])
+    ring.close()
+    assert not any(t.is_alive() for t in ring._threads)
 
 
 def test_streamed_chunks_equal_fresh_reads_for_every_prefetch_depth(tiny_llama_dir: Path, monkeypatch) -> None:
@@ -85,7 +111,7 @@ def test_streamed_chunks_equal_fresh_reads_for_every_prefetch_depth(tiny_llama_d
         for depth in (0, 1, 3):
             readers = [TensorReader(ck, direct=flag == "1"), TensorReader(ck, direct=flag == "1")]
             fresh = TensorReader(ck)
-            for name, a, b, (x, y), _ in stream_rows(readers, jobs, chunk_elems=3000, prefetch=depth, reuse=True):
+            for name, a, b, (x, y), _ in stream_rows(readers, jobs, chunk_elems=3000, prefetch=depth):
                 want = fresh.read(name, a, b) if x.ndim else fresh.read(name)
                 assert torch.equal(x, want) and torch.equal(y, want), (flag, depth, name, a)
 
