@@ -14,7 +14,8 @@ Non-finite entries propagate into the sums; `piece_sums` then redoes such pieces
 Compiled code is cached on disk (numba `cache=True`); the first call of a process that finds no cache
 compiles each signature in about half a second.
 
-Measured (8 M fp32 pairs in memory, one thread): `pair_sums` 13 ms against 55 ms for the torch
+Measured (8 M fp32 pairs in memory, one thread): `pair_sums` 10 ms (13 ms before its max and count went per
+block too, which lets the inner loop vectorise) against 55 ms for the torch
 expression of the same statistics over 256 K-element pieces (8 kernels).
 """
 
@@ -47,6 +48,8 @@ def _pair(a, b, rtol, atol):  # pragma: no cover - compiled
         pa = 0.0
         pb = 0.0
         pd = 0.0
+        pt = 0.0  # per-block max and count too: the inner loop then vectorises (0.40 -> 0.31 ms per 256 K)
+        pc = 0
         for i in range(s, min(s + BLOCK, a.size)):
             x = np.float64(a[i])
             y = np.float64(b[i])
@@ -55,11 +58,13 @@ def _pair(a, b, rtol, atol):  # pragma: no cover - compiled
             pb += y * y
             pd += d * d
             ad = abs(d)
-            top = max(top, ad)
-            changed += ad > atol + rtol * abs(x)
+            pt = ad if ad > pt else pt
+            pc += np.int64(ad > atol + rtol * abs(x))
         sa += pa
         sb += pb
         sd += pd
+        top = max(top, pt)
+        changed += pc
     return sa, sb, sd, changed, top
 
 

@@ -11,11 +11,14 @@ here (0.5-0.6 CPU-s for the whole diff with O_DIRECT). Pickle checkpoints keep t
 
 `stream_rows` walks a list of jobs (tensor name + how many leading rows to read from each checkpoint) in
 order, in chunks of about `chunk_elems` elements. The safetensors reads are planned up front and served by
-`analysis.directio.WindowRing`: one background thread reads windows of many tensors (16 MiB) for all
-checkpoints, `READ_AHEAD` windows ahead, into a few reused slots, so the device stays busy through runs of
-small tensors while the caller computes and nothing is allocated per chunk. A cold SmolLM2 diff went from
-1.4-1.6 s (a read per tensor) to 0.85-1.0 s with per-checkpoint windows and a second read-ahead thread, and
-to MEASURED with one ring (see `benchmarks/results/weightshift.csv`).
+`analysis.directio.WindowRing`: `READ_THREADS` background threads read 16 MiB windows of many tensors, for
+all checkpoints, in the order the loop needs them and up to `READ_AHEAD` windows ahead, into a few reused
+slots. The device stays busy through runs of small tensors while the caller computes, and nothing is
+allocated per chunk. On a cold SmolLM2 pair the device was busy from the first read to the last and the
+diff ended 0.01-0.04 s after its last read (every read timestamped, 6 fresh processes). Two reads in flight
+and 2 windows ahead were chosen in paired fresh-process runs: A (SmolLM2) 0.95 s against 1.04 s with one
+thread (medians of 10); B (7B shapes) 4 windows ahead cost 3-6 s. Throughput against plain reads of the
+same files: `benchmarks/results/weightshift.csv`.
 
 >>> readers = [TensorReader(a), TensorReader(b)]
 >>> for name, start, stop, (ta, tb), last in stream_rows(readers, [Job("model.norm.weight", (1, 1))]):
@@ -43,7 +46,7 @@ DEFAULT_CHUNK_ELEMS = 1 << 22  # 4M elements: 8 MB of bf16, 16 MB of fp32 per ch
 
 
 DIRECT_MIN_BYTES = 1 << 20
-READ_AHEAD = 4  # windows read ahead of the ones being served
+READ_AHEAD = 2  # windows read ahead of the ones being served
 READ_THREADS = 2  # reads in flight at once (a second one helps on a busy virtual disk)
 
 
