@@ -15,7 +15,7 @@ order, in chunks of about `chunk_elems` elements. The safetensors reads are plan
 all checkpoints, in the order the loop needs them and up to `READ_AHEAD` windows ahead, into a few reused
 slots. The device stays busy through runs of small tensors while the caller computes, and nothing is
 allocated per chunk. On a cold SmolLM2 pair the device was busy from the first read to the last and the
-diff ended 0.01-0.04 s after its last read (every read timestamped, 6 fresh processes). Two reads in flight
+diff ended 0.01-0.03 s after its last read (every read timestamped, 6 fresh processes). Two reads in flight
 and 2 windows ahead were chosen in paired fresh-process runs: A (SmolLM2) 0.95 s against 1.04 s with one
 thread (medians of 10); B (7B shapes) 4 windows ahead cost 3-6 s. Throughput against plain reads of the
 same files: `benchmarks/results/weightshift.csv`.
