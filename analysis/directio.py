@@ -127,6 +127,8 @@ class WindowRing:
 
     def __init__(self, requests: Sequence[Request], direct: Sequence[bool], ahead: int = 2,
                  window: int = WINDOW_BYTES, threads: int = 1) -> None:
+        if threads < 1 or ahead < 0:
+            raise ValueError(f"WindowRing needs threads >= 1 and ahead >= 0 (got {threads}, {ahead})")
         self._reqs: dict[int, list[tuple[Path, int, int]]] = {}
         for i, path, pos, n in requests:
             self._reqs.setdefault(i, []).append((path, pos, n))
@@ -136,7 +138,7 @@ class WindowRing:
         self._direct = direct
         self._next = dict.fromkeys(self._reqs, 0)
         self._held: dict[int, int] = {}  # reader -> window it is served from
-        self._slots = _take_buffers(len(self._reqs) + max(0, ahead))
+        self._slots = _take_buffers(len(self._reqs) + ahead)
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for k in range(len(self._slots)):
             self._free.put(k)

@@ -101,6 +101,8 @@ def test_window_ring_close_mid_stream_stops_the_thread(blob: tuple[Path, bytes])
     ring.get(0, *reqs[0][1:])
     ring.close()
     assert not any(t.is_alive() for t in ring._threads)
+    with pytest.raises(ValueError, match="threads >= 1"):
+        WindowRing(reqs, [True], threads=0)  # nothing would ever read: refused instead of hanging
 
 
 def test_streamed_chunks_equal_fresh_reads_for_every_prefetch_depth(tiny_llama_dir: Path, monkeypatch) -> None:
