@@ -86,7 +86,7 @@ def save_figure(fig: Figure, out_dir: str | os.PathLike, stem: str, formats: Seq
 
 
 def _module_columns(modules: Sequence[str]) -> list[str]:
-    from analysis.weightshift import MODULE_ORDER
+    from analysis.layergroups import MODULE_ORDER
 
     present = [m for m in MODULE_ORDER if m in modules]
     rest = sorted(m for m in modules if m not in MODULE_ORDER and m != "all")

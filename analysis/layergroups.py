@@ -7,6 +7,7 @@ fp64 per-tensor statistics over groups and derive ratios from the sums. Vectoris
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -49,3 +50,9 @@ def sort_layer_rows(df: pd.DataFrame, group: pd.Series | None = None) -> pd.Data
     key.loc[no_layer, "m1"] = 0
     order = key.sort_values(list(key.columns), kind="stable").index.to_numpy()
     return df.iloc[order].reset_index(drop=True)
+
+
+def cosine(dot: float, sq_a: float, sq_b: float) -> float:
+    """⟨a,b⟩/(‖a‖‖b‖) from fp64 sums (NaN when either side is zero)."""
+    den = math.sqrt(sq_a * sq_b)
+    return dot / den if den > 0 else math.nan

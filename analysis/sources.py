@@ -33,7 +33,7 @@ class RawTensor:
     shape: tuple[int, ...]
     dtype: str
     file: Path
-    offset: int = 0
+    offset: int = 0  # safetensors: where the tensor's bytes start in `file`
 
     @property
     def numel(self) -> int:
@@ -43,8 +43,9 @@ class RawTensor:
         return n
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """The JSON header of a safetensors file (no tensor data read); one-line errors when corrupt."""
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The JSON header of a safetensors file and the file offset where its data starts (no tensor data read);
+    one-line errors when corrupt."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -65,7 +66,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         end = meta.get("data_offsets", [0, 0])[1] if isinstance(meta, dict) else None
         if end is None or end > data_len:
             raise VlsafeError(f"{path}: truncated safetensors file (tensor '{name}' ends past the data)")
-    return header
+    return header, 8 + n
 
 
 class SafetensorsSource:
@@ -77,10 +78,10 @@ class SafetensorsSource:
         self.files = files
         self.tensors: dict[str, RawTensor] = {}
         for file in files:
-            header = read_safetensors_header(file)
+            header, start = read_safetensors_header(file)
             for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 self.tensors[name] = RawTensor(name, tuple(meta["shape"]), meta["dtype"], file,
-                                               meta["data_offsets"][0])
+                                               start + meta["data_offsets"][0])
 
     @classmethod
     def from_index(cls, index: Path) -> "SafetensorsSource":

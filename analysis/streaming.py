@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -37,7 +36,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from analysis.checkpoints import Checkpoint
-from analysis.directio import Request, WindowRing, read_direct
+from analysis.directio import Request, WindowRing, pread_all, read_direct
 from analysis.errors import VlsafeError
 from analysis.pagecache import cached_fraction
 from analysis.sources import torch_dtype
@@ -119,7 +118,6 @@ class TensorReader:
         self.ckpt = ckpt
         self._path: Path | None = None
         self._fh: io.FileIO | None = None
-        self._data_start: dict[Path, int] = {}
         self._pickle: tuple[Path | None, dict[str, torch.Tensor] | None] = (None, None)
         self.direct = direct and hasattr(os, "O_DIRECT")
         self._dfd: tuple[Path, int] | None = None
@@ -163,8 +161,7 @@ class TensorReader:
         shape = self.shape(name)
         stop = leading_rows(shape) if stop is None else stop
         row_bytes = row_numel(shape) * torch_dtype(rt.dtype).itemsize
-        self._handle(rt.file)
-        return rt.file, self._data_start[rt.file] + rt.offset + start * row_bytes, (stop - start) * row_bytes
+        return rt.file, rt.offset + start * row_bytes, (stop - start) * row_bytes
 
     def _read_safetensors(self, name: str, start: int, stop: int,
                           planned: Callable[[Path, int, int], torch.Tensor | None] | None) -> torch.Tensor:
@@ -177,19 +174,11 @@ class TensorReader:
         buf = planned(path, pos, nbytes) if planned is not None else None
         if buf is None and self.direct and nbytes >= DIRECT_MIN_BYTES and (fd := self._direct_fd(path)) is not None:
             buf = read_direct(fd, pos, nbytes)
-        if buf is not None:
-            if buf.numel() < nbytes:
-                raise VlsafeError(f"{path}: truncated while reading tensor '{raw}'")
-            return buf.view(dtype).reshape(out_shape)
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        fh = self._handle(path)
-        fh.seek(pos)
-        view, got = memoryview(buf.numpy()), 0
-        while got < nbytes:
-            n = fh.readinto(view[got:])
-            if not n:
-                raise VlsafeError(f"{path}: truncated while reading tensor '{raw}'")
-            got += n
+        if buf is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            buf = buf[:pread_all(self._handle(path).fileno(), buf, pos)]
+        if buf.numel() < nbytes:
+            raise VlsafeError(f"{path}: truncated while reading tensor '{raw}'")
         return buf.view(dtype).reshape(out_shape)
 
     def _direct_fd(self, path: Path) -> int | None:
@@ -209,9 +198,6 @@ class TensorReader:
             if self._fh is not None:
                 self._fh.close()
             self._fh, self._path = io.FileIO(path, "rb"), path
-            if path not in self._data_start:
-                (n,) = struct.unpack("<Q", self._fh.read(8))
-                self._data_start[path] = 8 + n
         assert self._fh is not None
         return self._fh
 
@@ -242,7 +228,10 @@ def _chunks(job: Job, shape: tuple[int, ...], chunk_elems: int) -> list[tuple[in
     return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
-def _rows(reader: TensorReader, job: Job, rows: int, start: int, stop: int) -> tuple[int, int | None] | None:
+Rows = tuple[int, int | None] | None  # a reader's row range for one chunk (None: nothing to read)
+
+
+def _rows(reader: TensorReader, job: Job, rows: int, start: int, stop: int) -> Rows:
     """The row range `reader` reads for chunk [start, stop) of `job` (None: nothing; 0-d tensors whole)."""
     if not reader.shape(job.name):
         return (0, None) if rows else None
@@ -250,12 +239,11 @@ def _rows(reader: TensorReader, job: Job, rows: int, start: int, stop: int) -> t
     return (start, hi) if hi > start else None
 
 
-def _requests(readers: Sequence[TensorReader], plan: list[tuple[Job, int, int]]) -> list[Request]:
+def _requests(readers: Sequence[TensorReader], plan: list[tuple[Job, int, int, list[Rows]]]) -> list[Request]:
     """Every safetensors read of the plan, in the order `stream_rows` makes them."""
     out: list[Request] = []
-    for job, a, b in plan:
-        for i, reader in enumerate(readers):
-            r = _rows(reader, job, job.rows[i], a, b)
+    for job, _, _, rows in plan:
+        for i, (reader, r) in enumerate(zip(readers, rows)):
             rng = None if r is None else reader.byte_range(job.name, *r)
             if rng is not None:
                 out.append((i, *rng))
@@ -268,21 +256,20 @@ def stream_rows(readers: Sequence[TensorReader], jobs: Sequence[Job], chunk_elem
 
     A reader whose row count is exhausted (a shorter vocabulary) or that skips the job yields None.
     `last` marks a job's final chunk. The tensors are views into reused memory, valid until the next chunk
-    group is requested: copy what you keep. With `prefetch` (True = `READ_AHEAD` windows, or a number), one
-    background thread reads that many 16 MiB windows ahead, so the device stays busy while the caller
-    computes; False reads each window when it is needed. Readers with `direct` read with O_DIRECT.
+    group is requested: copy what you keep. With `prefetch` (True = `READ_AHEAD` windows, or a number),
+    `READ_THREADS` background threads read that many 16 MiB windows ahead, so the device stays busy while
+    the caller computes; False reads each window when it is needed. Readers with `direct` use O_DIRECT.
     """
     ahead = READ_AHEAD if prefetch is True else int(prefetch)
-    plan = [(job, a, b) for job in jobs for a, b in _chunks(job, _first_shape(readers, job), chunk_elems)]
+    plan = [(job, a, b, [_rows(r, job, n, a, b) for r, n in zip(readers, job.rows)])
+            for job in jobs for a, b in _chunks(job, _first_shape(readers, job), chunk_elems)]
     ring = WindowRing(_requests(readers, plan), [r.direct for r in readers], ahead, threads=READ_THREADS)
     planned = [ring.stream(i) for i in range(len(readers))]
     try:
-        for k, (job, a, b) in enumerate(plan):
-            group: list[torch.Tensor | None] = []
-            for i, reader in enumerate(readers):
-                r = _rows(reader, job, job.rows[i], a, b)
-                group.append(None if r is None else reader.read(job.name, r[0], r[1], planned[i]))
-            yield job.name, a, b, group, _is_last(plan, k)
+        for k, (job, a, b, rows) in enumerate(plan):
+            group = [None if r is None else reader.read(job.name, r[0], r[1], planned[i])
+                     for i, (reader, r) in enumerate(zip(readers, rows))]
+            yield job.name, a, b, group, k + 1 == len(plan) or plan[k + 1][0] is not job
             del group
     finally:
         ring.close()
@@ -290,7 +277,3 @@ def stream_rows(readers: Sequence[TensorReader], jobs: Sequence[Job], chunk_elem
 
 def _first_shape(readers: Sequence[TensorReader], job: Job) -> tuple[int, ...]:
     return next((r.shape(job.name) for r, n in zip(readers, job.rows) if n), ())
-
-
-def _is_last(plan: list[tuple[Job, int, int]], k: int) -> bool:
-    return k + 1 == len(plan) or plan[k + 1][0] is not plan[k][0]

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from analysis.checkpoints import Checkpoint, open_checkpoint
 from analysis.errors import VlsafeError
 from analysis.kernels import piece_sums, triple_sums, warm_up
-from analysis.layergroups import group_layers
+from analysis.layergroups import cosine, group_layers
 from analysis.names import layer_module
 from analysis.pairing import checkpoint_labels, pair_checkpoints
 from analysis.streaming import DEFAULT_CHUNK_ELEMS, Job, open_readers, stream_rows
@@ -53,11 +53,6 @@ class TaskStats:
         self.sq_a, self.sq_b, self.dot = self.sq_a + sa, self.sq_b + sb, self.dot + d
         self.nonfinite += left_out
         self.numel += w0.numel()
-
-
-def _cos(dot: float, sq_a: float, sq_b: float) -> float:
-    den = math.sqrt(sq_a * sq_b)
-    return dot / den if den > 0 else math.nan
 
 
 def _ckpt(c: Checkpoint | str) -> Checkpoint:
@@ -105,7 +100,7 @@ def _row(name: str, st: TaskStats, labels: Sequence[str], mode: str, note: str) 
         note = "; ".join(x for x in (note, f"{st.nonfinite} non-finite entries excluded") if x)
     return {"base": labels[0], "checkpoint_a": labels[1], "checkpoint_b": labels[2], "mode": mode,
             "tensor": name, "layer": layer, "module": module, "numel": st.numel,
-            "norm_a": math.sqrt(st.sq_a), "norm_b": math.sqrt(st.sq_b), "cosine": _cos(st.dot, st.sq_a, st.sq_b),
+            "norm_a": math.sqrt(st.sq_a), "norm_b": math.sqrt(st.sq_b), "cosine": cosine(st.dot, st.sq_a, st.sq_b),
             "sq_norm_a": st.sq_a, "sq_norm_b": st.sq_b, "dot": st.dot, "nonfinite": st.nonfinite, "note": note}
 
 
@@ -114,6 +109,6 @@ def aggregate_task_vectors(tv: pd.DataFrame) -> pd.DataFrame:
     g = group_layers(tv, ["base", "checkpoint_a", "checkpoint_b", "mode"], ["numel", "sq_norm_a", "sq_norm_b", "dot"])
     g["numel"] = g["numel"].astype("int64")
     g["norm_a"], g["norm_b"] = g["sq_norm_a"].map(math.sqrt), g["sq_norm_b"].map(math.sqrt)
-    g["cosine"] = [_cos(d, a, b) for d, a, b in zip(g["dot"], g["sq_norm_a"], g["sq_norm_b"])]
+    g["cosine"] = [cosine(d, a, b) for d, a, b in zip(g["dot"], g["sq_norm_a"], g["sq_norm_b"])]
     return g[["base", "checkpoint_a", "checkpoint_b", "mode", "layer", "module", "n_tensors", "numel", "norm_a",
               "norm_b", "cosine", "dot"]]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from analysis.checkpoints import Checkpoint, open_checkpoint
 from analysis.kernels import pair_sums, piece_sums, warm_up
-from analysis.layergroups import MODULE_ORDER, group_layers
+from analysis.layergroups import cosine, group_layers
 from analysis.names import layer_module
 from analysis.pairing import Pairing, checkpoint_labels, pair_checkpoints
 from analysis.spectral import EXACT_MAX_NUMEL, left_singular, spectrum
@@ -74,7 +74,7 @@ class PairStats:
     def metrics(self) -> dict[str, Any]:
         """rel_frobenius, cosine, max_abs, frac_changed, nonfinite and the raw fp64 sums."""
         return {"rel_frobenius": _ratio(math.sqrt(self.sq_d), math.sqrt(self.sq_a)),
-                "cosine": _cosine(self.dot, self.sq_a, self.sq_b), "max_abs": self.max_abs,
+                "cosine": cosine(self.dot, self.sq_a, self.sq_b), "max_abs": self.max_abs,
                 "frac_changed": self.changed / self.numel if self.numel else math.nan, "nonfinite": self.nonfinite,
                 "sq_norm_a": self.sq_a, "sq_norm_b": self.sq_b, "sq_norm_delta": self.sq_d, "dot_ab": self.dot}
 
@@ -83,11 +83,6 @@ def _ratio(num: float, den: float) -> float:
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return num / den
-
-
-def _cosine(dot: float, sq_a: float, sq_b: float) -> float:
-    den = math.sqrt(sq_a * sq_b)
-    return dot / den if den > 0 else math.nan
 
 
 def _as_checkpoint(c: CheckpointLike) -> Checkpoint:
@@ -242,7 +237,7 @@ def aggregate_layers(tensors: pd.DataFrame) -> pd.DataFrame:
                      ["max_abs"])
     g["numel"] = g["numel"].astype("int64")
     g["rel_frobenius"] = [_ratio(math.sqrt(d), math.sqrt(a)) for d, a in zip(g["sq_norm_delta"], g["sq_norm_a"])]
-    g["cosine"] = [_cosine(d, a, b) for d, a, b in zip(g["dot_ab"], g["sq_norm_a"], g["sq_norm_b"])]
+    g["cosine"] = [cosine(d, a, b) for d, a, b in zip(g["dot_ab"], g["sq_norm_a"], g["sq_norm_b"])]
     g["frac_changed"] = [c / n if n else math.nan for c, n in zip(g["changed"], g["numel"])]
     g["nonfinite"] = g["nonfinite"].astype("int64")
     return g[["checkpoint_a", "checkpoint_b", "layer", "module", "n_tensors", "numel", "rel_frobenius", "cosine",
