@@ -40,3 +40,28 @@ def test_sort_is_stable_within_equal_keys() -> None:
     df = pd.DataFrame({"layer": pd.array([2, 2, None], dtype="Int64"), "module": ["q_proj", "q_proj", "embed"],
                        "tag": ["first", "second", "e"]})
     assert list(sort_layer_rows(df)["tag"]) == ["e", "first", "second"]
+
+
+def test_groups_match_pandas_groupby_on_random_tables() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    mods = ["q_proj", "mlp.up_proj", "embed", "norm", "custom", "input_layernorm"]
+    for _ in range(50):
+        n = int(rng.integers(1, 40))
+        df = pd.DataFrame({"k": rng.choice(["a", "b"], n), "module": rng.choice(mods, n),
+                           "layer": pd.array([None if rng.random() < 0.3 else int(rng.integers(0, 4))
+                                              for _ in range(n)], dtype="Int64"),
+                           "s": np.where(rng.random(n) < 0.1, np.nan, rng.normal(size=n)),
+                           "i": rng.integers(0, 100, n), "m": np.where(rng.random(n) < 0.1, np.nan, rng.normal(size=n))})
+        g = group_layers(df, ["k"], ["s", "i"], ["m"])
+        assert g["i"].dtype == np.int64 and g["n_tensors"].dtype == np.int64
+        per_module = df.groupby(["k", "layer", "module"], dropna=False).agg(
+            n_tensors=("s", "size"), s=("s", "sum"), i=("i", "sum"), m=("m", "max")).reset_index()
+        per_layer = df.dropna(subset=["layer"]).groupby(["k", "layer"]).agg(
+            n_tensors=("s", "size"), s=("s", "sum"), i=("i", "sum"), m=("m", "max")).reset_index().assign(module="all")
+        want = pd.concat([per_module, per_layer])
+        key = ["k", "layer", "module"]
+        got = g.sort_values(key).reset_index(drop=True)
+        want = want.sort_values(key).reset_index(drop=True)[list(got.columns)]
+        pd.testing.assert_frame_equal(got, want, check_dtype=False)
