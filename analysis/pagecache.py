@@ -18,6 +18,8 @@ import numpy as np
 
 _PAGE = mmap.PAGESIZE
 _MAP_FAILED = ctypes.c_void_p(-1).value
+SAMPLE_SPANS = 256  # runs of pages asked per large file
+SPAN_PAGES = 16
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -36,8 +38,10 @@ def _libc() -> ctypes.CDLL | None:
 _LIBC = _libc()
 
 
-def resident_pages(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(pages of `path` in the page cache, pages in the file), or None where that cannot be asked."""
+def resident_pages(path: str | os.PathLike, spans: int = SAMPLE_SPANS) -> tuple[int, int] | None:
+    """(pages of `path` in the page cache, pages in the file), or None where that cannot be asked. Files over
+    `spans` × `SPAN_PAGES` pages are sampled: `spans` evenly spaced runs of `SPAN_PAGES` pages are asked and the
+    count scaled to the file (asking every page of a 538 MB file took 4.5 ms; 256 runs of 16 take ~0.5 ms)."""
     size = os.path.getsize(path)
     pages = -(-size // _PAGE)
     if not size:
@@ -50,14 +54,31 @@ def resident_pages(path: str | os.PathLike) -> tuple[int, int] | None:
         if addr is None or addr == _MAP_FAILED:
             return None
         try:
-            vec = (ctypes.c_ubyte * pages)()
-            if _LIBC.mincore(addr, size, vec) != 0:
-                return None
-            return int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1)), pages
+            have = _count(addr, pages, size, spans)
+            return None if have is None else (have, pages)
         finally:
             _LIBC.munmap(addr, size)
     finally:
         os.close(fd)
+
+
+def _count(addr: int, pages: int, size: int, spans: int) -> int | None:
+    """Resident pages of the mapping at `addr`: exact when small, else estimated from `spans` sampled runs."""
+    assert _LIBC is not None
+    if pages <= spans * SPAN_PAGES:
+        runs = [(0, pages)]
+    else:
+        stride = pages // spans
+        runs = [(i * stride, SPAN_PAGES) for i in range(spans)]
+    vec = (ctypes.c_ubyte * (sum(n for _, n in runs)))()
+    at = 0
+    for first, n in runs:
+        length = min(n * _PAGE, size - first * _PAGE)
+        if _LIBC.mincore(addr + first * _PAGE, length, ctypes.byref(vec, at)) != 0:
+            return None
+        at += n
+    have = int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1))
+    return have if at == pages else round(have * pages / at)
 
 
 def cached_fraction(paths: Iterable[str | os.PathLike]) -> float | None:

@@ -147,3 +147,22 @@ def test_cold_checkpoints_are_read_with_o_direct(tiny_llama_dir: Path, tmp_path:
     assert direct_flags([open_checkpoint(tiny_llama_dir), open_checkpoint(cold)]) == [False, True]
     have, pages = resident_pages(files[0])
     assert have < pages
+
+
+def test_resident_pages_of_a_large_file_are_sampled_evenly(tmp_path: Path) -> None:
+    f = tmp_path / "big.bin"
+    f.write_bytes(os.urandom(40 << 20))  # 10240 pages: over 256 runs x 16 pages, so sampled
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        while os.read(fd, 1 << 24):
+            pass
+        os.posix_fadvise(fd, (40 << 20) // 3, 0, os.POSIX_FADV_DONTNEED)  # keep only the first third
+        have, pages = resident_pages(f)
+        exact, _ = resident_pages(f, spans=10**9)
+    finally:
+        os.close(fd)
+    if exact == pages:
+        pytest.skip("this file system keeps the pages (tmpfs?)")
+    assert pages == 10240 and 0.3 < exact / pages < 0.45  # a third, rounded up to whole folios
+    assert have == pytest.approx(exact, rel=0.03)  # sampling only the file's start would say 100 %
