@@ -6,7 +6,8 @@ B (`--big`): a synthetic pair with Llama-2-7B shapes in fp16, sharded like the h
 (kept and reused with `--keep-big DIR`); refused when less than 60 GB of disk is free.
 
 Each measurement runs in a fresh subprocess (so peak RSS is its own); every repeat runs three raw-read
-baselines, then the diff, over the same files:
+baselines and the diff over the same files, in an order rotated by one per repeat (no workload always runs
+first, or always right after another):
 - raw: `safe_open` every shard, `get_tensor` every tensor and touch one element per 4 KiB page (how HF reads);
 - seq: plain sequential `readinto` of every file through one reused 16 MiB buffer (buffered, page cache);
 - direct: the same with O_DIRECT (no page cache; what the disk itself delivers), where the file system allows it;
@@ -195,7 +196,7 @@ def run_pair(bench: str, pre: Path, post: Path, repeats: int, largest_bytes: int
     rows = []
     for mode in modes:
         for r in range(repeats):
-            for what in WORKLOADS:
+            for what in WORKLOADS[r % len(WORKLOADS):] + WORKLOADS[:r % len(WORKLOADS)]:  # no fixed position
                 if mode == "warm":
                     measure("raw", pre, post, cold=False)  # bring both into the page cache
                 m = measure(what, pre, post, cold=mode == "cold")
