@@ -20,11 +20,14 @@ ratio to each one is recorded too. Goals: diff ≥ 0.8 (A) / 0.7 (B) of raw thro
 The goal is judged on cold reads (reading the files from the device). Warm rows are recorded for reference
 only (`judged` False): a warm safetensors read maps cached pages without reading them (~0.02 s for A's
 1.08 GB) and a warm `readinto` is a memory copy (~0.08 s), so no computation over every byte, which must
-itself stream them from memory, can reach 0.8 of either. The diff's numba kernels are loaded before its
-clock starts, like the baselines' imports (numba's first call in a process costs 0.3-0.5 s even from its
-disk cache), and every workload collects the imports' garbage first (torch, pandas and numba leave enough
-objects that the first full collection, which the diff's header parsing triggers and the plain reads never
-do, took 0.11-0.12 s); that time is recorded as `startup_seconds`.
+itself stream them from memory, can reach 0.8 of either. Every workload starts from the same process
+state: the same imports, the diff's numba kernels loaded (numba's first call in a process costs 0.3-0.5 s
+even from its disk cache) and the imports' garbage collected (torch, pandas and numba leave enough objects
+that the first full collection, which the diff's header parsing triggers and the plain reads never do, took
+0.11-0.12 s), all before the clock starts and recorded as `startup_seconds`. The state matters on this VM:
+the same O_DIRECT read of A's files took 1.10 s in a bare process, 0.82 s after 3 s of CPU spinning and
+0.68-0.82 s after these imports (medians of 6 paired fresh-process runs), so a baseline prepared less than
+the diff would be slowed.
 
     .venv/bin/python benchmarks/bench_weightshift.py [--big] [--repeats 3]
 """
@@ -130,8 +133,7 @@ def child(what: str, pre: str, post: str) -> dict:
 
     files = weight_files(Path(pre)) + weight_files(Path(post))
     startup = time.perf_counter()
-    if what == "diff":  # numba's first call in a process (~0.3-0.5 s, from its disk cache), reported apart
-        load_kernels()
+    load_kernels()  # numba's first call in a process (~0.3-0.5 s, from its disk cache); for every workload alike
     gc.collect()  # the imports' garbage: else the first full collection (~0.12 s) lands in the timed part
     startup = time.perf_counter() - startup
     base = _status_mb("VmRSS")
