@@ -21,8 +21,8 @@ MODULE_ORDER = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "post
 def group_layers(df: pd.DataFrame, keys: Sequence[str], sums: Sequence[str], maxes: Sequence[str] = ()) -> pd.DataFrame:
     """Per (*keys, layer, module) and per (*keys, layer) with `module="all"`: `n_tensors` and the column sums
     of `sums` (NaN counted as 0) and maxima of `maxes` (NaN skipped). Rows without a layer (embeddings,
-    final norm, head) form their own (layer=NA, module) groups and enter no `all` row. Output is sorted per
-    `keys` group (groups in first-seen order) by `sort_layer_rows`; columns are keys, layer, module,
+    final norm, head) form their own (layer=NA, module) groups and enter no `all` row. Rows are in
+    `layer_order` within each `keys` group (groups in first-seen order); columns are keys, layer, module,
     n_tensors, sums, maxes."""
     keys = list(keys)
     kv = list(zip(*(df[k].tolist() for k in keys))) if keys else [()] * len(df)
