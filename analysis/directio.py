@@ -216,7 +216,10 @@ class WindowRing:
                 slot, g = claim
                 i, (path, first, size) = self._wins[g]
                 key = (path, self._direct[i])
-                fd = fds[key] if key in fds else _open(path, key[1], fds)
+                if key not in fds:
+                    fd = open_direct(path) if key[1] else None
+                    fds[key] = os.open(path, os.O_RDONLY) if fd is None else fd
+                fd = fds[key]
                 buf = self._slots[slot].take(size)
                 got = pread_all(fd, buf, first)
                 with self._cond:
@@ -240,15 +243,12 @@ class WindowRing:
         _give_buffers(self._slots)
 
 
-def _open(path: Path, direct: bool, fds: dict[tuple[Path, bool], int]) -> int:
-    """Open `path` for reading (O_DIRECT if `direct` and the file system allows it), remembered in `fds`."""
-    fd = None
-    if direct and hasattr(os, "O_DIRECT"):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        except OSError:  # e.g. tmpfs
-            fd = None
-    if fd is None:
-        fd = os.open(path, os.O_RDONLY)
-    fds[(path, direct)] = fd
-    return fd
+def open_direct(path: Path) -> int | None:
+    """A read-only O_DIRECT descriptor of `path`, or None where the platform or file system refuses O_DIRECT
+    (e.g. tmpfs); other errors, such as a missing file, surface when the caller opens it buffered instead."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return None

@@ -147,17 +147,14 @@ def triple_sums(w0: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, chain: boo
 
 def piece_sums(fn: Callable[..., torch.Tensor], *ts: torch.Tensor) -> tuple[torch.Tensor, int]:
     """`fn` (a kernel above, options bound) over `PIECE`-element pieces of the same-length 1-D tensors `ts`,
-    split over two threads. Pieces are redone over the entries finite in every tensor when a result is not
-    finite. Returns the per-piece results (one row each) and the number of entries left out."""
-    n = ts[0].numel()
+    split over two threads. A piece whose result is not finite is redone over the entries finite in every
+    tensor. Returns the per-piece results (one row each) and the number of entries left out."""
     with serial_torch():
-        s = map_pieces(lambda i, j: fn(*(t[i:j] for t in ts)), n, PIECE)
-        if bool(torch.isfinite(s).all()):
-            return s, 0
-        parts, left_out = [], 0
-        for i in range(0, n, PIECE):
-            xs = [t[i:i + PIECE] for t in ts]
+        s = map_pieces(lambda i, j: fn(*(t[i:j] for t in ts)), ts[0].numel(), PIECE)
+        left_out = 0
+        for p in (~torch.isfinite(s).all(1)).nonzero().flatten().tolist():
+            xs = [t[p * PIECE:(p + 1) * PIECE] for t in ts]
             ok = functools.reduce(torch.logical_and, (torch.isfinite(x) for x in xs))
             left_out += int((~ok).sum())
-            parts.append(fn(*(x[ok] for x in xs)) if bool(ok.any()) else torch.zeros(s.shape[1], dtype=torch.float64))
-        return torch.stack(parts), left_out
+            s[p] = fn(*(x[ok] for x in xs)) if bool(ok.any()) else 0.0
+        return s, left_out

@@ -9,7 +9,7 @@ so groups are found with a dict over the rows and reduced with numpy and `math.f
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -72,27 +72,19 @@ def _reduce(df: pd.DataFrame, ids: np.ndarray, rows: np.ndarray, n: int, sums: S
     return out
 
 
-def layer_order(layers: Sequence[int | None], modules: Sequence[str], group: Sequence[Hashable] | None = None
-                ) -> list[int]:
-    """Row order (within each `group`, groups in their given order): embed first, then layers ascending
+def layer_order(layers: Sequence[int | None], modules: Sequence[str], group: Sequence[int]) -> list[int]:
+    """Row order: by `group` id, then within a group embed first, then layers ascending
     (modules in block order, unknown modules by name after them, `all` last), then the other layer-less rows
     by name. Stable for ties."""
     rank = {m: i for i, m in enumerate(MODULE_ORDER)}
 
     def key(i: int) -> tuple:
-        ly, m, g = layers[i], modules[i], 0 if group is None else group[i]
+        ly, m, g = layers[i], modules[i], group[i]
         if ly is None:
             return g, 0 if m == "embed" else 2, 0, 0, 0, m
         known = m in rank
         return g, 1, ly, 2 if m == "all" else 1, rank.get(m, len(rank)), "" if known or m == "all" else m
     return sorted(range(len(layers)), key=key)
-
-
-def sort_layer_rows(df: pd.DataFrame, group: pd.Series | None = None) -> pd.DataFrame:
-    """`df` in `layer_order` (by its `layer` and `module` columns, within `group`)."""
-    layers = [None if pd.isna(x) else int(x) for x in df["layer"].tolist()]
-    order = layer_order(layers, df["module"].astype(str).tolist(), None if group is None else group.tolist())
-    return df.iloc[order].reset_index(drop=True)
 
 
 def cosine(dot: float, sq_a: float, sq_b: float) -> float:

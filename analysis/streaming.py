@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from analysis.checkpoints import Checkpoint
-from analysis.directio import Request, WindowRing, pread_all, read_direct
+from analysis.directio import Request, WindowRing, open_direct, pread_all, read_direct
 from analysis.errors import VlsafeError
 from analysis.pagecache import cached_fraction
 from analysis.sources import torch_dtype
@@ -186,11 +186,11 @@ class TensorReader:
             if self._dfd is not None:
                 os.close(self._dfd[1])
                 self._dfd = None
-            try:
-                self._dfd = (path, os.open(path, os.O_RDONLY | os.O_DIRECT))
-            except OSError:  # e.g. tmpfs: buffered reads instead
+            fd = open_direct(path)
+            if fd is None:  # e.g. tmpfs: buffered reads instead
                 self.direct = False
                 return None
+            self._dfd = (path, fd)
         return self._dfd[1]
 
     def _handle(self, path: Path) -> io.FileIO:

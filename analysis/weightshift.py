@@ -231,7 +231,7 @@ def aggregate_layers(tensors: pd.DataFrame) -> pd.DataFrame:
     """
     paired = tensors[tensors["status"] == "paired"]
     paired = paired.assign(changed=paired["frac_changed"] * paired["numel"],
-                           nonfinite=paired["nonfinite"].astype("float64"))
+                           nonfinite=paired["nonfinite"].astype("int64"))
     g = group_layers(paired, ["checkpoint_a", "checkpoint_b"],
                      ["numel", "sq_norm_a", "sq_norm_b", "sq_norm_delta", "dot_ab", "changed", "nonfinite"],
                      ["max_abs"])
@@ -239,7 +239,6 @@ def aggregate_layers(tensors: pd.DataFrame) -> pd.DataFrame:
     g["rel_frobenius"] = [_ratio(math.sqrt(d), math.sqrt(a)) for d, a in zip(g["sq_norm_delta"], g["sq_norm_a"])]
     g["cosine"] = [cosine(d, a, b) for d, a, b in zip(g["dot_ab"], g["sq_norm_a"], g["sq_norm_b"])]
     g["frac_changed"] = [c / n if n else math.nan for c, n in zip(g["changed"], g["numel"])]
-    g["nonfinite"] = g["nonfinite"].astype("int64")
     return g[["checkpoint_a", "checkpoint_b", "layer", "module", "n_tensors", "numel", "rel_frobenius", "cosine",
               "max_abs", "frac_changed", "nonfinite", "sq_norm_a", "sq_norm_delta"]]
 

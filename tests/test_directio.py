@@ -110,19 +110,18 @@ def test_window_ring_close_mid_stream_stops_the_thread(blob: tuple[Path, bytes])
         WindowRing(reqs, [True], threads=0)  # nothing would ever read: refused instead of hanging
 
 
-def test_streamed_chunks_equal_the_safetensors_library_for_every_prefetch_depth(tiny_llama_dir: Path, monkeypatch) -> None:
+def test_streamed_chunks_equal_the_safetensors_library_for_every_prefetch_depth(tiny_llama_dir: Path) -> None:
     ck = open_checkpoint(tiny_llama_dir)
     jobs = _jobs(ck, [pair_checkpoints(ck, ck)], False)
     truth = {k: v for f in sorted(tiny_llama_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     seen: set[str] = set()
-    for flag in ("0", "1"):
-        monkeypatch.setenv("VLSAFE_DIRECT_IO", flag)
+    for direct in (False, True):
         for depth in (0, 1, 3):
-            readers = [TensorReader(ck, direct=flag == "1"), TensorReader(ck, direct=flag == "1")]
+            readers = [TensorReader(ck, direct=direct), TensorReader(ck, direct=direct)]
             for name, a, b, (x, y), _ in stream_rows(readers, jobs, chunk_elems=3000, prefetch=depth):
                 t = truth[ck.raw_name(name)]
                 want = t[a:b] if x.ndim else t
-                assert torch.equal(x, want) and torch.equal(y, want), (flag, depth, name, a)
+                assert torch.equal(x, want) and torch.equal(y, want), (direct, depth, name, a)
                 seen.add(name)
     assert seen == {j.name for j in jobs}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.layergroups import group_layers, sort_layer_rows
+from analysis.layergroups import group_layers, layer_order
 
 
 def _rows() -> pd.DataFrame:
@@ -37,9 +37,7 @@ def test_maxima_and_empty_input() -> None:
 
 
 def test_sort_is_stable_within_equal_keys() -> None:
-    df = pd.DataFrame({"layer": pd.array([2, 2, None], dtype="Int64"), "module": ["q_proj", "q_proj", "embed"],
-                       "tag": ["first", "second", "e"]})
-    assert list(sort_layer_rows(df)["tag"]) == ["e", "first", "second"]
+    assert layer_order([2, 2, None, 2], ["q_proj", "q_proj", "embed", "q_proj"], [0, 0, 0, 1]) == [2, 0, 1, 3]
 
 
 def test_groups_match_pandas_groupby_on_random_tables() -> None:
