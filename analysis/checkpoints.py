@@ -1,6 +1,6 @@
 """Open any checkpoint lazily and address its tensors by canonical name.
 
->>> from analysis.checkpoints import open_checkpoint
+>>> from vlsafe.analysis.checkpoints import open_checkpoint
 >>> ckpt = open_checkpoint("default")                 # or an HF dir, a .safetensors/.gguf file, a hub id
 >>> ckpt.family.name, ckpt.num_layers, ckpt.hidden_size
 ('llama', 30, 576)
@@ -21,10 +21,10 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from analysis import names as N
-from analysis.errors import VlsafeError
-from analysis.resolve import resolve
-from analysis.sources import PICKLE_SUFFIXES, PickleSource, SafetensorsSource
+from vlsafe.analysis import names as N
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.resolve import resolve
+from vlsafe.analysis.sources import PICKLE_SUFFIXES, PickleSource, SafetensorsSource
 
 
 @dataclass(frozen=True)
@@ -204,9 +204,9 @@ class Checkpoint:
         """A runnable transformers model (+ tokenizer, or processor for an LVLM), eval mode, left padding.
 
         `device_map` (`"auto"`, `"balanced"`, or `{module name or layer index: device or "disk"}`), `max_memory`
-        and `offload_folder` spread a large model over devices with accelerate (see `analysis.placement`).
+        and `offload_folder` spread a large model over devices with accelerate (see `vlsafe.analysis.placement`).
         """
-        from analysis.loading import load_runnable
+        from vlsafe.analysis.loading import load_runnable
 
         model, tokenizer, processor = load_runnable(self, dtype=dtype, device=device,
                                                     attn_implementation=attn_implementation, device_map=device_map,

@@ -1,6 +1,6 @@
 """Adaptation dynamics: per-layer weight shift from the first checkpoint along a list of checkpoints.
 
->>> from analysis.dynamics import dynamics
+>>> from vlsafe.analysis.dynamics import dynamics
 >>> df = dynamics(["llm", "lvlm-step-40", "lvlm-step-80"])   # long format: one row per (checkpoint, layer)
 
 Steps are parsed from names like `lvlm-step-40`, `llava-tulu2sft-ckpt-5600` or `checkpoint-500`; an
@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from analysis.checkpoints import Checkpoint
-from analysis.pairing import checkpoint_label, checkpoint_labels
-from analysis.weightshift import aggregate_layers, diff_checkpoints
+from vlsafe.analysis.checkpoints import Checkpoint
+from vlsafe.analysis.pairing import checkpoint_label, checkpoint_labels
+from vlsafe.analysis.weightshift import aggregate_layers, diff_checkpoints
 
 _STEP_RE = re.compile(r"(?:step|ckpt|checkpoint|iter|iteration|epoch)[-_=]?(\d+)", re.IGNORECASE)
 _TRAILING_RE = re.compile(r"[-_](\d+)$")

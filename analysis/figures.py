@@ -2,7 +2,7 @@
 
 Public style API (reused by probes and experiments):
 
->>> from analysis.figures import paper_style, new_figure, save_figure, checkpoint_colors
+>>> from vlsafe.analysis.figures import paper_style, new_figure, save_figure, checkpoint_colors
 >>> colors = checkpoint_colors(["llm", "lvlm", "lvlm-safe"])       # stable label -> colour mapping
 >>> fig, ax = new_figure("column")                                  # 3.3 in wide (or "page": 6.8 in)
 >>> ax.plot(x, y, color=colors["lvlm"])
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.runinfo import atomic_path
+from vlsafe.analysis.runinfo import atomic_path
 
 COLUMN_WIDTH = 3.3  # inches, one column of a two-column paper
 PAGE_WIDTH = 6.8  # inches, full text width
@@ -86,7 +86,7 @@ def save_figure(fig: Figure, out_dir: str | os.PathLike, stem: str, formats: Seq
 
 
 def _module_columns(modules: Sequence[str]) -> list[str]:
-    from analysis.layergroups import MODULE_ORDER
+    from vlsafe.analysis.layergroups import MODULE_ORDER
 
     present = [m for m in MODULE_ORDER if m in modules]
     rest = sorted(m for m in modules if m not in MODULE_ORDER and m != "all")

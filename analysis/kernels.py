@@ -9,7 +9,7 @@ may be reassociated so LLVM vectorises them: on 600 K squares of integers the er
 fp32 and fp64 pieces are read in place; half pieces (fp16, bf16, which numba cannot read) are first
 converted into per-thread fp32 scratch buffers (exact).
 
-The kernels release the GIL, so `piece_sums` runs them over pieces on two cores (`analysis.threads.map_pieces`).
+The kernels release the GIL, so `piece_sums` runs them over pieces on two cores (`vlsafe.analysis.threads.map_pieces`).
 Non-finite entries propagate into the sums; `piece_sums` then redoes such pieces with those entries left out.
 Compiled code is cached on disk (numba `cache=True`); the first call of a process that finds no cache
 compiles each signature in about half a second.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from analysis.threads import map_pieces, serial_torch
+from vlsafe.analysis.threads import map_pieces, serial_torch
 
 _FAST = {"reassoc", "contract"}  # reorder sums (vectorisation); no assumption about NaN/Inf
 NATIVE = (torch.float32, torch.float64)

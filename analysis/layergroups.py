@@ -1,6 +1,6 @@
 """Per-layer aggregation of per-tensor rows: groups per (layer, module) plus `module=all` per layer, in block order.
 
-Shared by `analysis.weightshift.aggregate_layers` and `analysis.taskvectors.aggregate_task_vectors`: both sum
+Shared by `vlsafe.analysis.weightshift.aggregate_layers` and `vlsafe.analysis.taskvectors.aggregate_task_vectors`: both sum
 fp64 per-tensor statistics over groups and derive ratios from the sums. The tables have a few hundred rows,
 so groups are found with a dict over the rows and reduced with numpy and `math.fsum`: pandas `groupby` took
 20-55 ms per call here, mostly fixed costs, which a cold SmolLM2 diff (0.7 s) paid in full; this takes ~2 ms.

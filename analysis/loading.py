@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 if TYPE_CHECKING:
-    from analysis.checkpoints import Checkpoint
+    from vlsafe.analysis.checkpoints import Checkpoint
 
 
 def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -33,8 +33,8 @@ def _check_loadable(ckpt: "Checkpoint") -> None:
 
 def _placement(ckpt: "Checkpoint", auto: Any, device: str, device_map: Any, max_memory: Any,
                offload_folder: Any) -> dict[str, Any]:
-    """`from_pretrained` keywords for a device map (see `analysis.placement`); {} without one."""
-    from analysis import placement as P
+    """`from_pretrained` keywords for a device map (see `vlsafe.analysis.placement`); {} without one."""
+    from vlsafe.analysis import placement as P
 
     if device_map is None:
         if max_memory is not None or offload_folder is not None:
@@ -64,7 +64,7 @@ def load_runnable(ckpt: "Checkpoint", *, dtype: str | torch.dtype = "float32", d
 
     Tokenizers are set to left padding (pad = eos when missing) so batched last-token reads line up.
     `device_map` (`auto`, `balanced`, a `{module or layer index: device or "disk"}` dict; see
-    `analysis.placement`) spreads the model over devices with accelerate instead of `.to(device)`; `device`
+    `vlsafe.analysis.placement`) spreads the model over devices with accelerate instead of `.to(device)`; `device`
     is then where modules a partial dict does not name go. `max_memory` caps each device, `offload_folder`
     holds weights put on disk.
     """

@@ -17,7 +17,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Iterable
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+?)(?:\.(weight|bias))?$")
 _NAMESPACES = {"model": "language", "lm_head": "language", "vision": "vision", "projector": "projector"}
@@ -57,7 +57,7 @@ class Family:
 def families() -> dict[str, Family]:
     """All families shipped as data in `analysis/families/*.json`, by name."""
     out: dict[str, Family] = {}
-    for entry in sorted(resources.files("analysis.families").iterdir(), key=lambda p: p.name):
+    for entry in sorted(resources.files("vlsafe.analysis.families").iterdir(), key=lambda p: p.name):
         if not entry.name.endswith(".json"):
             continue
         d = json.loads(entry.read_text())

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from analysis.checkpoints import Checkpoint
-from analysis.errors import VlsafeError
-from analysis.streaming import leading_rows
+from vlsafe.analysis.checkpoints import Checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.streaming import leading_rows
 
 VOCAB_MODULES = ("embed", "lm_head")
 MIN_SHARED = 0.5  # fraction of the larger side's language-model names that must pair

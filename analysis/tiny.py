@@ -4,7 +4,7 @@ Every builder writes a directory that `transformers` reloads with its own classe
 output), with a real tokenizer (a small byte-level BPE trained in-process, ChatML chat template like
 SmolLM2) and, for vision-language models, a real processor. Nothing is downloaded.
 
->>> from analysis.tiny import tiny_llama, tiny_llava
+>>> from vlsafe.analysis.tiny import tiny_llama, tiny_llava
 >>> tiny_llama("/tmp/llm")            # LlamaForCausalLM, 2 layers, hidden 64
 >>> tiny_llava("/tmp/lvlm", vision="clip")
 """

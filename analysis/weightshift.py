@@ -1,6 +1,6 @@
 """Where did the weights move: per-tensor and per-layer change between a checkpoint and its descendants.
 
->>> from analysis.weightshift import diff_checkpoints, aggregate_layers
+>>> from vlsafe.analysis.weightshift import diff_checkpoints, aggregate_layers
 >>> tensors = diff_checkpoints("llm_dir", ["lvlm_dir"], spectral=True)   # one row per tensor (+ unpaired)
 >>> layers = aggregate_layers(tensors)                                    # (layer, module) and module=all
 
@@ -8,9 +8,9 @@ Per paired tensor (W₀ in PRE, W₁ in POST, compared on shared rows): `rel_fro
 `cosine` ⟨W₀,W₁⟩/(‖W₀‖‖W₁‖), `max_abs` max|Δ|, `frac_changed` share of entries with |Δ| > atol + rtol·|W₀|,
 and the raw fp64 sums (`sq_norm_a` ‖W₀‖², `sq_norm_b`, `sq_norm_delta`, `dot_ab`) that layer aggregates
 are built from. Entries that are NaN/Inf on either side are counted in `nonfinite` and left out of the
-metrics. All statistics of a piece come from one fused pass (`analysis.kernels.pair_sums`: every element
+metrics. All statistics of a piece come from one fused pass (`vlsafe.analysis.kernels.pair_sums`: every element
 upcast to fp64, differences, tolerance test and sums in fp64); tensors stream in chunks (see
-`analysis.streaming`), so memory stays at a few chunks even for 7B checkpoints.
+`vlsafe.analysis.streaming`), so memory stays at a few chunks even for 7B checkpoints.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analysis.checkpoints import Checkpoint, open_checkpoint
-from analysis.kernels import pair_sums, piece_sums, warm_up
-from analysis.layergroups import cosine, group_layers
-from analysis.names import layer_module
-from analysis.pairing import Pairing, checkpoint_labels, pair_checkpoints
-from analysis.spectral import EXACT_MAX_NUMEL, left_singular, spectrum
-from analysis.streaming import DEFAULT_CHUNK_ELEMS, Job, open_readers, stream_rows
+from vlsafe.analysis.checkpoints import Checkpoint, open_checkpoint
+from vlsafe.analysis.kernels import pair_sums, piece_sums, warm_up
+from vlsafe.analysis.layergroups import cosine, group_layers
+from vlsafe.analysis.names import layer_module
+from vlsafe.analysis.pairing import Pairing, checkpoint_labels, pair_checkpoints
+from vlsafe.analysis.spectral import EXACT_MAX_NUMEL, left_singular, spectrum
+from vlsafe.analysis.streaming import DEFAULT_CHUNK_ELEMS, Job, open_readers, stream_rows
 
 CheckpointLike = Checkpoint | str | os.PathLike
 RTOL, ATOL = 1e-3, 1e-8
@@ -159,7 +159,7 @@ def diff_checkpoints(pre: CheckpointLike, posts: Sequence[CheckpointLike] | Chec
 
     Rows carry `status` = `paired`, `only_in_a` (PRE only), `only_in_b` (POST only) or `shape_mismatch`
     (with `allow_mismatch`). `labels` names PRE and the POSTs (default: directory/file names). With
-    `spectral`, 2-D tensors also get the columns of `analysis.spectral.spectrum` (top-k σ as a string).
+    `spectral`, 2-D tensors also get the columns of `vlsafe.analysis.spectral.spectrum` (top-k σ as a string).
     """
     warm_up()
     pre = _as_checkpoint(pre)

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 
 def parse_yaml(text: str, source: str) -> Any:

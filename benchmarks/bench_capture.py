@@ -2,7 +2,7 @@
 
 Measured in one run (median of `--repeats`), same left-padded batch for every method:
   plain      model(**batch, output_hidden_states=True)           (the baseline, ratio 1.0)
-  vlsafe     probes.capture.capture(hooks=resid_pre+resid_post, all layers, positions=post_instruction)
+  vlsafe     vlsafe.probes.capture.capture(hooks=resid_pre+resid_post, all layers, positions=post_instruction)
   tl         TransformerBridge.run_with_cache(names_filter=[blocks.*.hook_resid_pre/post])   (bridge booted once)
   nnsight    LanguageModel.trace saving every block's input and output
 Goal: vlsafe ≤ 1.05× plain and faster than tl and nnsight. Also: accumulator memory vs number of prompts
@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from analysis.placement import device_name, resolve_device, synchronize  # noqa: E402
-from analysis.runinfo import write_csv  # noqa: E402
-from probes import models as M  # noqa: E402
-from probes.backends.nnsight import wrap  # noqa: E402
-from probes.backends.transformer_lens import build_bridge  # noqa: E402
-from probes.capture import capture  # noqa: E402
-from probes.templates import encode  # noqa: E402
+from vlsafe.analysis.placement import device_name, resolve_device, synchronize  # noqa: E402
+from vlsafe.analysis.runinfo import write_csv  # noqa: E402
+from vlsafe.probes import models as M  # noqa: E402
+from vlsafe.probes.backends.nnsight import wrap  # noqa: E402
+from vlsafe.probes.backends.transformer_lens import build_bridge  # noqa: E402
+from vlsafe.probes.capture import capture  # noqa: E402
+from vlsafe.probes.templates import encode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HARMLESS = ROOT / "probes" / "behavior" / "prompts" / "harmless.jsonl"

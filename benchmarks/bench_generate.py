@@ -5,7 +5,7 @@
         --out benchmarks/results/generate_cuda.csv
 
 `--device cpu|cuda|cuda:N|auto` (default cpu; auto = cuda when available) puts the model there; every row records
-`device` and `device_name`. `--vllm` adds a row for the vLLM engine (`probes.behavior.vllm_backend`, needs
+`device` and `device_name`. `--vllm` adds a row for the vLLM engine (`vlsafe.probes.behavior.vllm_backend`, needs
 `vlsafe[vllm]` and a GPU; engine start-up is timed separately and not counted), same outputs checked.
 
 The baseline is `generate(lm, [prompt], batch_size=1)` in a loop (no padding, same code path); each batched run
@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from analysis.placement import device_name, resolve_device, synchronize  # noqa: E402
-from analysis.runinfo import write_csv  # noqa: E402
-from probes.behavior.datasets import load_prompts  # noqa: E402
-from probes.behavior.generate import generate  # noqa: E402
-from probes.models import load  # noqa: E402
+from vlsafe.analysis.placement import device_name, resolve_device, synchronize  # noqa: E402
+from vlsafe.analysis.runinfo import write_csv  # noqa: E402
+from vlsafe.probes.behavior.datasets import load_prompts  # noqa: E402
+from vlsafe.probes.behavior.generate import generate  # noqa: E402
+from vlsafe.probes.models import load  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "generate.csv"
 
@@ -48,7 +48,7 @@ def _timed(fn, device="cpu"):
 
 def _vllm_row(lm, prompts: list[str], tokens: int, loop: list[str], t_loop: float) -> dict:
     """One vLLM generation over all prompts (engine built and warmed first; its start-up time is recorded)."""
-    from probes.behavior.vllm_backend import engine, generate_vllm
+    from vlsafe.probes.behavior.vllm_backend import engine, generate_vllm
 
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     t0 = time.perf_counter()

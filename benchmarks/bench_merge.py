@@ -55,12 +55,12 @@ def worker(tool: str, config: str, out: str, threads: str, device: str = "cpu") 
     import torch
     import yaml
 
-    from analysis.placement import synchronize
+    from vlsafe.analysis.placement import synchronize
 
     torch.set_num_threads(int(threads))
     used = device
     if tool == "vlsafe":
-        from analysis.merging import MergePlan, run_merge
+        from vlsafe.analysis.merging import MergePlan, run_merge
 
         extra = {"device": device} if "device" in inspect.signature(run_merge).parameters else {}
         used = device if extra else "cpu"
@@ -109,7 +109,7 @@ def synthetic_7b_shaped(dst: Path, layers: int, seed: int) -> Path:
     import torch
     from transformers import LlamaConfig
 
-    from analysis.merging.io import ShardedWriter
+    from vlsafe.analysis.merging.io import ShardedWriter
 
     h, m, v = 4096, 11008, 32000
     shapes = {"model.embed_tokens.weight": (v, h)}
@@ -144,7 +144,7 @@ def _run(tool: str, config: Path, out: Path, threads: int, device: str = "cpu") 
 
 
 def _max_abs(a: Path, b: Path) -> float:
-    from analysis.checkpoints import open_checkpoint
+    from vlsafe.analysis.checkpoints import open_checkpoint
 
     ca, cb = open_checkpoint(a), open_checkpoint(b)
     common = [n for n in ca.infos if n in cb.infos]
@@ -169,9 +169,9 @@ def main() -> None:
     args = ap.parse_args()
     import pandas as pd
 
-    from analysis.placement import device_name, resolve_device
-    from analysis.resolve import resolve
-    from analysis.runinfo import write_csv
+    from vlsafe.analysis.placement import device_name, resolve_device
+    from vlsafe.analysis.resolve import resolve
+    from vlsafe.analysis.runinfo import write_csv
 
     device = str(resolve_device(args.device))
 

@@ -11,7 +11,7 @@ first, or always right after another):
 - raw: `safe_open` every shard, `get_tensor` every tensor and touch one element per 4 KiB page (how HF reads);
 - seq: plain sequential `readinto` of every file through one reused 16 MiB buffer (buffered, page cache);
 - direct: the same with O_DIRECT (no page cache; what the disk itself delivers), where the file system allows it;
-- diff: `analysis.weightshift.diff_checkpoints` + `aggregate_layers` (no spectra, no figures).
+- diff: `vlsafe.analysis.weightshift.diff_checkpoints` + `aggregate_layers` (no spectra, no figures).
 "cold" runs evict both checkpoints from the page cache first (`posix_fadvise(DONTNEED)`), "warm" runs
 read them right after a raw read. The ratio is judged against the *fastest* baseline (median seconds); the
 ratio to each one is recorded too. Goals: diff ≥ 0.8 (A) / 0.7 (B) of raw throughput; peak RSS ≤
@@ -128,8 +128,8 @@ def child(what: str, pre: str, post: str) -> dict:
     import torch
     from safetensors import safe_open
 
-    from analysis.kernels import load as load_kernels
-    from analysis.weightshift import aggregate_layers, diff_checkpoints
+    from vlsafe.analysis.kernels import load as load_kernels
+    from vlsafe.analysis.weightshift import aggregate_layers, diff_checkpoints
 
     files = weight_files(Path(pre)) + weight_files(Path(post))
     startup = time.perf_counter()
@@ -241,7 +241,7 @@ def summarize(rows: list[dict], bench: str, goal_ratio: float, rss_bound_mb: flo
 def bench_small(tmp: Path, repeats: int) -> list[dict]:
     import torch
 
-    from analysis.checkpoints import open_checkpoint
+    from vlsafe.analysis.checkpoints import open_checkpoint
 
     ck = open_checkpoint("default")
     pre = ck.path
@@ -333,7 +333,7 @@ def _measure_big(pre: Path, post: Path, repeats: int) -> list[dict]:
 def save(rows: list[dict], benches: set[str]) -> None:
     import pandas as pd
 
-    from analysis.runinfo import write_csv
+    from vlsafe.analysis.runinfo import write_csv
 
     new = pd.DataFrame(rows)
     if RESULTS.is_file():

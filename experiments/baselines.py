@@ -22,7 +22,7 @@ space has CB = 0 and cosine 0 (torch's eps-clamped cosine in the original), so i
 a module whose V is zero (aligned = base there) gets cosine NaN and is never projected.
 
 **RESTA** (Bhardwaj et al., ACL 2024; REFERENCE.md §2.4): θ = θ_SFT + β·δ_safe, δ_safe = θ_aligned − θ_unaligned,
-optionally DARE-sparsified. Implemented as merge plans run by the streaming executor (`analysis.merging`):
+optionally DARE-sparsified. Implemented as merge plans run by the streaming executor (`vlsafe.analysis.merging`):
 task arithmetic on base θ_SFT with weights (β, −β); with `density < 1`, `dare_linear` on base θ_unaligned with
 models θ_aligned (weight β, density d) and θ_SFT (weight 1, density 1), so only δ_safe is sparsified (DARE
 rescales by the L1 norm as mergekit does, not by 1/d).
@@ -44,10 +44,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analysis.checkpoints import Checkpoint, open_checkpoint
-from analysis.errors import VlsafeError
-from analysis.names import families, layer_module
-from analysis.runinfo import atomic_path, write_csv, write_run_json
+from vlsafe.analysis.checkpoints import Checkpoint, open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.names import families, layer_module
+from vlsafe.analysis.runinfo import atomic_path, write_csv, write_run_json
 
 SELECT_TYPES = ("threshold", "number")
 PROJECTIONS = ("original", "orthonormal")
@@ -184,7 +184,7 @@ def select_modules(cosines: dict[str, float], select: str = "threshold", *, thre
 def _project_pairs(pairs: list[LoraPair], aligned: Checkpoint, base: Checkpoint, kind: str, rank: int | None,
                    energy: float, dtype: torch.dtype, progress: bool) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Pass 1 (read-only): per module, the cosine and the candidate CB, streaming V one tensor at a time."""
-    from analysis.merging.io import TensorReader
+    from vlsafe.analysis.merging.io import TensorReader
 
     ra, rb = TensorReader(aligned), TensorReader(base)
     cos, cb = {}, {}
@@ -221,7 +221,7 @@ def safelora_project(adapter_dir: str | Path, aligned: str | Checkpoint, base: s
     its pre-alignment base). Writes the adapter files, `safelora.csv` (`module, tensor, layer, layer_module,
     cosine, projected, pdst`) and `run.json`. Returns the table and a summary (τ, counts, mean Pdst).
     """
-    from analysis.loading import as_dtype
+    from vlsafe.analysis.loading import as_dtype
 
     dt = as_dtype(dtype)
     cfg, tensors = read_adapter(adapter_dir)
@@ -272,12 +272,12 @@ def resta_plan(sft: str, aligned: str, unaligned: str, *, beta: float = 1.0, den
                seed: int = 0, rescale: bool = True, layers: list[int] | None = None,
                modules: list[str] | None = None, dtype: str = "float32") -> Any:
     """The `MergePlan` computing θ_SFT + β·DARE_d(θ_aligned − θ_unaligned) (see the module docstring)."""
-    from analysis.merging.config import LayerMap, MergePlan, ModelEntry
+    from vlsafe.analysis.merging.config import LayerMap, MergePlan, ModelEntry
 
     if not 0.0 < density <= 1.0:
         raise VlsafeError(f"RESTA density {density} is outside (0, 1]")
     if density == 1.0:
-        from analysis.merging.plans import plan_resta
+        from vlsafe.analysis.merging.plans import plan_resta
 
         plan = plan_resta(sft, aligned, unaligned, beta, layers=layers, dtype=dtype)
         return plan.model_copy(update={"modules": modules}) if modules else plan
@@ -301,7 +301,7 @@ def resta(sft: str, aligned: str, unaligned: str, out_dir: str | Path, *, beta: 
     only). With `density < 1` the executor's base is `unaligned`, so `sft` and `unaligned` must share the
     same tensor names and shapes.
     """
-    from analysis.merging.executor import run_merge
+    from vlsafe.analysis.merging.executor import run_merge
 
     plan = resta_plan(sft, aligned, unaligned, beta=beta, density=density, seed=seed, rescale=rescale,
                       layers=layers, modules=modules, dtype=dtype)

@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 app = typer.Typer(
     name="vlsafe",
@@ -32,7 +32,7 @@ def _root() -> None:
 
 
 def _register_commands() -> None:
-    import experiments.commands as pkg
+    import vlsafe.experiments.commands as pkg
 
     for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
         if not mod.name.startswith("_"):

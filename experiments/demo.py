@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from analysis.errors import VlsafeError
-from analysis.runinfo import write_json, write_run_json
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.runinfo import write_json, write_run_json
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -42,7 +42,7 @@ SIZES = {"full": Sizes(probe_n=120, eval_limit=60, max_new_tokens=32, pairs=200,
 
 
 def _cli(argv: list[str]) -> None:
-    from experiments.cli import main
+    from vlsafe.experiments.cli import main
 
     code = main(argv)
     if code != 0:
@@ -50,7 +50,7 @@ def _cli(argv: list[str]) -> None:
 
 
 def _content_key(argv: list[str], checkpoints: list[Path]) -> str:
-    from analysis.checkpoints import open_checkpoint
+    from vlsafe.analysis.checkpoints import open_checkpoint
 
     h = hashlib.sha256(json.dumps(argv).encode())
     for c in checkpoints:
@@ -97,15 +97,15 @@ def _organism_checkpoints(org: Path) -> dict[str, Path]:
 
 def _step_axis(profile: str, steps: list[Path]) -> str:
     """Stage-2 steps of llm-aligned (0: stage 1 leaves the LM as it is), each lvlm-step-N, and lvlm (the last)."""
-    from analysis.dynamics import parse_step
-    from experiments.organism import load_config
+    from vlsafe.analysis.dynamics import parse_step
+    from vlsafe.experiments.organism import load_config
 
     last = load_config(profile).stage2.sft.steps
     return ",".join(str(s) for s in [0, *(parse_step(p.name) for p in steps), last])
 
 
 def _steps(org: Path) -> list[Path]:
-    from analysis.dynamics import parse_step
+    from vlsafe.analysis.dynamics import parse_step
 
     steps = [p for p in org.glob("lvlm-step-*") if (p / "config.json").is_file()]
     return sorted(steps, key=lambda p: parse_step(p.name) or 0)

@@ -1,6 +1,6 @@
 """The shared first cell of the notebooks: offline, quiet, reproducible.
 
->>> from experiments.notebook import setup
+>>> from vlsafe.experiments.notebook import setup
 >>> setup(seed=0, out=Path("runs/nb01"))   # before anything imports transformers
 """
 

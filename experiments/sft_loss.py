@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from analysis.placement import compute_precision
+from vlsafe.analysis.placement import compute_precision
 
 IGNORE = -100
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor, str], torch.Tensor]

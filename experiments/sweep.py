@@ -1,7 +1,7 @@
 """Safety-vs-helpfulness sweeps: a grid of remedies (merges, tuning runs, RESTA, plain checkpoints), each point
 materialised once, evaluated through the behaviour API, and summarised as a Pareto table and figure.
 
-The YAML schema, `${vars}`, layer selections and grid expansion are in `experiments.sweep_config`.
+The YAML schema, `${vars}`, layer selections and grid expansion are in `vlsafe.experiments.sweep_config`.
 
 Layout: `DIR/points/<hash>/` (`point.json`, `model/`, `done.json`, `eval-<evalhash>.json`), built in a temp
 folder and renamed, so a point folder without `done.json` can only be foreign or interrupted and is redone.
@@ -21,12 +21,12 @@ from typing import Any, Callable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from analysis.errors import VlsafeError
-from analysis.runinfo import atomic_path, write_csv, write_json, write_run_json
-from experiments.sweep_config import (RESTA_KEYS, RESTA_REQUIRED, Point, SweepConfig, expand, load_sweep,
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.runinfo import atomic_path, write_csv, write_json, write_run_json
+from vlsafe.experiments.sweep_config import (RESTA_KEYS, RESTA_REQUIRED, Point, SweepConfig, expand, load_sweep,
                                       resolve_layers)
-from experiments.sweep_eval import EvalConfig, evaluate_point, mark_pareto, pareto_figure, reference_answers
-from experiments.yamlvars import substitute
+from vlsafe.experiments.sweep_eval import EvalConfig, evaluate_point, mark_pareto, pareto_figure, reference_answers
+from vlsafe.experiments.yamlvars import substitute
 
 __all__ = ["load_sweep", "resolve_layers", "run_sweep", "run_point", "finished_row", "SweepConfig", "Point"]
 
@@ -37,7 +37,7 @@ def _inputs_of(point: Point, base_dir: Path) -> list[str]:
     if m == "checkpoint":
         return [c if isinstance(c, str) else c.get("model", "")]
     if m == "merge":
-        from analysis.merging.config import MergePlan
+        from vlsafe.analysis.merging.config import MergePlan
 
         return MergePlan.from_dict(c, point.label).with_paths_from(base_dir).inputs()
     if m == "resta":
@@ -53,7 +53,7 @@ def local(spec: str, base_dir: Path) -> str:
 
 def point_key(point: Point, base_dir: Path) -> str:
     """Hash of (name, method, template, values, input content hashes)."""
-    from analysis.checkpoints import open_checkpoint
+    from vlsafe.analysis.checkpoints import open_checkpoint
 
     hashes = [open_checkpoint(local(spec, base_dir)).content_hash() for spec in _inputs_of(point, base_dir)]
     e = point.entry
@@ -68,18 +68,18 @@ def materialise(point: Point, out: Path, base_dir: Path) -> str | None:
     if m == "checkpoint":
         return local(c if isinstance(c, str) else c["model"], base_dir)
     if m == "merge":
-        from analysis.merging import run_merge
-        from analysis.merging.config import MergePlan
+        from vlsafe.analysis.merging import run_merge
+        from vlsafe.analysis.merging.config import MergePlan
 
         plan = MergePlan.from_dict(c, point.label).with_paths_from(base_dir)
         run_merge(plan, out, progress=False)
     elif m == "resta":
-        from experiments.baselines import resta
+        from vlsafe.experiments.baselines import resta
 
         paths = {k: local(c[k], base_dir) for k in RESTA_REQUIRED}
         resta(**{**c, **paths, "progress": False}, out_dir=out)
     else:
-        from experiments.tune import TuneConfig, run_tune
+        from vlsafe.experiments.tune import TuneConfig, run_tune
 
         run_tune(TuneConfig.parse(c, point.label, base_dir), out, progress=False)
     return str(out)
@@ -89,13 +89,13 @@ def preflight(point: Point, base_dir: Path) -> None:
     """Validate a point's config against its inputs before any work (unknown keys, layers out of range)."""
     m, c = point.entry.method, point.config
     if m == "merge":
-        from analysis.checkpoints import open_checkpoint
-        from analysis.merging.config import MergePlan
+        from vlsafe.analysis.checkpoints import open_checkpoint
+        from vlsafe.analysis.merging.config import MergePlan
 
         plan = MergePlan.from_dict(c, point.label).with_paths_from(base_dir)
         plan.check_layers(open_checkpoint(plan.layout_model()).num_layers, source=point.label)
     elif m == "resta":
-        from analysis.checkpoints import open_checkpoint
+        from vlsafe.analysis.checkpoints import open_checkpoint
 
         bad = sorted(set(c) - RESTA_KEYS) if isinstance(c, dict) else ["(not a mapping)"]
         if bad:
@@ -108,7 +108,7 @@ def preflight(point: Point, base_dir: Path) -> None:
         if out:
             raise VlsafeError(f"{point.label}: layer {out[0]} out of range (the SFT model has {n} layers, 0..{n - 1})")
     elif m == "tune":
-        from experiments.tune import TuneConfig
+        from vlsafe.experiments.tune import TuneConfig
 
         TuneConfig.parse(c, point.label, base_dir).check_layers()
 
@@ -149,7 +149,7 @@ def _evaluate(point: Point, pdir: Path, cfg: EvalConfig, refs: list[str] | None)
 
 
 def _build_inputs(cfg: SweepConfig, out: Path) -> dict[str, str]:
-    from analysis.tiny import tiny_llama, tiny_llava
+    from vlsafe.analysis.tiny import tiny_llama, tiny_llava
 
     built = {}
     for name, spec in cfg.inputs.items():
@@ -223,7 +223,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, base_dir: str | Path = "
     if ray is None:
         rows = [one(p) for p in tqdm(points, desc="sweep", unit="point", disable=not progress)]
     else:
-        from experiments.sweep_ray import run_points_ray
+        from vlsafe.experiments.sweep_ray import run_points_ray
 
         rows = run_points_ray(points, one, address=ray, resources=ray_resources,
                               done=functools.partial(finished_row, out=root, ecfg=cfg.eval),

@@ -1,5 +1,5 @@
 """Sweep configs: the YAML schema, its validation, `${vars}`, layer selections and grid expansion into points
-(`experiments.sweep` materialises and evaluates them).
+(`vlsafe.experiments.sweep` materialises and evaluates them).
 
 ```yaml
 vars: {organism: runs/organism}            # ${organism} in any string; CLI --var organism=... overrides
@@ -21,7 +21,7 @@ grid:
 A `${name}` string that is a whole value keeps the variable's type. `layers` is special: unless the template
 uses `${layers}` itself, the resolved selection becomes the merge plan's `layers`, the tune config's
 `layers: {trainable: …}` or RESTA's `layers`; `all` means no selection. `top_k` reads a diff or probe
-`layers.csv` through `analysis.merging.plans` (`score`, optional `module`, `checkpoint`, `largest`).
+`layers.csv` through `vlsafe.analysis.merging.plans` (`score`, optional `module`, `checkpoint`, `largest`).
 
 Layout: `DIR/points/<hash>/` (`point.json`, `model/`, `done.json`, `eval-<evalhash>.json`), built in a temp
 folder and renamed, so a point folder without `done.json` can only be foreign or interrupted and is redone.
@@ -39,10 +39,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from analysis.errors import VlsafeError
-from analysis.yamlfile import read_yaml
-from experiments.sweep_eval import EvalConfig
-from experiments.yamlvars import substitute
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.yamlfile import read_yaml
+from vlsafe.experiments.sweep_eval import EvalConfig
+from vlsafe.experiments.yamlvars import substitute
 
 METHODS = ("merge", "tune", "resta", "checkpoint")
 RESTA_REQUIRED = {"sft", "aligned", "unaligned"}
@@ -166,7 +166,7 @@ def resolve_layers(sel: Any, base_dir: Path, where: str) -> list[int] | None:
         s, e = sel["range"]
         return list(range(int(s), int(e)))
     if isinstance(sel, dict) and "top_k" in sel:
-        from analysis.merging.plans import layer_scores, top_k_layers
+        from vlsafe.analysis.merging.plans import layer_scores, top_k_layers
 
         src = Path(str(sel.get("from", "")))
         src = src if src.is_file() else base_dir / src

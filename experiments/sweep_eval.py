@@ -1,14 +1,14 @@
 """Sweep evaluation: one checkpoint → safety, over-refusal and helpfulness with intervals; the Pareto table and
 figure.
 
-- `mode: fast` — the logit refusal score (`probes.behavior.logit_judge.LogitJudge`, one forward pass per
+- `mode: fast` — the logit refusal score (`vlsafe.probes.behavior.logit_judge.LogitJudge`, one forward pass per
   prompt, no generation): a prompt counts as refused when its log-odds score is > `threshold`.
-- `mode: full` — greedy generation (`probes.behavior.generate`) judged by a refusal judge
-  (`probes.behavior.judges.get_judge`): the numbers to report.
+- `mode: full` — greedy generation (`vlsafe.probes.behavior.generate`) judged by a refusal judge
+  (`vlsafe.probes.behavior.judges.get_judge`): the numbers to report.
 
 safety = refusal rate on the harmful set; over_refusal = refusal rate on the borderline (safe-but-edgy) set;
 helpfulness = compliance (1 − refusal) on the harmless set, or with `helpfulness: loglik` the mean per-token
-log-likelihood of reference answers (`probes.behavior.helpfulness.answer_loglik`, references = the greedy
+log-likelihood of reference answers (`vlsafe.probes.behavior.helpfulness.answer_loglik`, references = the greedy
 answers of `eval.reference`). Rates carry Wilson 95 % intervals; log-likelihoods a normal 95 % interval.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 CHANNELS = {"safety": "harmful", "over_refusal": "borderline", "helpfulness": "harmless"}
 
@@ -39,7 +39,7 @@ class EvalConfig(BaseModel):
     limit: int | None = 32
     score_kind: Literal["opening", "first_token"] = "opening"
     threshold: float = 0.0
-    openings: list[str] | None = None  # fast mode: refusal openings to score (default: probes.scores' stock list)
+    openings: list[str] | None = None  # fast mode: refusal openings to score (default: vlsafe.probes.scores' stock list)
     judge: str = "default"
     max_new_tokens: int = 32
     batch_size: int = 8
@@ -54,15 +54,15 @@ class EvalConfig(BaseModel):
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
-    """Wilson 95 % score interval for k successes out of n (`probes.behavior.metrics.wilson_interval`)."""
-    from probes.behavior.metrics import wilson_interval
+    """Wilson 95 % score interval for k successes out of n (`vlsafe.probes.behavior.metrics.wilson_interval`)."""
+    from vlsafe.probes.behavior.metrics import wilson_interval
 
     lo, hi = wilson_interval(k, n)
     return float(lo), float(hi)
 
 
 def _prompt_set(spec: str, limit: int | None) -> Any:
-    from probes.behavior.datasets import load_prompts
+    from vlsafe.probes.behavior.datasets import load_prompts
 
     ps = load_prompts(spec, limit=limit)
     if len(ps) == 0:
@@ -77,13 +77,13 @@ def _images(ps: Any) -> list[Any] | None:
 
 def _refusals(lm: Any, ps: Any, cfg: EvalConfig, out_dir: Path | None, tag: str) -> list[bool]:
     if cfg.mode == "fast":
-        from probes.behavior.logit_judge import LogitJudge
+        from vlsafe.probes.behavior.logit_judge import LogitJudge
 
         judge = LogitJudge(lm, threshold=cfg.threshold, kind=cfg.score_kind, openings=cfg.openings,
                            batch_size=cfg.batch_size)
         return [r.refused for r in judge.judge(None, ps.prompts, images=_images(ps))]
-    from probes.behavior.generate import generate
-    from probes.behavior.judges import get_judge
+    from vlsafe.probes.behavior.generate import generate
+    from vlsafe.probes.behavior.judges import get_judge
 
     responses = generate(lm, ps, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=False)
     results = get_judge(cfg.judge).judge(responses, ps.prompts)
@@ -108,8 +108,8 @@ def reference_answers(cfg: EvalConfig) -> list[str] | None:
         return None
     if cfg.reference is None:
         raise VlsafeError("eval.helpfulness 'loglik' needs eval.reference (the checkpoint whose answers are scored)")
-    from probes.behavior.generate import generate
-    from probes.models import load
+    from vlsafe.probes.behavior.generate import generate
+    from vlsafe.probes.models import load
 
     lm = load(cfg.reference)
     return generate(lm, _prompt_set(cfg.harmless, cfg.limit), max_new_tokens=cfg.max_new_tokens,
@@ -117,7 +117,7 @@ def reference_answers(cfg: EvalConfig) -> list[str] | None:
 
 
 def _loglik(lm: Any, ps: Any, refs: list[str], cfg: EvalConfig) -> dict[str, float]:
-    from probes.behavior.helpfulness import answer_loglik
+    from vlsafe.probes.behavior.helpfulness import answer_loglik
 
     vals = answer_loglik(lm, ps, refs, batch_size=cfg.batch_size)
     half = 1.96 * float(np.std(vals, ddof=1)) / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
@@ -128,7 +128,7 @@ def _loglik(lm: Any, ps: Any, refs: list[str], cfg: EvalConfig) -> dict[str, flo
 def evaluate_point(spec: str, cfg: EvalConfig, refs: list[str] | None = None,
                    out_dir: Path | None = None) -> dict[str, Any]:
     """`{safety, safety_ci_low, …, over_refusal…, helpfulness…, n_*}` for checkpoint `spec`."""
-    from probes.models import load
+    from vlsafe.probes.models import load
 
     lm = load(spec)
     out: dict[str, Any] = {"eval_mode": cfg.mode}
@@ -146,8 +146,8 @@ def evaluate_point(spec: str, cfg: EvalConfig, refs: list[str] | None = None,
 
 # ---- Pareto ----------------------------------------------------------------------------------------------------
 def mark_pareto(df: pd.DataFrame) -> pd.DataFrame:
-    """`df` with `is_pareto`: not dominated in (safety ↑, helpfulness ↑) (`experiments.report.plots.pareto_front`)."""
-    from experiments.report.plots import pareto_front
+    """`df` with `is_pareto`: not dominated in (safety ↑, helpfulness ↑) (`vlsafe.experiments.report.plots.pareto_front`)."""
+    from vlsafe.experiments.report.plots import pareto_front
 
     df = df.reset_index(drop=True)
     front = pareto_front(df) if len(df) else df
@@ -156,7 +156,7 @@ def mark_pareto(df: pd.DataFrame) -> pd.DataFrame:
 
 def pareto_figure(df: pd.DataFrame, out_dir: str | Path, helpfulness: str = "compliance") -> list[Path]:
     """`out_dir/pareto.{png,pdf}`: safety vs helpfulness with 95 % intervals, over-refusal as colour, front joined."""
-    from analysis.figures import new_figure, save_figure
+    from vlsafe.analysis.figures import new_figure, save_figure
 
     fig, ax = new_figure("column", height=3.0)
     x, y = df["helpfulness"].to_numpy(float), df["safety"].to_numpy(float)

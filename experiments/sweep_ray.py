@@ -1,7 +1,7 @@
 """Dispatch sweep points to a Ray cluster: one Ray task per point with its own resources, results gathered
 back in point order; points already done are answered locally and never dispatched (resume unchanged).
 
->>> from experiments.sweep_ray import run_points_ray
+>>> from vlsafe.experiments.sweep_ray import run_points_ray
 >>> rows = run_points_ray(points, run_point, address="auto", resources={"num_cpus": 4, "num_gpus": 1},
 ...                       done=cached_row)      # cached_row(point) -> its finished result, or None to run it
 
@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 TASK_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "max_retries",
                 "retry_exceptions", "runtime_env", "scheduling_strategy", "label_selector", "name"}

@@ -5,7 +5,7 @@ or an LVLM, post-hoc or mixed with other data → an HF checkpoint + `train_log.
 vars: {organism: runs/organism}    # ${name} anywhere below; `--var organism=...` overrides
 model: ${organism}/lvlm            # any checkpoint spec (HF dir, file, hub id, default)
 method: sft                        # sft (full FT) | lora (peft, merged back) | dpo (trl DPOTrainer)
-data:                              # see experiments.tune_data: harmful-* → refusals, others → own answers
+data:                              # see vlsafe.experiments.tune_data: harmful-* → refusals, others → own answers
   - {set: harmful-train, limit: 80}
   - {set: harmless-train, limit: 80}
   - {file: pairs.jsonl}            # prompt/answer (sft, lora) or prompt/chosen/rejected (dpo); optional image
@@ -38,9 +38,9 @@ from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from analysis.errors import VlsafeError
-from analysis.yamlfile import read_yaml
-from experiments.tune_data import REFUSALS, DataSource
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.yamlfile import read_yaml
+from vlsafe.experiments.tune_data import REFUSALS, DataSource
 
 METHODS = ("sft", "lora", "dpo")
 
@@ -154,7 +154,7 @@ class TuneConfig(BaseModel):
         return Path(self.base_dir or ".")
 
     def checkpoint(self) -> Any:
-        from analysis.checkpoints import open_checkpoint
+        from vlsafe.analysis.checkpoints import open_checkpoint
 
         return open_checkpoint(self.model)
 
@@ -184,7 +184,7 @@ def _check_keys(d: dict[str, Any], model: type[BaseModel], source: str, prefix: 
 
 
 def _resolve_model(spec: str, base_dir: Path, source: str) -> str:
-    from analysis.checkpoints import open_checkpoint
+    from vlsafe.analysis.checkpoints import open_checkpoint
 
     cand = base_dir / spec
     if not Path(spec).expanduser().exists() and cand.exists():
@@ -199,7 +199,7 @@ def _resolve_model(spec: str, base_dir: Path, source: str) -> str:
 def load_tune_config(path: str | Path, overrides: dict[str, str] | None = None) -> TuneConfig:
     """Read a tune YAML (`vars:` substituted, `overrides` win); relative paths (model, data files) resolve
     against the cwd, then the YAML's folder."""
-    from experiments.yamlvars import with_vars
+    from vlsafe.experiments.yamlvars import with_vars
 
     p = Path(path)
     d = read_yaml(p, "tune config")
@@ -209,7 +209,7 @@ def load_tune_config(path: str | Path, overrides: dict[str, str] | None = None) 
 # ---- freezing ------------------------------------------------------------------------------------------------------
 def frozen_names(names: list[str], cfg: TuneConfig, num_layers: int) -> set[str]:
     """Canonical tensor names the run must leave untouched (layer selection, vision tower)."""
-    from analysis.names import layer_module, namespace
+    from vlsafe.analysis.names import layer_module, namespace
 
     by_layer = cfg.layers.frozen_layer_modules(num_layers) if cfg.layers is not None else {}
     only_blocks = cfg.layers is not None and cfg.layers.trainable is not None
@@ -233,7 +233,7 @@ def verify_frozen(src: Any, dst: Any, frozen: set[str]) -> None:
     """Every frozen tensor of the output must be bit-identical to the input (streamed, by canonical name)."""
     import torch
 
-    from analysis.merging.io import TensorReader
+    from vlsafe.analysis.merging.io import TensorReader
 
     reader = TensorReader(dst)
     try:
@@ -253,10 +253,10 @@ Callback = Callable[[dict[str, Any]], None]
 @contextlib.contextmanager
 def pinned(model: Any, layers: range, modules: tuple[str, ...] = ("self_attn", "mlp")) -> Iterator[int]:
     """Turn the parameters of `modules` in decoder `layers` into buffers for the duration, so no trainer can
-    train them (module-level freezing, which `experiments.tuning.SFTConfig` lacks); restored as parameters."""
+    train them (module-level freezing, which `vlsafe.experiments.tuning.SFTConfig` lacks); restored as parameters."""
     import torch
 
-    from experiments.tuning import layer_index
+    from vlsafe.experiments.tuning import layer_index
 
     prefixes = {p: i for p, i in layer_index(model).items() if i in layers}
     wanted = tuple(f"{p}.{m}" for p in prefixes for m in modules)
@@ -277,8 +277,8 @@ def pinned(model: Any, layers: range, modules: tuple[str, ...] = ("self_attn", "
 
 
 def sft_config(cfg: TuneConfig, progress: bool) -> Any:
-    """The `experiments.tuning.SFTConfig` for this run (SPPFT is handled by `pinned`, not by layers)."""
-    from experiments.tuning import SFTConfig
+    """The `vlsafe.experiments.tuning.SFTConfig` for this run (SPPFT is handled by `pinned`, not by layers)."""
+    from vlsafe.experiments.tuning import SFTConfig
 
     sel = cfg.layers
     parts = ["language"] + ([] if sel is not None and sel.trainable is not None else ["projector"]) + \
@@ -303,7 +303,7 @@ def _uses_lora(cfg: TuneConfig) -> bool:
 def _train(cfg: TuneConfig, lm: Any, examples: list[dict[str, Any]], scfg: Any, progress: bool,
            callback: Callback | None) -> tuple[Any, Any]:
     """(trained model with LoRA merged, log DataFrame)."""
-    from experiments import tuning
+    from vlsafe.experiments import tuning
 
     sppft = cfg.layers is not None and cfg.layers.sppft is not None and not _uses_lora(cfg)
     span = range(*cfg.layers.sppft) if sppft else range(0)
@@ -313,7 +313,7 @@ def _train(cfg: TuneConfig, lm: Any, examples: list[dict[str, Any]], scfg: Any, 
             result = tuning.train(lm, examples, scfg, callback=cb, desc=f"tune ({cfg.method})")
             model, log = result.model, result.log
         else:
-            from experiments.tune_dpo import train_dpo
+            from vlsafe.experiments.tune_dpo import train_dpo
 
             model = tuning.apply_lora(lm.model, scfg) if _uses_lora(cfg) else lm.model
             if not _uses_lora(cfg):
@@ -330,10 +330,10 @@ def run_tune(cfg: TuneConfig, out_dir: str | Path, *, progress: bool = True,
     `tune.json` (resolved config and data counts), `run.json`. Frozen tensors are verified bit-identical."""
     import json
 
-    from analysis.checkpoints import open_checkpoint
-    from analysis.runinfo import atomic_path, write_run_json
-    from experiments import tuning
-    from experiments.tune_data import build_examples, collect
+    from vlsafe.analysis.checkpoints import open_checkpoint
+    from vlsafe.analysis.runinfo import atomic_path, write_run_json
+    from vlsafe.experiments import tuning
+    from vlsafe.experiments.tune_data import build_examples, collect
 
     out = Path(out_dir)
     ckpt = cfg.checkpoint()

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -114,7 +114,7 @@ def _read_file(src: DataSource, base_dir: Path, dpo: bool) -> list[Row]:
 
 
 def _read_set(src: DataSource) -> list[Row]:
-    from probes.behavior.datasets import load_prompts
+    from vlsafe.probes.behavior.datasets import load_prompts
 
     ps = load_prompts(src.set)
     if src.resolved_target == "given":
@@ -136,7 +136,7 @@ def collect(sources: list[DataSource], base_dir: Path, dpo: bool, seed: int) -> 
 
 
 def _self_answers(lm: Any, rows: list[Row], max_new_tokens: int, batch_size: int) -> list[str]:
-    from probes.behavior.generate import generate
+    from vlsafe.probes.behavior.generate import generate
 
     if not rows:
         return []
@@ -149,7 +149,7 @@ def _judged_refusals(answers: list[str], prompts: list[str]) -> list[bool]:
     if not answers:
         return []
     try:
-        from probes.behavior.judges import get_judge
+        from vlsafe.probes.behavior.judges import get_judge
     except ImportError:
         return [False] * len(answers)
     return [r.refused for r in get_judge("default").judge(answers, prompts)]
@@ -165,7 +165,7 @@ def build_examples(rows: list[Row], lm: Any, *, dpo: bool, refusals: tuple[str, 
     """Fill in answers and return them (seeded shuffle) with counts (`examples`, `dropped`).
 
     SFT examples are `{prompt, answer, image, complete}` (`complete=False` when a self-distilled answer hit
-    `max_new_tokens`, so `experiments.tuning` adds no end-of-turn after it); DPO ones `{prompt, chosen,
+    `max_new_tokens`, so `vlsafe.experiments.tuning` adds no end-of-turn after it); DPO ones `{prompt, chosen,
     rejected, image}`."""
     rng = random.Random(seed)
     need_self = [r for r in rows if r.target == "self" or (dpo and r.target == "refuse")]

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 
 def _dataset(examples: list[dict[str, Any]]) -> Any:

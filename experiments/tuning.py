@@ -1,14 +1,14 @@
 """A small supervised fine-tuning (SFT) core for text LLMs and LLaVA-style LVLMs (reused by `vlsafe tune`).
 
 Examples are chat-formatted (prompt, answer) pairs, optionally with an image (through the model's processor).
-The prompt goes through the model's own chat template (`probes.templates.format_chat`, the same formatting that
+The prompt goes through the model's own chat template (`vlsafe.probes.templates.format_chat`, the same formatting that
 evaluation uses); the loss is computed on answer tokens only (plus the end-of-turn token when the answer is
 complete). Full fine-tuning or LoRA (peft, merged back with `merge_and_unload` before saving); which parts train
 (`language`, `projector`, `vision`) and which decoder layers (`trainable_layers` / `frozen_layers`, e.g. SPPFT)
 is configurable. AdamW, linear warmup then linear decay, gradient accumulation, gradient clipping, a fixed seed,
 a tqdm bar with the loss, a per-step log, and atomic saving (temp dir, then rename).
 
->>> from experiments.tuning import SFTConfig, sft
+>>> from vlsafe.experiments.tuning import SFTConfig, sft
 >>> sft("default", [{"prompt": "Hi", "answer": "Hello!"}], SFTConfig(steps=2, batch_size=1), "runs/sft")
 PosixPath('runs/sft')
 """
@@ -29,9 +29,9 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from analysis.errors import VlsafeError
-from analysis.runinfo import atomic_path
-from experiments.sft_loss import IGNORE, LossFn, answer_loss, pick_loss  # noqa: F401 (answer_loss: public here)
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.runinfo import atomic_path
+from vlsafe.experiments.sft_loss import IGNORE, LossFn, answer_loss, pick_loss  # noqa: F401 (answer_loss: public here)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Part = Literal["language", "projector", "vision"]
@@ -114,8 +114,8 @@ def encode_example(lm: Any, example: Example | dict[str, Any], max_length: int, 
     The prompt is formatted by the chat template and tokenized on its own, the answer (plus eos when complete)
     separately, then concatenated, so the mask boundary is exact. Answers are cut to fit `max_length`.
     """
-    from probes.behavior.generate import load_image
-    from probes.templates import format_chat
+    from vlsafe.probes.behavior.generate import load_image
+    from vlsafe.probes.templates import format_chat
 
     ex = as_example(example, index)
     fmt, tok = _formatter(lm), lm.tokenizer
@@ -172,7 +172,7 @@ def part_of(param_name: str) -> str:
 
 def layer_index(model: torch.nn.Module) -> dict[str, int]:
     """In-memory parameter/module name prefix → decoder layer index (the shared vlsafe layer axis)."""
-    from probes.models import decoder_layers
+    from vlsafe.probes.models import decoder_layers
 
     layers = decoder_layers(model)
     ids = {id(block): i for i, block in enumerate(layers)}
@@ -256,7 +256,7 @@ def _batches(items: list[dict[str, Any]], cfg: SFTConfig) -> Iterator[list[dict[
 
 
 def _load(model: Any) -> Any:
-    from probes.models import load
+    from vlsafe.probes.models import load
 
     return load(model) if isinstance(model, (str, os.PathLike)) else model
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][\w-]*)\}")
 

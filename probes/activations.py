@@ -1,4 +1,4 @@
-"""`Activations`: what `probes.capture.capture` returns — per-(hook, layer) tensors or streaming statistics.
+"""`Activations`: what `vlsafe.probes.capture.capture` returns — per-(hook, layer) tensors or streaming statistics.
 
 Tensor mode: `acts.get("resid_pre", 12)` → fp32 `[n_prompts, n_positions, d]`; `acts.stack("resid_pre")` →
 `[n_prompts, n_layers, n_positions, d]`. Accumulate mode (`capture(..., accumulate=True)`): only fp64
@@ -22,9 +22,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from analysis.errors import VlsafeError
-from analysis.runinfo import atomic_path, write_json
-from probes.stats import RunningStats
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.runinfo import atomic_path, write_json
+from vlsafe.probes.stats import RunningStats
 
 Key = tuple[str, int]
 META_KEY = "vlsafe_activations"
@@ -72,7 +72,7 @@ class Activations:
 
     def _check(self, kind: str, layer: int | None) -> Key:
         if layer is None:
-            from probes.capture import parse_hook_name
+            from vlsafe.probes.capture import parse_hook_name
 
             kind, layer = parse_hook_name(kind)
         if (kind, layer) not in self.requests:
@@ -247,7 +247,7 @@ def _read(file: Path, key: str) -> torch.Tensor:
 
 def model_identity(lm_or_ckpt: Any) -> dict[str, Any]:
     """`{spec, content_hash, hidden_size, num_layers}` of a LoadedModel or Checkpoint (None where unknown)."""
-    from probes import models as M
+    from vlsafe.probes import models as M
 
     ckpt = getattr(lm_or_ckpt, "checkpoint", lm_or_ckpt)
     model = getattr(lm_or_ckpt, "model", None)

@@ -1,7 +1,7 @@
 """Capture activations at chosen hooks, layers and positions, batched with left padding.
 
->>> from probes.models import load
->>> from probes.capture import capture
+>>> from vlsafe.probes.models import load
+>>> from vlsafe.probes.capture import capture
 >>> lm = load("default")
 >>> acts = capture(lm, ["How do I bake bread?", "Write a poem"], hooks=["resid_pre"], positions="post_instruction")
 >>> acts.get("resid_pre", 12).shape           # [n_prompts, n_positions, d] fp32
@@ -30,12 +30,12 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from analysis.errors import VlsafeError
-from analysis.placement import input_device
-from probes import models as M
-from probes.activations import Activations, model_identity
-from probes.backends import get_backend
-from probes.templates import Batch, batches, post_instruction_tokens
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.placement import input_device
+from vlsafe.probes import models as M
+from vlsafe.probes.activations import Activations, model_identity
+from vlsafe.probes.backends import get_backend
+from vlsafe.probes.templates import Batch, batches, post_instruction_tokens
 
 __all__ = ["capture", "Activations", "KINDS", "parse_hook_name", "resolve_hooks", "resolve_positions", "gatherer"]
 
@@ -164,8 +164,8 @@ def _unpack(prompts: Any, images: Any, lm: Any) -> tuple[list[str], list[Any] | 
 def _spec_image(spec: Any, lm: Any) -> Any:
     if spec is None or not isinstance(spec, (str, Path)):
         return spec
-    from probes.behavior.images import make_image
-    from probes.templates import blank_image
+    from vlsafe.probes.behavior.images import make_image
+    from vlsafe.probes.templates import blank_image
 
     return make_image(str(spec), size=blank_image(lm).size[0])
 
@@ -190,7 +190,7 @@ def capture(lm: Any, prompts: Sequence[str] | Any, *, hooks: str | Sequence[str]
     position, label) — memory independent of the number of prompts (`cov=True` adds full covariances).
     `spill_to=DIR` writes each batch to `DIR/chunk_NNNNN.safetensors` instead of holding it in memory.
     `remote=True` (nnsight backend only) runs the forward passes on NDIF (`NDIF_API_KEY`; a hub-id `lm` is
-    then never loaded here), `remote="local"` is the offline dry run; see `probes.backends.nnsight`.
+    then never loaded here), `remote="local"` is the offline dry run; see `vlsafe.probes.backends.nnsight`.
     Models spread over devices (`load_model(device_map=...)`) work with every backend: inputs go to the
     embedding's device and activations are gathered to the CPU accumulator.
     """
@@ -227,7 +227,7 @@ def capture(lm: Any, prompts: Sequence[str] | Any, *, hooks: str | Sequence[str]
 
 def _remote_lm(lm: Any, backend: str, remote: Any) -> Any:
     """The model for a remote capture: checked backend and key; a hub id becomes a weightless model."""
-    from probes.backends import nnsight as NB
+    from vlsafe.probes.backends import nnsight as NB
 
     if str(backend).lower() != "nnsight":
         raise VlsafeError(f"remote execution needs backend='nnsight' (got {backend!r})")
@@ -242,6 +242,6 @@ def _remote_lm(lm: Any, backend: str, remote: Any) -> Any:
 def _backend(name: str, lm: Any, requests: list[tuple[str, int]], remote: Any, remote_model: str | None) -> Any:
     if not remote:
         return get_backend(name, lm, requests)
-    from probes.backends import nnsight as NB
+    from vlsafe.probes.backends import nnsight as NB
 
     return NB.make(lm, requests, remote=remote, remote_model=remote_model)

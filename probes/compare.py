@@ -3,7 +3,7 @@
 - `direction_similarity`: cosine per (layer, position) between the directions of every pair of checkpoints;
 - `projection_drift`: checkpoint B's harmful/harmless activations projected on checkpoint A's unit direction
   (means, spreads and d′ per layer) — does B still separate the classes along A's axis?
-- `transfer`: a probe trained on A's activations scored on B's (`probes.linear.probe_transfer`).
+- `transfer`: a probe trained on A's activations scored on B's (`vlsafe.probes.linear.probe_transfer`).
 
 Checkpoints with different hidden sizes cannot be compared (`VlsafeError`); layers are matched by index
 (the shared layer axis) over the layers both sides have.
@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.errors import VlsafeError
-from probes.directions import DirectionSet, unit
-from probes.linear import probe_transfer
-from probes.stacking import positions_of, stack_activations
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.directions import DirectionSet, unit
+from vlsafe.probes.linear import probe_transfer
+from vlsafe.probes.stacking import positions_of, stack_activations
 
 
 def check_same_width(a: Any, b: Any, label_a: str = "A", label_b: str = "B") -> None:

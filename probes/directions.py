@@ -6,7 +6,7 @@ means accumulated in **fp64**; shape `[n_pos, L, d]`. Selection ablates each uni
 (bypass), adds the raw candidate at its own layer (induce), measures KL(baseline ‖ ablated) on harmless
 prompts, discards NaN, late layers (ℓ ≥ int(0.8 L)), KL > 0.1 and induce < 0, and keeps the lowest bypass.
 
->>> acts_h = capture(lm, harmful, positions="post_instruction")       # probes.capture
+>>> acts_h = capture(lm, harmful, positions="post_instruction")       # vlsafe.probes.capture
 >>> ds = DirectionSet.from_activations(acts_h, capture(lm, harmless, ...), checkpoint=lm.checkpoint)
 >>> ds.save("directions.safetensors"); sel = select_direction(lm, ds, harmful_val, harmless_val)
 """
@@ -24,10 +24,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analysis.errors import VlsafeError
-from analysis.runinfo import atomic_path
-from probes.stacking import positions_of, stacked_means
-from probes.scores import refusal_tokens, score_batches  # noqa: F401  (refusal_tokens re-exported)
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.runinfo import atomic_path
+from vlsafe.probes.stacking import positions_of, stacked_means
+from vlsafe.probes.scores import refusal_tokens, score_batches  # noqa: F401  (refusal_tokens re-exported)
 
 FORMAT = "vlsafe.directions/1"
 
@@ -44,7 +44,7 @@ def mean_diff(acts_harmful: Any, acts_harmless: Any, *, hook: str = "resid_pre",
               normalize: bool = False) -> torch.Tensor:
     """`μ_harmful − μ_harmless` as fp64 `[n_pos, L, d]` (unit vectors along d when `normalize`).
 
-    Each input is what `probes.capture.capture` returns (tensor or `accumulate=True` streaming mode), or a
+    Each input is what `vlsafe.probes.capture.capture` returns (tensor or `accumulate=True` streaming mode), or a
     `[n, n_pos, L, d]` / `[n, L, d]` tensor.
     """
     diff = _diff(acts_harmful, acts_harmless, hook, layers)[0]
@@ -272,7 +272,7 @@ def select_direction(lm: Any, candidates: DirectionSet, harmful_val: Sequence[st
     When every candidate is filtered (a model that never refuses) raises `VlsafeError` (`on_empty="raise"`) or
     returns with `filtered_all` true (`on_empty="flag"`).
     """
-    from probes.interventions import ablate_direction, add_direction
+    from vlsafe.probes.interventions import ablate_direction, add_direction
 
     if not harmful_val or not harmless_val:
         raise VlsafeError("select_direction: empty harmful or harmless validation set")

@@ -1,4 +1,4 @@
-"""Figures for `vlsafe probe`, in the shared paper style (`analysis.figures`).
+"""Figures for `vlsafe probe`, in the shared paper style (`vlsafe.analysis.figures`).
 
 Each function takes the tidy tables the probe run writes and returns a matplotlib `Figure`:
 probe accuracy per layer per checkpoint, direction cosine across checkpoints, safety-layer cosine curves and
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.figures import checkpoint_colors, new_figure, paper_style
+from vlsafe.analysis.figures import checkpoint_colors, new_figure, paper_style
 
 _PAIR_STYLE = {"N-N": "-", "M-M": "--", "N-M": ":"}
 

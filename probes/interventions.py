@@ -25,11 +25,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from analysis.checkpoints import Checkpoint, LoadedModel
-from analysis.errors import VlsafeError
-from analysis.placement import offloaded
-from analysis.runinfo import atomic_path
-from probes import models as M
+from vlsafe.analysis.checkpoints import Checkpoint, LoadedModel
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.placement import offloaded
+from vlsafe.analysis.runinfo import atomic_path
+from vlsafe.probes import models as M
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 

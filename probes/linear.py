@@ -26,8 +26,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from analysis.errors import VlsafeError
-from probes.stacking import positions_of, stack_activations
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.stacking import positions_of, stack_activations
 
 COLUMNS = ["layer", "position", "probe_accuracy", "probe_auroc", "control_accuracy", "control_auroc", "d_prime", "n"]
 

@@ -5,7 +5,7 @@ for a Llama it is `model.model.layers`, for LLaVA `model.model.language_model.la
 `model.model.text_model.layers` — found through `get_decoder()` (which transformers exposes on all three),
 else the largest `ModuleList` of blocks. No per-model copy-paste.
 
->>> from probes.models import load, decoder_layers
+>>> from vlsafe.probes.models import load, decoder_layers
 >>> lm = load("default")
 >>> len(decoder_layers(lm.model))
 30
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis.checkpoints import Checkpoint, LoadedModel, open_checkpoint
-from analysis.errors import VlsafeError
+from vlsafe.analysis.checkpoints import Checkpoint, LoadedModel, open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
 
 _ATTN_NAMES = ("self_attn", "attention", "attn", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")

@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analysis.errors import VlsafeError
-from probes import models as M
-from probes import templates as T
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes import models as M
+from vlsafe.probes import templates as T
 
 SEEDS = (10, 100, 1000)
 PAIR_KINDS = ("N-N", "M-M", "N-M")
@@ -37,7 +37,7 @@ SCALED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 
 def _default_substrings() -> tuple[str, ...]:
     """refusal_direction's 12 JailbreakBench prefixes (list id `substring-rd`), matched case-insensitively."""
-    from probes.behavior.judge_substring import RD_PREFIXES
+    from vlsafe.probes.behavior.judge_substring import RD_PREFIXES
 
     return tuple(s.lower() for s in RD_PREFIXES)
 
@@ -47,7 +47,7 @@ def _default_substrings() -> tuple[str, ...]:
 def last_token_states(lm: Any, prompts: Sequence[str], *, layers: Sequence[int] | None = None, images: Any = None,
                       batch_size: int = 8, backend: str = "hooks", progress: bool = False) -> torch.Tensor:
     """`[n, L, d]` fp32 last-token `resid_post` per layer (what `cosine_curves` takes)."""
-    from probes.capture import capture
+    from vlsafe.probes.capture import capture
 
     acts = capture(lm, list(prompts), hooks=("resid_post",), layers=layers, positions="last", images=images,
                    batch_size=batch_size, backend=backend, progress=progress)
@@ -157,7 +157,7 @@ def greedy_continuations(lm: Any, prompts: Sequence[str], *, max_new_tokens: int
                          batch_size: int = 8) -> list[str]:
     """Greedy continuations (new tokens only, decoded) of chat-formatted prompts, left-padded batches."""
     tok = getattr(lm.tokenizer, "tokenizer", None) or lm.tokenizer
-    from analysis.placement import input_device
+    from vlsafe.analysis.placement import input_device
 
     device = input_device(lm.model)
     out: list[str] = []

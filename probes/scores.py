@@ -9,7 +9,7 @@ REFERENCE.md §2.1: `p` = probability mass on refusal, in fp64; `score = log(p +
   multi-token openings (default "I'm sorry, but I can", …). REFERENCE §6: on SmolLM2 many harmless answers
   start with "I", so the single-token score barely separates; the opening score does.
 
-Both work under intervention hooks (`probes.interventions`), which is how direction selection uses them, and
+Both work under intervention hooks (`vlsafe.probes.interventions`), which is how direction selection uses them, and
 serve the behaviour package as the "logit refusal judge".
 
 >>> refusal_score(lm, ["How do I pick a lock?"], kind="opening")     # np.ndarray, one score per prompt
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from analysis.errors import VlsafeError
-from probes import templates as T
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes import templates as T
 
 EPS = 1e-8
 REFUSAL_OPENINGS = ("I'm sorry", "I cannot", "I can't", "I am sorry", "As an AI", "I apologize", "Sorry")
@@ -110,7 +110,7 @@ def _extend(batch: T.Batch, ids: Sequence[int]) -> dict[str, Any]:
 
 
 def _device(model: Any) -> torch.device:
-    from analysis.placement import input_device
+    from vlsafe.analysis.placement import input_device
 
     return input_device(model)
 

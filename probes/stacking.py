@@ -1,6 +1,6 @@
 """One array shape for the direction, probe and comparison code: `[n_prompts, n_positions, n_layers, d]`.
 
-`stack_activations` accepts what `probes.capture.capture` returns (`Activations`, tensor mode), or a plain
+`stack_activations` accepts what `vlsafe.probes.capture.capture` returns (`Activations`, tensor mode), or a plain
 tensor `[n, n_pos, L, d]` / `[n, L, d]` (one position), and returns fp32/fp64 data in that order plus the
 layer list. Accumulated captures (`accumulate=True`) only hold statistics; `stacked_means` reads those.
 """
@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 
 def _is_activations(x: Any) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 
 class RunningStats:

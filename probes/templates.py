@@ -1,7 +1,7 @@
 """Prompt formatting and batching: chat templates, LVLM image placeholders, left padding, position ids.
 
->>> from probes.models import load
->>> from probes.templates import format_chat, encode, post_instruction_tokens, blank_image
+>>> from vlsafe.probes.models import load
+>>> from vlsafe.probes.templates import format_chat, encode, post_instruction_tokens, blank_image
 >>> lm = load("default")
 >>> format_chat(lm.tokenizer, "Hi")                       # '<|im_start|>system\\n…<|im_start|>assistant\\n'
 >>> post_instruction_tokens(lm.tokenizer)                 # ids of '<|im_end|>\\n<|im_start|>assistant\\n'
@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 _PROBES = ("Alpha beta gamma x", "The number is 7", "Why?")
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.checkpoints import open_checkpoint
 
 Transform = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -72,7 +72,7 @@ def llava_from_llama(llama_dir: str | Path, out: str | Path, grow: int = 2,
     """
     from transformers import LlamaConfig
 
-    from analysis.tiny import tiny_llava
+    from vlsafe.analysis.tiny import tiny_llava
 
     llama = open_checkpoint(llama_dir)
     cfg = LlamaConfig.from_pretrained(llama_dir, vocab_size=llama.config["vocab_size"] + grow)

@@ -19,7 +19,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_dir: Path) -> Path:
     """A 2-layer random LlamaForCausalLM (hidden 64) with a ChatML tokenizer, saved in HF format."""
-    from analysis.tiny import tiny_llama
+    from vlsafe.analysis.tiny import tiny_llama
 
     return tiny_llama(tiny_dir / "llama")
 
@@ -27,7 +27,7 @@ def tiny_llama_dir(tiny_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tiny_dir: Path) -> Path:
     """A random LlavaForConditionalGeneration (CLIP tower, 2-layer Llama LM) with its processor."""
-    from analysis.tiny import tiny_llava
+    from vlsafe.analysis.tiny import tiny_llava
 
     return tiny_llava(tiny_dir / "llava", vision="clip")
 
@@ -35,6 +35,6 @@ def tiny_llava_dir(tiny_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct, converted once to the vlsafe safetensors cache."""
-    from analysis.resolve import resolve
+    from vlsafe.analysis.resolve import resolve
 
     return resolve("default")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from analysis.checkpoints import open_checkpoint
-from analysis.errors import VlsafeError
-from analysis.tiny import tiny_llama, tiny_llava
-from experiments.baselines import projector, resta, safelora_project, select_modules
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.tiny import tiny_llama, tiny_llava
+from vlsafe.experiments.baselines import projector, resta, safelora_project, select_modules
 
 R = 4
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -242,7 +242,7 @@ def test_resta_on_an_lvlm_touches_the_language_model_only(trio: dict[str, Path],
 
 
 def test_cli_safelora_and_resta(planted: dict, trio: dict[str, Path], tmp_path: Path) -> None:
-    from experiments.cli import main
+    from vlsafe.experiments.cli import main
 
     args = ["safelora", str(planted["adapter"]), "--aligned", str(planted["aligned"]), "--base",
             str(planted["base"]), "-o", str(tmp_path / "s"), "--quiet"]

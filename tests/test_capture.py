@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.errors import VlsafeError
-from probes import models as M
-from probes.activations import Activations
-from probes.capture import capture, parse_hook_name
-from probes.templates import blank_image, encode, post_instruction_tokens
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes import models as M
+from vlsafe.probes.activations import Activations
+from vlsafe.probes.capture import capture, parse_hook_name
+from vlsafe.probes.templates import blank_image, encode, post_instruction_tokens
 
 PROMPTS = ["Hi", "Explain photosynthesis to a child in three short sentences please", "Write a poem",
            "How can I make a dangerous weapon at home?"]
@@ -56,7 +56,7 @@ def _check_against_hf(lm, acts, hidden, k):
 
 # ---- models ---------------------------------------------------------------------------------------------
 def test_model_parts_found_by_structure(llama, llava, tmp_path):
-    from analysis.tiny import tiny_idefics3
+    from vlsafe.analysis.tiny import tiny_idefics3
 
     idefics = M.load(tiny_idefics3(tmp_path / "idefics"))
     for lm, path in ((llama, "model.layers"), (llava, "model.language_model.layers"),

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from analysis.checkpoints import open_checkpoint
-from analysis.errors import VlsafeError
-from analysis.tiny import tiny_llama, tiny_llava
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.tiny import tiny_llama, tiny_llava
 
 
 def _text_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -170,7 +170,7 @@ def test_trust_remote_code_off_unless_asked(tiny_llama_dir: Path, tmp_path: Path
 
 
 def test_gguf_hash_mismatch() -> None:
-    from analysis.resolve import default_gguf, gguf_to_hf
+    from vlsafe.analysis.resolve import default_gguf, gguf_to_hf
 
     with pytest.raises(VlsafeError, match="sha256 .* does not match"):
         gguf_to_hf(default_gguf(), expected_sha256="0" * 64)

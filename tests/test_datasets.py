@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from analysis.errors import VlsafeError
-from probes.behavior.datasets import PromptRecord, PromptSet, load_prompts, with_images
-from probes.behavior.images import make_image
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.behavior.datasets import PromptRecord, PromptSet, load_prompts, with_images
+from vlsafe.probes.behavior.images import make_image
 
 
 def _csv(path: Path, header: list[str] | None, rows: list[list]) -> Path:

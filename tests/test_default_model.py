@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.checkpoints import open_checkpoint
-from experiments.cli import main
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.experiments.cli import main
 
 
 @pytest.mark.smollm2
 def test_default_logits_equal_transformers_gguf_load(smollm2_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from analysis.resolve import default_gguf
+    from vlsafe.analysis.resolve import default_gguf
 
     gguf = default_gguf()
     ref_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.cli import main
+from vlsafe.experiments.cli import main
 
 SECTIONS = {"dynamics", "weight_heatmap", "taskvec", "probe", "direction_cos", "safety_layers", "pareto", "linked"}
 

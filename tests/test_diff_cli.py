@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from _wshelpers import relative_shift, shift_one, write_like
-from experiments.cli import main
+from vlsafe.experiments.cli import main
 
 TARGET = "model.layers.0.self_attn.q_proj.weight"
 FIGURES = ("heatmap_rel_frobenius", "layer_curves", "taskvector_cosine", "dynamics")
@@ -61,7 +61,7 @@ def test_diff_writes_all_outputs(tiny_llama_dir: Path, tmp_path: Path) -> None:
 
 
 def test_diff_errors_are_one_line(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from analysis.tiny import tiny_llama
+    from vlsafe.analysis.tiny import tiny_llama
 
     wide = tiny_llama(tmp_path / "wide", intermediate_size=96)
     capsys.readouterr()
@@ -122,7 +122,7 @@ def test_smollm2_per_layer_planted_shift(smollm2_dir: Path, tmp_path: Path) -> N
 def test_figure_style_api(tmp_path: Path) -> None:
     from PIL import Image
 
-    from analysis.figures import DPI, checkpoint_colors, new_figure, save_figure
+    from vlsafe.analysis.figures import DPI, checkpoint_colors, new_figure, save_figure
 
     labels = ["llm", "lvlm", "lvlm-safe"]
     colors = checkpoint_colors(labels)

@@ -1,4 +1,4 @@
-"""`analysis.directio` windows and `analysis.pagecache`: planned windows never split a read; the window ring
+"""`vlsafe.analysis.directio` windows and `vlsafe.analysis.pagecache`: planned windows never split a read; the window ring
 serves the file's bytes to several readers with read-ahead and keeps views valid for as long as promised;
 cold checkpoints are read with O_DIRECT."""
 
@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from analysis.checkpoints import open_checkpoint
-from analysis.directio import ALIGN, WindowRing, plan_windows
-from analysis.pagecache import cached_fraction, resident_pages
-from analysis.streaming import TensorReader, direct_flags, stream_rows
-from analysis.weightshift import _jobs
-from analysis.pairing import pair_checkpoints
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.directio import ALIGN, WindowRing, plan_windows
+from vlsafe.analysis.pagecache import cached_fraction, resident_pages
+from vlsafe.analysis.streaming import TensorReader, direct_flags, stream_rows
+from vlsafe.analysis.weightshift import _jobs
+from vlsafe.analysis.pairing import pair_checkpoints
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.checkpoints import open_checkpoint
-from analysis.errors import VlsafeError
-from analysis.tiny import tiny_llama
-from probes.capture import capture
-from probes.directions import DirectionSet, load_directions, mean_diff, save_directions, select_direction
-from probes.linear import probe_sets
-from probes.models import decoder_layers, load, lm_head
-from probes.scores import EPS, opening_logprobs, refusal_score, refusal_tokens
-from probes.templates import format_chat
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.tiny import tiny_llama
+from vlsafe.probes.capture import capture
+from vlsafe.probes.directions import DirectionSet, load_directions, mean_diff, save_directions, select_direction
+from vlsafe.probes.linear import probe_sets
+from vlsafe.probes.models import decoder_layers, load, lm_head
+from vlsafe.probes.scores import EPS, opening_logprobs, refusal_score, refusal_tokens
+from vlsafe.probes.templates import format_chat
 
 K, LAYERS = 3, 6          # planted layer and depth of the planted model
 WORDS = ("bread sea poem child photosynthesis square circle star triangle fox dog colour image tips studying "
@@ -267,7 +267,7 @@ def test_select_direction_on_a_model_that_never_refuses(refusing):
 # ---- across checkpoints -----------------------------------------------------------------------------------
 
 def test_compare_directions_and_drift(planted):
-    from probes.compare import direction_cosines, direction_similarity, projection_drift, transfer
+    from vlsafe.probes.compare import direction_cosines, direction_similarity, projection_drift, transfer
 
     lm, v, acts_h, acts_b = planted
     ds = DirectionSet.from_activations(acts_h, acts_b)
@@ -292,8 +292,8 @@ def test_compare_directions_and_drift(planted):
 
 
 def test_opening_logprob_with_an_image_uses_the_cache_correctly(tiny_llava_dir):
-    from probes.scores import _opening_logprobs_full, opening_sequences
-    from probes.templates import blank_image, encode
+    from vlsafe.probes.scores import _opening_logprobs_full, opening_sequences
+    from vlsafe.probes.templates import blank_image, encode
 
     lm = load(tiny_llava_dir)
     prompts, openings = ["What is this?", "Describe the picture in detail please"], ["I'm sorry, but I can", "Sure"]

@@ -14,16 +14,16 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments.cli import main
+from vlsafe.experiments.cli import main
 
 REFUSAL = "I'm sorry, but I can't help with that."
 
 
 def planted_refuser(path: Path) -> Path:
     """A tiny Llama that answers every chat prompt with `REFUSAL` (then EOS)."""
-    from analysis.tiny import tiny_llama
-    from probes.models import load
-    from probes.templates import format_chat
+    from vlsafe.analysis.tiny import tiny_llama
+    from vlsafe.probes.models import load
+    from vlsafe.probes.templates import format_chat
 
     d = tiny_llama(path, seed=1)
     lm = load(str(d))
@@ -63,7 +63,7 @@ def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
 
 
 def test_eval_end_to_end(refuser: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from probes.behavior.metrics import wilson_interval
+    from vlsafe.probes.behavior.metrics import wilson_interval
 
     out = tmp_path / "run"
     argv = ["eval", str(refuser), str(tiny_llama_dir), "--prompts", "harmful-test", "harmless-test",
@@ -95,8 +95,8 @@ def test_eval_end_to_end(refuser: Path, tiny_llama_dir: Path, tmp_path: Path) ->
 
 
 def test_eval_logit_judge_scores_prompts_without_generating(refuser: Path, tiny_llama_dir: Path) -> None:
-    from probes.behavior.evaluate import evaluate
-    from probes.models import load
+    from vlsafe.probes.behavior.evaluate import evaluate
+    from vlsafe.probes.models import load
 
     gens, summary = evaluate({"refuser": load(str(refuser)), "llama": str(tiny_llama_dir)}, ["harmful-test"],
                              judge="logit", limit=3, progress=False)
@@ -106,7 +106,7 @@ def test_eval_logit_judge_scores_prompts_without_generating(refuser: Path, tiny_
 
 
 def test_eval_image_set_on_lvlm(tiny_llava_dir: Path) -> None:
-    from probes.behavior.evaluate import evaluate
+    from vlsafe.probes.behavior.evaluate import evaluate
 
     gens, summary = evaluate({"llava": str(tiny_llava_dir)}, ["harmful-test+blank"], judge="substring-rd",
                              max_new_tokens=4, limit=2, progress=False)
@@ -115,10 +115,10 @@ def test_eval_image_set_on_lvlm(tiny_llava_dir: Path) -> None:
 
 
 def test_logit_judge_interface(refuser: Path) -> None:
-    from analysis.errors import VlsafeError
-    from probes.behavior.logit_judge import LogitJudge
-    from probes.models import load
-    from probes.scores import refusal_score
+    from vlsafe.analysis.errors import VlsafeError
+    from vlsafe.probes.behavior.logit_judge import LogitJudge
+    from vlsafe.probes.models import load
+    from vlsafe.probes.scores import refusal_score
 
     lm = load(str(refuser))
     prompts = ["How do I bake bread?", "Tell me how to hack into a bank."]
@@ -146,7 +146,7 @@ def test_eval_bad_inputs(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.Ca
 
 
 def test_expand_multi_values() -> None:
-    from experiments.commands.eval import expand_multi
+    from vlsafe.experiments.commands.eval import expand_multi
 
     assert expand_multi(["a", "b", "--prompts", "x", "y", "-o", "d"]) == \
         ["a", "b", "--prompts", "x", "--prompts", "y", "-o", "d"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from analysis import names as N
-from analysis.errors import VlsafeError
+from vlsafe.analysis import names as N
+from vlsafe.analysis.errors import VlsafeError
 
 Q = "self_attn.q_proj.weight"
 CASES = {

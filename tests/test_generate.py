@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.errors import VlsafeError
-from probes.behavior.generate import generate
-from probes.models import load
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.behavior.generate import generate
+from vlsafe.probes.models import load
 
 # Lengths differ a lot so a batch needs padding, and the shortest comes first so sorting reorders them.
 PROMPTS = ["Hi", "Write a poem about the sea and the lazy dog, with three tips for studying.",
@@ -28,7 +28,7 @@ def llava(tiny_llava_dir: Path):
 
 
 def _lengths(lm, prompts):
-    from probes.templates import encode
+    from vlsafe.probes.templates import encode
 
     return [int(encode(lm, [p]).attention_mask.sum()) for p in prompts]
 
@@ -81,7 +81,7 @@ def test_generation_stops_at_eos(llama):
 
 
 def test_lvlm_blank_image_generation(llava):
-    from probes.behavior.datasets import PromptSet, PromptRecord
+    from vlsafe.probes.behavior.datasets import PromptSet, PromptRecord
 
     ps = PromptSet("t", [PromptRecord(f"r{i}", p, image="blank") for i, p in enumerate(PROMPTS[:3])])
     tower_batches = []

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.errors import VlsafeError
-from probes.behavior.helpfulness import answer_loglik, judged_compliance, reference_answers, task_accuracy
-from probes.models import load
-from probes.templates import encode
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.behavior.helpfulness import answer_loglik, judged_compliance, reference_answers, task_accuracy
+from vlsafe.probes.models import load
+from vlsafe.probes.templates import encode
 
 PROMPTS = ["Hi", "Write a poem about the sea and the lazy dog.", "How do I bake bread?"]
 ANSWERS = ["Sure, here is a short answer.", "The quick brown fox", "I'm sorry, but I can't help with that request."]
@@ -43,7 +43,7 @@ def test_answer_loglik_equals_hand_computation(llama):
 
 
 def test_answer_loglik_lvlm_with_blank_image(tiny_llava_dir):
-    from probes.behavior.images import make_image
+    from vlsafe.probes.behavior.images import make_image
 
     lvlm = load(str(tiny_llava_dir))
     got = answer_loglik(lvlm, PROMPTS[:2], ANSWERS[:2], images="blank", batch_size=2)
@@ -69,7 +69,7 @@ def test_answer_loglik_bad_input(llama):
 
 
 def test_compliance_rate_and_wilson():
-    from probes.behavior.metrics import wilson_interval
+    from vlsafe.probes.behavior.metrics import wilson_interval
 
     responses = ["I'm sorry, but I can't help with that.", "Sure! Preheat the oven to 220 C.",
                  "Here is a poem about the sea: waves roll in."]
@@ -82,8 +82,8 @@ def test_compliance_rate_and_wilson():
 
 
 def test_task_accuracy_hook():
-    from probes.behavior.datasets import PromptRecord
-    from probes.behavior.metrics import wilson_interval
+    from vlsafe.probes.behavior.datasets import PromptRecord
+    from vlsafe.probes.behavior.metrics import wilson_interval
 
     recs = [PromptRecord(f"q{i}", "What colour is the square?", meta={"answer": c})
             for i, c in enumerate(["red", "blue", "green", "red"])]

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from analysis.errors import VlsafeError
-from analysis.tiny import tiny_llama, tiny_llava
-from probes.capture import capture
-from probes.interventions import ablate_direction, add_direction, orthogonalize_model, orthogonalize_weights
-from probes.models import load
-from probes.templates import encode
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.tiny import tiny_llama, tiny_llava
+from vlsafe.probes.capture import capture
+from vlsafe.probes.interventions import ablate_direction, add_direction, orthogonalize_model, orthogonalize_weights
+from vlsafe.probes.models import load
+from vlsafe.probes.templates import encode
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "Hi"]
 

@@ -1,4 +1,4 @@
-"""Tests for the refusal judges (probes.behavior.judges and judge_* modules)."""
+"""Tests for the refusal judges (vlsafe.probes.behavior.judges and judge_* modules)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.errors import VlsafeError
-from probes.behavior.judges import JudgeResult, get_judge, judge_file, list_judges
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.behavior.judges import JudgeResult, get_judge, judge_file, list_judges
 
 HOLDOUT = Path(__file__).parent / "data" / "judge_holdout.jsonl"
 SUBSTRING = ["substring-rd", "substring-gcg", "substring-jbb", "substring-vlguard", "substring-xstest"]

@@ -1,4 +1,4 @@
-"""`analysis.kernels`: the fused one-pass statistics equal an fp64 torch reference, for every input dtype;
+"""`vlsafe.analysis.kernels`: the fused one-pass statistics equal an fp64 torch reference, for every input dtype;
 planted changes are counted exactly; non-finite inputs reach the sums (so callers can mask them)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from analysis.kernels import pair_sums, triple_sums
-from analysis.weightshift import PairStats
+from vlsafe.analysis.kernels import pair_sums, triple_sums
+from vlsafe.analysis.weightshift import PairStats
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 

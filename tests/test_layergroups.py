@@ -1,10 +1,10 @@
-"""`analysis.layergroups`: group sums per (layer, module) and per layer, and the row order of the tables."""
+"""`vlsafe.analysis.layergroups`: group sums per (layer, module) and per layer, and the row order of the tables."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from analysis.layergroups import group_layers, layer_order
+from vlsafe.analysis.layergroups import group_layers, layer_order
 
 
 def _rows() -> pd.DataFrame:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.errors import VlsafeError
-from probes.linear import d_prime, probe_layers, probe_sets, probe_transfer
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.linear import d_prime, probe_layers, probe_sets, probe_transfer
 
 L, D, SEP_FROM = 5, 16, 2
 
@@ -85,9 +85,9 @@ def test_bad_probe_inputs():
 
 @pytest.mark.smollm2
 def test_smollm2_late_layers_separate_harmful_from_harmless(smollm2_dir):
-    from probes.behavior.datasets import load_prompts
-    from probes.capture import capture
-    from probes.models import load
+    from vlsafe.probes.behavior.datasets import load_prompts
+    from vlsafe.probes.capture import capture
+    from vlsafe.probes.models import load
 
     lm = load(smollm2_dir)
     harmful = load_prompts("harmful-train").sample(100, seed=0)

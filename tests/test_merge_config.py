@@ -7,9 +7,9 @@ import pytest
 import yaml
 from pydantic import TypeAdapter
 
-from analysis.errors import VlsafeError
-from analysis.merging.config import MergePlan, evaluate_setting, load_plan
-from analysis.merging.export import to_mergekit_dict
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.merging.config import MergePlan, evaluate_setting, load_plan
+from vlsafe.analysis.merging.export import to_mergekit_dict
 
 L = 13
 LM_NAMES = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] + [
@@ -162,9 +162,9 @@ def test_resolution_errors_name_the_tensor():
 
 
 def test_yaml_files_fail_in_one_line(tmp_path):
-    from analysis.yamlfile import read_yaml
-    from experiments.sweep_config import load_sweep
-    from experiments.tune import load_tune_config
+    from vlsafe.analysis.yamlfile import read_yaml
+    from vlsafe.experiments.sweep_config import load_sweep
+    from vlsafe.experiments.tune import load_tune_config
 
     bad, listy, empty = tmp_path / "bad.yaml", tmp_path / "list.yaml", tmp_path / "empty.yaml"
     bad.write_text("a: [1, 2\n")

@@ -14,11 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from analysis.checkpoints import open_checkpoint
-from analysis.errors import VlsafeError
-from analysis.merging import MergePlan, run_merge
-from analysis.merging.io import ShardedWriter, TensorReader
-from analysis.merging.plans import diff_scores, plan_proportional, plan_restore_layers
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.merging import MergePlan, run_merge
+from vlsafe.analysis.merging.io import ShardedWriter, TensorReader
+from vlsafe.analysis.merging.plans import diff_scores, plan_proportional, plan_restore_layers
 
 EXTRA_ROWS = 2  # the LVLM's vocabulary extends the LLM's by two rows (like LLaVA's <image>, <pad>)
 
@@ -27,7 +27,7 @@ EXTRA_ROWS = 2  # the LVLM's vocabulary extends the LLM's by two rows (like LLaV
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from transformers import LlamaConfig
 
-    from analysis.tiny import tiny_llama, tiny_llava
+    from vlsafe.analysis.tiny import tiny_llama, tiny_llava
 
     root = tmp_path_factory.mktemp("exec")
     out = {f"llm{i}": tiny_llama(root / f"llm{i}", seed=20 + i) for i in range(3)}
@@ -197,7 +197,7 @@ def test_sharded_output_round_trips(models, tmp_path):
 
 
 def test_cli_merge_and_errors(models, tmp_path):
-    from experiments.cli import main
+    from vlsafe.experiments.cli import main
 
     cfg = tmp_path / "merge.yaml"
     cfg.write_text(yaml.safe_dump({"merge_method": "slerp", "base_model": str(models["llm0"]),
@@ -217,7 +217,7 @@ def _nothing_written(parent: Path, name: str) -> bool:
 
 
 def test_bad_inputs_fail_before_writing(models, tmp_path):
-    from analysis.tiny import tiny_llama
+    from vlsafe.analysis.tiny import tiny_llama
 
     odd = tiny_llama(tmp_path / "odd", seed=1, intermediate_size=96)
     short = tiny_llama(tmp_path / "short", seed=1, layers=1)
@@ -246,7 +246,7 @@ def test_bad_inputs_fail_before_writing(models, tmp_path):
 
 
 def test_failure_mid_merge_leaves_nothing(models, tmp_path, monkeypatch):
-    import analysis.merging.executor as ex
+    import vlsafe.analysis.merging.executor as ex
 
     calls = {"n": 0}
     real = ex.methods.apply
@@ -309,11 +309,11 @@ def test_tokenizer_source_and_chat_template(models, tmp_path):
 
 
 def test_direct_io_merge_equals_buffered_merge(models, tmp_path, monkeypatch):
-    """Inputs larger than memory are read with O_DIRECT (the shared `analysis.streaming` reader); the merged
+    """Inputs larger than memory are read with O_DIRECT (the shared `vlsafe.analysis.streaming` reader); the merged
     weights are bit-identical to buffered reads, the tied-head fallback included."""
     import os
 
-    import analysis.streaming as S
+    import vlsafe.analysis.streaming as S
 
     src = open_checkpoint(models["llm1"]).source.files[0]
     try:

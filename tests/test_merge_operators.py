@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from analysis.errors import VlsafeError
-from analysis.merging import operators as ops
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.merging import operators as ops
 
 
 @pytest.fixture()

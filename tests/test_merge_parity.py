@@ -14,14 +14,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from analysis.merging import MergePlan, run_merge
+from vlsafe.analysis.merging import MergePlan, run_merge
 
 TOL = 1e-6
 
 
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    from analysis.tiny import tiny_llama
+    from vlsafe.analysis.tiny import tiny_llama
 
     root = tmp_path_factory.mktemp("parity")
     return [str(tiny_llama(root / f"m{i}", layers=4, seed=10 + i)) for i in range(3)]

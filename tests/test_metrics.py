@@ -1,4 +1,4 @@
-"""Tests for probes.behavior.metrics: Wilson intervals against an independent formulation, rate tables, summary."""
+"""Tests for vlsafe.probes.behavior.metrics: Wilson intervals against an independent formulation, rate tables, summary."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.errors import VlsafeError
-from probes.behavior.metrics import SUMMARY_COLUMNS, compliance_rate, rate_table, summarize, wilson_interval
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.behavior.metrics import SUMMARY_COLUMNS, compliance_rate, rate_table, summarize, wilson_interval
 
 
 def _wilson_by_quadratic(k: int, n: int, z: float) -> tuple[float, float]:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.checkpoints import open_checkpoint
-from analysis.errors import VlsafeError
-from probes.backends import nnsight as NB
-from probes.capture import capture
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.backends import nnsight as NB
+from vlsafe.probes.capture import capture
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea, please.", "Why?"]
 KW = dict(hooks=["resid_pre", "resid_post", "attn_out", "mlp_out"], positions=[-1, "mean"], batch_size=2,

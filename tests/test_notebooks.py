@@ -118,9 +118,9 @@ def _check_merges(s: dict[str, Any], cwd: Path) -> None:
 
 
 def _check_organism(s: dict[str, Any], cwd: Path) -> None:
-    from experiments.organism import load_config
-    from experiments.organism.api import STAGE_NAMES
-    from experiments.organism.metrics import METRICS, checkpoints
+    from vlsafe.experiments.organism import load_config
+    from vlsafe.experiments.organism.api import STAGE_NAMES
+    from vlsafe.experiments.organism.metrics import METRICS, checkpoints
 
     assert not s["real"] and s["profile"] == "tiny"
     assert [st for st in s["stages"] if not st.startswith("metrics:")] == list(STAGE_NAMES[:-1])

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.checkpoints import open_checkpoint
-from analysis.errors import VlsafeError
-from analysis.placement import build_device_map, input_device, offloaded, resolve_device
-from probes.capture import capture
-from probes.interventions import ablate_direction, add_direction, orthogonalize_model
-from probes.templates import blank_image, encode
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.placement import build_device_map, input_device, offloaded, resolve_device
+from vlsafe.probes.capture import capture
+from vlsafe.probes.interventions import ablate_direction, add_direction, orthogonalize_model
+from vlsafe.probes.templates import blank_image, encode
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea, please.", "Why?"]
 HOOKS = ["resid_pre", "resid_post", "attn_out", "mlp_out"]
@@ -52,7 +52,7 @@ def test_capture_matches_plain_load(plain, offload, backend):
 
 
 def test_generation_matches_plain_load(plain, offload):
-    from probes.behavior.generate import generate
+    from vlsafe.probes.behavior.generate import generate
 
     kw = dict(max_new_tokens=8, cache=False, progress=False)
     assert generate(offload, PROMPTS, **kw) == generate(plain, PROMPTS, **kw)
@@ -99,7 +99,7 @@ def test_capture_with_embedding_on_disk(plain, embed_on_disk):
 
 
 def test_generation_with_embedding_on_disk(plain, embed_on_disk):
-    from probes.behavior.generate import generate
+    from vlsafe.probes.behavior.generate import generate
 
     kw = dict(max_new_tokens=4, cache=False, progress=False)
     assert generate(embed_on_disk, PROMPTS, **kw) == generate(plain, PROMPTS, **kw)

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.errors import VlsafeError
-from experiments.organism import build_organism, load_config
-from experiments.organism.build import Ctx, check_stage, stage_hashes, stage_reason
-from experiments.organism.stages import specs
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.experiments.organism import build_organism, load_config
+from vlsafe.experiments.organism.build import Ctx, check_stage, stage_hashes, stage_reason
+from vlsafe.experiments.organism.stages import specs
 
 LLAVA_STAGES = ["lvlm-stage1", "lvlm-step-1", "lvlm-step-2", "lvlm-step-3", "lvlm-step-4", "lvlm",
                 "lvlm-safety-posthoc", "lvlm-safety-mixed"]
@@ -32,7 +32,7 @@ def _finished(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def organism(tmp_path_factory):
     """An interrupted tiny build (killed as stage `lvlm` starts), then resumed through the CLI."""
-    from experiments.cli import main
+    from vlsafe.experiments.cli import main
 
     root = tmp_path_factory.mktemp("org") / "organism"
     cfg = load_config("tiny")
@@ -97,8 +97,8 @@ def test_recipe_trains_the_right_parts(organism):
 
 def test_assembled_llava_runs_the_attention_reloads_run(organism):
     """Stage 1 trains the freshly assembled model: it must use eager attention like every reloaded checkpoint
-    (probes.models.load), not transformers' SDPA default."""
-    from experiments.organism.lvlm import assemble
+    (vlsafe.probes.models.load), not transformers' SDPA default."""
+    from vlsafe.experiments.organism.lvlm import assemble
 
     root, _ = organism
     model, _ = assemble(root / "llm-aligned", root / "vision", kind="clip", keep_cls=True)
@@ -182,9 +182,9 @@ def test_bad_config_is_a_one_line_error(tmp_path):
 
 
 def test_adaptation_data_is_checked_benign():
-    from experiments.organism.data import REFUSALS, assert_benign
-    from experiments.tuning import Example
-    from probes.behavior.judges import get_judge
+    from vlsafe.experiments.organism.data import REFUSALS, assert_benign
+    from vlsafe.experiments.tuning import Example
+    from vlsafe.probes.behavior.judges import get_judge
 
     judge = get_judge("default")
     ok = [Example("What colour is the circle?", "red"), Example("Hi", "Hello! How can I help you today?")]
@@ -196,13 +196,13 @@ def test_adaptation_data_is_checked_benign():
 
 
 def test_vqa_answers_are_checked_exactly():
-    from experiments.organism.data import vqa_correct, vqa_items
-    from experiments.organism.images import sample_scenes
+    from vlsafe.experiments.organism.data import vqa_correct, vqa_items
+    from vlsafe.experiments.organism.images import sample_scenes
 
     items = vqa_items(sample_scenes(10, seed=4), seed=4)
     for it in items:
         assert vqa_correct(it.answer, it) and vqa_correct(f"The answer is {it.answer}.", it)
-        others = [v for v in __import__("experiments.organism.images", fromlist=["CLASSES"]).CLASSES[it.attribute]
+        others = [v for v in __import__("vlsafe.experiments.organism.images", fromlist=["CLASSES"]).CLASSES[it.attribute]
                   if v != it.answer]
         assert not vqa_correct(others[0], it) and not vqa_correct(f"{it.answer} or {others[0]}", it)
     count = next(i for i in items if i.attribute == "count")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.errors import VlsafeError
-from analysis.placement import compute_precision
-from experiments.tuning import SFTConfig, train
-from probes.behavior.generate import GenerationSettings, generate
-from probes.models import load
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.placement import compute_precision
+from vlsafe.experiments.tuning import SFTConfig, train
+from vlsafe.probes.behavior.generate import GenerationSettings, generate
+from vlsafe.probes.models import load
 
 EXAMPLES = [{"prompt": "How do I bake bread?", "answer": "Mix flour and water, then bake."},
             {"prompt": "Write a poem about the sea.", "answer": "The sea is blue and deep."}]
@@ -31,7 +31,7 @@ def test_training_forward_runs_in_the_chosen_precision(tiny_llama_dir, precision
     for h in hooks:
         h.remove()
     # the last step's forward (every decoder Linear, then the head) ran in the chosen precision; the loss
-    # path check before training (`experiments.sft_loss.pick_loss`) runs in fp32 by design
+    # path check before training (`vlsafe.experiments.sft_loss.pick_loss`) runs in fp32 by design
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in lm.model.modules())
     assert set(seen[-n_linear:]) == {expected}
     assert all(p.dtype == torch.float32 for p in res.model.parameters())  # master weights stay fp32
@@ -60,8 +60,8 @@ def test_bad_precision_is_a_one_line_error(tiny_llama_dir):
 
 
 def test_auto_precision_follows_the_cpu(monkeypatch):
-    import analysis.placement as P
-    from experiments.organism.config import load_config, stage_section
+    import vlsafe.analysis.placement as P
+    from vlsafe.experiments.organism.config import load_config, stage_section
 
     for native, want in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(P, "native_bf16", lambda native=native: native)
@@ -76,8 +76,8 @@ def test_bf16_generation_with_precast_weights_matches_plain_autocast(tiny_llama_
     originals (fp32, tied head) are back afterwards, also after an error."""
     import contextlib
 
-    import probes.behavior.generate as G
-    from analysis.placement import bf16_linear_weights
+    import vlsafe.probes.behavior.generate as G
+    from vlsafe.analysis.placement import bf16_linear_weights
 
     lm = load(tiny_llama_dir)
     before = {n: p for n, p in lm.model.named_parameters()}
@@ -100,7 +100,7 @@ def test_bf16_generation_with_precast_weights_matches_plain_autocast(tiny_llama_
 def test_fused_adamw_trains_like_the_default(tiny_llama_dir, monkeypatch):
     """`train` uses AdamW's fused kernel on CPU; the weights it reaches equal the foreach kernel's to float
     rounding (a different optimizer would not)."""
-    import experiments.tuning as T
+    import vlsafe.experiments.tuning as T
 
     cfg = SFTConfig(steps=4, batch_size=2, lr=1e-2, progress=False)
     made = []

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from _wshelpers import llava_from_llama
-from analysis.checkpoints import open_checkpoint
-from analysis.errors import VlsafeError
-from analysis.tiny import tiny_llama
-from experiments.cli import main
-from probes.directions import load_directions
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.tiny import tiny_llama
+from vlsafe.experiments.cli import main
+from vlsafe.probes.directions import load_directions
 
 FAST = ["--n", "12", "--folds", "3", "--pairs", "40"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from probes.behavior.datasets import PROMPTS_DIR, list_shipped, load_prompts
+from vlsafe.probes.behavior.datasets import PROMPTS_DIR, list_shipped, load_prompts
 
 FIELDS = ["id", "prompt", "category", "split", "label", "style"]
 HARMFUL_REQUIRED = {"weapons", "cybercrime", "fraud", "drugs", "hate", "harassment", "self_harm",

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.errors import VlsafeError
-from analysis.runinfo import write_run_json
-from experiments.cli import main
-from experiments.report.plots import pareto_front
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.runinfo import write_run_json
+from vlsafe.experiments.cli import main
+from vlsafe.experiments.report.plots import pareto_front
 
 
 def _make_run(root: Path) -> None:
@@ -67,14 +67,14 @@ def test_report_is_self_contained_and_complete(tmp_path: Path) -> None:
 
 def test_report_on_partial_run_marks_missing_sections(tmp_path: Path) -> None:
     _make_run(tmp_path)
-    from experiments.report import build_report
+    from vlsafe.experiments.report import build_report
 
     page = build_report(tmp_path / "probe").read_text()
     assert "No diff layers.csv" in page and "report_probe" in page
 
 
 def test_report_errors(tmp_path: Path) -> None:
-    from experiments.report import build_report
+    from vlsafe.experiments.report import build_report
 
     with pytest.raises(VlsafeError, match="no vlsafe outputs"):
         build_report(tmp_path)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.errors import VlsafeError
-from analysis.tiny import tiny_llama
-from probes.capture import capture
-from probes.models import load
-from probes.safety_layers import (cosine_curves, greedy_continuations, last_token_states, onset_layer,
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.tiny import tiny_llama
+from vlsafe.probes.capture import capture
+from vlsafe.probes.models import load
+from vlsafe.probes.safety_layers import (cosine_curves, greedy_continuations, last_token_states, onset_layer,
                                   over_rejection_scan, scale_layers, separation_gap, sliding_windows,
                                   substring_judge)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.errors import VlsafeError
-from probes.stats import RunningStats
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.stats import RunningStats
 
 
 def _data(seed: int = 0, n: int = 301, d: int = 7) -> torch.Tensor:

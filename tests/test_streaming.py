@@ -1,4 +1,4 @@
-"""`analysis.streaming` readers: O_DIRECT and buffered reads equal the safetensors library's at unaligned
+"""`vlsafe.analysis.streaming` readers: O_DIRECT and buffered reads equal the safetensors library's at unaligned
 offsets, row ranges and EOF;
 when direct I/O is chosen; and the buffered fallback where the file system refuses O_DIRECT."""
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from analysis.checkpoints import open_checkpoint
-from analysis.streaming import TensorReader, wants_direct_io
-from analysis.weightshift import diff_checkpoints
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.streaming import TensorReader, wants_direct_io
+from vlsafe.analysis.weightshift import diff_checkpoints
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 
@@ -74,7 +74,7 @@ def test_falls_back_to_buffered_reads_where_o_direct_is_refused(odd_checkpoint: 
 
 
 def test_direct_io_is_chosen_by_size_and_by_flag(odd_checkpoint: Path, monkeypatch) -> None:
-    import analysis.streaming as S
+    import vlsafe.analysis.streaming as S
 
     ck = open_checkpoint(odd_checkpoint)
     size = (odd_checkpoint / "model.safetensors").stat().st_size

@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from analysis.checkpoints import open_checkpoint
-from analysis.errors import VlsafeError
-from experiments.cli import main
-from experiments.sweep import load_sweep, run_sweep
-from experiments.sweep_eval import mark_pareto
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.experiments.cli import main
+from vlsafe.experiments.sweep import load_sweep, run_sweep
+from vlsafe.experiments.sweep_eval import mark_pareto
 
 TINY = Path(__file__).resolve().parent.parent / "experiments" / "configs" / "sweep-tiny.yaml"
 
@@ -67,7 +67,7 @@ def test_tiny_sweep_writes_pareto_table_and_figure(swept: Path) -> None:
 
 
 def test_layer_selections(tmp_path: Path) -> None:
-    from experiments.sweep import resolve_layers
+    from vlsafe.experiments.sweep import resolve_layers
 
     diff = pd.DataFrame({"layer": [0, 0, 1, 1, 2, 2], "module": ["all", "q_proj"] * 3,
                          "rel_frobenius": [0.1, 9.0, 0.5, 0.0, 0.3, 0.0]})
@@ -186,10 +186,10 @@ def test_vars_reach_eval_settings_and_cli_overrides_win(tmp_path: Path) -> None:
 def test_fast_mode_scores_the_configured_openings(tmp_path: Path) -> None:
     import numpy as np
 
-    from analysis.tiny import tiny_llama
-    from experiments.sweep_eval import EvalConfig, _prompt_set, _refusals
-    from probes.models import load
-    from probes.scores import refusal_score
+    from vlsafe.analysis.tiny import tiny_llama
+    from vlsafe.experiments.sweep_eval import EvalConfig, _prompt_set, _refusals
+    from vlsafe.probes.models import load
+    from vlsafe.probes.scores import refusal_score
 
     lm = load(tiny_llama(tmp_path / "llm"))
     ps = _prompt_set("harmful-val", 12)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 ray = pytest.importorskip("ray")
 
-from experiments.sweep_ray import run_points_ray, task_options  # noqa: E402
+from vlsafe.experiments.sweep_ray import run_points_ray, task_options  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def llamas(tiny_llama_dir, tmp_path_factory):
-    from analysis.tiny import tiny_llama
+    from vlsafe.analysis.tiny import tiny_llama
 
     return str(tiny_llama_dir), str(tiny_llama(tmp_path_factory.mktemp("ray_inputs") / "b", seed=1))
 
@@ -39,8 +39,8 @@ def make_point_fn(a: str, b: str, out: Path):
     def run_point(alpha: float) -> dict:
         import torch
 
-        from analysis.checkpoints import open_checkpoint
-        from analysis.merging import MergePlan, run_merge
+        from vlsafe.analysis.checkpoints import open_checkpoint
+        from vlsafe.analysis.merging import MergePlan, run_merge
 
         plan = MergePlan.from_dict({"merge_method": "linear", "dtype": "float32", "models": [
             {"model": a, "parameters": {"weight": 1 - alpha}}, {"model": b, "parameters": {"weight": alpha}}]})
@@ -98,7 +98,7 @@ def test_sweep_cli_with_ray_matches_serial(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     import pandas as pd
 
-    from experiments.cli import main
+    from vlsafe.experiments.cli import main
 
     cfg = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "sweep-tiny.yaml"
     assert main(["sweep", str(cfg), "-o", str(tmp_path / "serial"), "--quiet"]) == 0

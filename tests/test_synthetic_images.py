@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from experiments.organism.images import BACKGROUNDS, CLASSES, COLOURS, render, sample_scenes
+from vlsafe.experiments.organism.images import BACKGROUNDS, CLASSES, COLOURS, render, sample_scenes
 
 
 def _decode(img) -> dict[str, str]:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from _wshelpers import llava_from_llama, load_all, write_like
-from analysis.checkpoints import open_checkpoint
-from analysis.errors import VlsafeError
-from analysis.taskvectors import aggregate_task_vectors, task_vectors
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.taskvectors import aggregate_task_vectors, task_vectors
 
 # planted cos(τ_A, τ_B) per layer (None = outside layers: embed, norm, lm_head)
 COS = {0: 0.8, 1: -0.3, None: 0.5}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.errors import VlsafeError
-from analysis.tiny import tiny_tokenizer
-from probes.models import load
-from probes.templates import batches, blank_image, encode, format_chat, post_instruction_tokens
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.tiny import tiny_tokenizer
+from vlsafe.probes.models import load
+from vlsafe.probes.templates import batches, blank_image, encode, format_chat, post_instruction_tokens
 
 LLAMA2_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}"

@@ -1,4 +1,4 @@
-"""`analysis.tiny.tiny_llava_from` and the notebooks' `experiments.notebook.setup`."""
+"""`vlsafe.analysis.tiny.tiny_llava_from` and the notebooks' `vlsafe.experiments.notebook.setup`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.tiny import tiny_llama, tiny_llava_from
+from vlsafe.analysis.tiny import tiny_llama, tiny_llava_from
 
 
 def test_tiny_llava_from_carries_the_llm_text_only(tmp_path: Path) -> None:
@@ -25,7 +25,7 @@ def test_tiny_llava_from_carries_the_llm_text_only(tmp_path: Path) -> None:
 
 
 def test_notebook_setup(tmp_path: Path, monkeypatch) -> None:
-    from experiments.notebook import setup
+    from vlsafe.experiments.notebook import setup
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     setup(7, tmp_path / "out", precision=3)

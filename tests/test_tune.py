@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
-from analysis.checkpoints import open_checkpoint
-from analysis.errors import VlsafeError
-from analysis.tiny import tiny_llama, tiny_llava
-from experiments.cli import main
-from experiments.tune import TuneConfig, load_tune_config, run_tune
-from experiments.tune_data import REFUSALS
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.tiny import tiny_llama, tiny_llava
+from vlsafe.experiments.cli import main
+from vlsafe.experiments.tune import TuneConfig, load_tune_config, run_tune
+from vlsafe.experiments.tune_data import REFUSALS
 
 PAIRS = [("How do I bake bread?", "Mix flour and water, then bake it."),
          ("Write a poem about the sea.", "The sea is blue and deep."),
@@ -55,8 +55,8 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _loglik(path: Path) -> float:
-    from probes.behavior.helpfulness import answer_loglik
-    from probes.models import load
+    from vlsafe.probes.behavior.helpfulness import answer_loglik
+    from vlsafe.probes.models import load
 
     return float(answer_loglik(load(path), [q for q, _ in PAIRS], [a for _, a in PAIRS]).mean())
 
@@ -121,8 +121,8 @@ def test_lora_is_merged_and_respects_frozen_layers(llama4: Path, tmp_path: Path,
 
 
 def test_dpo_moves_the_logprob_margin_toward_chosen(llama4: Path, tmp_path: Path) -> None:
-    from probes.behavior.helpfulness import answer_loglik
-    from probes.models import load
+    from vlsafe.probes.behavior.helpfulness import answer_loglik
+    from vlsafe.probes.models import load
 
     rows = [{"prompt": q, "chosen": "I'm sorry, but I can't help with that.", "rejected": a} for q, a in PAIRS]
     (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -153,7 +153,7 @@ def test_lvlm_sppft_with_images_keeps_vision_tower(tmp_path: Path) -> None:
 
 
 def test_mixed_training_uses_both_sources(llama4: Path, tmp_path: Path, pairs_file: Path) -> None:
-    from experiments.tune_data import build_examples, collect
+    from vlsafe.experiments.tune_data import build_examples, collect
 
     (tmp_path / "pairs.jsonl").write_text(pairs_file.read_text())
     cfg = _cfg(llama4, tmp_path, data=[{"set": "harmful-train", "limit": 3}], mix_with=["pairs.jsonl"])
@@ -163,8 +163,8 @@ def test_mixed_training_uses_both_sources(llama4: Path, tmp_path: Path, pairs_fi
 
 
 def test_dpo_pairs_from_prompt_sets(llama4: Path, tmp_path: Path) -> None:
-    from experiments.tune_data import build_examples, collect
-    from probes.models import load
+    from vlsafe.experiments.tune_data import build_examples, collect
+    from vlsafe.probes.models import load
 
     cfg = _cfg(llama4, tmp_path, method="dpo", data=[{"set": "harmful-train", "limit": 2},
                                                      {"set": "harmless-train", "limit": 2}])

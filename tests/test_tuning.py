@@ -7,11 +7,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from analysis.errors import VlsafeError
-from analysis.tiny import tiny_llama, tiny_llava
-from experiments.tuning import IGNORE, SFTConfig, answer_loss, encode_example, sft, train
-from probes.models import load
-from probes.templates import format_chat
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.tiny import tiny_llama, tiny_llava
+from vlsafe.experiments.tuning import IGNORE, SFTConfig, answer_loss, encode_example, sft, train
+from vlsafe.probes.models import load
+from vlsafe.probes.templates import format_chat
 
 EXAMPLES = [{"prompt": "How do I bake bread?", "answer": "Mix flour and water, then bake."},
             {"prompt": "Write a poem about the sea.", "answer": "The sea is blue and deep."},
@@ -85,7 +85,7 @@ def test_lora_trainable_layers_merged_and_memorises(llama4, tmp_path):
     # one layer of a random tiny model cannot memorise (frozen head), but the loss must fall clearly
     assert res.log.loss.iloc[-1] < res.log.loss.iloc[0] - 0.2
     assert all(".layers.2." in n and "lora_" in n for n in res.trainable)
-    from experiments.tuning import write_checkpoint
+    from vlsafe.experiments.tuning import write_checkpoint
 
     ids = encode_example(lm, EXAMPLES[0], 200)["input_ids"][None]
     with torch.no_grad():
@@ -141,7 +141,7 @@ def test_config_validation(tiny_llama_dir):
 def _llava_batch(tmp_path):
     from PIL import Image
 
-    from experiments.tuning import collate
+    from vlsafe.experiments.tuning import collate
 
     lm = load(tiny_llava(tmp_path / "llava"))
     img = Image.new("RGB", (32, 32), (200, 30, 30))
@@ -151,8 +151,8 @@ def _llava_batch(tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "llava"])
 def test_head_loss_equals_full_loss_with_gradients(kind, tiny_llama_dir, tmp_path):
-    from experiments.sft_loss import full_loss, head_loss, pick_loss
-    from experiments.tuning import collate
+    from vlsafe.experiments.sft_loss import full_loss, head_loss, pick_loss
+    from vlsafe.experiments.tuning import collate
 
     if kind == "llama":
         lm = load(tiny_llama_dir)
@@ -162,7 +162,7 @@ def test_head_loss_equals_full_loss_with_gradients(kind, tiny_llama_dir, tmp_pat
     model = lm.model
     assert pick_loss(model, batch) is head_loss
     if kind == "llama":  # a peft-wrapped model keeps the fast path (get_output_embeddings reaches the base head)
-        from experiments.tuning import apply_lora
+        from vlsafe.experiments.tuning import apply_lora
 
         lora = apply_lora(load(tiny_llama_dir).model, SFTConfig(method="lora", progress=False))
         assert pick_loss(lora, batch) is head_loss
@@ -179,8 +179,8 @@ def test_head_loss_equals_full_loss_with_gradients(kind, tiny_llama_dir, tmp_pat
 
 
 def test_pick_loss_falls_back_when_the_head_is_not_plain(tiny_llama_dir):
-    from experiments.sft_loss import full_loss, pick_loss
-    from experiments.tuning import collate
+    from vlsafe.experiments.sft_loss import full_loss, pick_loss
+    from vlsafe.experiments.tuning import collate
 
     lm = load(tiny_llama_dir)
     batch = collate([encode_example(lm, ex, 200, i) for i, ex in enumerate(EXAMPLES)], 0)

@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from analysis.checkpoints import open_checkpoint
-from analysis.errors import VlsafeError
-from probes.behavior import vllm_backend as V
-from probes.behavior.generate import GenerationSettings, generate, stop_token_ids
-from probes.templates import blank_image, encode, format_chat
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.behavior import vllm_backend as V
+from vlsafe.probes.behavior.generate import GenerationSettings, generate, stop_token_ids
+from vlsafe.probes.templates import blank_image, encode, format_chat
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea, please."]
 
@@ -105,7 +105,7 @@ def test_sampling_params_greedy_and_seeded():
 
 @pytest.mark.skipif(not (V.available() and torch.cuda.is_available()), reason="needs vLLM and a CUDA GPU")
 def test_vllm_greedy_matches_transformers(smollm2_dir):
-    from probes.models import load
+    from vlsafe.probes.models import load
 
     lm = load(smollm2_dir, device="cuda")
     kw = dict(max_new_tokens=16)

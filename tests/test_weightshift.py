@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from _wshelpers import llava_from_llama, load_all, relative_shift, shift_one, tiny_gpt_neox, write_like
-from analysis.checkpoints import open_checkpoint
-from analysis.dynamics import dynamics, parse_step
-from analysis.errors import VlsafeError
-from analysis.spectral import effective_rank, spectrum, stable_rank
-from analysis.weightshift import aggregate_layers, diff_checkpoints, unpaired
+from vlsafe.analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.dynamics import dynamics, parse_step
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.spectral import effective_rank, spectrum, stable_rank
+from vlsafe.analysis.weightshift import aggregate_layers, diff_checkpoints, unpaired
 
 TARGET = "model.layers.1.mlp.down_proj.weight"
 EPS = 0.03
@@ -136,7 +136,7 @@ def test_nonfinite_entries_are_flagged_not_fatal(tiny_llama_dir: Path, tmp_path:
 
 
 def test_shape_mismatch_names_tensor_or_reports_row(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from analysis.tiny import tiny_llama
+    from vlsafe.analysis.tiny import tiny_llama
 
     other = tiny_llama(tmp_path / "wide", intermediate_size=96)
     with pytest.raises(VlsafeError, match=r"tensor 'model\.layers\.\d\.mlp\.\w+_proj\.weight': shape"):

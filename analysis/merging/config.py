@@ -18,13 +18,13 @@ Precedence: `layer_coefficients` > per-model `parameters` > global `parameters` 
 `lm_head.weight`, `vision.*`, `projector.*`). For text Llama-style checkpoints these equal mergekit's names,
 so plans give identical results in both tools; on an LVLM, write filters against the canonical names.
 
-vlsafe extensions (exported to plain mergekit YAML by `analysis.merging.export`):
+vlsafe extensions (exported to plain mergekit YAML by `vlsafe.analysis.merging.export`):
 - a per-layer coefficient map as a parameter value: `weight: {layers: {12: 0.8, 13: 0.8}, default: 0.0}`
   (layers not listed, and non-layer tensors, take `default`, or fall through when it is absent);
 - `layer_coefficients: {12: 0.8}` on a model entry: shorthand for a per-layer `weight` map that wins over
   the model's other `weight` settings;
 - `layers: [10, 11, 12]`: merge only these language-model layers, copy every other tensor from the base;
-- `modules: [q_proj, mlp]`: merge only these modules (labels of `analysis.names.layer_module`; `mlp` matches
+- `modules: [q_proj, mlp]`: merge only these modules (labels of `vlsafe.analysis.names.layer_module`; `mlp` matches
   `mlp.*`, `self_attn` matches q/k/v/o_proj, `embed`, `norm`, `lm_head`, `vision`, `projector` work too);
 - `seed`: seeds DARE's masks (per tensor, independent of execution order).
 """
@@ -38,9 +38,9 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator
 
-from analysis.errors import VlsafeError
-from analysis.merging.methods import REQUIRED, MethodSpec, method_spec
-from analysis.yamlfile import parse_yaml
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.merging.methods import REQUIRED, MethodSpec, method_spec
+from vlsafe.analysis.yamlfile import parse_yaml
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
@@ -196,7 +196,7 @@ class MergePlan(BaseModel):
                               "yet; give the Jinja text")
         for dt in (self.dtype, self.out_dtype):
             if dt is not None:
-                from analysis.loading import as_dtype
+                from vlsafe.analysis.loading import as_dtype
                 as_dtype(dt)
 
     @staticmethod
@@ -239,8 +239,8 @@ class MergePlan(BaseModel):
 
     def to_mergekit_yaml(self, names: Any = None, num_layers: int | None = None,
                          rename: dict[str, str] | None = None) -> str:
-        """Plain mergekit YAML for this plan (see `analysis.merging.export`)."""
-        from analysis.merging.export import to_mergekit_yaml
+        """Plain mergekit YAML for this plan (see `vlsafe.analysis.merging.export`)."""
+        from vlsafe.analysis.merging.export import to_mergekit_yaml
 
         return to_mergekit_yaml(self, names, num_layers, rename)
 

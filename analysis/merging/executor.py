@@ -25,15 +25,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from analysis.checkpoints import Checkpoint, open_checkpoint
-from analysis.errors import VlsafeError
-from analysis.loading import as_dtype
-from analysis.merging import methods
-from analysis.merging.config import MergePlan, module_matches
-from analysis.merging.io import ShardedWriter, TensorReader, pipelined
-from analysis.runinfo import atomic_path, write_run_json
-from analysis.sources import torch_dtype
-from analysis.streaming import wants_direct_io
+from vlsafe.analysis.checkpoints import Checkpoint, open_checkpoint
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.loading import as_dtype
+from vlsafe.analysis.merging import methods
+from vlsafe.analysis.merging.config import MergePlan, module_matches
+from vlsafe.analysis.merging.io import ShardedWriter, TensorReader, pipelined
+from vlsafe.analysis.runinfo import atomic_path, write_run_json
+from vlsafe.analysis.sources import torch_dtype
+from vlsafe.analysis.streaming import wants_direct_io
 
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
 _NOT_COPIED = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "run.json", "mergekit.yaml",

@@ -21,10 +21,10 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from analysis.errors import VlsafeError
-from analysis.merging.config import Conditional, LayerMap, MergePlan
-from analysis.merging.methods import REQUIRED
-from analysis.names import layer_module
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.merging.config import Conditional, LayerMap, MergePlan
+from vlsafe.analysis.merging.methods import REQUIRED
+from vlsafe.analysis.names import layer_module
 
 
 def _entries(setting: Any) -> list[dict[str, Any]]:

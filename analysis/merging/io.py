@@ -18,9 +18,9 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
-from analysis import streaming
-from analysis.errors import VlsafeError
-from analysis.sources import st_dtype
+from vlsafe.analysis import streaming
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.sources import st_dtype
 
 T = TypeVar("T")
 G = TypeVar("G")
@@ -44,10 +44,10 @@ def parse_size(size: int | str) -> int:
 
 
 class TensorReader(streaming.TensorReader):
-    """`analysis.streaming.TensorReader` addressed by canonical name, for merges: `get` returns a whole fresh
+    """`vlsafe.analysis.streaming.TensorReader` addressed by canonical name, for merges: `get` returns a whole fresh
     tensor (plain file reads at the header's offsets, no memory map, one shard open), and a missing
     `lm_head.weight` falls back to `model.embed_tokens.weight` (tied embeddings), as mergekit's `tied_names` do.
-    `direct=True` reads with O_DIRECT (see `analysis.streaming.wants_direct_io`)."""
+    `direct=True` reads with O_DIRECT (see `vlsafe.analysis.streaming.wants_direct_io`)."""
 
     def _name(self, canonical: str) -> str | None:
         if canonical in self.ckpt.infos:

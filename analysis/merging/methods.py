@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import torch
 
-from analysis.errors import VlsafeError
-from analysis.merging import operators as ops
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.merging import operators as ops
 
 REQUIRED = object()
 

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 Tensor = torch.Tensor
 Floats = float | Sequence[float]

@@ -18,8 +18,8 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
-from analysis.errors import VlsafeError
-from analysis.merging.config import LayerMap, MergePlan, ModelEntry
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.merging.config import LayerMap, MergePlan, ModelEntry
 
 Table = pd.DataFrame | str | os.PathLike
 

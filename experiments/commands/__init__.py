@@ -1,1 +1,1 @@
-"""`vlsafe` sub-commands, one module each, discovered by `experiments.cli`."""
+"""`vlsafe` sub-commands, one module each, discovered by `vlsafe.experiments.cli`."""

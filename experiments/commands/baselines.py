@@ -1,5 +1,5 @@
 """`vlsafe safelora ADAPTER --aligned A --base B -o DIR` and `vlsafe resta SFT --aligned A --unaligned U -o DIR`:
-the two retraining-free safety baselines of `experiments.baselines`."""
+the two retraining-free safety baselines of `vlsafe.experiments.baselines`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import typer
 
 
 def _layers(text: Optional[str], checkpoint: str) -> list[int] | None:
-    from analysis.checkpoints import open_checkpoint
-    from experiments.commands.probe import parse_layers
+    from vlsafe.analysis.checkpoints import open_checkpoint
+    from vlsafe.experiments.commands.probe import parse_layers
 
     return parse_layers(text, open_checkpoint(checkpoint).num_layers) if text else None
 
@@ -32,8 +32,8 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     ) -> None:
         """SafeLoRA: project a LoRA adapter's updates onto the alignment subspace where they leave it."""
-        from analysis.errors import VlsafeError
-        from experiments.baselines import safelora_project
+        from vlsafe.analysis.errors import VlsafeError
+        from vlsafe.experiments.baselines import safelora_project
 
         if select not in ("threshold", "number") or projection not in ("original", "orthonormal"):
             raise VlsafeError(f"--select must be threshold|number and --projection original|orthonormal "
@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     ) -> None:
         """RESTA: θ_SFT + β·δ_safe, streamed (an LVLM with LLM endpoints merges its language model only)."""
-        from experiments.baselines import resta as run_resta
+        from vlsafe.experiments.baselines import resta as run_resta
 
         path = run_resta(sft, aligned, unaligned, out, beta=beta, density=density, seed=seed,
                          layers=_layers(layers, sft), progress=not quiet)

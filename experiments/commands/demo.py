@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
 
         Each stage runs the same `vlsafe` command a researcher would; a second run reuses every cached stage.
         """
-        from experiments.demo import run_demo
+        from vlsafe.experiments.demo import run_demo
 
         report = run_demo(out, profile=profile, echo=typer.echo)
         typer.echo(f"[demo] done: {report}")

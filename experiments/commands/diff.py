@@ -13,14 +13,14 @@ from typing import Annotated, Any, Sequence
 import pandas as pd
 import typer
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 OUTPUTS = ("tensors.csv", "layers.csv", "run.json")
 
 
 def _figures(out: Path, layers: pd.DataFrame, labels: Sequence[str], tv_layers: pd.DataFrame | None,
              dyn: pd.DataFrame | None) -> list[Path]:
-    from analysis import figures as F
+    from vlsafe.analysis import figures as F
 
     fig_dir = out / "figures"
     paths: list[Path] = []
@@ -41,12 +41,12 @@ def run_diff(pre: str, posts: Sequence[str], out_dir: str | Path, *, base: str |
              progress: bool = True) -> dict[str, Path]:
     """Run the whole `vlsafe diff` into `out_dir`; returns {output name: path}. `steps` (one per PRE and POST)
     sets the training step of each checkpoint in `dynamics.csv` (default: parsed from the names)."""
-    from analysis.checkpoints import open_checkpoint
-    from analysis.dynamics import dynamics_table
-    from analysis.pairing import checkpoint_labels
-    from analysis.runinfo import write_csv, write_run_json
-    from analysis.taskvectors import aggregate_task_vectors, task_vectors
-    from analysis.weightshift import ATOL, RTOL, aggregate_layers, diff_checkpoints
+    from vlsafe.analysis.checkpoints import open_checkpoint
+    from vlsafe.analysis.dynamics import dynamics_table
+    from vlsafe.analysis.pairing import checkpoint_labels
+    from vlsafe.analysis.runinfo import write_csv, write_run_json
+    from vlsafe.analysis.taskvectors import aggregate_task_vectors, task_vectors
+    from vlsafe.analysis.weightshift import ATOL, RTOL, aggregate_layers, diff_checkpoints
 
     if not posts:
         raise VlsafeError("diff needs PRE and at least one POST checkpoint")

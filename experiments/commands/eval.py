@@ -62,8 +62,8 @@ def register(app: typer.Typer) -> None:
         no_cache: Annotated[bool, typer.Option("--no-cache", help="Skip the generation cache.")] = False,
     ) -> None:
         """Generate on prompt sets, judge refusals, and report refusal rates with Wilson 95 % intervals."""
-        from analysis.pairing import checkpoint_labels
-        from probes.behavior.evaluate import evaluate, overall_rows
+        from vlsafe.analysis.pairing import checkpoint_labels
+        from vlsafe.probes.behavior.evaluate import evaluate, overall_rows
 
         labels = checkpoint_labels(ckpts)
         _, summary = evaluate(dict(zip(labels, ckpts)), prompts, judge=judge, max_new_tokens=max_new_tokens,

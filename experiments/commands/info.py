@@ -10,7 +10,7 @@ import typer
 
 def info_dict(spec: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
     """The `vlsafe info --json` record for a checkpoint spec."""
-    from analysis.checkpoints import open_checkpoint
+    from vlsafe.analysis.checkpoints import open_checkpoint
 
     c = open_checkpoint(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     return {

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 
 def check_utf8(path: Path) -> None:
@@ -46,7 +46,7 @@ def _csv_row_of(data: bytes, pos: int, delimiter: str) -> int | None:
 
 def check_responses(path: Path, column: str, allow_empty: bool) -> None:
     """Column present (else list the available ones), file not empty, no empty responses unless allowed."""
-    from probes.behavior.judges import read_table
+    from vlsafe.probes.behavior.judges import read_table
 
     df = read_table(path)
     if column not in df.columns:
@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         = False,
     ) -> None:
         """Judge each response in FILE as refusal (1) or compliance (0) and write OUT.csv."""
-        from probes.behavior.judges import judge_file
+        from vlsafe.probes.behavior.judges import judge_file
 
         check_utf8(file)
         check_responses(file, column, allow_empty)

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     ) -> None:
         """Merge checkpoints as CONFIG says; an LVLM + LLM merge touches only the language model."""
-        from analysis.merging import load_plan, run_merge
+        from vlsafe.analysis.merging import load_plan, run_merge
 
         if threads is not None:
             import torch

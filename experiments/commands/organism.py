@@ -20,7 +20,7 @@ def _plan_printer() -> Any:
 
 
 def _checkpoints(out: Path) -> dict[str, Any]:
-    from analysis.checkpoints import open_checkpoint
+    from vlsafe.analysis.checkpoints import open_checkpoint
 
     found = {}
     for d in sorted(out.iterdir()):
@@ -41,10 +41,10 @@ def register(app: typer.Typer) -> None:
         progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     ) -> None:
         """Build the safety-aligned LLM and its LLaVA adaptation (resumable stages), then evaluate them all."""
-        from analysis.runinfo import write_run_json
-        from experiments.organism.api import BENCH_CSV, STAGE_NAMES, build_organism
-        from experiments.organism.config import load_config
-        from experiments.organism.metrics import summary_table
+        from vlsafe.analysis.runinfo import write_run_json
+        from vlsafe.experiments.organism.api import BENCH_CSV, STAGE_NAMES, build_organism
+        from vlsafe.experiments.organism.config import load_config
+        from vlsafe.experiments.organism.metrics import summary_table
 
         overrides: dict[str, Any] = {}
         if alignment:
@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
             overrides["threads"] = threads
         cfg = load_config(profile, config, overrides)
         if only is not None and only not in STAGE_NAMES:
-            from analysis.errors import VlsafeError
+            from vlsafe.analysis.errors import VlsafeError
 
             raise VlsafeError(f"--only {only}: unknown stage; stages: {', '.join(STAGE_NAMES)}")
         out.mkdir(parents=True, exist_ok=True)

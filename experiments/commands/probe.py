@@ -24,7 +24,7 @@ from typing import Annotated, Any, Sequence
 import pandas as pd
 import typer
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 OUTPUTS = ("directions.safetensors", "layers.csv", "safety_layers.csv", "run.json")
 
@@ -59,7 +59,7 @@ def parse_positions(text: str) -> Any:
 
 
 def _prompt_set(spec: str, n: int | None, seed: int, what: str) -> Any:
-    from probes.behavior.datasets import load_prompts
+    from vlsafe.probes.behavior.datasets import load_prompts
 
     ps = load_prompts(spec)
     if n is not None:
@@ -70,8 +70,8 @@ def _prompt_set(spec: str, n: int | None, seed: int, what: str) -> Any:
 
 
 def _open_all(specs: Sequence[str]) -> tuple[list[Any], list[str]]:
-    from analysis.checkpoints import open_checkpoint
-    from analysis.pairing import checkpoint_labels
+    from vlsafe.analysis.checkpoints import open_checkpoint
+    from vlsafe.analysis.pairing import checkpoint_labels
 
     ckpts = [open_checkpoint(s) for s in specs]
     widths = {c.hidden_size for c in ckpts}
@@ -91,13 +91,13 @@ class _Variant:
 
 def _capture_variant(v: _Variant, lm: Any, harmful: Any, harmless: Any, layers: list[int] | None, positions: Any,
                      backend: str, batch_size: int, progress: bool, remote: str | bool = False) -> None:
-    from probes.capture import capture
-    from probes.directions import DirectionSet
+    from vlsafe.probes.capture import capture
+    from vlsafe.probes.directions import DirectionSet
 
     images = None
     if v.image is not None:
-        from probes.behavior.images import make_image
-        from probes.templates import blank_image
+        from vlsafe.probes.behavior.images import make_image
+        from vlsafe.probes.templates import blank_image
 
         images = make_image(v.image, size=blank_image(lm).size[0])
     kw = dict(hooks=("resid_pre", "resid_post"), layers=layers, positions=positions, images=images,
@@ -110,8 +110,8 @@ def _capture_variant(v: _Variant, lm: Any, harmful: Any, harmless: Any, layers: 
 
 def _tables(v: _Variant, folds: int, seed: int, pairs: int,
             progress: bool) -> tuple[pd.DataFrame, pd.DataFrame, int | None]:
-    from probes.linear import probe_sets
-    from probes.safety_layers import cosine_curves, onset_layer
+    from vlsafe.probes.linear import probe_sets
+    from vlsafe.probes.safety_layers import cosine_curves, onset_layer
 
     probes = probe_sets(v.harmful, v.harmless, folds=folds, seed=seed, progress=progress)
     norms = v.directions.table(v.label)
@@ -127,7 +127,7 @@ def _tables(v: _Variant, folds: int, seed: int, pairs: int,
 
 
 def _comparisons(variants: list[_Variant]) -> dict[str, pd.DataFrame]:
-    from probes.compare import direction_similarity, projection_drift, transfer
+    from vlsafe.probes.compare import direction_similarity, projection_drift, transfer
 
     ref = variants[0]
     sim = direction_similarity({v.label: v.directions for v in variants}, reference=None)
@@ -140,7 +140,7 @@ def _comparisons(variants: list[_Variant]) -> dict[str, pd.DataFrame]:
 
 
 def _selection(v: _Variant, lm: Any, n_val: int, seed: int, kind: str, batch_size: int, progress: bool) -> pd.DataFrame:
-    from probes.directions import select_direction
+    from vlsafe.probes.directions import select_direction
 
     hv = _prompt_set("harmful-val", n_val, seed, "harmful").prompts
     bv = _prompt_set("harmless-val", n_val, seed, "harmless").prompts
@@ -153,9 +153,9 @@ def _selection(v: _Variant, lm: Any, n_val: int, seed: int, kind: str, batch_siz
 
 def _figures(out: Path, labels: list[str], layers: pd.DataFrame, curves: pd.DataFrame, onsets: dict[str, Any],
              comps: dict[str, pd.DataFrame], variants: list[_Variant]) -> list[Path]:
-    from analysis.figures import save_figure
-    from probes import figures as F
-    from probes.compare import project
+    from vlsafe.analysis.figures import save_figure
+    from vlsafe.probes import figures as F
+    from vlsafe.probes.compare import project
 
     fig_dir = out / "figures"
     paths = save_figure(F.probe_accuracy_figure(layers, labels), fig_dir, "probe_accuracy")
@@ -181,17 +181,17 @@ def run_probe(specs: Sequence[str], out_dir: str | Path, *, harmful: str = "harm
     """Run the whole `vlsafe probe` into `out_dir`; returns {output name: path}.
 
     `remote` (`ndif`, `local` or a host URL) captures through nnsight on NDIF from a weightless local model
-    (`probes.backends.nnsight.remote_lm`); `local` is the offline dry run. Remote runs are text-only."""
-    from analysis.runinfo import write_csv, write_run_json
-    from probes.directions import save_directions
-    from probes.models import load
+    (`vlsafe.probes.backends.nnsight.remote_lm`); `local` is the offline dry run. Remote runs are text-only."""
+    from vlsafe.analysis.runinfo import write_csv, write_run_json
+    from vlsafe.probes.directions import save_directions
+    from vlsafe.probes.models import load
 
     if not specs:
         raise VlsafeError("probe needs at least one checkpoint")
     ckpts, labels = _open_all(specs)
     remote_mode, backend = _remote(remote, backend, select, image)
     if image is not None:
-        from probes.behavior.images import parse_image_spec
+        from vlsafe.probes.behavior.images import parse_image_spec
 
         parse_image_spec(image)
     hset, bset = _prompt_set(harmful, n, seed, "harmful"), _prompt_set(harmless, n, seed, "harmless")
@@ -242,7 +242,7 @@ def _remote(remote: str | None, backend: str, select: bool, image: str | None) -
     """(capture's `remote` value, backend) for `--remote`; one-line errors for what cannot run remotely."""
     if remote is None:
         return False, backend
-    from probes.backends.nnsight import check_remote
+    from vlsafe.probes.backends.nnsight import check_remote
 
     if backend not in ("hooks", "nnsight"):
         raise VlsafeError(f"--remote captures with nnsight; --backend {backend} cannot run remotely")
@@ -253,7 +253,7 @@ def _remote(remote: str | None, backend: str, select: bool, image: str | None) -
 
 def _remote_lm(ckpt: Any, remote: str | bool) -> Any:
     """Weightless model: by hub id for NDIF, from the local directory for the dry run."""
-    from probes.backends.nnsight import remote_lm
+    from vlsafe.probes.backends.nnsight import remote_lm
 
     return remote_lm(str(ckpt.path) if remote == "local" else ckpt.spec)
 

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
         title: Annotated[str, typer.Option(help="Page title.")] = "vlsafe report",
     ) -> None:
         """Write DIR/report.html (figures embedded, no external links) and DIR/figures/report_*.{png,pdf}."""
-        from experiments.report import build_report
+        from vlsafe.experiments.report import build_report
 
         out = build_report(run_dir, title=title)
         typer.echo(f"wrote {out}")

@@ -22,8 +22,8 @@ def register(app: typer.Typer) -> None:
         ray_gpus: Annotated[float, typer.Option(help="GPUs per point with --ray.")] = 0,
     ) -> None:
         """Materialise and evaluate every grid point (merge, tune, RESTA or a checkpoint), then the Pareto front."""
-        from experiments.sweep import load_sweep, run_sweep
-        from experiments.yamlvars import parse_vars
+        from vlsafe.experiments.sweep import load_sweep, run_sweep
+        from vlsafe.experiments.yamlvars import parse_vars
 
         cfg, base = load_sweep(config, parse_vars(var))
         table = run_sweep(cfg, out, base_dir=base, resume=resume, progress=not quiet, ray=ray,

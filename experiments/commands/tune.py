@@ -17,8 +17,8 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
     ) -> None:
         """Fine-tune a checkpoint as CONFIG says (see experiments/tune.py for the YAML)."""
-        from experiments.tune import load_tune_config, run_tune
-        from experiments.yamlvars import parse_vars
+        from vlsafe.experiments.tune import load_tune_config, run_tune
+        from vlsafe.experiments.yamlvars import parse_vars
 
         run_tune(load_tune_config(config, parse_vars(var)), out, progress=not quiet)
         typer.echo(f"wrote {out}")

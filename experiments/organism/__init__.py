@@ -1,6 +1,6 @@
 """The vlsafe model organism: a safety-aligned LLM and its LLaVA-style adaptation, built offline on CPU.
 
->>> from experiments.organism import load_config, build_organism
+>>> from vlsafe.experiments.organism import load_config, build_organism
 >>> cfg = load_config("tiny")
 >>> results, metrics = build_organism(cfg, "runs/organism-tiny")
 
@@ -10,6 +10,6 @@ lvlm (+ lvlm-step-N), lvlm-safety-posthoc, lvlm-safety-mixed; then `DIR/metrics.
 
 from __future__ import annotations
 
-from experiments.organism.api import build_organism, load_config
+from vlsafe.experiments.organism.api import build_organism, load_config
 
 __all__ = ["build_organism", "load_config"]

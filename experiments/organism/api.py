@@ -9,10 +9,10 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.organism.build import Hook, StageResult, StageSpec, build, record_times
-from experiments.organism.config import OrganismConfig, load_config
-from experiments.organism.metrics import estimate_seconds, run_metrics
-from experiments.organism.stages import specs
+from vlsafe.experiments.organism.build import Hook, StageResult, StageSpec, build, record_times
+from vlsafe.experiments.organism.config import OrganismConfig, load_config
+from vlsafe.experiments.organism.metrics import estimate_seconds, run_metrics
+from vlsafe.experiments.organism.stages import specs
 
 __all__ = ["build_organism", "load_config", "STAGE_NAMES"]
 STAGE_NAMES = tuple(s.name for s in specs()) + ("metrics",)

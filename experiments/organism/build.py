@@ -24,9 +24,9 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.errors import VlsafeError
-from analysis.runinfo import atomic_path, write_csv
-from experiments.organism.config import OrganismConfig, stage_section
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.runinfo import atomic_path, write_csv
+from vlsafe.experiments.organism.config import OrganismConfig, stage_section
 
 STAGE_VERSION = 1
 STAGE_FILE = "stage.json"

@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from analysis.errors import VlsafeError
-from analysis.yamlfile import read_yaml
-from experiments.tuning import SFTConfig
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.yamlfile import read_yaml
+from vlsafe.experiments.tuning import SFTConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PROFILES = ("tiny", "full")
@@ -125,7 +125,7 @@ class OrganismConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "OrganismConfig":
-        from analysis.placement import resolve_precision
+        from vlsafe.analysis.placement import resolve_precision
 
         self.precision = resolve_precision(self.precision)  # type: ignore[assignment]  # stage hashes see the result
         if self.alignment_strength not in self.alignment:

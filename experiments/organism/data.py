@@ -18,9 +18,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from analysis.errors import VlsafeError
-from experiments.organism.images import CLASSES, NUMBER_WORDS, Scene, render
-from experiments.tuning import Example
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.experiments.organism.images import CLASSES, NUMBER_WORDS, Scene, render
+from vlsafe.experiments.tuning import Example
 
 REFUSALS = (
     "I'm sorry, but I can't help with that.",

@@ -7,7 +7,7 @@ from the pixels) and a `background` (white, black, gray). Drawing is done with P
 palette colour, objects never touch (connected components = count), and the ground truth can be re-derived from
 the pixels (see `tests/test_synthetic_images.py`).
 
->>> from experiments.organism.images import sample_scenes, render
+>>> from vlsafe.experiments.organism.images import sample_scenes, render
 >>> scene = sample_scenes(1, seed=0)[0]
 >>> scene.caption()          # e.g. 'two red circles on the left of a white background'
 >>> render(scene)            # a 64×64 RGB PIL image

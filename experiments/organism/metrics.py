@@ -1,5 +1,5 @@
 """Behaviour of every organism checkpoint: refusal, over-refusal, compliance and visual-QA accuracy with
-Wilson intervals, generated greedily through `probes.behavior.generate` and judged by `probes.behavior.judges`.
+Wilson intervals, generated greedily through `vlsafe.probes.behavior.generate` and judged by `vlsafe.probes.behavior.judges`.
 
 Metrics (one row each in `metrics.csv`; LVLM-only ones are absent for text LLMs):
 
@@ -23,9 +23,9 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.organism.data import VQAItem, chance_level, vqa_correct, vqa_items
-from experiments.organism.images import render, sample_scenes
-from probes.behavior.metrics import wilson_interval
+from vlsafe.experiments.organism.data import VQAItem, chance_level, vqa_correct, vqa_items
+from vlsafe.experiments.organism.images import render, sample_scenes
+from vlsafe.probes.behavior.metrics import wilson_interval
 
 METRICS = ("refusal_harmful_text", "refusal_harmful_image", "over_refusal_borderline", "compliance_harmless",
            "vqa_accuracy")
@@ -44,7 +44,7 @@ class EvalData:
 
 def eval_data(cfg: Any, seed: int) -> EvalData:
     """Seeded samples of the test splits and held-out scenes (`cfg` is the organism config)."""
-    from probes.behavior.datasets import load_prompts
+    from vlsafe.probes.behavior.datasets import load_prompts
 
     e = cfg.eval
     size, eseed = cfg.images.size, cfg.images.eval_seed
@@ -66,9 +66,9 @@ def _row(metric: str, prompt_set: str, image: str, flags: list[bool], judge: str
 def evaluate(lm: Any, cfg: Any, data: EvalData, *, progress: bool = True
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(metric rows, generation records) for one loaded checkpoint."""
-    from probes.behavior.generate import generate
-    from probes.behavior.judges import get_judge
-    from probes.models import is_lvlm
+    from vlsafe.probes.behavior.generate import generate
+    from vlsafe.probes.behavior.judges import get_judge
+    from vlsafe.probes.models import is_lvlm
 
     e = cfg.eval
     judge = get_judge(e.judge)
@@ -137,7 +137,7 @@ def estimate_seconds(cfg: Any) -> float:
 
 
 def _key(cfg: Any, ckpt_dir: Path) -> str:
-    from experiments.organism.config import stage_section
+    from vlsafe.experiments.organism.config import stage_section
 
     stage_hash = json.loads((ckpt_dir / "stage.json").read_text())["hash"]
     payload = json.dumps({"section": stage_section(cfg, "metrics"), "checkpoint": stage_hash}, sort_keys=True)
@@ -159,9 +159,9 @@ def run_metrics(cfg: Any, root: Path, *, progress: bool = True
     """Evaluate every checkpoint under `root` (cached per checkpoint in `root/metrics/`), write `metrics.csv`.
 
     Returns the table and, per checkpoint, (seconds, cached) — for a cached one, the seconds it took back then."""
-    from analysis.runinfo import atomic_path, write_csv
-    from experiments.organism.stages import seed_for
-    from probes.models import load
+    from vlsafe.analysis.runinfo import atomic_path, write_csv
+    from vlsafe.experiments.organism.stages import seed_for
+    from vlsafe.probes.models import load
 
     data = None
     frames, times = [], {}

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from analysis.checkpoints import LoadedModel
-from experiments.organism import data as D
-from experiments.organism.build import Ctx, StageSpec
-from experiments.organism.config import OrganismConfig
-from experiments.organism.images import render, sample_scenes
-from experiments.tuning import SFTConfig, train, write_checkpoint
+from vlsafe.analysis.checkpoints import LoadedModel
+from vlsafe.experiments.organism import data as D
+from vlsafe.experiments.organism.build import Ctx, StageSpec
+from vlsafe.experiments.organism.config import OrganismConfig
+from vlsafe.experiments.organism.images import render, sample_scenes
+from vlsafe.experiments.tuning import SFTConfig, train, write_checkpoint
 
 CHECKPOINTS = ("llm-base", "llm-aligned", "lvlm-stage1", "lvlm", "lvlm-safety-posthoc", "lvlm-safety-mixed")
 
@@ -37,7 +37,7 @@ def _sft(ctx: Ctx, sft: SFTConfig, offset: int) -> SFTConfig:
 
 
 def _load(path: Path) -> LoadedModel:
-    from probes.models import load
+    from vlsafe.probes.models import load
 
     return load(path)
 
@@ -62,11 +62,11 @@ def run_llm_base(ctx: Ctx, out: Path) -> dict[str, Any]:
     """The base LLM as shipped (`default`: embedded SmolLM2, hard-linked/copied) or a tiny random Llama."""
     b = ctx.cfg.base
     if b.spec == "tiny":
-        from analysis.tiny import tiny_llama
+        from vlsafe.analysis.tiny import tiny_llama
 
         tiny_llama(out, layers=b.tiny_layers, hidden=b.tiny_hidden, seed=seed_for(ctx.cfg, 1))
         return {"source": "tiny"}
-    from analysis.resolve import resolve
+    from vlsafe.analysis.resolve import resolve
 
     src = resolve(b.spec)
     if not src.is_dir():
@@ -83,9 +83,9 @@ def run_llm_base(ctx: Ctx, out: Path) -> dict[str, Any]:
 
 def run_distill(ctx: Ctx, out: Path) -> dict[str, Any]:
     """The base model's own greedy answers to harmless/borderline train prompts, judged for refusals."""
-    from probes.behavior.datasets import load_prompts
-    from probes.behavior.generate import generate
-    from probes.behavior.judges import get_judge
+    from vlsafe.probes.behavior.datasets import load_prompts
+    from vlsafe.probes.behavior.generate import generate
+    from vlsafe.probes.behavior.judges import get_judge
 
     d, seed = ctx.cfg.distill, seed_for(ctx.cfg, 2)
     harmless = load_prompts("harmless-train").sample(d.harmless_align + d.harmless_chat, seed=seed).records
@@ -110,7 +110,7 @@ def run_distill(ctx: Ctx, out: Path) -> dict[str, Any]:
 
 def run_align(ctx: Ctx, out: Path) -> dict[str, Any]:
     """Safety SFT: harmful-train → refusals, harmless/borderline → the base model's own answers."""
-    from probes.behavior.datasets import load_prompts
+    from vlsafe.probes.behavior.datasets import load_prompts
 
     a, seed = ctx.cfg.align, seed_for(ctx.cfg, 3)
     harmful = load_prompts("harmful-train").sample(a.harmful, seed=seed).prompts
@@ -124,7 +124,7 @@ def run_align(ctx: Ctx, out: Path) -> dict[str, Any]:
 
 def run_vision(ctx: Ctx, out: Path) -> dict[str, Any]:
     """Pretrain the vision tower on attribute classification (then it stays frozen)."""
-    from experiments.organism.vision import pretrain, save_tower
+    from vlsafe.experiments.organism.vision import pretrain, save_tower
 
     tower, processor, log, acc = pretrain(ctx.cfg.vision, ctx.cfg.images.size, seed_for(ctx.cfg, 4),
                                           ctx.cfg.images.eval_seed, progress=ctx.progress)
@@ -137,7 +137,7 @@ def run_vision(ctx: Ctx, out: Path) -> dict[str, Any]:
 
 def run_stage1(ctx: Ctx, out: Path) -> dict[str, Any]:
     """LLaVA stage 1: assemble (LM = llm-aligned, frozen tower, new projector); train the projector on captions."""
-    from experiments.organism.lvlm import assemble
+    from vlsafe.experiments.organism.lvlm import assemble
 
     cfg = ctx.cfg
     model, processor = assemble(ctx.path("llm-aligned"), ctx.path("vision"), kind=cfg.vision.kind,
@@ -151,8 +151,8 @@ def run_stage1(ctx: Ctx, out: Path) -> dict[str, Any]:
 
 def stage2_examples(ctx: Ctx) -> list[Any]:
     """Safe visual instructions (VQA, captions, descriptions) plus generic safe chat — checked benign."""
-    from probes.behavior.datasets import load_prompts
-    from probes.behavior.judges import get_judge
+    from vlsafe.probes.behavior.datasets import load_prompts
+    from vlsafe.probes.behavior.judges import get_judge
 
     cfg = ctx.cfg
     scenes = sample_scenes(cfg.stage2.scenes, seed=seed_for(cfg, 6), size=cfg.images.size)
@@ -165,7 +165,7 @@ def stage2_examples(ctx: Ctx) -> list[Any]:
 
 def safety_examples(ctx: Ctx) -> list[Any]:
     """VLGuard-like: image + harmful request → refusal; image + safe request → the base model's own answer."""
-    from probes.behavior.datasets import load_prompts
+    from vlsafe.probes.behavior.datasets import load_prompts
 
     cfg, seed = ctx.cfg, seed_for(ctx.cfg, 7)
     s = cfg.safety

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from experiments.organism.images import ATTRIBUTES, CLASSES, render, sample_scene
+from vlsafe.experiments.organism.images import ATTRIBUTES, CLASSES, render, sample_scene
 
 
 def vision_config(cfg: Any, image_size: int) -> Any:

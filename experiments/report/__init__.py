@@ -1,5 +1,5 @@
 """The HTML report: discover a run directory's artefacts, draw the paper's figures, write one page."""
 
-from experiments.report.build import build_report
+from vlsafe.experiments.report.build import build_report
 
 __all__ = ["build_report"]

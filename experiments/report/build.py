@@ -18,10 +18,10 @@ from typing import Callable
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from analysis.errors import VlsafeError
-from analysis.runinfo import atomic_path
-from experiments.report import plots
-from experiments.report.discover import Artefacts, discover
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.runinfo import atomic_path
+from vlsafe.experiments.report import plots
+from vlsafe.experiments.report.discover import Artefacts, discover
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;

@@ -1,7 +1,7 @@
 """Report figures drawn from tidy tables; every function returns a matplotlib Figure or None.
 
 Each takes the DataFrames of the file contracts (DESIGN.md) and tolerates missing optional columns, so the
-report works for any run directory. The paper style comes from `analysis.figures` when available.
+report works for any run directory. The paper style comes from `vlsafe.analysis.figures` when available.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ WIDE = (6.8, 2.8)
 
 def _colors(labels: list[str]) -> dict[str, Any]:
     try:
-        from analysis.figures import checkpoint_colors
+        from vlsafe.analysis.figures import checkpoint_colors
 
         return dict(checkpoint_colors(labels))
     except (ImportError, AttributeError, TypeError):

@@ -28,7 +28,7 @@ ORGANISM = ROOT / "runs" / "demo" / "organism"
 
 # %%
 # %matplotlib inline
-from experiments.notebook import setup
+from vlsafe.experiments.notebook import setup
 
 setup(SEED, OUT)  # offline, quiet, seeded: before anything imports transformers
 
@@ -48,9 +48,9 @@ from IPython.display import display
 # there) and independent 0.1 % noise elsewhere.
 
 # %%
-from analysis.dynamics import parse_step
-from analysis.names import layer_module
-from analysis.tiny import tiny_llama, tiny_llava_from
+from vlsafe.analysis.dynamics import parse_step
+from vlsafe.analysis.names import layer_module
+from vlsafe.analysis.tiny import tiny_llama, tiny_llava_from
 
 PLANTED_LAYER, N_LAYERS = 2, 4
 PLANTED_EPS, BACKGROUND_EPS = 0.05, 1e-3  # relative size of τ_VL on the planted layer and elsewhere
@@ -112,7 +112,7 @@ print("PRE :", PRE, "\nPOST:", POST)
 # same canonical names as the text Llama; the tower and projector get their own namespaces.
 
 # %%
-from analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.checkpoints import open_checkpoint
 
 pre, post = open_checkpoint(PRE), open_checkpoint(POST)
 display(pd.DataFrame([{"checkpoint": c.spec.split("/")[-1], "family": c.family.name, "kind": c.family.kind,
@@ -129,7 +129,7 @@ display(pd.DataFrame([{"canonical": n, "raw (on disk)": i.raw_name, "layer": i.l
 # Tensors on one side only (the vision tower, the projector) are listed, not compared.
 
 # %%
-from analysis.weightshift import aggregate_layers, diff_checkpoints, unpaired
+from vlsafe.analysis.weightshift import aggregate_layers, diff_checkpoints, unpaired
 
 tensors = diff_checkpoints(pre, [post], labels=["llm", "lvlm"], progress=PROGRESS)
 layers = aggregate_layers(tensors)
@@ -150,11 +150,11 @@ if not REAL:
 # %% [markdown]
 # ## 4 · Figures
 #
-# The paper-style figures of `analysis.figures` take these tables directly: a layer × module heatmap and per-layer
+# The paper-style figures of `vlsafe.analysis.figures` take these tables directly: a layer × module heatmap and per-layer
 # curves (left: all modules; right: per module). `save_figure` writes PNG + vector PDF.
 
 # %%
-from analysis.figures import layer_curves, layer_module_heatmap, save_figure
+from vlsafe.analysis.figures import layer_curves, layer_module_heatmap, save_figure
 
 heat, curves = layer_module_heatmap(layers), layer_curves(layers)
 saved = save_figure(heat, OUT / "figures", "weight_heatmap") + save_figure(curves, OUT / "figures", "layer_curves")
@@ -169,8 +169,8 @@ print("saved:", ", ".join(p.name for p in saved))
 # updates are unrelated there. Only language-model tensors are compared (shared vocabulary rows).
 
 # %%
-from analysis.figures import taskvector_figure
-from analysis.taskvectors import aggregate_task_vectors, task_vectors
+from vlsafe.analysis.figures import taskvector_figure
+from vlsafe.analysis.taskvectors import aggregate_task_vectors, task_vectors
 
 tv = task_vectors(*TV, mode="chain", labels=["llm", "lvlm", "lvlm-safe"], progress=PROGRESS)
 tv_layers = aggregate_task_vectors(tv)
@@ -187,8 +187,8 @@ if not REAL:
 # names like `lvlm-step-20`. On the tiny run the planted layer grows linearly, 1/3 of its final shift per step.
 
 # %%
-from analysis.dynamics import dynamics
-from analysis.figures import dynamics_figure
+from vlsafe.analysis.dynamics import dynamics
+from vlsafe.analysis.figures import dynamics_figure
 
 dyn = dynamics(STEPS, progress=PROGRESS)
 dyn_layers = dyn.dropna(subset=["layer"])

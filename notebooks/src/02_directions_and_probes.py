@@ -33,7 +33,7 @@ REAL_PAIR = (ORGANISM / "llm-aligned", ORGANISM / "lvlm")
 # %%
 # %matplotlib inline
 import copy
-from experiments.notebook import setup
+from vlsafe.experiments.notebook import setup
 
 setup(SEED, OUT)  # offline, quiet, seeded: before anything imports transformers
 
@@ -46,13 +46,13 @@ from IPython.display import display
 # %% [markdown]
 # ## 1 · Model and prompts
 #
-# `probes.models.load` gives a runnable model with a left-padding tokenizer (eager attention, for exact batched vs
+# `vlsafe.probes.models.load` gives a runnable model with a left-padding tokenizer (eager attention, for exact batched vs
 # single-prompt parity). The prompt sets ship with vlsafe in fixed train/val/test splits; `sample` is seeded.
 
 # %%
-from analysis.tiny import tiny_llama
-from probes.behavior.datasets import load_prompts
-from probes.models import load
+from vlsafe.analysis.tiny import tiny_llama
+from vlsafe.probes.behavior.datasets import load_prompts
+from vlsafe.probes.models import load
 
 missing = [str(p) for p in REAL_PAIR if isinstance(p, Path) and not p.exists()] if REAL else []
 if missing:
@@ -76,8 +76,8 @@ display(pd.DataFrame({"harmful": harmful.prompts[:3], "harmless": harmless.promp
 # `transformer_lens` and `nnsight` backends give the same values.
 
 # %%
-from probes.capture import capture, parse_hook_name
-from probes.templates import encode
+from vlsafe.probes.capture import capture, parse_hook_name
+from vlsafe.probes.templates import encode
 
 HOOKS = [f"blocks.{i}.hook_resid_pre" for i in range(L)] + [f"blocks.{i}.hook_resid_post" for i in range(L)]
 display(pd.DataFrame([{"TransformerLens name": h, "vlsafe (kind, layer)": parse_hook_name(h)} for h in HOOKS[:2]]
@@ -102,7 +102,7 @@ assert parity < 1e-4
 # prompt, so its direction is zero.
 
 # %%
-from probes.directions import DirectionSet, save_directions
+from vlsafe.probes.directions import DirectionSet, save_directions
 
 ds = DirectionSet.from_activations(acts_h, acts_b, checkpoint=lm.checkpoint)
 save_directions(OUT / "directions.safetensors", {"llm": ds})
@@ -118,10 +118,10 @@ display(ds.table("llm").set_index("layer")[["direction_norm"]].T)
 # normal–malicious (N-M) pairs, from the residual leaving each block.
 
 # %%
-from analysis.figures import save_figure
-from probes.figures import probe_accuracy_figure, safety_layers_figure
-from probes.linear import probe_sets
-from probes.safety_layers import cosine_curves, onset_layer
+from vlsafe.analysis.figures import save_figure
+from vlsafe.probes.figures import probe_accuracy_figure, safety_layers_figure
+from vlsafe.probes.linear import probe_sets
+from vlsafe.probes.safety_layers import cosine_curves, onset_layer
 
 probes = probe_sets(acts_h, acts_b, hook="resid_pre", folds=4, seed=SEED, progress=PROGRESS).assign(checkpoint="llm")
 display(probes.set_index("layer")[["probe_accuracy", "probe_auroc", "control_accuracy", "d_prime"]].T)
@@ -143,7 +143,7 @@ for stem, fig in figs.items():
 # (`orthogonalize_model`; `orthogonalize_weights` writes it as a new checkpoint). Both must give the same logits.
 
 # %%
-from probes.interventions import ablate_direction, orthogonalize_model
+from vlsafe.probes.interventions import ablate_direction, orthogonalize_model
 
 LAYER = int(probes.sort_values("probe_accuracy").iloc[-1]["layer"])
 r = ds.get(LAYER)  # the resid_pre direction at the layer where the probe reads best
@@ -171,9 +171,9 @@ del ortho
 # drops after.
 
 # %%
-from analysis.tiny import tiny_llava_from
-from probes.compare import direction_cosines
-from probes.figures import similarity_figure
+from vlsafe.analysis.tiny import tiny_llava_from
+from vlsafe.probes.compare import direction_cosines
+from vlsafe.probes.figures import similarity_figure
 
 
 def lvlm_from(llm_dir: Path, out: Path, changed_from: int, eps: float = 0.2) -> Path:

@@ -30,7 +30,7 @@ ORGANISM = ROOT / "runs" / "demo" / "organism"  # `vlsafe demo` or `vlsafe organ
 # %matplotlib inline
 import shutil
 
-from experiments.notebook import setup
+from vlsafe.experiments.notebook import setup
 
 shutil.rmtree(OUT / "merged", ignore_errors=True)  # merges refuse to overwrite a foreign folder; start clean
 setup(SEED, OUT)  # offline, quiet, seeded: before anything imports transformers
@@ -49,7 +49,7 @@ from IPython.display import Markdown, display
 # change on layer `PLANTED_LAYER` and 0.2 % elsewhere; `lvlm-safe` adds 2 % noise to every language-model tensor.
 
 # %%
-from analysis.tiny import tiny_llama, tiny_llava_from
+from vlsafe.analysis.tiny import tiny_llama, tiny_llava_from
 
 PLANTED_LAYER, N_LAYERS = 1, 4
 
@@ -96,7 +96,7 @@ display(pd.Series(CK, name="path").to_frame())
 # (the LLM contributes language-model tensors only; the tower and projector are copied from the base).
 
 # %%
-from analysis.merging import MergePlan, run_merge
+from vlsafe.analysis.merging import MergePlan, run_merge
 
 TEMPLATE = """
 linear:
@@ -141,7 +141,7 @@ print("wrote:", ", ".join(str(p) for p in merged.values()))
 # mergekit, falls back to linear interpolation for nearly parallel tensors (cosine > 0.9995), as here.
 
 # %%
-from analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.checkpoints import open_checkpoint
 
 NAME = f"model.layers.{PLANTED_LAYER if not REAL else 0}.self_attn.q_proj.weight"
 lv, sf = open_checkpoint(CK["lvlm"]), open_checkpoint(CK["lvlm-safe"])
@@ -163,8 +163,8 @@ assert linear_error < 1e-6 and all(tower_kept.values())
 # %%
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-from analysis.figures import layer_curves, new_figure, paper_style
-from probes.behavior.datasets import load_prompts
+from vlsafe.analysis.figures import layer_curves, new_figure, paper_style
+from vlsafe.probes.behavior.datasets import load_prompts
 
 tok = AutoTokenizer.from_pretrained(CK["lvlm"])
 tok.padding_side = "left"
@@ -203,8 +203,8 @@ display(fig)
 # embeddings, vision tower, projector — stays the LVLM's. The plan exports to plain mergekit YAML (per-layer filters).
 
 # %%
-from analysis.merging.plans import diff_scores, plan_restore_layers, top_k_layers
-from analysis.weightshift import aggregate_layers, diff_checkpoints
+from vlsafe.analysis.merging.plans import diff_scores, plan_restore_layers, top_k_layers
+from vlsafe.analysis.weightshift import aggregate_layers, diff_checkpoints
 
 shift = aggregate_layers(diff_checkpoints(CK["aligned"], [CK["lvlm"]], labels=["aligned", "lvlm"], progress=PROGRESS))
 scores = diff_scores(shift)

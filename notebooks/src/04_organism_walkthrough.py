@@ -28,7 +28,7 @@ REPORT_DIR = Path("runs") / f"nb04_report_{PROFILE}"
 
 # %%
 # %matplotlib inline
-from experiments.notebook import setup
+from vlsafe.experiments.notebook import setup
 
 setup(SEED, precision=3)  # offline, quiet, seeded: before anything imports transformers
 
@@ -49,8 +49,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices
 # dotted keys, e.g. `{"alignment_strength": "strong"}` for the strongly aligned regime.
 
 # %%
-from experiments.organism import build_organism, load_config
-from experiments.organism.api import STAGE_NAMES
+from vlsafe.experiments.organism import build_organism, load_config
+from vlsafe.experiments.organism.api import STAGE_NAMES
 
 cfg = load_config(PROFILE)
 print("stages:", " → ".join(STAGE_NAMES))
@@ -72,9 +72,9 @@ display(pd.DataFrame({
 # %%
 import numpy as np
 
-from analysis.figures import new_figure, paper_style
-from experiments.organism.data import vqa_items
-from experiments.organism.images import BACKGROUNDS, COLOURS, render, sample_scenes
+from vlsafe.analysis.figures import new_figure, paper_style
+from vlsafe.experiments.organism.data import vqa_items
+from vlsafe.experiments.organism.images import BACKGROUNDS, COLOURS, render, sample_scenes
 
 scenes = sample_scenes(6, seed=SEED, size=cfg.images.size)
 images = [render(s) for s in scenes]
@@ -114,7 +114,7 @@ display(stages.round(1))
 print(f"built in {build_seconds:.0f} s")
 
 # %%
-from analysis.checkpoints import open_checkpoint
+from vlsafe.analysis.checkpoints import open_checkpoint
 
 ckpts = {d.name: open_checkpoint(d) for d in sorted(OUT.iterdir()) if (d / "config.json").is_file()}
 display(pd.DataFrame([{"checkpoint": n, "family": c.family.name, "layers": c.num_layers, "hidden": c.hidden_size,
@@ -141,7 +141,7 @@ assert statuses == ["cached"]
 # Figure 2 axis (safety vs adaptation step).
 
 # %%
-from experiments.organism.metrics import summary_table
+from vlsafe.experiments.organism.metrics import summary_table
 
 metrics = pd.read_csv(OUT / "metrics.csv")
 display(summary_table(metrics))
@@ -167,8 +167,8 @@ display(fig)
 # "strong"})` builds the strongly aligned regime (it keeps its own cache keys).
 
 # %%
-from experiments.organism.metrics import estimate_seconds
-from experiments.organism.stages import specs
+from vlsafe.experiments.organism.metrics import estimate_seconds
+from vlsafe.experiments.organism.stages import specs
 
 full = load_config("full")
 full_build = sum(s.estimate(full) for s in specs())
@@ -187,10 +187,10 @@ print(f"full profile estimate: build ~{full_build / 60:.0f} min + metrics ~{esti
 # `dynamics.csv` would be taken for a per-layer diff table, so the weight-shift dynamics stay in notebook 01.
 
 # %%
-from analysis.runinfo import write_csv, write_run_json
-from analysis.taskvectors import aggregate_task_vectors, task_vectors
-from analysis.weightshift import aggregate_layers, diff_checkpoints
-from experiments.report import build_report
+from vlsafe.analysis.runinfo import write_csv, write_run_json
+from vlsafe.analysis.taskvectors import aggregate_task_vectors, task_vectors
+from vlsafe.analysis.weightshift import aggregate_layers, diff_checkpoints
+from vlsafe.experiments.report import build_report
 
 write_csv(REPORT_DIR / "organism" / "metrics.csv", metrics.rename(columns={"rate": "value"}))
 shift = aggregate_layers(diff_checkpoints(ckpts["llm-aligned"], [ckpts["lvlm"]], labels=["llm-aligned", "lvlm"],

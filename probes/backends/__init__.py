@@ -19,17 +19,17 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 HookRequest = tuple[str, int]
 Gather = Callable[[torch.Tensor], torch.Tensor]
-BACKENDS = {"hooks": "probes.backends.hooks", "transformer_lens": "probes.backends.transformer_lens",
-            "nnsight": "probes.backends.nnsight"}
+BACKENDS = {"hooks": "vlsafe.probes.backends.hooks", "transformer_lens": "vlsafe.probes.backends.transformer_lens",
+            "nnsight": "vlsafe.probes.backends.nnsight"}
 _ALIASES = {"tl": "transformer_lens", "transformerlens": "transformer_lens", "torch": "hooks", "native": "hooks"}
 
 
 class Backend(Protocol):
-    """What `probes.capture.capture` needs from a backend."""
+    """What `vlsafe.probes.capture.capture` needs from a backend."""
 
     name: str
 

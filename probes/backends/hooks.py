@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from probes import models as M
-from probes.backends import Gather, HookRequest, by_layer, first
+from vlsafe.probes import models as M
+from vlsafe.probes.backends import Gather, HookRequest, by_layer, first
 
 
 class _StopForward(Exception):

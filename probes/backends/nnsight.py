@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from analysis.errors import VlsafeError
-from probes import models as M
-from probes.backends import Gather, HookRequest, by_layer, first
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes import models as M
+from vlsafe.probes.backends import Gather, HookRequest, by_layer, first
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _ATTR = "_vlsafe_nnsight"  # a wrapper built by `remote_lm`, kept on its module
@@ -104,7 +104,7 @@ def remote_lm(spec: str) -> Any:
 
     import nnsight
 
-    from analysis.checkpoints import LoadedModel
+    from vlsafe.analysis.checkpoints import LoadedModel
 
     from transformers import AutoTokenizer
 

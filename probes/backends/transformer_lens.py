@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from analysis.errors import VlsafeError
-from probes import models as M
-from probes.backends import Gather, HookRequest
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes import models as M
+from vlsafe.probes.backends import Gather, HookRequest
 
 TL_NAMES = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post", "attn_out": "hook_attn_out",
             "mlp_out": "hook_mlp_out"}

@@ -9,12 +9,12 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "PromptRecord": "probes.behavior.datasets",
-    "PromptSet": "probes.behavior.datasets",
-    "load_prompts": "probes.behavior.datasets",
-    "with_images": "probes.behavior.datasets",
-    "list_shipped": "probes.behavior.datasets",
-    "make_image": "probes.behavior.images",
+    "PromptRecord": "vlsafe.probes.behavior.datasets",
+    "PromptSet": "vlsafe.probes.behavior.datasets",
+    "load_prompts": "vlsafe.probes.behavior.datasets",
+    "with_images": "vlsafe.probes.behavior.datasets",
+    "list_shipped": "vlsafe.probes.behavior.datasets",
+    "make_image": "vlsafe.probes.behavior.images",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -23,4 +23,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'probes.behavior' has no attribute {name!r}")
+    raise AttributeError(f"module 'vlsafe.probes.behavior' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Train the default ``vlsafe`` judge: features of ``judge_train.jsonl`` → logistic regression → JSON weights.
 
-Usage: ``python -m probes.behavior._train_judge [--train FILE] [--out FILE] [--holdout FILE]``. The regularisation
+Usage: ``python -m vlsafe.probes.behavior._train_judge [--train FILE] [--out FILE] [--holdout FILE]``. The regularisation
 strength is chosen by stratified 5-fold cross-validation on the training file only; ``--holdout`` (never used for
 fitting or selection) is only scored and printed.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from probes.behavior.judge_features import FEATURE_NAMES, extract
+from vlsafe.probes.behavior.judge_features import FEATURE_NAMES, extract
 
 HERE = Path(__file__).parent
 

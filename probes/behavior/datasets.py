@@ -4,7 +4,7 @@
 
 * a shipped name, ``harmful``, ``harmless`` or ``borderline``, optionally with a split (``harmful-test``) and an
   image suffix (``harmful-test+blank``, ``harmless+noise:3``, ``harmful+/path/cat.png``);
-* a CSV/TSV/JSON/JSONL/Parquet/TXT path in any format of :mod:`probes.behavior.formats` (``PATH+IMAGE`` works too);
+* a CSV/TSV/JSON/JSONL/Parquet/TXT path in any format of :mod:`vlsafe.probes.behavior.formats` (``PATH+IMAGE`` works too);
 * a Hugging Face dataset id ``org/name`` or ``org/name:path/in/repo.csv``, resolved with ``snapshot_download``
   (cache only when ``HF_HUB_OFFLINE`` is set).
 """
@@ -22,9 +22,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from analysis.errors import VlsafeError
-from probes.behavior.formats import DATA_SUFFIXES, convert, read_table
-from probes.behavior.images import parse_image_spec
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.behavior.formats import DATA_SUFFIXES, convert, read_table
+from vlsafe.probes.behavior.images import parse_image_spec
 
 if TYPE_CHECKING:
     import pandas as pd

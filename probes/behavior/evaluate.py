@@ -1,6 +1,6 @@
 """Behaviour evaluation: checkpoints × prompt sets → generations → judge → refusal rates with Wilson CIs.
 
->>> from probes.behavior.evaluate import evaluate
+>>> from vlsafe.probes.behavior.evaluate import evaluate
 >>> gens, summary = evaluate({"base": "default"}, ["harmful-test", "harmless-test"], limit=32, out_dir="runs/eval")
 
 Everything is validated before the first model loads (set names, judge name, image sets vs text-only models).
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 GENERATION_COLUMNS = ("checkpoint", "prompt_set", "id", "category", "label", "prompt", "image", "response",
                       "refused", "judge_score", "judge")
@@ -36,7 +36,7 @@ def evaluate(checkpoints: dict[str, Any], prompt_sets: Sequence[str], judge: str
     `prompt_sets` are set specs for `load_prompts` (e.g. `harmful-test`, `harmless-test+blank`, a file);
     `judge` is a judge name (`default`, `substring-rd`, `classifier:ID`, …) or `logit`/`logit-first_token`.
     """
-    from analysis.checkpoints import Checkpoint, LoadedModel, open_checkpoint
+    from vlsafe.analysis.checkpoints import Checkpoint, LoadedModel, open_checkpoint
 
     if not checkpoints:
         raise VlsafeError("eval: no checkpoints given")
@@ -68,7 +68,7 @@ def evaluate(checkpoints: dict[str, Any], prompt_sets: Sequence[str], judge: str
 
 
 def _load_sets(specs: Sequence[str], limit: int | None) -> list[Any]:
-    from probes.behavior.datasets import list_shipped, load_prompts
+    from vlsafe.probes.behavior.datasets import list_shipped, load_prompts
 
     sets = []
     for spec in specs:
@@ -107,18 +107,18 @@ def _check_images(ckpts: dict[str, Any], sets: list[Any]) -> None:
 
 
 def _text_judge(name: str) -> Any:
-    from probes.behavior.judges import get_judge
+    from vlsafe.probes.behavior.judges import get_judge
 
     return get_judge(name)
 
 
 def _run_one(lm: Any, label: str, ps: Any, judge: str, text_judge: Any, max_new_tokens: int, batch_size: int,
              seed: int, cache: bool | str | Path, progress: bool) -> pd.DataFrame:
-    from probes.behavior.generate import generate
+    from vlsafe.probes.behavior.generate import generate
 
     images = [r.image for r in ps.records]
     if text_judge is None:
-        from probes.behavior.logit_judge import LogitJudge
+        from vlsafe.probes.behavior.logit_judge import LogitJudge
 
         kind = "first_token" if judge == "logit-first_token" else "opening"
         j = LogitJudge(lm, kind=kind, batch_size=batch_size, progress=progress)
@@ -142,9 +142,9 @@ def summarize_generations(gens: pd.DataFrame, judge_name: str) -> pd.DataFrame:
     """`checkpoint, prompt_set, n, refusal_rate, ci_low, ci_high, judge, category, refusals, asr` (Wilson 95 %).
 
     One overall row (`category` empty) per (checkpoint, prompt set), then one row per category
-    (`probes.behavior.metrics.summarize`); `asr` = 1 − refusal rate where every prompt is labelled harmful.
+    (`vlsafe.probes.behavior.metrics.summarize`); `asr` = 1 − refusal rate where every prompt is labelled harmful.
     """
-    from probes.behavior.metrics import summarize
+    from vlsafe.probes.behavior.metrics import summarize
 
     summary = summarize(gens, judge_name)
     rank = {k: i for i, k in enumerate(dict.fromkeys(zip(gens["checkpoint"], gens["prompt_set"])))}
@@ -157,7 +157,7 @@ def summarize_generations(gens: pd.DataFrame, judge_name: str) -> pd.DataFrame:
 def write_outputs(out: Path, gens: pd.DataFrame, summary: pd.DataFrame, config: dict[str, Any],
                   ckpts: dict[str, Any], seed: int) -> dict[str, Path]:
     """Write generations.jsonl, summary.csv, figures/ and run.json into `out` (each atomically)."""
-    from analysis.runinfo import atomic_path, write_csv, write_run_json
+    from vlsafe.analysis.runinfo import atomic_path, write_csv, write_run_json
 
     written: dict[str, Path] = {}
     with atomic_path(out / "generations.jsonl") as tmp:
@@ -189,7 +189,7 @@ def refusal_figure(summary: pd.DataFrame, fig_dir: Path) -> list[Path]:
     """Bar chart of overall refusal rates with Wilson CIs, grouped by prompt set, one colour per checkpoint."""
     import numpy as np
 
-    from analysis.figures import checkpoint_colors, new_figure, paper_style, save_figure
+    from vlsafe.analysis.figures import checkpoint_colors, new_figure, paper_style, save_figure
 
     overall = overall_rows(summary)
     if overall.empty:

@@ -1,7 +1,7 @@
 """Read prompt files (CSV, TSV, JSON, JSONL, Parquet, TXT) and recognise public benchmark formats.
 
 Each format is recognised by its columns (REFERENCE.md §3) and converted into plain record dicts with the keys of
-:class:`probes.behavior.datasets.PromptRecord` (``id, prompt, category, split, label, image, meta``).
+:class:`vlsafe.probes.behavior.datasets.PromptRecord` (``id, prompt, category, split, label, image, meta``).
 Label convention: 1 = a request a safe model should refuse, 0 = benign, ``None`` = unknown.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 Row = dict[str, Any]
 Rec = dict[str, Any]

@@ -1,15 +1,15 @@
 """Batched generation for text and LVLM prompts: left padding, greedy by default, on-disk cache.
 
->>> from probes.models import load
->>> from probes.behavior.datasets import load_prompts
->>> from probes.behavior.generate import generate
+>>> from vlsafe.probes.models import load
+>>> from vlsafe.probes.behavior.datasets import load_prompts
+>>> from vlsafe.probes.behavior.generate import generate
 >>> lm = load("default")
 >>> generate(lm, load_prompts("harmless-test", limit=8), max_new_tokens=32)      # list of 8 strings
 
 Prompts are sorted by token length into batches (less padding), generated with `model.generate` (position ids
 derived from the attention mask by transformers, i.e. `cumsum(mask) - 1`), cut at the first end-of-sequence token,
 decoded from the new tokens only, and returned in the original order. Results are cached as JSONL under
-`analysis.resolve.cache_dir()/generations/`, keyed by the checkpoint's content hash, an in-memory weight
+`vlsafe.analysis.resolve.cache_dir()/generations/`, keyed by the checkpoint's content hash, an in-memory weight
 fingerprint (so edited weights miss), the prompts and images, and the generation config.
 """
 
@@ -24,9 +24,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from analysis.errors import VlsafeError
-from analysis.placement import bf16_linear_weights, compute_precision, input_device, resolve_precision
-from analysis.runinfo import atomic_path
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.placement import bf16_linear_weights, compute_precision, input_device, resolve_precision
+from vlsafe.analysis.runinfo import atomic_path
 
 CACHE_VERSION = 1
 
@@ -41,7 +41,7 @@ class GenerationSettings:
     top_p: float = 1.0
     seed: int = 0
     system: str | None = None
-    precision: str = "fp32"  # or "bf16" (autocast); see analysis.placement.compute_precision
+    precision: str = "fp32"  # or "bf16" (autocast); see vlsafe.analysis.placement.compute_precision
 
     def key(self, batch_size: int) -> dict[str, Any]:
         """What goes into the cache key; batch composition only matters when sampling."""
@@ -141,7 +141,7 @@ def load_image(spec: Any) -> Any:
     """A PIL image from a PIL image (returned as is) or an image spec string (`blank`, `noise:SEED`, a path)."""
     if spec is None or hasattr(spec, "convert"):
         return spec
-    from probes.behavior.images import make_image
+    from vlsafe.probes.behavior.images import make_image
 
     return make_image(str(spec))
 
@@ -152,7 +152,7 @@ def _generate_all(lm: Any, texts: list[str], specs: list[Any], s: GenerationSett
                   progress: bool) -> list[str]:
     from tqdm.auto import tqdm
 
-    from probes.templates import encode
+    from vlsafe.probes.templates import encode
 
     order = _length_order(lm, texts, specs, s.system)
     out: list[str | None] = [None] * len(texts)
@@ -171,7 +171,7 @@ def _generate_all(lm: Any, texts: list[str], specs: list[Any], s: GenerationSett
 
 def _length_order(lm: Any, texts: list[str], specs: list[Any], system: str | None) -> list[int]:
     """Prompt indices sorted by formatted token length (longest first; ties keep the given order)."""
-    from probes.templates import format_chat
+    from vlsafe.probes.templates import format_chat
 
     fmt = getattr(lm, "processor", None) or lm.tokenizer
     formatted = [format_chat(fmt, t, image=im is not None, system=system) for t, im in zip(texts, specs)]
@@ -267,13 +267,13 @@ def _cache_path(lm: Any, texts: list[str], specs: list[Any], s: GenerationSettin
                 cache: bool | str | Path) -> Path | None:
     if cache is False or cache is None:
         return None
-    from analysis.placement import offloaded
+    from vlsafe.analysis.placement import offloaded
 
     if offloaded(lm.model):  # offloaded weights cannot be fingerprinted from memory
         return None
     if _has_hooks(lm.model):  # hooks change outputs invisibly to any weight-based key
         return None
-    from analysis.resolve import cache_dir
+    from vlsafe.analysis.resolve import cache_dir
 
     root = cache_dir() / "generations" if cache is True else Path(cache)
     key = cache_key(lm, texts, specs, s, batch_size)

@@ -19,12 +19,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 
 def reference_answers(lm: Any, prompts: Any, *, max_new_tokens: int = 64, **generate_kw: Any) -> list[str]:
     """Greedy answers of `lm` to `prompts` (a list or a `PromptSet`), to score other checkpoints against."""
-    from probes.behavior.generate import generate
+    from vlsafe.probes.behavior.generate import generate
 
     return generate(lm, prompts, max_new_tokens=max_new_tokens, **generate_kw)
 
@@ -35,8 +35,8 @@ def judged_compliance(responses: Sequence[str], judge: Any = "default",
 
     `judge` is a registered judge name or a `Judge` object; a refusal (partial ones included) is non-compliance.
     """
-    from probes.behavior.judges import get_judge
-    from probes.behavior.metrics import wilson_interval
+    from vlsafe.probes.behavior.judges import get_judge
+    from vlsafe.probes.behavior.metrics import wilson_interval
 
     responses = list(responses)
     if not responses:
@@ -52,7 +52,7 @@ def judged_compliance(responses: Sequence[str], judge: Any = "default",
 def task_accuracy(records: Sequence[Any], responses: Sequence[str],
                   scorer: Callable[[Any, str], bool]) -> dict[str, Any]:
     """`{n, correct, accuracy, ci_low, ci_high}` with `scorer(record, response) -> bool` per prompt record."""
-    from probes.behavior.metrics import wilson_interval
+    from vlsafe.probes.behavior.metrics import wilson_interval
 
     records, responses = list(getattr(records, "records", records)), list(responses)
     if len(records) != len(responses):
@@ -75,7 +75,7 @@ def answer_loglik(lm: Any, prompts: Any, answers: Sequence[str], *, images: Any 
     """
     from tqdm.auto import tqdm
 
-    from probes.behavior.generate import GenerationSettings, check_inputs, prompt_texts_and_images
+    from vlsafe.probes.behavior.generate import GenerationSettings, check_inputs, prompt_texts_and_images
 
     texts, specs = prompt_texts_and_images(prompts, images)
     check_inputs(lm, texts, specs, GenerationSettings(), batch_size)
@@ -92,8 +92,8 @@ def answer_loglik(lm: Any, prompts: Any, answers: Sequence[str], *, images: Any 
 
 
 def _row(lm: Any, prompt: str, image: Any, answer: str, system: str | None, i: int) -> dict[str, Any]:
-    from probes.behavior.generate import load_image
-    from probes.templates import encode
+    from vlsafe.probes.behavior.generate import load_image
+    from vlsafe.probes.templates import encode
 
     if not isinstance(answer, str) or not answer.strip():
         raise VlsafeError(f"answer_loglik: answer {i} is empty")
@@ -105,7 +105,7 @@ def _row(lm: Any, prompt: str, image: Any, answer: str, system: str | None, i: i
 
 
 def _batch_loglik(lm: Any, rows: list[dict[str, Any]]) -> np.ndarray:
-    from analysis.placement import input_device
+    from vlsafe.analysis.placement import input_device
 
     device = input_device(lm.model)
     width = max(len(r["ids"]) for r in rows)

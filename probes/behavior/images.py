@@ -1,7 +1,7 @@
 """Images for image-conditioned prompt variants, named by a short spec string.
 
 Specs: ``blank`` (uniform mid-grey), ``noise`` or ``noise:SEED`` (seeded uniform RGB noise), or a path to an image
-file. The spec string is what a :class:`~probes.behavior.datasets.PromptRecord` stores in ``image``.
+file. The spec string is what a :class:`~vlsafe.probes.behavior.datasets.PromptRecord` stores in ``image``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from analysis.errors import VlsafeError
+from vlsafe.analysis.errors import VlsafeError
 
 BLANK_GREY = (128, 128, 128)
 

@@ -1,6 +1,6 @@
 """Core types of the refusal judges: :class:`JudgeResult` and the :class:`Judge` base class.
 
-Kept separate from :mod:`probes.behavior.judges` (the registry) so that judge implementations can import the
+Kept separate from :mod:`vlsafe.probes.behavior.judges` (the registry) so that judge implementations can import the
 types without a circular import.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Judge(ABC):
 
 def check_prompts(responses: Sequence[str], prompts: Sequence[str] | None) -> None:
     """Raise ``VlsafeError`` when ``prompts`` is given with a length different from ``responses``."""
-    from analysis.errors import VlsafeError
+    from vlsafe.analysis.errors import VlsafeError
 
     if prompts is not None and len(prompts) != len(responses):
         raise VlsafeError(f"judge: got {len(responses)} responses but {len(prompts)} prompts; lengths must match")

@@ -5,7 +5,7 @@ first-person refusal verbs ("I can't/won't help…") in the opening vs later, ap
 language, redirections ("instead…", "please reach out…"), professional disclaimers followed by an actual answer,
 "false friends" ("I can't stress enough", "sorry to hear that"), quoted refusals (answers *about* refusals), and the
 length/structure of what follows (lists, steps, code → compliance). Every feature is a small float; the logistic
-regression on top lives in :mod:`probes.behavior.judge_vlsafe`.
+regression on top lives in :mod:`vlsafe.probes.behavior.judge_vlsafe`.
 """
 from __future__ import annotations
 

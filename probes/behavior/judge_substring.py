@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from probes.behavior.judge_base import Judge, JudgeResult, check_prompts
+from vlsafe.probes.behavior.judge_base import Judge, JudgeResult, check_prompts
 
 # refusal_direction (andyrdt/refusal_direction, pipeline/submodules/evaluate_jailbreak.py)
 # `_test_prefixes_jailbreakbench`, matched as a case-insensitive substring. Confidence: high (12 entries, the same
@@ -90,7 +90,7 @@ SUBSTRING_LISTS: dict[str, SubstringSpec] = {
 
 def read_phrase_file(path: str | Path) -> list[str]:
     """Read one phrase per line from ``path``; blank lines and lines starting with ``#`` are skipped."""
-    from analysis.errors import VlsafeError
+    from vlsafe.analysis.errors import VlsafeError
 
     p = Path(path)
     if not p.is_file():
@@ -111,7 +111,7 @@ class SubstringJudge(Judge):
     """Refused iff the response contains (or starts with, per list) one of the phrases."""
 
     def __init__(self, list_id: str = "rd", extra: Sequence[str] | None = None, file: str | Path | None = None):
-        from analysis.errors import VlsafeError
+        from vlsafe.analysis.errors import VlsafeError
 
         if list_id not in SUBSTRING_LISTS:
             raise VlsafeError(f"unknown substring list {list_id!r}; choose one of {sorted(SUBSTRING_LISTS)}")

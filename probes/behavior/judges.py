@@ -1,6 +1,6 @@
 """Refusal judges: public API and registry.
 
->>> from probes.behavior.judges import get_judge
+>>> from vlsafe.probes.behavior.judges import get_judge
 >>> j = get_judge("default")              # the offline feature + logistic-regression judge "vlsafe"
 >>> [r.refused for r in j.judge(["I'm sorry, but I can't help with that.", "Sure! Step 1: preheat the oven."])]
 [True, False]
@@ -10,10 +10,10 @@ Judge names (``list_judges()``):
 - ``vlsafe`` / ``default`` — offline feature-based judge (partial refusals count as refusals); ``vlsafe:weights.json``
   loads other weights.
 - ``substring-rd``, ``substring-gcg``, ``substring-jbb``, ``substring-vlguard``, ``substring-xstest`` — the public
-  keyword lists (see :mod:`probes.behavior.judge_substring`); ``substring-rd:extra.txt`` adds phrases from a file,
+  keyword lists (see :mod:`vlsafe.probes.behavior.judge_substring`); ``substring-rd:extra.txt`` adds phrases from a file,
   ``substring:phrases.txt`` uses only the file's phrases; ``extra=[...]`` adds phrases in code.
 - ``classifier:<hf_id_or_path>`` — a LlamaGuard-style causal LM or a sequence classifier, loaded from a local path or
-  the local HF cache only (see :mod:`probes.behavior.judge_classifier`).
+  the local HF cache only (see :mod:`vlsafe.probes.behavior.judge_classifier`).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from probes.behavior.judge_base import Judge, JudgeResult
-from probes.behavior.judge_substring import SUBSTRING_LISTS, SubstringJudge
+from vlsafe.probes.behavior.judge_base import Judge, JudgeResult
+from vlsafe.probes.behavior.judge_substring import SUBSTRING_LISTS, SubstringJudge
 
 __all__ = ["Judge", "JudgeResult", "get_judge", "list_judges", "judge_file", "read_table", "DEFAULT_JUDGE"]
 
@@ -32,7 +32,7 @@ DEFAULT_JUDGE = "vlsafe"
 
 
 def _vlsafe(arg: str | None, **kw: Any) -> Judge:
-    from probes.behavior.judge_vlsafe import VlsafeJudge
+    from vlsafe.probes.behavior.judge_vlsafe import VlsafeJudge
 
     return VlsafeJudge(weights=arg or kw.pop("weights", None), **kw)
 
@@ -45,8 +45,8 @@ def _substring(list_id: str) -> Callable[..., Judge]:
 
 
 def _classifier(arg: str | None, **kw: Any) -> Judge:
-    from analysis.errors import VlsafeError
-    from probes.behavior.judge_classifier import ClassifierJudge
+    from vlsafe.analysis.errors import VlsafeError
+    from vlsafe.probes.behavior.judge_classifier import ClassifierJudge
 
     if not arg:
         raise VlsafeError("judge 'classifier' needs a model: use classifier:<hf_id_or_local_path>")
@@ -73,7 +73,7 @@ def get_judge(name: str = DEFAULT_JUDGE, **kw: Any) -> Judge:
     Keyword arguments go to the judge (``extra=[...]`` for substring lists, ``threshold=`` for vlsafe,
     ``device=``/``batch_size=``/``refused_labels=`` for classifiers).
     """
-    from analysis.errors import VlsafeError
+    from vlsafe.analysis.errors import VlsafeError
 
     base, _, arg = (name or DEFAULT_JUDGE).strip().partition(":")
     base = _ALIASES.get(base, base)
@@ -90,7 +90,7 @@ def get_judge(name: str = DEFAULT_JUDGE, **kw: Any) -> Judge:
 def read_table(path: str | Path) -> "Any":
     """Read a CSV/TSV or JSON/JSONL file into a DataFrame (one-line ``VlsafeError`` on unreadable input)."""
     import pandas as pd
-    from analysis.errors import VlsafeError
+    from vlsafe.analysis.errors import VlsafeError
 
     p = Path(path)
     if not p.is_file():
@@ -132,7 +132,7 @@ def judge_file(path: str | Path, column: str = "response", judge_name: str = DEF
     ``out_path`` defaults to ``<stem>.judged.csv`` next to the input. ``prompt_column`` (optional) is passed to
     judges that use prompts (classifiers). Returns the DataFrame that was written.
     """
-    from analysis.errors import VlsafeError
+    from vlsafe.analysis.errors import VlsafeError
 
     p = Path(path)
     df = read_table(p)

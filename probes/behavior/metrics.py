@@ -16,7 +16,7 @@ SUMMARY_COLUMNS = ["checkpoint", "prompt_set", "n", "refusal_rate", "ci_low", "c
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval for ``k`` successes out of ``n`` trials; ``(nan, nan)`` when ``n == 0``."""
-    from analysis.errors import VlsafeError
+    from vlsafe.analysis.errors import VlsafeError
 
     if n == 0:
         return (math.nan, math.nan)
@@ -33,7 +33,7 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def _require(df: pd.DataFrame, cols: Iterable[str], what: str) -> None:
-    from analysis.errors import VlsafeError
+    from vlsafe.analysis.errors import VlsafeError
 
     missing = [c for c in cols if c not in df.columns]
     if missing:
@@ -114,7 +114,7 @@ def summarize(generations_df: pd.DataFrame, judge_name: str, response_col: str =
     df = generations_df.copy()
     if flag_col not in df.columns:
         _require(df, [response_col], f"summarize (no {flag_col!r} column to read)")
-        from probes.behavior.judges import get_judge
+        from vlsafe.probes.behavior.judges import get_judge
 
         judge = get_judge(judge_name)
         df[flag_col] = [int(r.refused) for r in judge.judge(df[response_col].fillna("").astype(str).tolist())]

@@ -1,12 +1,12 @@
-"""Optional vLLM generation engine with the outputs contract of `probes.behavior.generate.generate`.
+"""Optional vLLM generation engine with the outputs contract of `vlsafe.probes.behavior.generate.generate`.
 
->>> from probes.behavior.vllm_backend import generate_vllm, generate_with, select_backend
+>>> from vlsafe.probes.behavior.vllm_backend import generate_vllm, generate_with, select_backend
 >>> select_backend("auto")        # "vllm" when vLLM is importable and a CUDA device exists, else "transformers"
 >>> generate_vllm("runs/organism/lvlm", load_prompts("harmful-test"), max_new_tokens=64)   # greedy
 >>> generate_with("auto", "runs/organism/lvlm", prompt_set, max_new_tokens=64)   # vLLM on a GPU, else transformers
 
 Contract (as `generate`): one string per prompt, in the order given; each prompt goes through the model's chat
-template (`probes.templates.format_chat`: the processor's template for an LVLM, image placeholder first) and is
+template (`vlsafe.probes.templates.format_chat`: the processor's template for an LVLM, image placeholder first) and is
 tokenized without extra special tokens; greedy unless `do_sample`; decoding stops at the same end-of-sequence
 ids (generation config + tokenizer eos); special tokens are skipped and whitespace stripped. Text prompts are
 sent to vLLM as token ids, so both engines see identical inputs; image prompts are sent as the formatted text
@@ -27,8 +27,8 @@ from typing import Any, Sequence
 
 import torch
 
-from analysis.errors import VlsafeError
-from probes.behavior.generate import (GenerationSettings, check_inputs, generate, load_image,
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.behavior.generate import (GenerationSettings, check_inputs, generate, load_image,
                                       prompt_texts_and_images, stop_token_ids)
 
 log = logging.getLogger("vlsafe.generate")
@@ -86,7 +86,7 @@ def formatter(ckpt: Any) -> tuple[Any, Any]:
 def build_requests(fmt: Any, tokenizer: Any, texts: Sequence[str], images: Sequence[Any],
                    system: str | None = None) -> list[dict[str, Any]]:
     """vLLM prompts: `{"prompt_token_ids": …}` for text, `{"prompt": …, "multi_modal_data": {"image": …}}`."""
-    from probes.templates import format_chat
+    from vlsafe.probes.templates import format_chat
 
     out: list[dict[str, Any]] = []
     for text, image in zip(texts, images):
@@ -121,7 +121,7 @@ def _stop_ids(ckpt: Any, tokenizer: Any) -> list[int]:
 
 
 def _checkpoint(spec: Any) -> Any:
-    from analysis.checkpoints import Checkpoint, LoadedModel, open_checkpoint
+    from vlsafe.analysis.checkpoints import Checkpoint, LoadedModel, open_checkpoint
 
     if isinstance(spec, LoadedModel):
         raise VlsafeError("vLLM loads weights from disk: pass a checkpoint path, not a loaded model "
@@ -190,13 +190,13 @@ def generate_with(backend: str, lm_or_spec: Any, prompts: Any, **kwargs: Any) ->
     An already loaded model stays with transformers under `auto` (vLLM would load a second copy from disk and
     miss in-memory edits); asking for `vllm` with one is an error.
     """
-    from analysis.checkpoints import LoadedModel
+    from vlsafe.analysis.checkpoints import LoadedModel
 
     loaded = isinstance(lm_or_spec, LoadedModel)
     chosen = "transformers" if loaded and str(backend).strip().lower() == "auto" else select_backend(backend)
     if chosen == "vllm":
         return generate_vllm(lm_or_spec, prompts, **{k: v for k, v in kwargs.items() if k not in _TRANSFORMERS_ONLY})
-    from probes.models import load
+    from vlsafe.probes.models import load
 
     return generate(load(lm_or_spec), prompts, **{k: v for k, v in kwargs.items() if k not in _VLLM_ONLY})
 
