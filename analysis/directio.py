@@ -2,13 +2,11 @@
 
 `read_direct` reads one byte range with O_DIRECT. `WindowRing` serves a known sequence of reads made by
 several readers (one per checkpoint) from planned windows of many tensors, read ahead by background
-threads into a few reused slots. Measured on a cold SmolLM2 pair (2 × 538 MB fp32, this machine's virtual
-disk): one O_DIRECT request per tensor made the diff latency-bound (1.1-1.3 s against 0.75 s for reading
-the files in 16 MiB blocks); windows without read-ahead left the device idle 0.2 s in all while the caller
-worked through runs of small tensors. Memory freshly taken from the OS is expensive on this VM (free page
-reporting hands freed memory back to the host, which faults it in again page by page: 96 MiB of fresh
-read buffers cost 0.1-0.4 s), so the ring uses few slots (readers + read-ahead) and keeps them in a small
-process-wide pool for the next stream.
+threads into a few reused slots. One O_DIRECT request per tensor would make a diff latency-bound, and
+windows without read-ahead would leave the device idle while the caller works through runs of small
+tensors. Memory freshly taken from the OS can be expensive (on VMs with free-page reporting it is faulted
+in again page by page), so the ring uses few slots (readers + read-ahead) and keeps them in a small
+process-wide pool for the next stream. The measurements behind these choices: `docs/performance.md`.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Shared by `vlsafe.analysis.weightshift.aggregate_layers` and `vlsafe.analysis.taskvectors.aggregate_task_vectors`: both sum
 fp64 per-tensor statistics over groups and derive ratios from the sums. The tables have a few hundred rows,
-so groups are found with a dict over the rows and reduced with numpy and `math.fsum`: pandas `groupby` took
-20-55 ms per call here, mostly fixed costs, which a cold SmolLM2 diff (0.7 s) paid in full; this takes ~2 ms.
+so groups are found with a dict over the rows and reduced with numpy and `math.fsum`: pandas `groupby`'s fixed
+costs per call were a visible share of a cold small diff (`docs/performance.md`).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def gguf_to_hf(gguf: Path, *, expected_sha256: str | None = None) -> Path:
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained until its quantizer marker is cleared (REFERENCE §4).
+    # A GGUF-loaded model refuses save_pretrained until its quantizer marker is cleared (transformers' GGUF loader marks it quantized).
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -1,7 +1,7 @@
 """Safety baselines that need no retraining: SafeLoRA (project a LoRA adapter onto the alignment subspace) and
 RESTA (add a safety vector to a fine-tuned model).
 
-**SafeLoRA** (Hsu et al., NeurIPS 2024; REFERENCE.md §2.3). Per LoRA-targeted weight W, the alignment matrix is
+**SafeLoRA** (Hsu et al., NeurIPS 2024; docs/methods.md, "SafeLoRA"). Per LoRA-targeted weight W, the alignment matrix is
 V = W_aligned − W_base and the projection C = VVᵀ/‖V‖_F (`projection="original"`, as in `IBM/SafeLoRA`; C is not
 idempotent). For the adapter's update ΔW = BA: if cos(vec(CBA), vec(BA)) ≤ τ then B ← CB. Selection
 (`select`): `threshold` (τ = 0.5) or `number` (τ = the k-th smallest cosine, k = 10). Differences from the
@@ -21,7 +21,7 @@ The diagnostic Pdst (the paper's "projected distance") is reported per module as
 space has CB = 0 and cosine 0 (torch's eps-clamped cosine in the original), so it is projected away entirely;
 a module whose V is zero (aligned = base there) gets cosine NaN and is never projected.
 
-**RESTA** (Bhardwaj et al., ACL 2024; REFERENCE.md §2.4): θ = θ_SFT + β·δ_safe, δ_safe = θ_aligned − θ_unaligned,
+**RESTA** (Bhardwaj et al., ACL 2024; docs/methods.md, "RESTA and task vectors"): θ = θ_SFT + β·δ_safe, δ_safe = θ_aligned − θ_unaligned,
 optionally DARE-sparsified. Implemented as merge plans run by the streaming executor (`vlsafe.analysis.merging`):
 task arithmetic on base θ_SFT with weights (β, −β); with `density < 1`, `dare_linear` on base θ_unaligned with
 models θ_aligned (weight β, density d) and θ_SFT (weight 1, density 1), so only δ_safe is sparsified (DARE

@@ -6,7 +6,7 @@ A data source is a shipped set / prompt file / hub id (`set:`) or a JSONL/JSON/C
 - `refuse` — a refusal, drawn (seeded) from `REFUSALS` (or the config's `refusals`); the default for sets whose
   name starts with `harmful`;
 - `self` — the model's own greedy answer (self-distillation), dropped when the default judge calls it a
-  refusal (REFERENCE §6: never let refusals slip into compliance targets); the default for other sets;
+  refusal (never let refusals slip into compliance targets); the default for other sets;
 - `given` — the file's own `answer` column (SFT) or `chosen`/`rejected` columns (DPO); the default for files.
 
 For DPO, set sources become preference pairs: `refuse` → chosen = refusal, rejected = the model's own answer;

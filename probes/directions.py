@@ -1,6 +1,6 @@
 """Difference-in-means safety directions per layer × position, their file format, and selection.
 
-REFERENCE.md §2.1 (Arditi et al. 2024, `andyrdt/refusal_direction`):
+After Arditi et al. 2024 (`andyrdt/refusal_direction`; formulas in `docs/methods.md`, "Refusal directions"):
 `r[i, ℓ] = μ_harmful[i, ℓ] − μ_harmless[i, ℓ]` over the residual stream entering block ℓ at position i,
 means accumulated in **fp64**; shape `[n_pos, L, d]`. Selection ablates each unit candidate everywhere
 (bypass), adds the raw candidate at its own layer (induce), measures KL(baseline ‖ ablated) on harmless
@@ -266,7 +266,8 @@ def select_direction(lm: Any, candidates: DirectionSet, harmful_val: Sequence[st
                      kl_threshold: float = 0.1, max_layer_frac: float = 0.8, kind: str = "first_token",
                      induce_coeff: float = 1.0, batch_size: int = 8, on_empty: str = "raise",
                      openings: Sequence[str] | None = None, progress: bool = True) -> Selection:
-    """Pick the candidate that best bypasses refusal when ablated (REFERENCE §2.1), with a row per candidate.
+    """Pick the candidate that best bypasses refusal when ablated (`docs/methods.md`, "Refusal directions"), with
+    a row per candidate.
 
     Table columns: `layer, position, bypass_score, induce_score, kl, direction_norm, filtered, reason, chosen`.
     When every candidate is filtered (a model that never refuses) raises `VlsafeError` (`on_empty="raise"`) or

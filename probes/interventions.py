@@ -1,6 +1,6 @@
 """Interventions along a direction: ablation and activation addition (hooks), weight orthogonalisation (new checkpoint).
 
-REFERENCE.md §2.1 (Arditi et al. 2024):
+After Arditi et al. 2024 (formulas in `docs/methods.md`, "Refusal directions"):
 
 - **ablation** `x ← x − r̂r̂ᵀx` at every block input, attention output and MLP output, all layers and positions;
 - **activation addition** `x ← x + c·r` at block `layer`'s input only (all positions; c = +1 induces, −1 bypasses);

@@ -2,8 +2,8 @@
 
 For each (layer, position): scikit-learn `LogisticRegression` on `StandardScaler`'d activations, scored by
 stratified k-fold CV (accuracy, AUROC). The **shuffled-label control** runs the same CV splits on a seeded
-permutation of the labels; it should sit near 0.5 — with few prompts it does not (REFERENCE §6: 16 + 16 prompts
-gave controls from 0.32 to 0.74), so use ≥ 100 prompts per class. `d_prime` is the separation of the two
+permutation of the labels; it should sit near 0.5 — with few prompts it does not (a pilot on SmolLM2 with
+16 + 16 prompts gave controls from 0.32 to 0.74), so use ≥ 100 prompts per class. `d_prime` is the separation of the two
 classes' projections on their difference-in-means direction (descriptive, not cross-validated).
 
 >>> df = probe_sets(capture(lm, harmful), capture(lm, harmless))      # tidy DataFrame, one row per layer × position

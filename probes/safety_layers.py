@@ -1,4 +1,4 @@
-"""Safety-layer analysis after Li et al. (arXiv 2408.17003; REFERENCE.md §2.2).
+"""Safety-layer analysis after Li et al. (arXiv 2408.17003; `docs/methods.md`, "Safety layers").
 
 **Cosine curves.** Last-token hidden state leaving each block (`resid_post`, no embedding, before the final
 norm); cosine over `pairs` random normal–normal (N-N), malicious–malicious (M-M) and normal–malicious (N-M)

@@ -1,12 +1,12 @@
 """Logit refusal scores: how strongly the model is about to refuse, read from one forward pass (no generation).
 
-REFERENCE.md §2.1: `p` = probability mass on refusal, in fp64; `score = log(p + ε) − log(1 − p + ε)`, ε = 1e-8
+docs/methods.md, "Refusal directions": `p` = probability mass on refusal, in fp64; `score = log(p + ε) − log(1 − p + ε)`, ε = 1e-8
 (> 0 means refusal is more likely than not).
 
 - `kind="first_token"` (Arditi et al.): `p = Σ_{t∈R} softmax(z_last)_t`, R = the first tokens of the refusal
   openings (`refusal_tokens`, derived from the tokenizer).
 - `kind="opening"`: `p = Σ_o P(opening o | prompt)`, the probability that the answer starts with one of the
-  multi-token openings (default "I'm sorry, but I can", …). REFERENCE §6: on SmolLM2 many harmless answers
+  multi-token openings (default "I'm sorry, but I can", …). On SmolLM2 many harmless answers
   start with "I", so the single-token score barely separates; the opening score does.
 
 Both work under intervention hooks (`vlsafe.probes.interventions`), which is how direction selection uses them, and
@@ -92,7 +92,7 @@ def log_odds(p: torch.Tensor) -> torch.Tensor:
 
 
 def first_token_score(last_logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
-    """REFERENCE §2.1 score from last-position logits `[n, V]`: fp64 softmax mass on `token_ids`, as log-odds."""
+    """The refusal score (docs/methods.md, "Refusal directions") from last-position logits `[n, V]`: fp64 softmax mass on `token_ids`, as log-odds."""
     probs = torch.softmax(last_logits.to(torch.float64), dim=-1)
     return log_odds(probs[:, list(token_ids)].sum(-1))
 

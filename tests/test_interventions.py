@@ -1,5 +1,5 @@
 """Interventions: ablation hooks = orthogonalised weights (text, tied, LVLM + projector); ablation and
-activation addition act where and how REFERENCE §2.1 says."""
+activation addition act where and how `docs/methods.md` ("Refusal directions") says."""
 
 from __future__ import annotations
 

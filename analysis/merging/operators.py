@@ -1,6 +1,6 @@
 """Merge operators: pure functions over same-shape tensors, with mergekit 0.1.5's exact semantics.
 
-Notation (REFERENCE.md §2.5): θ_base is the base tensor, θ_t the others, τ_t = θ_t − θ_base their task
+Notation (docs/methods.md, "Merge operators"): θ_base is the base tensor, θ_t the others, τ_t = θ_t − θ_base their task
 vectors, w_t per-model weights, d_t densities, λ the global scale. Every operator computes in `dtype`
 (float32 by default; float64 inputs stay float64) and returns `out_dtype` (default: the dtype of the
 base, or of the first tensor for `linear`).

@@ -74,8 +74,8 @@ def assemble(llm_dir: str | Path, vision_dir: str | Path, *, kind: str, keep_cls
                       tie_word_embeddings=bool(llm.config.tie_word_embeddings))
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
-    # The attention every reloaded checkpoint runs (vlsafe.probes.models.load); on CPU with padded batches it is also
-    # faster than SDPA's masked path: a stage-1 step took 1.04-1.08 s eager vs 1.28-1.55 s SDPA (bf16, 2 cores).
+    # The attention every reloaded checkpoint runs (vlsafe.probes.models.load); on CPU with padded batches it was
+    # also faster than SDPA's masked path (docs/performance.md).
     model.set_attn_implementation("eager")
     model.model.language_model.load_state_dict(llm.model.state_dict())
     if not llm.config.tie_word_embeddings:

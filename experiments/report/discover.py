@@ -1,7 +1,7 @@
 """Find the artefacts of any run directory by their columns, not by their paths.
 
 A run directory may be a single `vlsafe diff` output, a `vlsafe probe` output, or the demo tree holding
-many sub-runs. Each CSV is classified by the columns that DESIGN.md's file contracts guarantee.
+many sub-runs. Each CSV is classified by the columns its writer guarantees.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Report figures drawn from tidy tables; every function returns a matplotlib Figure or None.
 
-Each takes the DataFrames of the file contracts (DESIGN.md) and tolerates missing optional columns, so the
-report works for any run directory. The paper style comes from `vlsafe.analysis.figures` when available.
+Each takes the DataFrames of a run's tables and tolerates missing optional columns, so the report works for
+any run directory. The paper style comes from `vlsafe.analysis.figures` when available.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Read prompt files (CSV, TSV, JSON, JSONL, Parquet, TXT) and recognise public benchmark formats.
 
-Each format is recognised by its columns (REFERENCE.md §3) and converted into plain record dicts with the keys of
+Each format is recognised by its columns (docs/methods.md, "Benchmark formats") and converted into plain record dicts with the keys of
 :class:`vlsafe.probes.behavior.datasets.PromptRecord` (``id, prompt, category, split, label, image, meta``).
 Label convention: 1 = a request a safe model should refuse, 0 = benign, ``None`` = unknown.
 """

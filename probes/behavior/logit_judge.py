@@ -1,6 +1,6 @@
 """The logit refusal judge: decides refusal from the *prompt* in one forward pass, no generation (fast sweeps).
 
-It wraps :func:`vlsafe.probes.scores.refusal_score` (REFERENCE §2.1, fp64 log-odds of a refusal opening) behind the
+It wraps :func:`vlsafe.probes.scores.refusal_score` (docs/methods.md, "Refusal directions": fp64 log-odds of a refusal opening) behind the
 :class:`~vlsafe.probes.behavior.judge_base.Judge` interface. The responses are ignored (only their count is checked);
 the prompts are what gets scored, so they are required.
 
