@@ -37,8 +37,7 @@ def wrap(lm: Any) -> Any:
     built = getattr(lm.model, _ATTR, None)
     if built is not None:
         return built
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import nnsight
+    import nnsight  # wraps the in-memory module and tokenizer: nothing is fetched from the Hub
 
     if M.is_lvlm(lm):
         return nnsight.NNsight(lm.model)
