@@ -2,9 +2,10 @@
 
 REFERENCE.md §2.1 (Arditi et al. 2024, `andyrdt/refusal_direction`):
 `r[ℓ, i] = μ_harmful[ℓ, i] − μ_harmless[ℓ, i]` over the residual stream entering block ℓ at position i,
-means accumulated in **fp64**; shape `[L, P, d]` (vlsafe's one layout, see `vlsafe.probes.activations`). Selection ablates each unit candidate everywhere
-(bypass), adds the raw candidate at its own layer (induce), measures KL(baseline ‖ ablated) on harmless
-prompts, discards NaN, late layers (ℓ ≥ int(0.8 L)), KL > 0.1 and induce < 0, and keeps the lowest bypass.
+means accumulated in **fp64**; shape `[L, P, d]` (vlsafe's one layout, see `vlsafe.probes.activations`).
+Selection ablates each unit candidate everywhere (bypass), adds the raw candidate at its own layer (induce),
+measures KL(baseline ‖ ablated) on harmless prompts, discards NaN, late layers (ℓ ≥ int(0.8 L)), KL > 0.1 and
+induce < 0, and keeps the lowest bypass.
 
 >>> acts_h = capture(lm, harmful, positions="post_instruction")       # vlsafe.probes.capture
 >>> ds = DirectionSet.from_activations(acts_h, capture(lm, harmless, ...), checkpoint=lm.checkpoint)
