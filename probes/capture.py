@@ -99,7 +99,7 @@ def resolve_hooks(hooks: str | Sequence[str], layers: Sequence[int] | None, n_la
     return out
 
 
-def resolve_positions(positions: Any, tokenizer: Any = None, *, chat: bool = True) -> list[int | str]:
+def resolve_positions(positions: Any, *, tokenizer: Any = None, chat: bool = True) -> list[int | str]:
     """Position labels: negative ints (from the end of each left-padded prompt) and/or `"mean"`."""
     items = [positions] if isinstance(positions, (str, numbers.Integral)) else list(positions)
     if not items:
@@ -198,7 +198,7 @@ def capture(lm: Any, prompts: Sequence[str] | Any, *, hooks: str | Sequence[str]
     lm = _remote_lm(lm, backend, remote) if remote else M.load(lm)
     texts, labels, images = _unpack(prompts, images, lm)
     requests = resolve_hooks(hooks, layers, M.num_layers(lm.model))
-    pos = resolve_positions(positions, lm.processor or lm.tokenizer, chat=chat)
+    pos = resolve_positions(positions, tokenizer=lm.processor or lm.tokenizer, chat=chat)
     if accumulate and spill_to is not None:
         raise VlsafeError("accumulate=True keeps statistics only; spill_to is for full activations")
     ident = model_identity(lm)

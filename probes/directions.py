@@ -135,7 +135,7 @@ class DirectionSet:
         r = self.raw[li, p]
         return unit(r) if normalize else r.clone()
 
-    def table(self, label: str = "") -> pd.DataFrame:
+    def table(self, *, label: str = "") -> pd.DataFrame:
         """Tidy rows `checkpoint, layer, position, direction_norm`."""
         rows = [{"checkpoint": label, "layer": lay, "position": str(pos), "direction_norm": float(self.norms[i, p])}
                 for p, pos in enumerate(self.positions) for i, lay in enumerate(self.layers)]

@@ -172,7 +172,7 @@ def test_first_token_score_matches_reference_formula(planted):
     lm, _, _, _ = planted
     prompts = _prompts(5, 9)
     ids = refusal_tokens(lm.tokenizer)
-    batched = refusal_score(lm, prompts, "first_token", batch_size=5)
+    batched = refusal_score(lm, prompts, kind="first_token", batch_size=5)
     for p, got in zip(prompts, batched):
         enc = lm.tokenizer(format_chat(lm.tokenizer, p), return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():

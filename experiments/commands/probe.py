@@ -115,7 +115,7 @@ def _tables(v: _Variant, folds: int, seed: int, pairs: int,
     from vlsafe.probes.safety_layers import cosine_curves, onset_layer
 
     probes = probe_sets(v.harmful, v.harmless, folds=folds, seed=seed, progress=progress)
-    norms = v.directions.table(v.label)
+    norms = v.directions.table(label=v.label)
     layers = norms.merge(probes, on=["layer", "position"])
     first = ["checkpoint", "layer", "position", "probe_accuracy", "probe_auroc", "control_accuracy", "direction_norm"]
     layers = layers[first + [c for c in layers.columns if c not in first]]

@@ -106,7 +106,7 @@ from vlsafe.probes.directions import DirectionSet, save_directions
 
 ds = DirectionSet.from_activations(acts_h, acts_b, checkpoint=lm.checkpoint)
 save_directions(OUT / "directions.safetensors", {"llm": ds})
-display(ds.table("llm").set_index("layer")[["direction_norm"]].T)
+display(ds.table(label="llm").set_index("layer")[["direction_norm"]].T)
 
 # %% [markdown]
 # ## 4 · Linear probes with a shuffled-label control, and safety-layer curves
