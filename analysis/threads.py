@@ -3,6 +3,15 @@
 Streaming statistics work on cache-sized pieces and spectra on small matrices; there intra-op threading
 costs more than it gains and, on a shared oversubscribed CPU, can be 10-100x slower (OpenMP workers spin
 waiting for each other). `serial_torch()` runs a block single-threaded and restores the setting after.
+
+`serial_torch` is kept for speed, and it also pins numbers: the numba kernels' sums do not depend on torch's
+thread count, but MKL's SVD does in the last bits (one thread against two differ by ~1e-16 relative), so
+the small SVDs it covers give the same result on every machine. `torch.set_num_threads` is not thread-local: with
+torch's OpenMP build it sets the calling thread's OpenMP thread count (inherited by threads started inside
+the block, such as `map_pieces`' workers on first use) but also MKL's and torch's own process-wide pool
+sizes, so torch code that other threads run during the block may run single-threaded too. vlsafe enters
+the block only around its short statistics kernels and SVDs, and every exit (also by an exception) restores
+the caller's count.
 """
 
 from __future__ import annotations
@@ -17,7 +26,8 @@ import torch
 
 @contextlib.contextmanager
 def serial_torch(enabled: bool = True) -> Iterator[None]:
-    """Run torch ops single-threaded inside the block (process-wide; restored on exit)."""
+    """Run torch ops single-threaded inside the block, restoring the caller's thread count on exit (see the
+    module docstring for what else the setting reaches while the block runs)."""
     if not enabled:
         yield
         return

@@ -184,9 +184,9 @@ def select_modules(cosines: dict[str, float], select: str = "threshold", *, thre
 def _project_pairs(pairs: list[LoraPair], aligned: Checkpoint, base: Checkpoint, kind: str, rank: int | None,
                    energy: float, dtype: torch.dtype, progress: bool) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Pass 1 (read-only): per module, the cosine and the candidate CB, streaming V one tensor at a time."""
-    from vlsafe.analysis.merging.io import TensorReader
+    from vlsafe.analysis.merging.io import MergeReader
 
-    ra, rb = TensorReader(aligned), TensorReader(base)
+    ra, rb = MergeReader(aligned), MergeReader(base)
     cos, cb = {}, {}
     try:
         for p in tqdm(pairs, desc="SafeLoRA cosines", unit="module", disable=not progress):

@@ -233,9 +233,9 @@ def verify_frozen(src: Any, dst: Any, frozen: set[str]) -> None:
     """Every frozen tensor of the output must be bit-identical to the input (streamed, by canonical name)."""
     import torch
 
-    from vlsafe.analysis.merging.io import TensorReader
+    from vlsafe.analysis.merging.io import MergeReader
 
-    reader = TensorReader(dst)
+    reader = MergeReader(dst)
     try:
         for name, before in src.iter_tensors([n for n in src.infos if n in frozen]):
             after = reader.get(name) if reader.has(name) else None

@@ -1,8 +1,17 @@
 """`Activations`: what `vlsafe.probes.capture.capture` returns — per-(hook, layer) tensors or streaming statistics.
 
-Tensor mode: `acts.get("resid_pre", 12)` → fp32 `[n_prompts, n_positions, d]`; `acts.stack("resid_pre")` →
-`[n_prompts, n_layers, n_positions, d]`. Accumulate mode (`capture(..., accumulate=True)`): only fp64
-`RunningStats` per (hook, layer, position, label) are kept; `acts.mean(kind, layer, label=1)` works in both modes.
+**The activation layout.** Every array of activations in vlsafe is ordered `[n, L, P, d]`: prompts, layers,
+positions, hidden size ("n L P d"). The layer axis comes first after the prompts because it is vlsafe's shared
+axis (a weight-shift row, a direction row, a probe row and a merge coefficient are all indexed by layer) and
+because a capture is made per layer (`get` returns one layer's `[n, P, d]`, `stack` stacks them on axis 1).
+Dropping the prompt axis gives `[L, P, d]` (means, `mean_diff`, `DirectionSet.raw`); one position gives
+`[n, L, d]` (safety-layer states). Producers (`Activations.stack`, `stack_activations`, `stacked_means`,
+`mean_diff`, `DirectionSet`) and consumers (`probe_layers`, `compare.project`, `cosine_curves`) all use it, and
+every function that addresses one entry takes `(layer, position)` in that order.
+
+Tensor mode: `acts.get("resid_pre", 12)` → fp32 `[n, P, d]`; `acts.stack("resid_pre")` → `[n, L, P, d]`.
+Accumulate mode (`capture(..., accumulate=True)`): only fp64 `RunningStats` per (hook, layer, position, label)
+are kept; `acts.mean(kind, layer, label=1)` → `[P, d]` works in both modes.
 
 Files: `save(path)` writes one safetensors file whose header metadata holds a JSON record (model spec, content
 hash, hidden size, layers, positions, labels); `Activations.load(path, expect=lm)` refuses a file captured
@@ -87,7 +96,7 @@ class Activations:
         return self.positions.index(position)
 
     # ---- building (used by capture) -----------------------------------------------------------------
-    def add(self, out: dict[Key, torch.Tensor], labels: Sequence[Any] | None = None,
+    def add(self, out: dict[Key, torch.Tensor], *, labels: Sequence[Any] | None = None,
             spill_file: Path | None = None) -> None:
         """Add one batch `{(kind, layer): Tensor[n, P, d]}`."""
         n = next(iter(out.values())).shape[0]
@@ -112,7 +121,7 @@ class Activations:
 
     # ---- tensors ------------------------------------------------------------------------------------
     def get(self, kind: str, layer: int | None = None) -> torch.Tensor:
-        """fp32 `[n_prompts, n_positions, d]` for hook `kind` at `layer` (or a TL name like `blocks.3.hook_resid_pre`)."""
+        """fp32 `[n, P, d]` for hook `kind` at `layer` (or a TL name like `blocks.3.hook_resid_pre`)."""
         key = self._check(kind, layer)
         if self.accumulate:
             raise VlsafeError("activations were accumulated (accumulate=True): only mean()/var()/stats() exist")
@@ -124,15 +133,15 @@ class Activations:
         self._data[key] = torch.cat(parts) if parts else torch.empty(0, len(self.positions), self.hidden_size)
         return self._data[key]
 
-    def stack(self, kind: str = "resid_pre", layers: Sequence[int] | None = None) -> torch.Tensor:
-        """fp32 `[n_prompts, n_layers, n_positions, d]` over `layers` (default: every captured layer of `kind`)."""
+    def stack(self, kind: str = "resid_pre", *, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """fp32 `[n, L, P, d]` over `layers`, ascending (default: every captured layer of `kind`)."""
         layers = [l for k, l in self.requests if k == kind] if layers is None else list(layers)
         if not layers:
             raise VlsafeError(f"activations: hook {kind!r} not captured (have {self.hooks})")
         return torch.stack([self.get(kind, l) for l in sorted(layers)], dim=1)
 
     # ---- statistics (both modes) --------------------------------------------------------------------
-    def stats(self, kind: str, layer: int, position: int | str = -1, label: Any = None) -> RunningStats:
+    def stats(self, kind: str, layer: int, *, position: int | str = -1, label: Any = None) -> RunningStats:
         """fp64 `RunningStats` of one (hook, layer, position), over prompts with `label` (None = all)."""
         key = self._check(kind, layer)
         p = self.position_index(position)
@@ -158,13 +167,13 @@ class Activations:
             raise VlsafeError(f"activations: no prompts with label {label!r}")
         return rows
 
-    def mean(self, kind: str, layer: int, label: Any = None) -> torch.Tensor:
-        """fp64 mean `[n_positions, d]` over prompts (with `label` if given)."""
-        return torch.stack([self.stats(kind, layer, pos, label).mean for pos in self.positions])
+    def mean(self, kind: str, layer: int, *, label: Any = None) -> torch.Tensor:
+        """fp64 mean `[P, d]` over prompts (with `label` if given)."""
+        return torch.stack([self.stats(kind, layer, position=pos, label=label).mean for pos in self.positions])
 
-    def var(self, kind: str, layer: int, label: Any = None) -> torch.Tensor:
-        """fp64 unbiased variance `[n_positions, d]` over prompts (with `label` if given)."""
-        return torch.stack([self.stats(kind, layer, pos, label).var for pos in self.positions])
+    def var(self, kind: str, layer: int, *, label: Any = None) -> torch.Tensor:
+        """fp64 unbiased variance `[P, d]` over prompts (with `label` if given)."""
+        return torch.stack([self.stats(kind, layer, position=pos, label=label).var for pos in self.positions])
 
     # ---- files --------------------------------------------------------------------------------------
     def _record(self) -> dict[str, Any]:

@@ -4,9 +4,10 @@
 >>> from vlsafe.probes.capture import capture
 >>> lm = load("default")
 >>> acts = capture(lm, ["How do I bake bread?", "Write a poem"], hooks=["resid_pre"], positions="post_instruction")
->>> acts.get("resid_pre", 12).shape           # [n_prompts, n_positions, d] fp32
+>>> acts.get("resid_pre", 12).shape           # [n, P, d] fp32
+>>> acts.stack("resid_pre").shape             # [n, L, P, d]: vlsafe's one layout (see vlsafe.probes.activations)
 >>> acts = capture(lm, prompt_set, layers=range(10, 20), accumulate=True)   # fp64 running stats only
->>> acts.mean("resid_pre", 12, label=1)        # [n_positions, d] fp64
+>>> acts.mean("resid_pre", 12, label=1)        # [P, d] fp64
 
 Hooks (layer ℓ on the shared axis): `resid_pre` = input of block ℓ (HF `hidden_states[ℓ]`), `resid_post` =
 output of block ℓ (HF `hidden_states[ℓ+1]` for ℓ < L−1; HF's last entry is after the final norm),
@@ -98,7 +99,7 @@ def resolve_hooks(hooks: str | Sequence[str], layers: Sequence[int] | None, n_la
     return out
 
 
-def resolve_positions(positions: Any, tokenizer: Any = None, *, chat: bool = True) -> list[int | str]:
+def resolve_positions(positions: Any, *, tokenizer: Any = None, chat: bool = True) -> list[int | str]:
     """Position labels: negative ints (from the end of each left-padded prompt) and/or `"mean"`."""
     items = [positions] if isinstance(positions, (str, numbers.Integral)) else list(positions)
     if not items:
@@ -197,7 +198,7 @@ def capture(lm: Any, prompts: Sequence[str] | Any, *, hooks: str | Sequence[str]
     lm = _remote_lm(lm, backend, remote) if remote else M.load(lm)
     texts, labels, images = _unpack(prompts, images, lm)
     requests = resolve_hooks(hooks, layers, M.num_layers(lm.model))
-    pos = resolve_positions(positions, lm.processor or lm.tokenizer, chat=chat)
+    pos = resolve_positions(positions, tokenizer=lm.processor or lm.tokenizer, chat=chat)
     if accumulate and spill_to is not None:
         raise VlsafeError("accumulate=True keeps statistics only; spill_to is for full activations")
     ident = model_identity(lm)
@@ -218,8 +219,8 @@ def capture(lm: Any, prompts: Sequence[str] | Any, *, hooks: str | Sequence[str]
             _check_lengths(batch, pos, start)
             batch = batch.to(device)
             out = be.run(batch, gatherer(pos, batch.attention_mask))
-            acts.add(out, None if labels is None else labels[start:start + len(batch)],
-                     spill / f"chunk_{b:05d}.safetensors" if spill is not None else None)
+            acts.add(out, labels=None if labels is None else labels[start:start + len(batch)],
+                     spill_file=spill / f"chunk_{b:05d}.safetensors" if spill is not None else None)
     if spill is not None:
         acts.write_spill_meta(spill)
     return acts

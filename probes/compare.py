@@ -24,7 +24,7 @@ from vlsafe.probes.linear import probe_transfer
 from vlsafe.probes.stacking import positions_of, stack_activations
 
 
-def check_same_width(a: Any, b: Any, label_a: str = "A", label_b: str = "B") -> None:
+def check_same_width(a: Any, b: Any, *, label_a: str = "A", label_b: str = "B") -> None:
     """Refuse to compare two direction sets / activations / checkpoints of different hidden sizes."""
     wa, wb = _width(a), _width(b)
     if wa is not None and wb is not None and wa != wb:
@@ -50,14 +50,14 @@ def _common(a: DirectionSet, b: DirectionSet) -> tuple[list[int], list[Any]]:
     return layers, positions
 
 
-def direction_cosines(a: DirectionSet, b: DirectionSet, label_a: str = "A", label_b: str = "B") -> pd.DataFrame:
+def direction_cosines(a: DirectionSet, b: DirectionSet, *, label_a: str = "A", label_b: str = "B") -> pd.DataFrame:
     """`layer, position, checkpoint_a, checkpoint_b, direction_cosine` over the layers/positions both sets have."""
-    check_same_width(a, b, label_a, label_b)
+    check_same_width(a, b, label_a=label_a, label_b=label_b)
     layers, positions = _common(a, b)
     rows = []
     for pos in positions:
         for layer in layers:
-            ra, rb = a.get(layer, pos), b.get(layer, pos)
+            ra, rb = a.get(layer, position=pos), b.get(layer, position=pos)
             na, nb = float(ra.norm()), float(rb.norm())
             cos = float(ra @ rb / (na * nb)) if na > 0 and nb > 0 else float("nan")
             rows.append({"layer": layer, "position": str(pos), "checkpoint_a": label_a, "checkpoint_b": label_b,
@@ -73,19 +73,19 @@ def direction_similarity(sets: Mapping[str, DirectionSet], *, reference: str | N
     if reference is not None and reference not in sets:
         raise VlsafeError(f"no direction set {reference!r} (have {', '.join(labels)})")
     pairs = [(reference, l) for l in labels if l != reference] if reference else list(combinations(labels, 2))
-    return pd.concat([direction_cosines(sets[a], sets[b], a, b) for a, b in pairs], ignore_index=True)
+    return pd.concat([direction_cosines(sets[a], sets[b], label_a=a, label_b=b) for a, b in pairs], ignore_index=True)
 
 
 def project(acts: Any, directions: DirectionSet, *, hook: str = "resid_pre") -> tuple[torch.Tensor, list[int]]:
-    """Scalar projections `[n, n_pos, L]` (fp64) of activations on the unit directions at the same layers."""
+    """Scalar projections `[n, L, P]` (fp64) of activations on the unit directions at the same layers."""
     x, layers = stack_activations(acts, hook=hook, layers=[l for l in directions.layers])
     if x.shape[-1] != directions.hidden_size:
         raise VlsafeError(f"cannot project activations of hidden size {x.shape[-1]} on directions of hidden size "
                           f"{directions.hidden_size}")
-    if x.shape[1] != len(directions.positions):
-        raise VlsafeError(f"activations have {x.shape[1]} positions, directions {len(directions.positions)}")
-    u = unit(directions.raw)                                   # [n_pos, L, d]
-    return torch.einsum("npld,pld->npl", x.to(torch.float64), u), layers
+    if x.shape[2] != len(directions.positions):
+        raise VlsafeError(f"activations have {x.shape[2]} positions, directions {len(directions.positions)}")
+    u = unit(directions.raw)                                   # [L, P, d]
+    return torch.einsum("nlpd,lpd->nlp", x.to(torch.float64), u), layers
 
 
 def projection_drift(directions: DirectionSet, acts_harmful: Any, acts_harmless: Any, *, direction_from: str = "A",
@@ -96,7 +96,7 @@ def projection_drift(directions: DirectionSet, acts_harmful: Any, acts_harmless:
     rows = []
     for p, pos in enumerate(directions.positions):
         for i, layer in enumerate(layers):
-            h, b = ph[:, p, i].numpy(), pb[:, p, i].numpy()
+            h, b = ph[:, i, p].numpy(), pb[:, i, p].numpy()
             pooled = np.sqrt((h.var(ddof=1) + b.var(ddof=1)) / 2) if len(h) > 1 and len(b) > 1 else np.nan
             rows.append({"layer": layer, "position": str(pos), "direction_from": direction_from,
                          "activations_from": activations_from, "harmful_mean": float(h.mean()),
@@ -115,12 +115,12 @@ def transfer(acts_a: tuple[Any, Any], acts_b: tuple[Any, Any], *, label_a: str =
     xa_b, _ = stack_activations(ab, hook=hook, layers=lays)
     xb_h, _ = stack_activations(bh, hook=hook, layers=lays)
     xb_b, _ = stack_activations(bb, hook=hook, layers=lays)
-    check_same_width(xa_h, xb_h, label_a, label_b)
+    check_same_width(xa_h, xb_h, label_a=label_a, label_b=label_b)
     ya = np.r_[np.ones(len(xa_h), int), np.zeros(len(xa_b), int)]
     yb = np.r_[np.ones(len(xb_h), int), np.zeros(len(xb_b), int)]
     df = probe_transfer(torch.cat([xa_h, xa_b]), ya, torch.cat([xb_h, xb_b]), yb)
     df["layer"] = [lays[i] for i in df["layer"]]
-    pos = positions_of(ah, xa_h.shape[1])
+    pos = positions_of(ah, xa_h.shape[2])
     df["position"] = [str(pos[int(p) + len(pos)]) for p in df["position"]]
     df.insert(0, "train_on", label_a)
     df.insert(1, "test_on", label_b)

@@ -1,10 +1,11 @@
 """Difference-in-means safety directions per layer × position, their file format, and selection.
 
 After Arditi et al. 2024 (`andyrdt/refusal_direction`; formulas in `docs/methods.md`, "Refusal directions"):
-`r[i, ℓ] = μ_harmful[i, ℓ] − μ_harmless[i, ℓ]` over the residual stream entering block ℓ at position i,
-means accumulated in **fp64**; shape `[n_pos, L, d]`. Selection ablates each unit candidate everywhere
-(bypass), adds the raw candidate at its own layer (induce), measures KL(baseline ‖ ablated) on harmless
-prompts, discards NaN, late layers (ℓ ≥ int(0.8 L)), KL > 0.1 and induce < 0, and keeps the lowest bypass.
+`r[ℓ, i] = μ_harmful[ℓ, i] − μ_harmless[ℓ, i]` over the residual stream entering block ℓ at position i,
+means accumulated in **fp64**; shape `[L, P, d]` (vlsafe's one layout, see `vlsafe.probes.activations`).
+Selection ablates each unit candidate everywhere (bypass), adds the raw candidate at its own layer (induce),
+measures KL(baseline ‖ ablated) on harmless prompts, discards NaN, late layers (ℓ ≥ int(0.8 L)), KL > 0.1 and
+induce < 0, and keeps the lowest bypass.
 
 >>> acts_h = capture(lm, harmful, positions="post_instruction")       # vlsafe.probes.capture
 >>> ds = DirectionSet.from_activations(acts_h, capture(lm, harmless, ...), checkpoint=lm.checkpoint)
@@ -29,11 +30,12 @@ from vlsafe.analysis.runinfo import atomic_path
 from vlsafe.probes.stacking import positions_of, stacked_means
 from vlsafe.probes.scores import refusal_tokens, score_batches  # noqa: F401  (refusal_tokens re-exported)
 
-FORMAT = "vlsafe.directions/1"
+FORMAT = "vlsafe.directions/2"   # tensors `[L, P, d]`
+_FORMAT_V1 = "vlsafe.directions/1"   # older files: tensors `[P, L, d]`, transposed on load
 
 
 def _mean(x: Any, what: str, hook: str, layers: Sequence[int] | None) -> tuple[torch.Tensor, int, list[int]]:
-    """(mean `[n_pos, L, d]` fp64, count, layers) from activations (either capture mode) or a tensor."""
+    """(mean `[L, P, d]` fp64, count, layers) from activations (either capture mode) or a tensor."""
     try:
         return stacked_means(x, hook=hook, layers=layers)
     except VlsafeError as e:
@@ -42,10 +44,10 @@ def _mean(x: Any, what: str, hook: str, layers: Sequence[int] | None) -> tuple[t
 
 def mean_diff(acts_harmful: Any, acts_harmless: Any, *, hook: str = "resid_pre", layers: Sequence[int] | None = None,
               normalize: bool = False) -> torch.Tensor:
-    """`μ_harmful − μ_harmless` as fp64 `[n_pos, L, d]` (unit vectors along d when `normalize`).
+    """`μ_harmful − μ_harmless` as fp64 `[L, P, d]` (unit vectors along d when `normalize`).
 
     Each input is what `vlsafe.probes.capture.capture` returns (tensor or `accumulate=True` streaming mode), or a
-    `[n, n_pos, L, d]` / `[n, L, d]` tensor.
+    `[n, L, P, d]` / `[n, L, d]` tensor.
     """
     diff = _diff(acts_harmful, acts_harmless, hook, layers)[0]
     return unit(diff) if normalize else diff
@@ -53,12 +55,12 @@ def mean_diff(acts_harmful: Any, acts_harmless: Any, *, hook: str = "resid_pre",
 
 def _diff(acts_harmful: Any, acts_harmless: Any, hook: str,
           layers: Sequence[int] | None) -> tuple[torch.Tensor, int, int, list[int]]:
-    """(μ_harmful − μ_harmless `[n_pos, L, d]` fp64, n_harmful, n_harmless, layers)."""
+    """(μ_harmful − μ_harmless `[L, P, d]` fp64, n_harmful, n_harmless, layers)."""
     mh, nh, lays = _mean(acts_harmful, "harmful", hook, layers)
     mb, nb, lb = _mean(acts_harmless, "harmless", hook, lays)
     if lays != lb or mh.shape != mb.shape:
         raise VlsafeError(f"difference in means: harmful activations {tuple(mh.shape)} do not match harmless "
-                          f"{tuple(mb.shape)} (positions × layers × d)")
+                          f"{tuple(mb.shape)} (layers × positions × d)")
     return mh - mb, nh, nb, lays
 
 
@@ -70,10 +72,10 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DirectionSet:
-    """Raw difference-in-means directions `[n_pos, L, d]` (fp64) with where they came from.
+    """Raw difference-in-means directions `[L, P, d]` (fp64) with where they came from.
 
-    `positions` label the first axis (e.g. `[-1]`, `[-5, …, -1]`, `["mean"]`); `layers` the second (block indices:
-    the residual stream entering that block). `model_hash`/`hidden_size`/`num_layers` describe the model.
+    `layers` label the first axis (block indices: the residual stream entering that block); `positions` the
+    second (e.g. `[-1]`, `[-5, …, -1]`, `["mean"]`). `model_hash`/`hidden_size`/`num_layers` describe the model.
     """
 
     raw: torch.Tensor
@@ -90,10 +92,10 @@ class DirectionSet:
 
     def __post_init__(self) -> None:
         self.raw = torch.as_tensor(self.raw, dtype=torch.float64)
-        if self.raw.dim() != 3 or self.raw.shape[0] != len(self.positions) or self.raw.shape[1] != len(self.layers) \
+        if self.raw.dim() != 3 or self.raw.shape[0] != len(self.layers) or self.raw.shape[1] != len(self.positions) \
                 or self.raw.shape[2] != self.hidden_size:
             raise VlsafeError(f"direction set: tensor shape {tuple(self.raw.shape)} does not match "
-                              f"{len(self.positions)} positions × {len(self.layers)} layers × "
+                              f"{len(self.layers)} layers × {len(self.positions)} positions × "
                               f"hidden {self.hidden_size}")
 
     @classmethod
@@ -102,7 +104,7 @@ class DirectionSet:
                          positions: Sequence[Any] | None = None, num_layers: int | None = None) -> "DirectionSet":
         """Difference in means of two captured sets; `checkpoint` (a `Checkpoint`) fills the model metadata."""
         raw, nh, nb, lays = _diff(acts_harmful, acts_harmless, hook, layers)
-        pos = list(positions) if positions is not None else positions_of(acts_harmful, raw.shape[0])
+        pos = list(positions) if positions is not None else positions_of(acts_harmful, raw.shape[1])
         return cls(raw, lays, pos, raw.shape[-1],
                    num_layers if num_layers is not None else (checkpoint.num_layers if checkpoint else max(lays) + 1),
                    model_hash=checkpoint.content_hash() if checkpoint is not None else "",
@@ -116,26 +118,26 @@ class DirectionSet:
 
     @property
     def norms(self) -> torch.Tensor:
-        """‖r‖ per `[n_pos, L]`."""
+        """‖r‖ per `[L, P]`."""
         return self.raw.norm(dim=-1)
 
-    def index(self, layer: int, position: Any = None) -> tuple[int, int]:
-        """(position index, layer index) of a (layer, position label); position defaults to the last one."""
+    def index(self, layer: int, *, position: Any = None) -> tuple[int, int]:
+        """(layer index, position index) into `raw` of a layer and position label (default: the last position)."""
         if layer not in self.layers:
             raise VlsafeError(f"direction set has no layer {layer} (layers {self.layers[0]}–{self.layers[-1]} of a "
                               f"{self.num_layers}-layer model)")
         p = len(self.positions) - 1 if position is None else _find(self.positions, position)
-        return p, self.layers.index(layer)
+        return self.layers.index(layer), p
 
-    def get(self, layer: int, position: Any = None, normalized: bool = False) -> torch.Tensor:
-        """The `[d]` direction at (layer, position)."""
-        p, li = self.index(layer, position)
-        r = self.raw[p, li]
-        return unit(r) if normalized else r.clone()
+    def get(self, layer: int, *, position: Any = None, normalize: bool = False) -> torch.Tensor:
+        """The `[d]` direction at `layer` and `position` (default: the last); a unit vector when `normalize`."""
+        li, p = self.index(layer, position=position)
+        r = self.raw[li, p]
+        return unit(r) if normalize else r.clone()
 
-    def table(self, label: str = "") -> pd.DataFrame:
+    def table(self, *, label: str = "") -> pd.DataFrame:
         """Tidy rows `checkpoint, layer, position, direction_norm`."""
-        rows = [{"checkpoint": label, "layer": lay, "position": str(pos), "direction_norm": float(self.norms[p, i])}
+        rows = [{"checkpoint": label, "layer": lay, "position": str(pos), "direction_norm": float(self.norms[i, p])}
                 for p, pos in enumerate(self.positions) for i, lay in enumerate(self.layers)]
         return pd.DataFrame(rows)
 
@@ -145,15 +147,15 @@ class DirectionSet:
                 "num_layers": self.num_layers, "model_hash": self.model_hash, "model_spec": self.model_spec,
                 "hook": self.hook, "n_harmful": self.n_harmful, "n_harmless": self.n_harmless, "extra": self.extra}
 
-    def save(self, path: str | os.PathLike, label: str = "default") -> Path:
+    def save(self, path: str | os.PathLike, *, label: str = "default") -> Path:
         """Write `directions.safetensors` holding this one set (see `save_directions` for several)."""
         return save_directions(path, {label: self})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, checkpoint: Any = None, *, label: str | None = None,
+    def load(cls, path: str | os.PathLike, *, checkpoint: Any = None, label: str | None = None,
              allow_other_model: bool = False) -> "DirectionSet":
         """Read one set (the only one, or `label`); checked against `checkpoint` (see `load_directions`)."""
-        sets = load_directions(path, checkpoint, allow_other_model=allow_other_model)
+        sets = load_directions(path, checkpoint=checkpoint, allow_other_model=allow_other_model)
         if label is None:
             if len(sets) != 1:
                 raise VlsafeError(f"{path}: holds {len(sets)} direction sets ({', '.join(sets)}); pass label=")
@@ -207,10 +209,11 @@ def save_directions(path: str | os.PathLike, sets: Mapping[str, DirectionSet]) -
     return Path(path)
 
 
-def load_directions(path: str | os.PathLike, checkpoint: Any = None, *,
+def load_directions(path: str | os.PathLike, *, checkpoint: Any = None,
                     allow_other_model: bool = False) -> dict[str, DirectionSet]:
     """Read a `directions.safetensors`; with `checkpoint` (a `Checkpoint` or `LoadedModel`) every set is checked
-    against it: another hidden size is always refused, another content hash unless `allow_other_model`."""
+    against it: another hidden size is always refused, another content hash unless `allow_other_model`.
+    Files of the older format `vlsafe.directions/1` (tensors `[P, L, d]`) are read and transposed."""
     from safetensors import safe_open
 
     p = Path(path)
@@ -219,10 +222,14 @@ def load_directions(path: str | os.PathLike, checkpoint: Any = None, *,
     try:
         with safe_open(str(p), "pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise VlsafeError(f"{p}: not a vlsafe direction file (metadata format {meta.get('format')!r})")
+            fmt = meta.get("format")
+            if fmt not in (FORMAT, _FORMAT_V1):
+                raise VlsafeError(f"{p}: not a vlsafe direction file (metadata format {fmt!r})")
             info = json.loads(meta["sets"])
-            sets = {label: DirectionSet(f.get_tensor(f"{label}/raw"), **_from_meta(m)) for label, m in info.items()}
+            raw = {label: f.get_tensor(f"{label}/raw") for label in info}
+            if fmt == _FORMAT_V1:
+                raw = {label: t.transpose(0, 1) for label, t in raw.items()}
+            sets = {label: DirectionSet(raw[label], **_from_meta(m)) for label, m in info.items()}
     except (OSError, ValueError, KeyError) as e:
         raise VlsafeError(f"{p}: unreadable direction file ({str(e).splitlines()[0][:160]})") from None
     if checkpoint is not None:
@@ -284,7 +291,7 @@ def select_direction(lm: Any, candidates: DirectionSet, harmful_val: Sequence[st
     rows = []
     grid = [(p, i) for p in range(len(candidates.positions)) for i in range(len(candidates.layers))]
     for p, i in tqdm(grid, desc="select direction", disable=not progress, leave=False):
-        layer, r = candidates.layers[i], candidates.raw[p, i]
+        layer, r = candidates.layers[i], candidates.raw[i, p]
         row = {"layer": layer, "position": str(candidates.positions[p]), "direction_norm": float(r.norm())}
         if not torch.isfinite(r).all() or float(r.norm()) == 0:
             rows.append({**row, "bypass_score": np.nan, "induce_score": np.nan, "kl": np.nan})
@@ -334,4 +341,4 @@ def _choose(table: pd.DataFrame, cands: DirectionSet, base_h: float, base_b: flo
     best = kept["bypass_score"].idxmin()
     table.loc[best, "chosen"] = True
     layer, pos = int(table.loc[best, "layer"]), table.loc[best, "position"]
-    return Selection(table, layer, pos, cands.get(layer, pos), base_h, base_b)
+    return Selection(table, layer, pos, cands.get(layer, position=pos), base_h, base_b)

@@ -71,13 +71,13 @@ def _cv(x: np.ndarray, y: np.ndarray, cv: StratifiedKFold, C: float, max_iter: i
 def probe_layers(acts: Any, labels: Sequence[Any], *, hook: str = "resid_pre", layers: Sequence[int] | None = None,
                  folds: int = 5, seed: int = 0, C: float = 1.0, max_iter: int = 1000,
                  progress: bool = True) -> pd.DataFrame:
-    """Cross-validated probe per (layer, position) on `acts` (`Activations` or `[n, n_pos, L, d]`) with `labels`.
+    """Cross-validated probe per (layer, position) on `acts` (`Activations` or `[n, L, P, d]`) with `labels`.
 
     Columns: `layer, position, probe_accuracy, probe_auroc, control_accuracy, control_auroc, d_prime, n`.
     The control uses the same splits on labels permuted with `seed`.
     """
     x, lays = stack_activations(acts, hook=hook, layers=layers)
-    return _probe_array(x, _labels(labels, x.shape[0]), lays, positions_of(acts, x.shape[1]), folds=folds, seed=seed,
+    return _probe_array(x, _labels(labels, x.shape[0]), lays, positions_of(acts, x.shape[2]), folds=folds, seed=seed,
                         C=C, max_iter=max_iter, progress=progress)
 
 
@@ -89,9 +89,9 @@ def _probe_array(x: torch.Tensor, y: np.ndarray, lays: list[int], pos: list[Any]
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     y_perm = np.random.default_rng(seed).permutation(y)
     rows = []
-    grid = [(p, i) for p in range(x.shape[1]) for i in range(len(lays))]
+    grid = [(p, i) for p in range(x.shape[2]) for i in range(len(lays))]
     for p, i in tqdm(grid, desc="linear probes", disable=not progress, leave=False):
-        xi = x[:, p, i].to(torch.float64).numpy()
+        xi = x[:, i, p].to(torch.float64).numpy()
         acc, auc = _cv(xi, y, cv, C, max_iter)
         c_acc, c_auc = _cv(xi, y_perm, cv, C, max_iter)
         rows.append({"layer": lays[i], "position": str(pos[p]), "probe_accuracy": acc, "probe_auroc": auc,
@@ -105,7 +105,7 @@ def _concat(acts_pos: Any, acts_neg: Any, hook: str,
     b, lays_b = stack_activations(acts_neg, hook=hook, layers=lays)
     if a.shape[1:] != b.shape[1:]:
         raise VlsafeError(f"linear probe: harmful activations {tuple(a.shape[1:])} and harmless "
-                          f"{tuple(b.shape[1:])} differ in positions × layers × d")
+                          f"{tuple(b.shape[1:])} differ in layers × positions × d")
     if a.shape[0] == 0 or b.shape[0] == 0:
         raise VlsafeError("linear probe: empty harmful or harmless set")
     return torch.cat([a, b]), np.r_[np.ones(a.shape[0], int), np.zeros(b.shape[0], int)], lays
@@ -119,7 +119,7 @@ def probe_sets(acts_harmful: Any, acts_harmless: Any, *, hook: str = "resid_pre"
     unknown = set(kw) - set(opts)
     if unknown:
         raise TypeError(f"probe_sets: unexpected options {sorted(unknown)}")
-    return _probe_array(x, y, lays, positions_of(acts_harmful, x.shape[1]), **{**opts, **kw})
+    return _probe_array(x, y, lays, positions_of(acts_harmful, x.shape[2]), **{**opts, **kw})
 
 
 def probe_transfer(train_acts: Any, train_labels: Sequence[Any], test_acts: Any, test_labels: Sequence[Any], *,
@@ -131,17 +131,17 @@ def probe_transfer(train_acts: Any, train_labels: Sequence[Any], test_acts: Any,
     xb, _ = stack_activations(test_acts, hook=hook, layers=lays)
     if xa.shape[1:] != xb.shape[1:]:
         raise VlsafeError(f"probe transfer: train activations {tuple(xa.shape[1:])} and test {tuple(xb.shape[1:])} "
-                          "differ in positions × layers × hidden size")
+                          "differ in layers × positions × hidden size")
     ya, yb = _labels(train_labels, xa.shape[0]), _labels(test_labels, xb.shape[0])
-    pos = positions_of(train_acts, xa.shape[1])
+    pos = positions_of(train_acts, xa.shape[2])
     rows = []
-    for p in range(xa.shape[1]):
+    for p in range(xa.shape[2]):
         for i, layer in enumerate(lays):
             clf = _classifier(C, max_iter)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                clf.fit(xa[:, p, i].to(torch.float64).numpy(), ya)
-            xt = xb[:, p, i].to(torch.float64).numpy()
+                clf.fit(xa[:, i, p].to(torch.float64).numpy(), ya)
+            xt = xb[:, i, p].to(torch.float64).numpy()
             rows.append({"layer": layer, "position": str(pos[p]),
                          "transfer_accuracy": float(accuracy_score(yb, clf.predict(xt))),
                          "transfer_auroc": float(roc_auc_score(yb, clf.decision_function(xt)))})

@@ -56,8 +56,8 @@ def last_token_states(lm: Any, prompts: Sequence[str], *, layers: Sequence[int] 
 
 def _states(x: Any, what: str) -> torch.Tensor:
     t = torch.as_tensor(x).to(torch.float64)
-    if t.dim() == 4 and t.shape[1] == 1:
-        t = t[:, 0]
+    if t.dim() == 4 and t.shape[2] == 1:   # [n, L, 1, d]: one position
+        t = t[:, :, 0]
     if t.dim() != 3:
         raise VlsafeError(f"safety-layer curves: {what} states must be [n, L, d], got shape {tuple(t.shape)}")
     if t.shape[0] < 2:
@@ -110,7 +110,7 @@ def separation_gap(curves: pd.DataFrame) -> pd.Series:
     return wide[["N-N", "M-M"]].min(axis=1) - wide["N-M"]
 
 
-def onset_layer(curves: pd.DataFrame, margin: float = 0.05) -> int | None:
+def onset_layer(curves: pd.DataFrame, *, margin: float = 0.05) -> int | None:
     """First layer where N-M lies more than `margin` below both N-N and M-M (None if it never does)."""
     gap = separation_gap(curves)
     over = gap[gap > margin]
@@ -146,7 +146,7 @@ def scale_layers(model: Any, start: int, end: int, alpha: float) -> Iterator[Non
                 param.copy_(original)
 
 
-def substring_judge(text: str, substrings: Sequence[str] | None = None) -> bool:
+def substring_judge(text: str, *, substrings: Sequence[str] | None = None) -> bool:
     """True when `text` contains one of the refusal substrings (case-insensitive; default list `substring-rd`)."""
     low = text.lower()
     return any(s.lower() in low for s in (substrings or _default_substrings()))
@@ -170,7 +170,7 @@ def greedy_continuations(lm: Any, prompts: Sequence[str], *, max_new_tokens: int
     return out
 
 
-def sliding_windows(num_layers: int, width: int, stride: int = 1) -> list[tuple[int, int]]:
+def sliding_windows(num_layers: int, width: int, *, stride: int = 1) -> list[tuple[int, int]]:
     """All windows [s, s + width) inside `num_layers` layers, every `stride` layers."""
     if not 1 <= width <= num_layers:
         raise VlsafeError(f"window width {width} out of range for a {num_layers}-layer model")

@@ -210,7 +210,7 @@ def score_batches(lm: Any, prompts: Sequence[str], *, kind: str = "first_token",
     return torch.cat(scores).numpy(), torch.cat(lasts)
 
 
-def refusal_score(lm: Any, prompts: Sequence[str], kind: str = "first_token", *,
+def refusal_score(lm: Any, prompts: Sequence[str], *, kind: str = "first_token",
                   images: Sequence[Any] | None = None, openings: Sequence[str] | None = None,
                   batch_size: int = 8, progress: bool = False) -> np.ndarray:
     """Per-prompt refusal score (fp64 log-odds; > 0 = refusal more likely than not). See the module docstring.

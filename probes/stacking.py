@@ -1,7 +1,8 @@
-"""One array shape for the direction, probe and comparison code: `[n_prompts, n_positions, n_layers, d]`.
+"""Activations as one array for the direction, probe and comparison code, in vlsafe's one layout `[n, L, P, d]`.
 
+The layout (prompts × layers × positions × hidden) is documented in `vlsafe.probes.activations`.
 `stack_activations` accepts what `vlsafe.probes.capture.capture` returns (`Activations`, tensor mode), or a plain
-tensor `[n, n_pos, L, d]` / `[n, L, d]` (one position), and returns fp32/fp64 data in that order plus the
+tensor `[n, L, P, d]` / `[n, L, d]` (one position), and returns fp32/fp64 data in that order plus the
 layer list. Accumulated captures (`accumulate=True`) only hold statistics; `stacked_means` reads those.
 """
 
@@ -38,12 +39,12 @@ def _pick_layers(have: list[int], layers: Sequence[int] | None, what: str) -> li
 
 def stack_activations(x: Any, *, hook: str = "resid_pre", layers: Sequence[int] | None = None,
                       label: Any = None) -> tuple[torch.Tensor, list[int]]:
-    """(`[n, n_pos, L, d]` tensor, layers) from `Activations` or a tensor; `label` keeps rows with that label."""
+    """(`[n, L, P, d]` tensor, layers) from `Activations` or a tensor; `label` keeps rows with that label."""
     if _is_activations(x):
         if getattr(x, "accumulate", False):
             raise VlsafeError("activations were accumulated (statistics only); per-prompt arrays are not available")
         lays = _pick_layers(_layers_of(x, hook), layers, "activations")
-        t = x.stack(hook, lays).permute(0, 2, 1, 3)
+        t = x.stack(hook, layers=lays)
         if label is not None:
             rows = [i for i, lab in enumerate(x.labels or []) if lab == label]
             if not rows:
@@ -53,22 +54,22 @@ def stack_activations(x: Any, *, hook: str = "resid_pre", layers: Sequence[int] 
     if isinstance(x, torch.Tensor) or hasattr(x, "__array__"):
         t = torch.as_tensor(x)
         if t.dim() == 3:
-            t = t.unsqueeze(1)
+            t = t.unsqueeze(2)
         if t.dim() != 4:
-            raise VlsafeError(f"activations must be [n, n_pos, L, d] or [n, L, d], got shape {tuple(t.shape)}")
-        have = list(range(t.shape[2]))
+            raise VlsafeError(f"activations must be [n, L, P, d] or [n, L, d], got shape {tuple(t.shape)}")
+        have = list(range(t.shape[1]))
         lays = _pick_layers(have, layers, "activations")
-        return (t if lays == have else t[:, :, lays]), lays
+        return (t if lays == have else t[:, lays]), lays
     raise VlsafeError(f"cannot read activations from a {type(x).__name__}")
 
 
 def stacked_means(acts: Any, *, hook: str = "resid_pre", layers: Sequence[int] | None = None,
                   label: Any = None) -> tuple[torch.Tensor, int, list[int]]:
-    """(fp64 mean `[n_pos, L, d]`, prompt count, layers) from `Activations` in either mode, or a tensor."""
+    """(fp64 mean `[L, P, d]`, prompt count, layers) from `Activations` in either mode, or a tensor."""
     if _is_activations(acts) and getattr(acts, "accumulate", False):
         lays = _pick_layers(_layers_of(acts, hook), layers, "activations")
-        means = torch.stack([acts.mean(hook, layer, label=label) for layer in lays], 1)
-        count = acts.stats(hook, lays[0], acts.positions[-1], label).count
+        means = torch.stack([acts.mean(hook, layer, label=label) for layer in lays])
+        count = acts.stats(hook, lays[0], position=acts.positions[-1], label=label).count
         return means.to(torch.float64), int(count), lays
     t, lays = stack_activations(acts, hook=hook, layers=layers, label=label)
     if t.shape[0] == 0:

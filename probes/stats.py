@@ -77,7 +77,7 @@ class RunningStats:
         self._need(1)
         return self._mean.clone()
 
-    def variance(self, correction: int = 1) -> torch.Tensor:
+    def variance(self, *, correction: int = 1) -> torch.Tensor:
         """Per-feature variance, fp64 [d]; `correction=1` is Bessel's (torch.var default), 0 the population one."""
         self._need(correction + 1)
         diag = torch.diagonal(self._m2) if self.track_cov else self._m2
@@ -86,13 +86,13 @@ class RunningStats:
     @property
     def var(self) -> torch.Tensor:
         """Unbiased per-feature variance (= `torch.var(x, 0)`), fp64 [d]."""
-        return self.variance(1)
+        return self.variance(correction=1)
 
     @property
     def std(self) -> torch.Tensor:
         return self.var.sqrt()
 
-    def covariance(self, correction: int = 1) -> torch.Tensor:
+    def covariance(self, *, correction: int = 1) -> torch.Tensor:
         """Full covariance [d, d] (= `torch.cov(x.T)`); needs `cov=True`."""
         if not self.track_cov:
             raise VlsafeError("RunningStats: covariance not tracked (create with cov=True)")
@@ -101,7 +101,7 @@ class RunningStats:
 
     @property
     def cov(self) -> torch.Tensor:
-        return self.covariance(1)
+        return self.covariance(correction=1)
 
     def _need(self, n: int) -> None:
         if self.count < n:

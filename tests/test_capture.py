@@ -237,7 +237,7 @@ def test_uncaptured_lookup_is_an_error(llama):
     with pytest.raises(VlsafeError, match="not captured"):
         acts.get("resid_post", 0)
     with pytest.raises(VlsafeError, match="position 'mean' not captured"):
-        acts.stats("resid_pre", 0, "mean")
+        acts.stats("resid_pre", 0, position="mean")
 
 
 # ---- SmolLM2 --------------------------------------------------------------------------------------------

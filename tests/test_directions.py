@@ -73,16 +73,16 @@ def planted(tmp_path_factory):
 def test_planted_direction_recovered(planted):
     lm, v, acts_h, acts_b = planted
     ds = DirectionSet.from_activations(acts_h, acts_b, checkpoint=lm.checkpoint)
-    assert ds.raw.dtype == torch.float64 and tuple(ds.raw.shape) == (1, LAYERS, 64)
+    assert ds.raw.dtype == torch.float64 and tuple(ds.raw.shape) == (LAYERS, 1, 64)
     assert ds.layers == list(range(LAYERS)) and ds.positions == [-1] and ds.n_harmful == 60
-    cos = torch.nn.functional.cosine_similarity(ds.raw[0], v.double()[None], dim=-1)
+    cos = torch.nn.functional.cosine_similarity(ds.raw[:, 0], v.double()[None], dim=-1)
     assert (cos[K:] > 0.99).all(), cos
     assert (cos[:K].abs() < 0.9).all(), cos
-    assert ds.norms[0, K:].min() > 5 * ds.norms[0, :K].max()
+    assert ds.norms[K:, 0].min() > 5 * ds.norms[:K, 0].max()
     torch.testing.assert_close(mean_diff(acts_h, acts_b, normalize=True), ds.unit)
     # layer 0 at the last position is the same template token for every prompt: a zero direction stays zero
     assert float(ds.norms[0, 0]) == 0 and float(ds.unit[0, 0].norm()) == 0
-    torch.testing.assert_close(ds.unit[0, 1:].norm(dim=-1), torch.ones(LAYERS - 1, dtype=torch.float64))
+    torch.testing.assert_close(ds.unit[1:, 0].norm(dim=-1), torch.ones(LAYERS - 1, dtype=torch.float64))
 
 
 def test_probe_accuracy_jumps_at_planted_layer(planted):
@@ -104,28 +104,28 @@ def test_streaming_means_match_tensor_means(planted):
     full_b = capture(lm, harmless, positions=[-2, -1], progress=False, batch_size=4)
     acc_b = capture(lm, harmless, positions=[-2, -1], progress=False, batch_size=4, accumulate=True)
     a, b = mean_diff(full_h, full_b), mean_diff(acc_h, acc_b)
-    assert tuple(a.shape) == (2, LAYERS, 64)
+    assert tuple(a.shape) == (LAYERS, 2, 64)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     manual = full_h.stack("resid_pre").double().mean(0) - full_b.stack("resid_pre").double().mean(0)   # [L, P, d]
-    torch.testing.assert_close(a, manual.permute(1, 0, 2))
+    torch.testing.assert_close(a, manual)
 
 
 def test_direction_file_round_trip_and_model_checks(planted, tmp_path, tiny_llama_dir):
     lm, _, acts_h, acts_b = planted
     ds = DirectionSet.from_activations(acts_h, acts_b, checkpoint=lm.checkpoint)
     path = save_directions(tmp_path / "directions.safetensors", {"base": ds, "copy": ds})
-    sets = load_directions(path, lm.checkpoint)
+    sets = load_directions(path, checkpoint=lm.checkpoint)
     assert list(sets) == ["base", "copy"]
     torch.testing.assert_close(sets["base"].raw, ds.raw, atol=0, rtol=0)
     assert sets["base"].metadata() == ds.metadata()
-    assert DirectionSet.load(path, lm.checkpoint, label="copy").layers == ds.layers
+    assert DirectionSet.load(path, checkpoint=lm.checkpoint, label="copy").layers == ds.layers
     other = open_checkpoint(tiny_llama_dir)                    # same hidden size, different weights
     with pytest.raises(VlsafeError, match="hash"):
-        load_directions(path, other)
-    assert load_directions(path, other, allow_other_model=True)["base"].hidden_size == 64
+        load_directions(path, checkpoint=other)
+    assert load_directions(path, checkpoint=other, allow_other_model=True)["base"].hidden_size == 64
     wide = open_checkpoint(tiny_llama(tmp_path / "wide", hidden=32, layers=1))
     with pytest.raises(VlsafeError, match="hidden size 64 but .* has 32"):
-        load_directions(path, wide, allow_other_model=True)
+        load_directions(path, checkpoint=wide, allow_other_model=True)
     with pytest.raises(VlsafeError, match="holds 2 direction sets"):
         DirectionSet.load(path)
     with pytest.raises(VlsafeError, match="not a vlsafe direction file"):
@@ -137,11 +137,11 @@ def test_direction_file_round_trip_and_model_checks(planted, tmp_path, tiny_llam
 def test_bad_direction_inputs(planted):
     lm, _, acts_h, acts_b = planted
     with pytest.raises(VlsafeError, match="empty"):
-        mean_diff(torch.zeros(0, 1, LAYERS, 64), torch.zeros(3, 1, LAYERS, 64))
+        mean_diff(torch.zeros(0, LAYERS, 1, 64), torch.zeros(3, LAYERS, 1, 64))
     with pytest.raises(VlsafeError, match="layer"):
         mean_diff(acts_h, acts_b, layers=[LAYERS + 2])
     with pytest.raises(VlsafeError, match="do not match"):
-        DirectionSet.from_activations(torch.zeros(3, 1, LAYERS, 64), torch.zeros(3, 1, LAYERS, 32))
+        DirectionSet.from_activations(torch.zeros(3, LAYERS, 1, 64), torch.zeros(3, LAYERS, 1, 32))
 
 
 # ---- refusal scores ---------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_first_token_score_matches_reference_formula(planted):
     lm, _, _, _ = planted
     prompts = _prompts(5, 9)
     ids = refusal_tokens(lm.tokenizer)
-    batched = refusal_score(lm, prompts, "first_token", batch_size=5)
+    batched = refusal_score(lm, prompts, kind="first_token", batch_size=5)
     for p, got in zip(prompts, batched):
         enc = lm.tokenizer(format_chat(lm.tokenizer, p), return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
@@ -279,9 +279,9 @@ def test_compare_directions_and_drift(planted):
     np.testing.assert_allclose(ab["direction_cosine"], 1.0, atol=1e-12)
     ac = sim[(sim.checkpoint_a == "a") & (sim.checkpoint_b == "c") & (sim.layer >= K)]
     assert (ac["direction_cosine"].abs() < 0.6).all()
-    narrow = DirectionSet(torch.ones(1, 2, 32), [0, 1], [-1], 32, 2)
+    narrow = DirectionSet(torch.ones(2, 1, 32), [0, 1], [-1], 32, 2)
     with pytest.raises(VlsafeError, match="hidden size 64.*hidden size 32"):
-        direction_cosines(ds, narrow, "a", "narrow")
+        direction_cosines(ds, narrow, label_a="a", label_b="narrow")
     drift = projection_drift(ds, acts_h, acts_b).set_index("layer")
     assert (drift.loc[K:, "harmful_mean"] - drift.loc[K:, "harmless_mean"]).min() > 3.5   # |v| = 4 along r̂
     assert (drift.loc[K:, "d_prime"] > 5).all()

@@ -13,13 +13,13 @@ L, D, SEP_FROM = 5, 16, 2
 
 
 def _data(n: int = 100, shift: float = 3.0, seed: int = 0, flip: bool = False):
-    """[2n, 1, L, d] Gaussian activations; from layer SEP_FROM the classes differ by `shift` along one axis."""
+    """[2n, L, 1, d] Gaussian activations; from layer SEP_FROM the classes differ by `shift` along one axis."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2 * n, 1, L, D, generator=g)
+    x = torch.randn(2 * n, L, 1, D, generator=g)
     y = np.r_[np.ones(n, int), np.zeros(n, int)]
     axis = torch.zeros(D)
     axis[3] = shift * (-1 if flip else 1)
-    x[:n, :, SEP_FROM:] += axis
+    x[:n, SEP_FROM:] += axis
     return x, y
 
 

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from vlsafe.analysis.checkpoints import open_checkpoint
 from vlsafe.analysis.errors import VlsafeError
 from vlsafe.analysis.merging import MergePlan, run_merge
-from vlsafe.analysis.merging.io import ShardedWriter, TensorReader
-from vlsafe.analysis.merging.plans import diff_scores, plan_proportional, plan_restore_layers
+from vlsafe.analysis.merging.io import MergeReader, ShardedWriter
+from vlsafe.analysis.merging.plans import (diff_scores, first_layer_reaching, layers_from, plan_proportional,
+                                            plan_restore_layers)
 
 EXTRA_ROWS = 2  # the LVLM's vocabulary extends the LLM's by two rows (like LLaVA's <image>, <pad>)
 
@@ -121,6 +122,18 @@ def test_proportional_plan_from_a_diff_table(models, tmp_path):
         assert torch.allclose(m[k], want, atol=1e-6), k
 
 
+def test_first_layer_reaching_and_layers_from():
+    scores = pd.Series({0: 0.5, 1: 0.7, 2: 0.81, 3: 0.79, 4: 0.95})
+    assert first_layer_reaching(scores, 0.8) == 2
+    assert first_layer_reaching(scores, 0.81) == 2                    # reaching includes equality
+    assert first_layer_reaching({3: 0.9, 1: 0.85}, 0.8) == 1          # by layer, not by insertion order
+    with pytest.raises(VlsafeError, match="no layer reaches 0.99"):
+        first_layer_reaching(scores, 0.99)
+    assert layers_from(3, 4, 5) == [3, 4]
+    with pytest.raises(VlsafeError, match="outside a 5-layer model"):
+        layers_from(5, 1, 5)
+
+
 def test_streaming_keeps_at_most_two_tensor_groups_alive(models, tmp_path, monkeypatch):
     """Pipelined: while one group computes, the next loads and the previous output writes; never more."""
     import threading
@@ -128,7 +141,7 @@ def test_streaming_keeps_at_most_two_tensor_groups_alive(models, tmp_path, monke
     lock = threading.Lock()
     alive: dict[int, str] = {}
     seen = {"reads": 0, "peak_group": 0, "peak_names": 0}
-    original = TensorReader.get
+    original = MergeReader.get
 
     def tracked(self, name):
         with lock:
@@ -156,7 +169,7 @@ def test_streaming_keeps_at_most_two_tensor_groups_alive(models, tmp_path, monke
             weakref.finalize(tensor, lambda k=key: written.pop(k, None))
         return write(self, name, tensor)
 
-    monkeypatch.setattr(TensorReader, "get", tracked)
+    monkeypatch.setattr(MergeReader, "get", tracked)
     monkeypatch.setattr(ShardedWriter, "write", tracked_write)
     plan = _plan(merge_method="ties", base_model=models["llm0"],
                  models=[{"model": str(models[f"llm{i}"]), "parameters": {"weight": 0.5, "density": 0.5}} for i in (1, 2)])

@@ -52,7 +52,7 @@ def test_probe_writes_the_contracted_files(run, pair):
     sets = load_directions(run / "directions.safetensors")
     assert list(sets) == ["llm", "lvlm", "lvlm+blank"]
     assert sets["lvlm+blank"].extra["image"] == "blank" and sets["llm"].n_harmful == 12
-    load_directions(run / "directions.safetensors", open_checkpoint(pair[0]), allow_other_model=True)
+    load_directions(run / "directions.safetensors", checkpoint=open_checkpoint(pair[0]), allow_other_model=True)
 
 
 def test_llm_and_its_lvlm_agree_text_only_and_differ_with_an_image(run):
@@ -91,7 +91,7 @@ def test_probe_bad_input(pair, tmp_path, capsys):
 def test_direction_file_from_another_model_is_refused(run, tmp_path):
     other = open_checkpoint(tiny_llama(tmp_path / "other", layers=3, seed=99))
     with pytest.raises(VlsafeError, match=r"directions.safetensors \[llm\]: computed on .* not on"):
-        load_directions(run / "directions.safetensors", other)
+        load_directions(run / "directions.safetensors", checkpoint=other)
 
 
 def test_remote_dry_run_matches_a_local_capture(pair, tmp_path, capsys):

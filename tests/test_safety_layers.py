@@ -131,4 +131,4 @@ def test_substring_judge_default_list():
     assert substring_judge("I'm sorry, but I can't help with that.")
     assert substring_judge("as an AI language model, I ...")
     assert not substring_judge("Sure, here is a short answer.")
-    assert substring_judge("Nope.", ["nope"])
+    assert substring_judge("Nope.", substrings=["nope"])

@@ -26,7 +26,7 @@ def test_matches_torch_on_concatenation(chunk):
     assert s.count == x.shape[0]
     torch.testing.assert_close(s.mean, ref.mean(0), rtol=0, atol=1e-9)
     torch.testing.assert_close(s.var, ref.var(0), rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(s.variance(0), ref.var(0, correction=0), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s.variance(correction=0), ref.var(0, correction=0), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(s.cov, torch.cov(ref.T), rtol=1e-9, atol=1e-9)
     assert s.mean.dtype == torch.float64
 

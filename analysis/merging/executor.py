@@ -30,7 +30,7 @@ from vlsafe.analysis.errors import VlsafeError
 from vlsafe.analysis.loading import as_dtype
 from vlsafe.analysis.merging import methods
 from vlsafe.analysis.merging.config import MergePlan, module_matches
-from vlsafe.analysis.merging.io import ShardedWriter, TensorReader, pipelined
+from vlsafe.analysis.merging.io import MergeReader, ShardedWriter, pipelined
 from vlsafe.analysis.runinfo import atomic_path, write_run_json
 from vlsafe.analysis.sources import torch_dtype
 from vlsafe.analysis.streaming import wants_direct_io
@@ -79,7 +79,7 @@ def _out_dtype(plan: MergePlan, stored: torch.dtype) -> torch.dtype:
 def plan_tensors(plan: MergePlan, ckpts: dict[str, Checkpoint]) -> list[TensorTask]:
     """Resolve every output tensor of `plan` (no tensor data read); structural problems raise here."""
     layout = ckpts[plan.layout_model()]
-    readers = {s: TensorReader(ckpts[s]) for s in plan.inputs()}
+    readers = {s: MergeReader(ckpts[s]) for s in plan.inputs()}
     num_layers = layout.num_layers
     plan.check_layers(num_layers, source=f"plan for {layout.spec}")
     tasks = []
@@ -117,7 +117,7 @@ def _check_selection(plan: MergePlan, layout: Checkpoint) -> None:
         raise VlsafeError(f"layers {plan.layers} / modules {plan.modules} select no tensor of {layout.spec}")
 
 
-def _rows(name: str, info: Any, readers: dict[str, TensorReader], layout_spec: str) -> int | None:
+def _rows(name: str, info: Any, readers: dict[str, MergeReader], layout_spec: str) -> int | None:
     rows = None
     for spec, r in readers.items():
         shape = r.shape(name)
@@ -135,7 +135,7 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
 
 
-def _load(task: TensorTask, plan: MergePlan, readers: dict[str, TensorReader]) -> dict[str, torch.Tensor]:
+def _load(task: TensorTask, plan: MergePlan, readers: dict[str, MergeReader]) -> dict[str, torch.Tensor]:
     """The input tensors `task` needs (the layout model's only, for a copy)."""
     specs = [plan.layout_model()] if task.action == "copy" else plan.inputs()
     return {s: readers[s].get(task.name) for s in specs}
@@ -228,7 +228,7 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, out_shard_size: int | str
     exported = plan.to_mergekit_yaml(names, layout.num_layers, _export_renames(ckpts))
     seed = 0 if plan.seed is None else plan.seed
     direct = wants_direct_io([ckpts[s] for s in plan.inputs()])  # inputs larger than memory: bypass the cache
-    readers = {s: TensorReader(ckpts[s], direct=direct) for s in plan.inputs()}
+    readers = {s: MergeReader(ckpts[s], direct=direct) for s in plan.inputs()}
     with atomic_path(out) as tmp:
         tmp.mkdir()
         writer = ShardedWriter(tmp, [(t.raw_name, t.out_dtype, t.shape) for t in tasks], out_shard_size)

@@ -43,8 +43,8 @@ def parse_size(size: int | str) -> int:
     return n
 
 
-class TensorReader(streaming.TensorReader):
-    """`vlsafe.analysis.streaming.TensorReader` addressed by canonical name, for merges: `get` returns a whole fresh
+class MergeReader(streaming.TensorReader):
+    """`vlsafe.analysis.streaming.TensorReader` specialised for merges: `get` returns a whole fresh
     tensor (plain file reads at the header's offsets, no memory map, one shard open), and a missing
     `lm_head.weight` falls back to `model.embed_tokens.weight` (tied embeddings), as mergekit's `tied_names` do.
     `direct=True` reads with O_DIRECT (see `vlsafe.analysis.streaming.wants_direct_io`)."""

@@ -91,20 +91,23 @@ def top_k_layers(scores: pd.Series | Mapping[int, float] | pd.DataFrame, score_c
     return sorted(int(i) for i in picked.index)
 
 
-def onset_layer(scores: pd.Series | Mapping[int, float], threshold: float) -> int:
-    """The first layer whose score reaches `threshold` (e.g. where probe accuracy first exceeds 0.8)."""
+def first_layer_reaching(scores: pd.Series | Mapping[int, float], threshold: float) -> int:
+    """The first layer whose score is at least `threshold` (e.g. where probe accuracy first reaches 0.8).
+
+    (Not the safety-layer onset of cosine curves: that is `vlsafe.probes.safety_layers.onset_layer`.)"""
     s = _series(scores, None).sort_index()
     hit = s[s >= threshold]
     if hit.empty:
-        raise VlsafeError(f"onset_layer: no layer reaches {threshold} (max {s.max():.3g} at layer {int(s.idxmax())})")
+        raise VlsafeError(f"first_layer_reaching: no layer reaches {threshold} "
+                          f"(max {s.max():.3g} at layer {int(s.idxmax())})")
     return int(hit.index[0])
 
 
-def layers_from(onset: int, width: int, num_layers: int) -> list[int]:
-    """`width` consecutive layers starting at `onset`, clipped to the model."""
-    if width <= 0 or not 0 <= onset < num_layers:
-        raise VlsafeError(f"layers_from: onset {onset} / width {width} outside a {num_layers}-layer model")
-    return list(range(onset, min(num_layers, onset + width)))
+def layers_from(start: int, width: int, num_layers: int) -> list[int]:
+    """`width` consecutive layers starting at `start`, clipped to the model."""
+    if width <= 0 or not 0 <= start < num_layers:
+        raise VlsafeError(f"layers_from: start {start} / width {width} outside a {num_layers}-layer model")
+    return list(range(start, min(num_layers, start + width)))
 
 
 def plan_restore_layers(lvlm: str, llm: str, layers: Iterable[int], alpha: float, *,

@@ -46,9 +46,9 @@ def _csv_row_of(data: bytes, pos: int, delimiter: str) -> int | None:
 
 def check_responses(path: Path, column: str, allow_empty: bool) -> None:
     """Column present (else list the available ones), file not empty, no empty responses unless allowed."""
-    from vlsafe.probes.behavior.judges import read_table
+    from vlsafe.probes.behavior.judges import read_judge_input
 
-    df = read_table(path)
+    df = read_judge_input(path)
     if column not in df.columns:
         raise VlsafeError(f"{path}: no column {column!r}; available columns: {', '.join(map(str, df.columns))}")
     if df.empty:

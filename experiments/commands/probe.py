@@ -3,7 +3,8 @@
 Per checkpoint (and, for an LVLM with `--image`, once more with that image attached): capture the residual
 stream entering (`resid_pre`) and leaving (`resid_post`) every block for the harmful and harmless sets, then
 
-- `directions.safetensors`: difference-in-means directions `[n_pos, L, d]` per checkpoint label (fp64);
+- `directions.safetensors`: difference-in-means directions `[L, P, d]` per checkpoint label (fp64,
+  format `vlsafe.directions/2`; files of format /1, `[P, L, d]`, still load);
 - `layers.csv`: `checkpoint, layer, position, probe_accuracy, probe_auroc, control_accuracy, direction_norm,
   d_prime, control_auroc, n` (cross-validated logistic probes with a shuffled-label control);
 - `safety_layers.csv`: Li et al. cosine curves `checkpoint, layer, pair, cosine_mean, cosine_std, seed_std,
@@ -114,12 +115,12 @@ def _tables(v: _Variant, folds: int, seed: int, pairs: int,
     from vlsafe.probes.safety_layers import cosine_curves, onset_layer
 
     probes = probe_sets(v.harmful, v.harmless, folds=folds, seed=seed, progress=progress)
-    norms = v.directions.table(v.label)
+    norms = v.directions.table(label=v.label)
     layers = norms.merge(probes, on=["layer", "position"])
     first = ["checkpoint", "layer", "position", "probe_accuracy", "probe_auroc", "control_accuracy", "direction_norm"]
     layers = layers[first + [c for c in layers.columns if c not in first]]
     p = v.harmful.position_index(-1)
-    states = lambda a: a.stack("resid_post")[:, :, p]  # noqa: E731
+    states = lambda a: a.stack("resid_post")[:, :, p]  # noqa: E731  [n, L, d] at the last position
     curves = cosine_curves(states(v.harmless), states(v.harmful), pairs=pairs,
                            layers=sorted(l for k, l in v.harmful.requests if k == "resid_post"))
     curves.insert(0, "checkpoint", v.label)
@@ -165,8 +166,8 @@ def _figures(out: Path, labels: list[str], layers: pd.DataFrame, curves: pd.Data
     ref = variants[0].directions
     best = layers[layers["checkpoint"] == variants[0].label].sort_values("probe_accuracy").iloc[-1]
     layer = int(best["layer"])
-    li, p = ref.layers.index(layer), len(ref.positions) - 1
-    proj = {v.label: (project(v.harmful, ref)[0][:, p, li].numpy(), project(v.harmless, ref)[0][:, p, li].numpy())
+    li, p = ref.index(layer)
+    proj = {v.label: (project(v.harmful, ref)[0][:, li, p].numpy(), project(v.harmless, ref)[0][:, li, p].numpy())
             for v in variants}
     paths += save_figure(F.projection_figure(proj, layer, variants[0].label, labels), fig_dir, "projections")
     return paths

@@ -106,7 +106,7 @@ from vlsafe.probes.directions import DirectionSet, save_directions
 
 ds = DirectionSet.from_activations(acts_h, acts_b, checkpoint=lm.checkpoint)
 save_directions(OUT / "directions.safetensors", {"llm": ds})
-display(ds.table("llm").set_index("layer")[["direction_norm"]].T)
+display(ds.table(label="llm").set_index("layer")[["direction_norm"]].T)
 
 # %% [markdown]
 # ## 4 · Linear probes with a shuffled-label control, and safety-layer curves
@@ -200,7 +200,7 @@ for label, spec in zip(("llm", "lvlm"), PAIR):
     h, b = capture(model, harmful.prompts, **kw), capture(model, harmless.prompts, **kw)
     sets[label] = DirectionSet.from_activations(h, b, checkpoint=model.checkpoint)
     del model
-similarity = direction_cosines(sets["llm"], sets["lvlm"], "llm", "lvlm")
+similarity = direction_cosines(sets["llm"], sets["lvlm"], label_a="llm", label_b="lvlm")
 display(similarity.set_index("layer")[["direction_cosine"]].T)
 display(similarity_figure(similarity, ["llm", "lvlm"]))
 if not REAL:

@@ -10,6 +10,11 @@ kind in `resid_pre`, `resid_post`, `attn_out`, `mlp_out`; `run(batch, gather)` r
 - `transformer_lens`: TL 4.x `TransformerBridge` around a deep copy of the model, `run_with_cache` with a
   names filter.
 - `nnsight`: nnsight 0.8 trace, modules read in forward order.
+
+Backends leave process state alone (no environment variables, no thread counts): the TransformerLens and
+nnsight wrappers are given the in-memory model, its config and tokenizer, so nothing is fetched from the Hub.
+(`huggingface_hub` reads `HF_HUB_OFFLINE` once, when it is imported, so setting it at call time would not
+make anything offline; export it before starting Python.)
 """
 
 from __future__ import annotations

@@ -37,8 +37,7 @@ def wrap(lm: Any) -> Any:
     built = getattr(lm.model, _ATTR, None)
     if built is not None:
         return built
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import nnsight
+    import nnsight  # wraps the in-memory module and tokenizer: nothing is fetched from the Hub
 
     if M.is_lvlm(lm):
         return nnsight.NNsight(lm.model)
@@ -78,7 +77,7 @@ def is_hub_id(spec: Any) -> bool:
     return isinstance(spec, str) and bool(_HUB_ID.match(spec)) and not Path(spec).expanduser().exists()
 
 
-def hub_id(lm: Any, remote_model: str | None = None) -> str:
+def hub_id(lm: Any, *, remote_model: str | None = None) -> str:
     """The Hugging Face hub id NDIF knows the model by (`remote_model`, else the spec or `_name_or_path`)."""
     if remote_model is not None:
         if not is_hub_id(remote_model):
@@ -135,7 +134,8 @@ class NnsightBackend:
 
     name = "nnsight"
 
-    def __init__(self, lm: Any, requests: list[HookRequest], remote: Any = False, remote_model: str | None = None):
+    def __init__(self, lm: Any, requests: list[HookRequest], *, remote: Any = False,
+                 remote_model: str | None = None):
         self.requests = by_layer(list(requests))
         self.remote = check_remote(remote)
         if self.remote and M.is_lvlm(lm):
@@ -144,7 +144,7 @@ class NnsightBackend:
             api_key()
         self.wrapper = wrap(lm)
         if self.remote and self.remote != "local":
-            self.wrapper.repo_id = hub_id(lm, remote_model)
+            self.wrapper.repo_id = hub_id(lm, remote_model=remote_model)
         model = lm.model
         names = {id(m): n for n, m in model.named_modules()}
         blocks = M.decoder_layers(model)
@@ -186,5 +186,6 @@ class NnsightBackend:
         self.close()
 
 
-def make(lm: Any, requests: list[HookRequest], remote: Any = False, remote_model: str | None = None) -> NnsightBackend:
+def make(lm: Any, requests: list[HookRequest], *, remote: Any = False,
+         remote_model: str | None = None) -> NnsightBackend:
     return NnsightBackend(lm, requests, remote=remote, remote_model=remote_model)

@@ -7,7 +7,6 @@ caller's model is untouched. Works for text Llama-style models and LLaVA (TL shi
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import torch
@@ -21,8 +20,8 @@ TL_NAMES = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post", "att
 
 
 def build_bridge(lm: Any) -> Any:
-    """A `TransformerBridge` over a deep copy of `lm.model` (tokenizer passed, so nothing hits the Hub)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """A `TransformerBridge` over a deep copy of `lm.model` (config and tokenizer passed, so nothing hits the Hub;
+    the process environment is left alone)."""
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
     model = lm.model

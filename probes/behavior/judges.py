@@ -26,7 +26,7 @@ from typing import Any, Callable
 from vlsafe.probes.behavior.judge_base import Judge, JudgeResult
 from vlsafe.probes.behavior.judge_substring import SUBSTRING_LISTS, SubstringJudge
 
-__all__ = ["Judge", "JudgeResult", "get_judge", "list_judges", "judge_file", "read_table", "DEFAULT_JUDGE"]
+__all__ = ["Judge", "JudgeResult", "get_judge", "list_judges", "judge_file", "read_judge_input", "DEFAULT_JUDGE"]
 
 DEFAULT_JUDGE = "vlsafe"
 
@@ -87,7 +87,7 @@ def get_judge(name: str = DEFAULT_JUDGE, **kw: Any) -> Judge:
 
 # ---------------------------------------------------------------- files
 
-def read_table(path: str | Path) -> "Any":
+def read_judge_input(path: str | Path) -> "Any":
     """Read a CSV/TSV or JSON/JSONL file into a DataFrame (one-line ``VlsafeError`` on unreadable input)."""
     import pandas as pd
     from vlsafe.analysis.errors import VlsafeError
@@ -135,7 +135,7 @@ def judge_file(path: str | Path, column: str = "response", judge_name: str = DEF
     from vlsafe.analysis.errors import VlsafeError
 
     p = Path(path)
-    df = read_table(p)
+    df = read_judge_input(p)
     for col in [column] + ([prompt_column] if prompt_column else []):
         if col not in df.columns:
             raise VlsafeError(f"judge: {p} has no column {col!r}; available columns: {', '.join(map(str, df.columns))}")
