@@ -8,8 +8,15 @@ from pathlib import Path
 import pandas as pd
 
 from vlsafe.experiments.cli import main
+from vlsafe.experiments.report.discover import READS, discover
 
 SECTIONS = {"dynamics", "weight_heatmap", "taskvec", "probe", "direction_cos", "safety_layers", "pareto", "linked"}
+# the tables the report reads, as each sub-run's run.json lists them (the shallowest of a kind is drawn)
+TABLES = {"diff_layers": ["diff/layers.csv", "taskvec/layers.csv"], "dynamics": ["diff/dynamics.csv"],
+          "taskvectors": ["taskvec/taskvectors.csv"], "probe_layers": ["probe/layers.csv"],
+          "similarity": ["probe/similarity.csv"], "safety_layers": ["probe/safety_layers.csv"],
+          "eval_summary": ["eval/summary.csv", "eval_image/summary.csv"],
+          "organism_metrics": ["organism/metrics.csv"], "pareto": ["sweep/pareto.csv"]}
 
 
 def test_tiny_demo_fills_every_report_section(tmp_path: Path, capsys) -> None:
@@ -18,6 +25,8 @@ def test_tiny_demo_fills_every_report_section(tmp_path: Path, capsys) -> None:
     page = (out / "report.html").read_text()
     assert 'class="missing"' not in page
     assert {m.removeprefix("report_") for m in re.findall(r'<img alt="([^"]+)"', page)} == SECTIONS
+    art = discover(out)
+    assert {k: [str(p.relative_to(out)) for p, _ in art.all(k)] for k in READS} == TABLES
     for csv in ("diff/layers.csv", "diff/dynamics.csv", "taskvec/taskvectors.csv", "probe/layers.csv",
                 "probe/similarity.csv", "eval/summary.csv", "eval_image/summary.csv", "sweep/pareto.csv",
                 "organism/metrics.csv"):

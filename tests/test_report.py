@@ -120,15 +120,27 @@ def test_listed_table_missing_is_one_line_error(tmp_path: Path) -> None:
     _one_line_error(tmp_path, r"probe/similarity\.csv: listed as 'similarity' in .*probe/run\.json but missing")
 
 
+def _legacy(run: Path, command: str) -> None:
+    """Rewrite `run/run.json` as an older vlsafe wrote it: no `kind`, no `tables`."""
+    rec = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    rec = {k: v for k, v in rec.items() if k not in ("kind", "tables")}
+    (run / "run.json").write_text(json.dumps({**rec, "command": command}))
+
+
 def test_run_json_without_tables_is_one_line_error(tmp_path: Path) -> None:
-    """A run.json written by an older vlsafe (no `tables`) stops the report and names the file to rerun."""
+    """A run.json written by an older vlsafe (no `tables`) stops the report and names the file to rerun, unless
+    its command writes no table the report reads (a resumed sweep's merged or tuned point models)."""
     _make_run(tmp_path)
-    rj = tmp_path / "eval" / "run.json"
-    rec = json.loads(rj.read_text())
-    del rec["tables"]
-    rj.write_text(json.dumps(rec))
+    for cmd, name in (("merge", "points/a/model"), ("tune", "points/b/model")):
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        _legacy(tmp_path / "sweep" / name, cmd)
+        pd.DataFrame({"layer": [0], "module": ["all"], "rel_frobenius": [9.0]}).to_csv(
+            tmp_path / "sweep" / name / "layers.csv", index=False)
+    art = discover(tmp_path)
+    assert len(art.runs) == 7 and [p for p, _ in art.all("diff_layers")] == [tmp_path / "diff" / "layers.csv"]
+    _legacy(tmp_path / "eval", "eval")
     _one_line_error(tmp_path, r"eval/run\.json: no \"tables\" in run\.json \(written by an older vlsafe\)")
-    rj.write_text("{not json")
+    (tmp_path / "eval" / "run.json").write_text("{not json")
     _one_line_error(tmp_path, r"eval/run\.json: not a valid run\.json")
 
 

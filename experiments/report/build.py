@@ -102,7 +102,7 @@ def _repro(art: Artefacts) -> str:
         return '<p class="missing">No run.json found.</p>'
     blocks = []
     for path, rec in art.runs:
-        keep = {k: rec.get(k) for k in ("command", "git_commit", "seed", "created", "versions", "checkpoints",
+        keep = {k: rec.get(k) for k in ("command", "kind", "tables", "git_commit", "seed", "created", "versions", "checkpoints",
                                         "config")}
         rel = path.relative_to(art.root)
         blocks.append(f"<details><summary><code>{html.escape(str(rel))}</code> — "

@@ -3,9 +3,13 @@
 A run directory may be a single `vlsafe diff` output, a `vlsafe probe` output, or the demo tree holding many
 sub-runs. Every `run.json` names its tables (`"tables"`: table kind → file relative to that run directory; see
 `vlsafe.analysis.runinfo.TABLE_KINDS`), and only those files are read: a CSV that no `run.json` lists is ignored,
-whatever its columns. A `run.json` without `"tables"` (written by an older vlsafe), one that is not valid JSON,
-or one listing a file that is missing is a one-line `VlsafeError` naming the file: rerun the command that wrote
-it. Directories whose name starts with a dot (temporary folders of atomic writes) are skipped.
+whatever its columns. A `run.json` that is not valid JSON or lists a file that is missing is a one-line
+`VlsafeError` naming the file. Directories whose name starts with a dot (temporary folders of atomic writes) are
+skipped.
+
+Legacy: a `run.json` without `"tables"` was written by an older vlsafe. If its command is one that writes no table
+the report reads (`merge`, `tune`: the models of a resumed sweep's finished points), it lists no tables; any
+other is a one-line error naming it (rerun that command). Nothing is ever guessed from file or column names.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ READS: dict[str, set[str]] = {
     "safety_layers": {"layer", "pair"},
     "pareto": {"safety", "helpfulness"},
 }
+# commands whose run.json, from before `tables` existed, is read as listing no tables (see the module docstring)
+LEGACY_WITHOUT_TABLES = frozenset({"merge", "tune"})
 
 
 @dataclass
@@ -44,7 +50,7 @@ class Artefacts:
 
     def all(self, kind: str) -> list[tuple[Path, pd.DataFrame]]:
         """Every table of a kind, in path order, with its file."""
-        return [(p, self._load(kind, p)) for p in sorted(self.paths.get(kind) or [], key=str)]
+        return [(p, self._load(kind, p)) for p in sorted(self.paths.get(kind) or [])]
 
     def first(self, kind: str) -> pd.DataFrame | None:
         """The shallowest table of a kind (a run's summary sits above its sub-runs' tables)."""
@@ -87,7 +93,8 @@ def discover(root: str | Path) -> Artefacts:
         if any(part.startswith(".") for part in rj.relative_to(root).parts):
             continue
         record = _read_run(rj)
-        for kind, path in run_tables(rj, record).items():
+        legacy = "tables" not in record and record.get("command") in LEGACY_WITHOUT_TABLES
+        for kind, path in ({} if legacy else run_tables(rj, record)).items():
             if path not in art.paths.setdefault(kind, []):
                 art.paths[kind].append(path)
         art.runs.append((rj, record))
