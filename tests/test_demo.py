@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -41,3 +42,20 @@ def test_tiny_demo_fills_every_report_section(tmp_path: Path, capsys) -> None:
     log = capsys.readouterr().out
     for stage in ("diff", "taskvec", "probe", "eval", "eval-img"):
         assert re.search(rf"\[demo\] {re.escape(stage)}\s+cached", log), stage
+
+
+def test_demo_rebuilds_a_cached_stage_whose_run_json_lists_no_tables(tmp_path: Path, monkeypatch) -> None:
+    """A stage output from an older vlsafe (run.json without `tables`) is rebuilt, not reused."""
+    from vlsafe.experiments import demo
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(demo, "_cli", calls.append)
+    stages, stage = demo.Stages(tmp_path, echo=lambda line: None), tmp_path / "diff"
+    stage.mkdir()
+    stages.run("diff", ["diff", "x"], stage, [])
+    (stage / "run.json").write_text(json.dumps({"command": "diff"}))
+    stages.run("diff", ["diff", "x"], stage, [])
+    assert len(calls) == 2
+    (stage / "run.json").write_text(json.dumps({"command": "diff", "kind": "diff", "tables": {}}))
+    stages.run("diff", ["diff", "x"], stage, [])
+    assert len(calls) == 2
