@@ -20,8 +20,7 @@ import subprocess
 import sys
 import tempfile
 from importlib import metadata
-from pathlib import Path
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Mapping
 
 from vlsafe.analysis.errors import VlsafeError
