@@ -1,7 +1,10 @@
 """Run directories: `run.json` provenance and atomic writes (temp path, then rename).
 
 Every run directory gets `run.json` with the resolved config, package versions, git commit, checkpoint
-hashes and seed, so a figure can be traced back to exactly what produced it.
+hashes and seed, so a figure can be traced back to exactly what produced it. It also names the run's `kind`
+(one word per command: `diff`, `probe`, `eval`, ...) and its `tables`: table kind (one of `TABLE_KINDS`) →
+file name relative to the run directory. Readers (the report) find tables through `run_tables`, never by
+guessing from file or column names.
 """
 
 from __future__ import annotations
@@ -11,16 +14,43 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from importlib import metadata
-from pathlib import Path
-from typing import Any, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator, Mapping
+
+from vlsafe.analysis.errors import VlsafeError
 
 PACKAGES = ("vlsafe", "torch", "transformers", "safetensors", "transformer-lens", "nnsight", "peft", "trl",
             "scikit-learn", "numpy", "pandas", "matplotlib", "mergekit", "gguf")
+
+
+# table kind → what it holds; the contract between the commands that write tables and the report that reads them
+TABLE_KINDS: dict[str, str] = {
+    "diff_tensors": "vlsafe diff: weight shift per tensor (tensors.csv)",
+    "diff_layers": "vlsafe diff: weight shift per layer and module (layers.csv)",
+    "taskvectors": "vlsafe diff --base: task-vector cosine per layer and module (taskvectors.csv)",
+    "taskvectors_tensors": "vlsafe diff --base: task vectors per tensor (taskvectors_tensors.csv)",
+    "dynamics": "vlsafe diff with several POSTs: weight shift per step (dynamics.csv)",
+    "probe_layers": "vlsafe probe: probe accuracy and direction norm per layer (layers.csv)",
+    "safety_layers": "vlsafe probe: safety-layer cosine curves (safety_layers.csv)",
+    "similarity": "vlsafe probe: direction cosine between checkpoints (similarity.csv)",
+    "drift": "vlsafe probe: projections on other checkpoints' directions (drift.csv)",
+    "transfer": "vlsafe probe: probe transfer between checkpoints (transfer.csv)",
+    "selection": "vlsafe probe --select: direction selection scores (selection.csv)",
+    "eval_summary": "vlsafe eval: refusal rates with intervals (summary.csv)",
+    "eval_generations": "vlsafe eval: one row per generation (generations.jsonl)",
+    "organism_metrics": "vlsafe organism: metrics of every checkpoint (metrics.csv)",
+    "stage_times": "vlsafe organism: build time of every stage (stage_times.csv)",
+    "train_log": "vlsafe tune: training log (train_log.csv)",
+    "pareto": "vlsafe sweep: safety and helpfulness of every point (pareto.csv)",
+    "safelora": "vlsafe safelora: per-module projection (safelora.csv)",
+}
+_WORD = re.compile(r"[a-z][a-z0-9_]*")
 
 
 def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
@@ -76,10 +106,45 @@ def write_csv(path: str | os.PathLike, df: Any) -> Path:
     return Path(path)
 
 
-def write_run_json(run_dir: str | os.PathLike, *, command: str, config: dict[str, Any] | None = None,
+def _table_path(rel: Any, where: str) -> str:
+    """`rel` as a POSIX path inside the run directory, or a one-line error naming `where`."""
+    if not isinstance(rel, str) or not rel:
+        raise VlsafeError(f"{where}: a table file must be a non-empty relative path (got {rel!r})")
+    path = PurePosixPath(rel)
+    if path.is_absolute() or ".." in path.parts or "\\" in rel:
+        raise VlsafeError(f"{where}: table file {rel!r} must be relative to the run directory, inside it")
+    return str(path)
+
+
+def check_tables(run_dir: str | os.PathLike, kind: str, tables: Mapping[str, str]) -> dict[str, str]:
+    """Validate a run's `kind` and `tables` (known table kinds, relative paths of files that exist)."""
+    if not isinstance(kind, str) or not _WORD.fullmatch(kind):
+        raise VlsafeError(f"{run_dir}: run kind must be one lowercase word such as 'diff' (got {kind!r})")
+    if not isinstance(tables, Mapping):
+        raise VlsafeError(f"{run_dir}: tables must map a table kind to a file name (got {type(tables).__name__})")
+    out: dict[str, str] = {}
+    for table, rel in tables.items():
+        if table not in TABLE_KINDS:
+            raise VlsafeError(f"{run_dir}: unknown table kind {table!r} (known: {', '.join(sorted(TABLE_KINDS))})")
+        out[table] = _table_path(rel, f"{run_dir} ({table})")
+        if not (Path(run_dir) / out[table]).is_file():
+            raise VlsafeError(f"{Path(run_dir) / out[table]}: table {table!r} listed for run.json does not exist")
+    return out
+
+
+def write_run_json(run_dir: str | os.PathLike, *, kind: str, tables: Mapping[str, str],
+                   command: str | None = None, config: dict[str, Any] | None = None,
                    checkpoints: dict[str, Any] | None = None, seed: int | None = None,
                    extra: dict[str, Any] | None = None) -> Path:
-    """Write `run_dir/run.json`. `checkpoints` maps a label to a `Checkpoint` (hashed) or any JSON value."""
+    """Write `run_dir/run.json`; call it after the tables are written.
+
+    `kind` is one lowercase word naming the command (`diff`, `probe`, `eval`, `merge`, `tune`, `sweep`,
+    `organism`, `safelora`, `resta`, `demo`, ...); `tables` maps each table kind the run wrote (a key of
+    `TABLE_KINDS`) to its file, relative to `run_dir` (`{}` when it wrote none). `command` is the human-readable
+    command recorded alongside (default: `kind`). `checkpoints` maps a label to a `Checkpoint` (hashed) or any
+    JSON value. `extra` adds top-level keys; it may not replace the record's own.
+    """
+    checked = check_tables(run_dir, kind, tables)
     ckpts: dict[str, Any] = {}
     for label, c in (checkpoints or {}).items():
         if hasattr(c, "content_hash"):
@@ -88,7 +153,9 @@ def write_run_json(run_dir: str | os.PathLike, *, command: str, config: dict[str
         else:
             ckpts[label] = c
     record = {
-        "command": command,
+        "kind": kind,
+        "tables": checked,
+        "command": command or kind,
         "argv": sys.argv,
         "config": config or {},
         "checkpoints": ckpts,
@@ -98,6 +165,30 @@ def write_run_json(run_dir: str | os.PathLike, *, command: str, config: dict[str
         "platform": platform.platform(),
         "git_commit": git_commit(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **(extra or {}),
     }
-    return write_json(Path(run_dir) / "run.json", record)
+    clash = sorted(set(record) & set(extra or {}))
+    if clash:
+        raise VlsafeError(f"{run_dir}: extra run.json keys {clash} would replace the record's own")
+    return write_json(Path(run_dir) / "run.json", {**record, **(extra or {})})
+
+
+def run_tables(run_json: str | os.PathLike, record: dict[str, Any]) -> dict[str, Path]:
+    """The tables a `run.json` lists (table kind → absolute path); one-line error naming the file when the record
+    has no `tables` (an older vlsafe wrote it), is malformed, or lists a file that does not exist.
+
+    Table kinds unknown to this version are returned as they are (a newer vlsafe may write more)."""
+    path = Path(run_json)
+    tables = record.get("tables") if isinstance(record, dict) else None
+    if tables is None:
+        raise VlsafeError(f"{path}: no \"tables\" in run.json (written by an older vlsafe); rerun the command "
+                          f"that wrote {path.parent} to list its tables")
+    if not isinstance(tables, dict):
+        raise VlsafeError(f"{path}: \"tables\" must map a table kind to a file name")
+    out: dict[str, Path] = {}
+    for table, rel in tables.items():
+        if not isinstance(table, str) or not _WORD.fullmatch(table):
+            raise VlsafeError(f"{path}: table kind {table!r} is not a lowercase word")
+        out[table] = path.parent / _table_path(rel, f"{path} ({table})")
+        if not out[table].is_file():
+            raise VlsafeError(f"{out[table]}: listed as {table!r} in {path} but missing")
+    return out

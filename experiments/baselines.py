@@ -262,7 +262,8 @@ def _write_adapter(src: Path, out: Path, tensors: dict[str, torch.Tensor], table
                 shutil.copy2(f, tmp / f.name)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         write_csv(tmp / "safelora.csv", table)
-        write_run_json(tmp, command="safelora", config={"adapter": str(src), **summary},
+        write_run_json(tmp, kind="safelora", tables={"safelora": "safelora.csv"},
+                       config={"adapter": str(src), **summary},
                        checkpoints={"aligned": aligned, "base": base}, extra={"summary": summary})
     return out
 
@@ -307,7 +308,7 @@ def resta(sft: str, aligned: str, unaligned: str, out_dir: str | Path, *, beta: 
                       layers=layers, modules=modules, dtype=dtype)
     if density < 1.0:
         _check_same_layout(open_checkpoint(sft), open_checkpoint(unaligned))
-    return run_merge(plan, out_dir, progress=progress)
+    return run_merge(plan, out_dir, progress=progress, kind="resta")
 
 
 def _check_same_layout(a: Checkpoint, b: Checkpoint) -> None:

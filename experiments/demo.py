@@ -74,7 +74,7 @@ class Stages:
         marker = stage_dir / ".demo_stage.json" if stage_dir else None
         key = _content_key(argv, checkpoints) if marker else None
         if marker and marker.is_file() and json.loads(marker.read_text()).get("key") == key \
-                and (stage_dir / "run.json").is_file():
+                and _lists_tables(stage_dir / "run.json"):
             self.echo(f"[demo] {name:<10} cached")
             if est is not None:  # keep the build time as the estimate, not the cache check's
                 self.times[name] = est
@@ -84,6 +84,11 @@ class Stages:
                 write_json(marker, {"key": key, "argv": argv})
         self.times.setdefault(name, time.perf_counter() - t0)
         write_json(self.times_file, {**self.previous, **self.times})
+
+
+def _lists_tables(run_json: Path) -> bool:
+    """True when `run_json` exists and names its tables (an older vlsafe's stage output is rebuilt)."""
+    return run_json.is_file() and "tables" in json.loads(run_json.read_text())
 
 
 def _organism_checkpoints(org: Path) -> dict[str, Path]:
@@ -144,7 +149,8 @@ def run_demo(out: str | Path = "runs/demo", *, profile: str = "full", echo: Call
                      "--var", f"band_start={size.band[0]}", "--var", f"band_end={size.band[1]}",
                      "--var", f"eval_limit={size.eval_limit}", "--var", f"max_new_tokens={size.max_new_tokens}"],
            None, [])
-    write_run_json(out, command="vlsafe demo", config={"profile": profile, "sizes": size.__dict__},
+    write_run_json(out, kind="demo", tables={}, command="vlsafe demo",
+                   config={"profile": profile, "sizes": size.__dict__},
                    checkpoints={n: str(p) for n, p in ck.items()}, extra={"stage_seconds": st.times})
     st.run("report", ["report", str(out), "--title", "vlsafe demo: the model organism"], None, [])
     return out / "report.html"

@@ -231,7 +231,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, base_dir: str | Path = "
     table = mark_pareto(pd.DataFrame(rows))
     write_csv(out / "pareto.csv", table)
     pareto_figure(table, out / "figures", helpfulness=cfg.eval.helpfulness)
-    write_run_json(out, command="sweep", config=cfg.model_dump(), seed=cfg.seed,
+    write_run_json(out, kind="sweep", tables={"pareto": "pareto.csv"}, config=cfg.model_dump(), seed=cfg.seed,
                    extra={"points": {r["point"]: r["hash"] for r in rows}, "base_dir": str(base.resolve()),
                           "ray": ray})
     return table

@@ -354,6 +354,7 @@ def run_tune(cfg: TuneConfig, out_dir: str | Path, *, progress: bool = True,
         verify_frozen(ckpt, open_checkpoint(tmp), frozen)
         with (tmp / "examples.jsonl").open("w") as fh:
             fh.writelines(json.dumps(e) + "\n" for e in examples)
-        write_run_json(tmp, command="tune", config=cfg.model_dump(), checkpoints={"model": ckpt}, seed=cfg.seed,
-                       extra={"data": counts})
+        logs = {"train_log": "train_log.csv"} if (tmp / "train_log.csv").is_file() else {}
+        write_run_json(tmp, kind="tune", tables=logs, config=cfg.model_dump(), checkpoints={"model": ckpt},
+                       seed=cfg.seed, extra={"data": counts})
     return out

@@ -122,7 +122,9 @@ def test_threshold_projects_outside_updates_only(planted: dict, tmp_path: Path) 
     key = _stem("v_proj", 0) + ".lora_"
     want = open_checkpoint(planted["base"]).get_tensor(name) + 2.0 * out[key + "B.weight"] @ out[key + "A.weight"]
     torch.testing.assert_close(merged.state_dict()[name], want, atol=1e-5, rtol=1e-5)
-    assert (tmp_path / "out" / "run.json").is_file() and (tmp_path / "out" / "safelora.csv").is_file()
+    assert (tmp_path / "out" / "safelora.csv").is_file()
+    rec = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert (rec["kind"], rec["tables"]) == ("safelora", {"safelora": "safelora.csv"})
 
 
 def test_number_mode_selects_k_smallest_without_mutation(planted: dict, tmp_path: Path) -> None:
@@ -198,6 +200,8 @@ def test_resta_equals_sft_plus_beta_delta(trio: dict[str, Path], tmp_path: Path)
                 progress=False)
     got, s, a, u = (_tensors(p) for p in (out, trio["sft"], trio["aligned"], trio["unaligned"]))
     assert got.keys() == s.keys()
+    rec = json.loads((out / "run.json").read_text())
+    assert (rec["kind"], rec["command"], rec["tables"]) == ("resta", "resta", {})
     for name in s:
         want = s[name].double() + 0.7 * (a[name].double() - u[name].double())
         torch.testing.assert_close(got[name].double(), want, atol=1e-6, rtol=0)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pandas as pd
 
 from vlsafe.experiments.cli import main
+from vlsafe.experiments.report.discover import READS, discover
 
 SECTIONS = {"dynamics", "weight_heatmap", "taskvec", "probe", "direction_cos", "safety_layers", "pareto", "linked"}
+# the tables the report reads, as each sub-run's run.json lists them (the shallowest of a kind is drawn)
+TABLES = {"diff_layers": ["diff/layers.csv", "taskvec/layers.csv"], "dynamics": ["diff/dynamics.csv"],
+          "taskvectors": ["taskvec/taskvectors.csv"], "probe_layers": ["probe/layers.csv"],
+          "similarity": ["probe/similarity.csv"], "safety_layers": ["probe/safety_layers.csv"],
+          "eval_summary": ["eval/summary.csv", "eval_image/summary.csv"],
+          "organism_metrics": ["organism/metrics.csv"], "pareto": ["sweep/pareto.csv"]}
 
 
 def test_tiny_demo_fills_every_report_section(tmp_path: Path, capsys) -> None:
@@ -18,6 +26,8 @@ def test_tiny_demo_fills_every_report_section(tmp_path: Path, capsys) -> None:
     page = (out / "report.html").read_text()
     assert 'class="missing"' not in page
     assert {m.removeprefix("report_") for m in re.findall(r'<img alt="([^"]+)"', page)} == SECTIONS
+    art = discover(out)
+    assert {k: [str(p.relative_to(out)) for p, _ in art.all(k)] for k in READS} == TABLES
     for csv in ("diff/layers.csv", "diff/dynamics.csv", "taskvec/taskvectors.csv", "probe/layers.csv",
                 "probe/similarity.csv", "eval/summary.csv", "eval_image/summary.csv", "sweep/pareto.csv",
                 "organism/metrics.csv"):
@@ -32,3 +42,20 @@ def test_tiny_demo_fills_every_report_section(tmp_path: Path, capsys) -> None:
     log = capsys.readouterr().out
     for stage in ("diff", "taskvec", "probe", "eval", "eval-img"):
         assert re.search(rf"\[demo\] {re.escape(stage)}\s+cached", log), stage
+
+
+def test_demo_rebuilds_a_cached_stage_whose_run_json_lists_no_tables(tmp_path: Path, monkeypatch) -> None:
+    """A stage output from an older vlsafe (run.json without `tables`) is rebuilt, not reused."""
+    from vlsafe.experiments import demo
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(demo, "_cli", calls.append)
+    stages, stage = demo.Stages(tmp_path, echo=lambda line: None), tmp_path / "diff"
+    stage.mkdir()
+    stages.run("diff", ["diff", "x"], stage, [])
+    (stage / "run.json").write_text(json.dumps({"command": "diff"}))
+    stages.run("diff", ["diff", "x"], stage, [])
+    assert len(calls) == 2
+    (stage / "run.json").write_text(json.dumps({"command": "diff", "kind": "diff", "tables": {}}))
+    stages.run("diff", ["diff", "x"], stage, [])
+    assert len(calls) == 2

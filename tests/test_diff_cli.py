@@ -58,6 +58,9 @@ def test_diff_writes_all_outputs(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert set(run["checkpoints"]) == {"llama", "lvlm-step-10", "lvlm-step-20", "llm"}
     assert all(len(c["content_hash"]) == 64 for c in run["checkpoints"].values())
     assert "figures/dynamics.pdf" in run["outputs"]
+    assert run["kind"] == "diff" and run["tables"] == {
+        "diff_tensors": "tensors.csv", "diff_layers": "layers.csv", "taskvectors": "taskvectors.csv",
+        "taskvectors_tensors": "taskvectors_tensors.csv", "dynamics": "dynamics.csv"}
 
 
 def test_diff_errors_are_one_line(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -92,6 +92,8 @@ def test_eval_end_to_end(refuser: Path, tiny_llama_dir: Path, tmp_path: Path) ->
     assert len(per_cat) and per_cat["n"].sum() == 4 * 3  # per-category rows partition each set
     run = json.loads((out / "run.json").read_text())
     assert run["command"] == "eval" and set(run["checkpoints"]) == {"refuser", "llama"}
+    assert run["kind"] == "eval" and run["tables"] == {"eval_summary": "summary.csv",
+                                                       "eval_generations": "generations.jsonl"}
 
 
 def test_eval_logit_judge_scores_prompts_without_generating(refuser: Path, tiny_llama_dir: Path) -> None:

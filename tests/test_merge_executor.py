@@ -83,6 +83,7 @@ def test_lvlm_plus_llm_merges_language_model_only(models, tmp_path):
     run = json.loads((out / "run.json").read_text())
     copied = {t["module"] for t in run["tensors"] if t["action"] == "copy"}
     assert copied == {"vision", "projector"} and run["command"] == "merge"
+    assert run["kind"] == "merge" and run["tables"] == {}
     assert (out / "mergekit.yaml").is_file() and (out / "processor_config.json").is_file()
 
 

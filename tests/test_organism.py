@@ -58,7 +58,9 @@ def test_resume_rebuilds_only_unfinished_stages(organism):
     assert set(times.loc[list(before), "status"]) == {"cached"}
     assert set(times.loc[["lvlm", "lvlm-safety-posthoc", "lvlm-safety-mixed"], "status"]) == {"built"}
     assert (times.loc[BUILD_STAGES, "seconds"] > 0).all()
-    assert (root / "run.json").is_file()
+    rec = json.loads((root / "run.json").read_text())
+    assert (rec["kind"], rec["tables"]) == ("organism", {"organism_metrics": "metrics.csv",
+                                                         "stage_times": "stage_times.csv"})
 
 
 def test_every_checkpoint_reloads_with_transformers(organism):

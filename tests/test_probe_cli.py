@@ -47,6 +47,9 @@ def test_probe_writes_the_contracted_files(run, pair):
     assert set(curves["pair"]) == {"N-N", "M-M", "N-M"} and len(curves) == 3 * 3 * 3
     rec = json.loads((run / "run.json").read_text())
     assert rec["command"] == "probe" and set(rec["checkpoints"]) == {"llm", "lvlm"}
+    assert rec["kind"] == "probe" and rec["tables"] == {
+        "probe_layers": "layers.csv", "safety_layers": "safety_layers.csv", "similarity": "similarity.csv",
+        "drift": "drift.csv", "transfer": "transfer.csv"}
     assert rec["config"]["labels"] == ["llm", "lvlm", "lvlm+blank"] and rec["seed"] == 0
     assert set(rec["onset_layers"]) == {"llm", "lvlm", "lvlm+blank"}
     sets = load_directions(run / "directions.safetensors")

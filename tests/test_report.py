@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,7 +13,17 @@ import pytest
 from vlsafe.analysis.errors import VlsafeError
 from vlsafe.analysis.runinfo import write_run_json
 from vlsafe.experiments.cli import main
+from vlsafe.experiments.report import build_report
+from vlsafe.experiments.report.discover import discover
 from vlsafe.experiments.report.plots import pareto_front
+
+
+def _write(run: Path, tables: dict[str, tuple[str, pd.DataFrame]], **run_json) -> None:
+    """Write each table of a run directory and its run.json listing them (table kind → file)."""
+    run.mkdir(parents=True, exist_ok=True)
+    for name, df in tables.values():
+        df.to_csv(run / name, index=False)
+    write_run_json(run, tables={kind: name for kind, (name, _) in tables.items()}, **run_json)
 
 
 def _make_run(root: Path) -> None:
@@ -20,33 +31,31 @@ def _make_run(root: Path) -> None:
     rng = np.random.default_rng(0)
     diff = pd.DataFrame([{"layer": i, "module": m, "rel_frobenius": 0.01 * (i + 1), "cosine": 0.99}
                          for i in range(L) for m in ("q_proj", "mlp.down_proj", "all")])
-    (root / "diff").mkdir(parents=True)
-    diff.to_csv(root / "diff" / "layers.csv", index=False)
-    pd.DataFrame({"layer": range(L), "module": "all", "cos": rng.uniform(-0.2, 0.3, L),
-                  "norm_a": 1.0, "norm_b": 2.0}).to_csv(root / "diff" / "taskvectors.csv", index=False)
-    pd.DataFrame([{"layer": i, "step": s, "rel_frobenius": 0.001 * s} for i in range(L) for s in (10, 20, 30)]
-                 ).to_csv(root / "diff" / "dynamics.csv", index=False)
-    (root / "probe").mkdir()
-    pd.DataFrame([{"checkpoint": c, "layer": i, "position": -1, "probe_accuracy": 0.5 + 0.08 * i,
-                   "probe_auroc": 0.6, "control_accuracy": 0.5, "direction_norm": 1.0}
-                  for c in ("llm", "lvlm") for i in range(L)]).to_csv(root / "probe" / "layers.csv", index=False)
-    pd.DataFrame({"layer": range(L), "checkpoint_a": "llm", "checkpoint_b": "lvlm",
-                  "direction_cosine": np.linspace(0.99, 0.9, L)}).to_csv(root / "probe" / "similarity.csv", index=False)
-    pd.DataFrame([{"layer": i, "pair": p, "cosine_mean": v} for i in range(L)
-                  for p, v in (("N-N", 0.95), ("M-M", 0.94), ("N-M", 0.9 - 0.05 * i))]
-                 ).to_csv(root / "probe" / "safety_layers.csv", index=False)
-    (root / "eval").mkdir()
-    pd.DataFrame([{"checkpoint": c, "prompt_set": s, "n": 60, "refusal_rate": r, "ci_low": r - 0.1,
-                   "ci_high": r + 0.05, "judge": "vlsafe", "category": ""}
-                  for c, r in (("llm-aligned", 0.95), ("lvlm", 0.6)) for s in ("harmful-test", "borderline-test")]
-                 ).to_csv(root / "eval" / "summary.csv", index=False)
-    pd.DataFrame([{"checkpoint": f"lvlm-step-{s}", "metric": "refusal_harmful", "value": 0.9 - s / 100,
-                   "ci_low": 0.8 - s / 100, "ci_high": 0.95 - s / 100} for s in (10, 20, 30)]
-                 ).to_csv(root / "metrics.csv", index=False)
-    (root / "sweep").mkdir()
-    pd.DataFrame({"point": ["a", "b", "c"], "safety": [0.9, 0.7, 0.6], "helpfulness": [0.5, 0.8, 0.7]}
-                 ).to_csv(root / "sweep" / "pareto.csv", index=False)
-    write_run_json(root / "diff", command="vlsafe diff", config={"x": 1}, seed=0)
+    tv = pd.DataFrame({"layer": range(L), "module": "all", "cosine": rng.uniform(-0.2, 0.3, L),
+                       "norm_a": 1.0, "norm_b": 2.0})
+    dyn = pd.DataFrame([{"layer": i, "step": s, "rel_frobenius": 0.001 * s} for i in range(L) for s in (10, 20, 30)])
+    _write(root / "diff", {"diff_layers": ("layers.csv", diff), "taskvectors": ("taskvectors.csv", tv),
+                           "dynamics": ("dynamics.csv", dyn)}, kind="diff", command="vlsafe diff",
+           config={"x": 1}, seed=0)
+    probe = pd.DataFrame([{"checkpoint": c, "layer": i, "position": -1, "probe_accuracy": 0.5 + 0.08 * i,
+                           "probe_auroc": 0.6, "control_accuracy": 0.5, "direction_norm": 1.0}
+                          for c in ("llm", "lvlm") for i in range(L)])
+    sim = pd.DataFrame({"layer": range(L), "checkpoint_a": "llm", "checkpoint_b": "lvlm",
+                        "direction_cosine": np.linspace(0.99, 0.9, L)})
+    curves = pd.DataFrame([{"layer": i, "pair": p, "cosine_mean": v} for i in range(L)
+                           for p, v in (("N-N", 0.95), ("M-M", 0.94), ("N-M", 0.9 - 0.05 * i))])
+    _write(root / "probe", {"probe_layers": ("layers.csv", probe), "similarity": ("similarity.csv", sim),
+                            "safety_layers": ("safety_layers.csv", curves)}, kind="probe")
+    summary = pd.DataFrame([{"checkpoint": c, "prompt_set": s, "n": 60, "refusal_rate": r, "ci_low": r - 0.1,
+                             "ci_high": r + 0.05, "judge": "vlsafe", "category": ""}
+                            for c, r in (("llm-aligned", 0.95), ("lvlm", 0.6))
+                            for s in ("harmful-test", "borderline-test")])
+    _write(root / "eval", {"eval_summary": ("summary.csv", summary)}, kind="eval")
+    metrics = pd.DataFrame([{"checkpoint": f"lvlm-step-{s}", "metric": "refusal_harmful", "value": 0.9 - s / 100,
+                             "ci_low": 0.8 - s / 100, "ci_high": 0.95 - s / 100} for s in (10, 20, 30)])
+    _write(root, {"organism_metrics": ("metrics.csv", metrics)}, kind="organism")
+    pareto = pd.DataFrame({"point": ["a", "b", "c"], "safety": [0.9, 0.7, 0.6], "helpfulness": [0.5, 0.8, 0.7]})
+    _write(root / "sweep", {"pareto": ("pareto.csv", pareto)}, kind="sweep")
 
 
 def test_report_is_self_contained_and_complete(tmp_path: Path) -> None:
@@ -67,19 +76,80 @@ def test_report_is_self_contained_and_complete(tmp_path: Path) -> None:
 
 def test_report_on_partial_run_marks_missing_sections(tmp_path: Path) -> None:
     _make_run(tmp_path)
-    from vlsafe.experiments.report import build_report
-
     page = build_report(tmp_path / "probe").read_text()
     assert "No diff layers.csv" in page and "report_probe" in page
 
 
 def test_report_errors(tmp_path: Path) -> None:
-    from vlsafe.experiments.report import build_report
-
+    pd.DataFrame({"layer": [0], "module": ["all"], "rel_frobenius": [0.1]}).to_csv(tmp_path / "layers.csv")
     with pytest.raises(VlsafeError, match="no vlsafe outputs"):
         build_report(tmp_path)
     with pytest.raises(VlsafeError, match="not a run directory"):
         build_report(tmp_path / "nope")
+
+
+def test_report_finds_tables_by_run_json_not_by_name_or_columns(tmp_path: Path) -> None:
+    """A listed table under any file name is read; a stray CSV with a table's name and columns, shallower than
+    the listed one (so a discovery by columns or names would take it first), is ignored."""
+    _make_run(tmp_path)
+    diff = tmp_path / "diff"
+    (diff / "layers.csv").rename(diff / "shift_by_layer.csv")
+    listed = json.loads((diff / "run.json").read_text())["tables"]
+    write_run_json(diff, kind="diff", tables={**listed, "diff_layers": "shift_by_layer.csv"})
+    stray = pd.read_csv(diff / "shift_by_layer.csv").assign(rel_frobenius=9.0)
+    stray.to_csv(tmp_path / "layers.csv", index=False)
+    (tmp_path / "notes").mkdir()
+    stray.to_csv(tmp_path / "notes" / "taskvectors.csv", index=False)
+    art = discover(tmp_path)
+    assert [p for p, _ in art.all("diff_layers")] == [diff / "shift_by_layer.csv"]
+    assert art.first("diff_layers")["rel_frobenius"].max() < 1
+    assert [p for p, _ in art.all("taskvectors")] == [diff / "taskvectors.csv"]
+    page = build_report(tmp_path).read_text()
+    assert 'class="missing"' not in page and "report_weight_heatmap" in page
+
+
+def _one_line_error(root: Path, pattern: str) -> None:
+    with pytest.raises(VlsafeError, match=pattern) as e:
+        build_report(root)
+    assert "\n" not in str(e.value)
+
+
+def test_listed_table_missing_is_one_line_error(tmp_path: Path) -> None:
+    _make_run(tmp_path)
+    (tmp_path / "probe" / "similarity.csv").unlink()
+    _one_line_error(tmp_path, r"probe/similarity\.csv: listed as 'similarity' in .*probe/run\.json but missing")
+
+
+def _legacy(run: Path, command: str) -> None:
+    """Rewrite `run/run.json` as an older vlsafe wrote it: no `kind`, no `tables`."""
+    rec = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    rec = {k: v for k, v in rec.items() if k not in ("kind", "tables")}
+    (run / "run.json").write_text(json.dumps({**rec, "command": command}))
+
+
+def test_run_json_without_tables_is_one_line_error(tmp_path: Path) -> None:
+    """A run.json written by an older vlsafe (no `tables`) stops the report and names the file to rerun, unless
+    its command writes no table the report reads (a resumed sweep's merged or tuned point models)."""
+    _make_run(tmp_path)
+    for cmd, name in (("merge", "points/a/model"), ("tune", "points/b/model")):
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        _legacy(tmp_path / "sweep" / name, cmd)
+        pd.DataFrame({"layer": [0], "module": ["all"], "rel_frobenius": [9.0]}).to_csv(
+            tmp_path / "sweep" / name / "layers.csv", index=False)
+    art = discover(tmp_path)
+    assert len(art.runs) == 7 and [p for p, _ in art.all("diff_layers")] == [tmp_path / "diff" / "layers.csv"]
+    _legacy(tmp_path / "eval", "eval")
+    _one_line_error(tmp_path, r"eval/run\.json: no \"tables\" in run\.json \(written by an older vlsafe\)")
+    (tmp_path / "eval" / "run.json").write_text("{not json")
+    _one_line_error(tmp_path, r"eval/run\.json: not a valid run\.json")
+
+
+def test_listed_table_without_the_columns_read_is_one_line_error(tmp_path: Path) -> None:
+    """The task-vector cosine is spelled `cosine`, as `aggregate_task_vectors` writes it; `cos` is not guessed."""
+    _make_run(tmp_path)
+    tv = tmp_path / "diff" / "taskvectors.csv"
+    pd.read_csv(tv).rename(columns={"cosine": "cos"}).to_csv(tv, index=False)
+    _one_line_error(tmp_path, r"diff/taskvectors\.csv: the 'taskvectors' table lacks column\(s\) cosine")
 
 
 def test_pareto_front_drops_dominated_points() -> None:

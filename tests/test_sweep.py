@@ -54,7 +54,8 @@ def test_tiny_sweep_writes_pareto_table_and_figure(swept: Path) -> None:
     assert ((df["safety_ci_low"] <= df["safety"]) & (df["safety"] <= df["safety_ci_high"])).all()
     for ext in ("png", "pdf"):
         assert (swept / "figures" / f"pareto.{ext}").stat().st_size > 1000
-    assert json.loads((swept / "run.json").read_text())["command"] == "sweep"
+    rec = json.loads((swept / "run.json").read_text())
+    assert (rec["command"], rec["kind"], rec["tables"]) == ("sweep", "sweep", {"pareto": "pareto.csv"})
     # the merge points really are θ_adapted + α(θ_aligned − θ_adapted), on all or only layer 1
     a, b = (dict(open_checkpoint(swept / "inputs" / n).iter_tensors()) for n in ("adapted", "aligned"))
     for _, row in df[df["method"] == "merge"].iterrows():

@@ -81,6 +81,7 @@ def test_sft_cli_run_learns_and_reloads(llama4: Path, pairs_file: Path, tmp_path
     assert len(refusals) == 4 and all(e["answer"] in REFUSALS for e in refusals)
     run = json.loads((out / "run.json").read_text())
     assert run["command"] == "tune" and run["config"]["method"] == "sft"
+    assert run["kind"] == "tune" and run["tables"] == {"train_log": "train_log.csv"}
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)

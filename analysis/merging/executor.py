@@ -216,8 +216,10 @@ def _export_renames(ckpts: dict[str, Checkpoint]) -> dict[str, str]:
 
 
 def run_merge(plan: MergePlan, out_dir: str | Path, *, out_shard_size: int | str = "5GB", allow_pickle: bool = False,
-              trust_remote_code: bool = False, progress: bool = True) -> Path:
-    """Execute `plan` into `out_dir`: HF checkpoint + `mergekit.yaml` (the exported plan) + `run.json`."""
+              trust_remote_code: bool = False, progress: bool = True, kind: str = "merge") -> Path:
+    """Execute `plan` into `out_dir`: HF checkpoint + `mergekit.yaml` (the exported plan) + `run.json`.
+
+    `kind` is the run kind recorded in `run.json` (`resta` when RESTA builds the plan)."""
     out = Path(out_dir)
     ckpts = open_inputs(plan, allow_pickle, trust_remote_code)
     _check_out_dir(out, ckpts)
@@ -245,7 +247,7 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, out_shard_size: int | str
         (tmp / "mergekit.yaml").write_text(exported)
         contributors = plan.contributors()
         counts = {a: sum(t.action == a for t in tasks) for a in ("merge", "copy")}
-        write_run_json(tmp, command="merge", config=plan.model_dump(exclude_none=True),
+        write_run_json(tmp, kind=kind, tables={}, config=plan.model_dump(exclude_none=True),
                        checkpoints=dict(ckpts), seed=seed,
                        extra={"output": {"layout_model": plan.layout_model(), "family": layout.family.name,
                                          "shards": [f.name for f in files], "tensors": counts,

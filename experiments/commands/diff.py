@@ -16,6 +16,9 @@ import typer
 from vlsafe.analysis.errors import VlsafeError
 
 OUTPUTS = ("tensors.csv", "layers.csv", "run.json")
+# file → table kind in run.json (vlsafe.analysis.runinfo.TABLE_KINDS)
+TABLES = {"tensors.csv": "diff_tensors", "layers.csv": "diff_layers", "taskvectors.csv": "taskvectors",
+          "taskvectors_tensors.csv": "taskvectors_tensors", "dynamics.csv": "dynamics"}
 
 
 def _figures(out: Path, layers: pd.DataFrame, labels: Sequence[str], tv_layers: pd.DataFrame | None,
@@ -79,7 +82,8 @@ def run_diff(pre: str, posts: Sequence[str], out_dir: str | Path, *, base: str |
                               "rtol": rtol, "atol": atol, "labels": labels,
                               "steps": list(steps) if steps is not None else None}
     written["run.json"] = write_run_json(
-        out, command="diff", config=config, checkpoints=dict(zip(labels, ckpts)), seed=0 if spectral else None,
+        out, kind="diff", tables={kind: f for f, kind in TABLES.items() if f in written}, config=config,
+        checkpoints=dict(zip(labels, ckpts)), seed=0 if spectral else None,
         extra={"outputs": sorted([*written, *(str(p.relative_to(out)) for p in fig_paths)]),
                "unpaired": int((tensors["status"] != "paired").sum())})
     written.update({str(p.relative_to(out)): p for p in fig_paths})

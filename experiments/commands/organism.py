@@ -63,7 +63,9 @@ def register(app: typer.Typer) -> None:
         for r in results:
             if r.status == "built":
                 typer.echo(f"[organism] {r.stage:<32} {r.seconds / 60:6.1f} min")
-        write_run_json(out, command="organism", config=cfg.model_dump(), checkpoints=_checkpoints(out),
+        tables = {kind: f for kind, f in (("organism_metrics", "metrics.csv"), ("stage_times", "stage_times.csv"))
+                  if (out / f).is_file()}
+        write_run_json(out, kind="organism", tables=tables, config=cfg.model_dump(), checkpoints=_checkpoints(out),
                        seed=cfg.seed, extra={"stages": [r.__dict__ for r in results]})
         if metrics is not None:
             typer.echo(summary_table(metrics).to_string())

@@ -28,6 +28,9 @@ import typer
 from vlsafe.analysis.errors import VlsafeError
 
 OUTPUTS = ("directions.safetensors", "layers.csv", "safety_layers.csv", "run.json")
+# file → table kind in run.json (vlsafe.analysis.runinfo.TABLE_KINDS)
+TABLES = {"layers.csv": "probe_layers", "safety_layers.csv": "safety_layers", "similarity.csv": "similarity",
+          "drift.csv": "drift", "transfer.csv": "transfer", "selection.csv": "selection"}
 
 
 def parse_layers(text: str | None, num_layers: int) -> list[int] | None:
@@ -232,7 +235,8 @@ def run_probe(specs: Sequence[str], out_dir: str | Path, *, harmful: str = "harm
               "select": select, "n_val": n_val if select else None, "score": score if select else None,
               "remote": remote}
     written["run.json"] = write_run_json(
-        out, command="probe", config=config, checkpoints=dict(zip(labels, ckpts)), seed=seed,
+        out, kind="probe", tables={kind: f for f, kind in TABLES.items() if f in written}, config=config,
+        checkpoints=dict(zip(labels, ckpts)), seed=seed,
         extra={"outputs": sorted([*written, *(str(p.relative_to(out)) for p in fig_paths)]),
                "onset_layers": onsets, "notes": notes})
     written.update({str(p.relative_to(out)): p for p in fig_paths})

@@ -102,7 +102,7 @@ def _repro(art: Artefacts) -> str:
         return '<p class="missing">No run.json found.</p>'
     blocks = []
     for path, rec in art.runs:
-        keep = {k: rec.get(k) for k in ("command", "git_commit", "seed", "created", "versions", "checkpoints",
+        keep = {k: rec.get(k) for k in ("command", "kind", "tables", "git_commit", "seed", "created", "versions", "checkpoints",
                                         "config")}
         rel = path.relative_to(art.root)
         blocks.append(f"<details><summary><code>{html.escape(str(rel))}</code> — "
@@ -117,8 +117,8 @@ def build_report(run_dir: str | Path, title: str = "vlsafe report") -> Path:
     if not root.is_dir():
         raise VlsafeError(f"{root}: not a run directory")
     art = discover(root)
-    if not art.tables and not art.runs:
-        raise VlsafeError(f"{root}: no vlsafe outputs found (no known CSV tables or run.json)")
+    if not art.runs:
+        raise VlsafeError(f"{root}: no vlsafe outputs found (no run.json under it)")
     fig: Callable[[plt.Figure | None, str], str | None] = lambda f, stem: _embed(f, root, f"report_{stem}")
     diff, probe, sim = art.first("diff_layers"), art.first("probe_layers"), art.first("similarity")
     table, organism = safety_table(art), organism_table(art)

@@ -1,7 +1,15 @@
-"""Find the artefacts of any run directory by their columns, not by their paths.
+"""Find the tables of any run directory through the `run.json` files under it.
 
-A run directory may be a single `vlsafe diff` output, a `vlsafe probe` output, or the demo tree holding
-many sub-runs. Each CSV is classified by the columns its writer guarantees.
+A run directory may be a single `vlsafe diff` output, a `vlsafe probe` output, or the demo tree holding many
+sub-runs. Every `run.json` names its tables (`"tables"`: table kind → file relative to that run directory; see
+`vlsafe.analysis.runinfo.TABLE_KINDS`), and only those files are read: a CSV that no `run.json` lists is ignored,
+whatever its columns. A `run.json` that is not valid JSON or lists a file that is missing is a one-line
+`VlsafeError` naming the file. Directories whose name starts with a dot (temporary folders of atomic writes) are
+skipped.
+
+Legacy: a `run.json` without `"tables"` was written by an older vlsafe. If its command is one that writes no table
+the report reads (`merge`, `tune`: the models of a resumed sweep's finished points), it lists no tables; any
+other is a one-line error naming it (rerun that command). Nothing is ever guessed from file or column names.
 """
 
 from __future__ import annotations
@@ -12,73 +20,82 @@ from pathlib import Path
 
 import pandas as pd
 
-# kind → columns that identify it (all must be present)
-SIGNATURES: dict[str, set[str]] = {
-    "diff_layers": {"layer", "module", "rel_frobenius", "cosine"},
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.runinfo import run_tables
+
+# columns the report reads from each table kind; a listed table without them is a one-line error naming it
+READS: dict[str, set[str]] = {
+    "diff_layers": {"layer", "module", "rel_frobenius"},
     "probe_layers": {"checkpoint", "layer", "probe_accuracy"},
     "similarity": {"layer", "checkpoint_a", "checkpoint_b", "direction_cosine"},
-    "eval_summary": {"checkpoint", "prompt_set", "n", "refusal_rate", "ci_low", "ci_high"},
+    "eval_summary": {"checkpoint", "prompt_set", "n", "refusal_rate"},
     "organism_metrics": {"checkpoint", "metric"},
-    "taskvectors": {"layer", "cos"},
-    "dynamics": {"layer", "step", "rel_frobenius"},
+    "taskvectors": {"layer", "cosine"},
+    "dynamics": {"layer", "step"},
     "safety_layers": {"layer", "pair"},
     "pareto": {"safety", "helpfulness"},
 }
-# tables whose rows are per-tensor, not per-layer: same columns as diff_layers plus `tensor`
-_EXCLUDE = {"diff_layers": {"tensor", "step"}}
+# commands whose run.json, from before `tables` existed, is read as listing no tables (see the module docstring)
+LEGACY_WITHOUT_TABLES = frozenset({"merge", "tune"})
 
 
 @dataclass
 class Artefacts:
-    """Everything found under a run directory: tables by kind (with their source path) and run records."""
+    """The run records under a directory and the tables they list (read on first use)."""
 
     root: Path
-    tables: dict[str, list[tuple[Path, pd.DataFrame]]] = field(default_factory=dict)
+    paths: dict[str, list[Path]] = field(default_factory=dict)
     runs: list[tuple[Path, dict]] = field(default_factory=list)
-
-    def first(self, kind: str) -> pd.DataFrame | None:
-        """The shallowest table of a kind (a run's summary sits above its per-item files)."""
-        items = sorted(self.tables.get(kind) or [], key=lambda it: (len(it[0].relative_to(self.root).parts),
-                                                                    str(it[0])))
-        return items[0][1] if items else None
+    _loaded: dict[Path, pd.DataFrame] = field(default_factory=dict, repr=False)
 
     def all(self, kind: str) -> list[tuple[Path, pd.DataFrame]]:
-        return self.tables.get(kind) or []
+        """Every table of a kind, in path order, with its file."""
+        return [(p, self._load(kind, p)) for p in sorted(self.paths.get(kind) or [])]
+
+    def first(self, kind: str) -> pd.DataFrame | None:
+        """The shallowest table of a kind (a run's summary sits above its sub-runs' tables)."""
+        items = sorted(self.paths.get(kind) or [], key=lambda p: (len(p.relative_to(self.root).parts), str(p)))
+        return self._load(kind, items[0]) if items else None
+
+    def _load(self, kind: str, path: Path) -> pd.DataFrame:
+        if path not in self._loaded:
+            self._loaded[path] = read_table(path, kind)
+        return self._loaded[path]
 
 
-def classify(df: pd.DataFrame) -> str | None:
-    """The artefact kind of a table, from its columns (most specific signature first)."""
-    cols = set(df.columns)
-    if {"checkpoint", "metric"} <= cols and {"value", "rate"} & cols:  # organism metrics: long format
-        return "organism_metrics"
-    for kind in sorted(SIGNATURES, key=lambda k: -len(SIGNATURES[k])):
-        if kind != "organism_metrics" and SIGNATURES[kind] <= cols and not (_EXCLUDE.get(kind, set()) & cols):
-            return kind
-    # task-vector tables may name the cosine differently
-    if {"layer"} <= cols and any(c.startswith("cos") for c in cols) and any(c.startswith("norm") for c in cols):
-        return "taskvectors"
-    return None
+def read_table(path: Path, kind: str) -> pd.DataFrame:
+    """Read a listed table (CSV, or JSON lines for `.jsonl`) and check the columns the report reads."""
+    try:
+        df = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise VlsafeError(f"{path}: cannot read the {kind!r} table ({type(e).__name__})") from None
+    missing = sorted(READS.get(kind, set()) - set(df.columns))
+    if missing:
+        raise VlsafeError(f"{path}: the {kind!r} table lacks column(s) {', '.join(missing)}")
+    return df
+
+
+def _read_run(rj: Path) -> dict:
+    try:
+        record = json.loads(rj.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VlsafeError(f"{rj}: not a valid run.json ({type(e).__name__})") from None
+    if not isinstance(record, dict):
+        raise VlsafeError(f"{rj}: not a valid run.json (a JSON object expected)")
+    return record
 
 
 def discover(root: str | Path) -> Artefacts:
-    """Scan `root` recursively for CSV tables and `run.json` records (skipping hidden and checkpoint dirs)."""
+    """Every `run.json` under `root` and the tables each lists (see the module docstring)."""
     root = Path(root)
     art = Artefacts(root)
-    for csv in sorted(root.rglob("*.csv")):
-        if any(part.startswith(".") for part in csv.relative_to(root).parts):
-            continue
-        try:
-            df = pd.read_csv(csv)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-            continue
-        kind = classify(df)
-        if kind:
-            art.tables.setdefault(kind, []).append((csv, df))
     for rj in sorted(root.rglob("run.json")):
         if any(part.startswith(".") for part in rj.relative_to(root).parts):
             continue
-        try:
-            art.runs.append((rj, json.loads(rj.read_text())))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
+        record = _read_run(rj)
+        legacy = "tables" not in record and record.get("command") in LEGACY_WITHOUT_TABLES
+        for kind, path in ({} if legacy else run_tables(rj, record)).items():
+            if path not in art.paths.setdefault(kind, []):
+                art.paths[kind].append(path)
+        art.runs.append((rj, record))
     return art

@@ -116,16 +116,16 @@ def dynamics(metrics: pd.DataFrame | None, dyn: pd.DataFrame | None) -> plt.Figu
 
 
 def taskvector_cosine(tv: pd.DataFrame) -> plt.Figure | None:
-    """cos(τ_VL, τ_safety) per layer: near zero or negative = divergent objectives."""
+    """cos(τ_VL, τ_safety) per layer (the `cosine` column of `taskvectors.csv`): near zero or negative =
+    divergent objectives."""
     d = _layer_rows(tv)
-    col = "cos" if "cos" in d.columns else next((c for c in d.columns if c.startswith("cos")), None)
-    if col is None or d.empty:
+    if d.empty:
         return None
     if "module" in d.columns and (d["module"] == "all").any():
         d = d[d["module"] == "all"]
-    d = d.groupby("layer", as_index=False)[col].mean()
+    d = d.groupby("layer", as_index=False)["cosine"].mean()
     fig, ax = plt.subplots(figsize=WIDE)
-    ax.bar(d["layer"], d[col], color=np.where(d[col] < 0, "tab:red", "tab:blue"))
+    ax.bar(d["layer"], d["cosine"], color=np.where(d["cosine"] < 0, "tab:red", "tab:blue"))
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("layer")
     _int_axis(ax)

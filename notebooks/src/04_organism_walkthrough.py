@@ -180,11 +180,8 @@ print(f"full profile estimate: build ~{full_build / 60:.0f} min + metrics ~{esti
 #
 # `build_report(DIR)` writes one self-contained HTML page for any run directory. We gather a small run folder: the
 # organism's metrics, the weight shift `llm-aligned` → `lvlm`, the task vectors of adaptation vs post-hoc safety
-# tuning, and a `run.json`.
-#
-# *Workarounds (reported to the maintainers):* the report recognises organism metrics by the columns
-# `checkpoint, metric, value`, while `metrics.csv` names the rate `rate`, so we write a renamed copy; and a
-# `dynamics.csv` would be taken for a per-layer diff table, so the weight-shift dynamics stay in notebook 01.
+# tuning, and a `run.json` naming each table's kind and file: the report reads exactly the tables a `run.json`
+# lists (see `vlsafe.analysis.runinfo.TABLE_KINDS`), whatever their file names.
 
 # %%
 from vlsafe.analysis.runinfo import write_csv, write_run_json
@@ -192,14 +189,16 @@ from vlsafe.analysis.taskvectors import aggregate_task_vectors, task_vectors
 from vlsafe.analysis.weightshift import aggregate_layers, diff_checkpoints
 from vlsafe.experiments.report import build_report
 
-write_csv(REPORT_DIR / "organism" / "metrics.csv", metrics.rename(columns={"rate": "value"}))
+write_csv(REPORT_DIR / "organism" / "metrics.csv", metrics)
 shift = aggregate_layers(diff_checkpoints(ckpts["llm-aligned"], [ckpts["lvlm"]], labels=["llm-aligned", "lvlm"],
                                           progress=PROGRESS))
 write_csv(REPORT_DIR / "diff" / "layers.csv", shift)
 tv = task_vectors(ckpts["llm-aligned"], ckpts["lvlm"], ckpts["lvlm-safety-posthoc"], mode="chain",
                   labels=["llm-aligned", "lvlm", "lvlm-safety-posthoc"], progress=PROGRESS)
 write_csv(REPORT_DIR / "taskvec" / "taskvectors.csv", aggregate_task_vectors(tv))
-write_run_json(REPORT_DIR, command="notebooks/04_organism_walkthrough", config=cfg.model_dump(),
+write_run_json(REPORT_DIR, kind="notebook", command="notebooks/04_organism_walkthrough",
+               tables={"organism_metrics": "organism/metrics.csv", "diff_layers": "diff/layers.csv",
+                       "taskvectors": "taskvec/taskvectors.csv"}, config=cfg.model_dump(),
                checkpoints={n: ckpts[n] for n in ("llm-aligned", "lvlm", "lvlm-safety-posthoc")}, seed=SEED)
 report = build_report(REPORT_DIR, title=f"vlsafe organism walkthrough ({PROFILE})")
 link = os.path.relpath(report, Path.cwd())

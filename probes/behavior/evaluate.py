@@ -168,7 +168,9 @@ def write_outputs(out: Path, gens: pd.DataFrame, summary: pd.DataFrame, config: 
     written["summary.csv"] = write_csv(out / "summary.csv", summary)
     for p in refusal_figure(summary, out / "figures"):
         written[str(p.relative_to(out))] = p
-    written["run.json"] = write_run_json(out, command="eval", config=config, checkpoints=ckpts, seed=seed,
+    written["run.json"] = write_run_json(out, kind="eval", tables={"eval_summary": "summary.csv",
+                                                                   "eval_generations": "generations.jsonl"},
+                                         config=config, checkpoints=ckpts, seed=seed,
                                          extra={"outputs": sorted(written)})
     return written
 
