@@ -1,4 +1,4 @@
-"""The one behaviour evaluation: a loaded model × prompt sets → generations (or logit scores) → judge → tidy rows.
+"""The one behaviour evaluation: a loaded model × prompt sets → generations or logit scores → judge → tidy rows.
 
 >>> from vlsafe.probes.models import load
 >>> from vlsafe.probes.behavior.datasets import load_prompts
@@ -109,7 +109,8 @@ def evaluate_model(lm: Any, sets: Sequence[EvalSet], *, checkpoint: str = "model
         frame.insert(0, "checkpoint", checkpoint)
         frames.append(frame)
         rows.append(_rows(frame, es, checkpoint, mode))
-    gens = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*GENERATION_COLUMNS, "metric"])
+    empty = pd.DataFrame(columns=[*GENERATION_COLUMNS, "metric", "correct"])
+    gens = pd.concat(frames, ignore_index=True) if frames else empty
     table = pd.concat(rows, ignore_index=True)
     return gens, table.astype({"n": "Int64", "k": "Int64"})
 
@@ -132,31 +133,33 @@ def _outcomes(lm: Any, es: EvalSet, scorer: Any, gen_kw: dict[str, Any]) -> tupl
     from vlsafe.probes.behavior.logit_judge import LogitJudge
 
     records, images = es.prompts.records, es.image_list()
-    n = len(records)
-    correct: list[Any] = [None] * n
-    if isinstance(scorer, LogitJudge) and es.metric != "accuracy":
-        mode, responses = "logit", [""] * n
-        verdicts = [(int(bool(v.refused)), float(v.score)) for v in scorer.judge(None, es.prompts.prompts,
-                                                                                   images=images)]
-        name = scorer.name
+    mode = "logit" if isinstance(scorer, LogitJudge) and es.metric != "accuracy" else "generate"
+    if mode == "logit":
+        responses = [""] * len(records)
     else:
         from vlsafe.probes.behavior.generate import generate
 
-        mode = "generate"
         responses = generate(lm, es.prompts, images=es.images, **gen_kw)
-        if es.metric == "accuracy":
-            assert es.check is not None
-            correct = [bool(es.check(i, resp)) for i, resp in enumerate(responses)]
-            verdicts, name = [(None, None)] * n, es.check_name
-        else:
-            verdicts = [(int(bool(v.refused)), float(v.score)) for v in scorer.judge(responses, es.prompts.prompts)]
-            name = scorer.name
+    refused, scores, correct, name = _judged(es, scorer, responses, images, mode)
     label = es.label or None
     rows = [{"prompt_set": es.prompts.name, "id": r.id, "category": r.category, "label": r.label, "prompt": r.prompt,
              "image": im if im is None or isinstance(im, str) else label, "response": resp, "refused": ref,
              "judge_score": score, "judge": name, "metric": es.metric, "correct": ok}
-            for r, im, resp, (ref, score), ok in zip(records, images, responses, verdicts, correct)]
+            for r, im, resp, ref, score, ok in zip(records, images, responses, refused, scores, correct)]
     return pd.DataFrame(rows), mode
+
+
+def _judged(es: EvalSet, scorer: Any, responses: list[str], images: list[Any], mode: str
+            ) -> tuple[list[Any], list[Any], list[Any], str]:
+    """(refused 0/1, judge score, correct, judge name) per prompt; accuracy sets are checked, not judged."""
+    n = len(responses)
+    if es.check is not None:
+        return [None] * n, [None] * n, [bool(es.check(i, r)) for i, r in enumerate(responses)], es.check_name
+    if mode == "logit":
+        verdicts = scorer.judge(None, es.prompts.prompts, images=images)
+    else:
+        verdicts = scorer.judge(responses, es.prompts.prompts)
+    return [int(bool(v.refused)) for v in verdicts], [float(v.score) for v in verdicts], [None] * n, scorer.name
 
 
 def _rows(frame: pd.DataFrame, es: EvalSet, checkpoint: str, mode: str) -> pd.DataFrame:
@@ -176,8 +179,7 @@ def _loglik_row(lm: Any, es: EvalSet, checkpoint: str, batch_size: int, progress
     from vlsafe.probes.behavior.helpfulness import answer_loglik
     from vlsafe.probes.behavior.metrics import mean_row
 
-    assert es.references is not None
-    vals = answer_loglik(lm, es.prompts, list(es.references), images=es.images, batch_size=batch_size,
+    vals = answer_loglik(lm, es.prompts, list(es.references or []), images=es.images, batch_size=batch_size,
                          progress=progress)
     return mean_row(vals, checkpoint=checkpoint, prompt_set=es.prompts.name, metric=es.metric,
                     judge="reference answers", image=es.label, mode="loglik")
