@@ -17,6 +17,7 @@ import pandas as pd
 SUMMARY_COLUMNS = ["checkpoint", "prompt_set", "n", "refusal_rate", "ci_low", "ci_high", "judge", "category"]
 ROW_COLUMNS = ["checkpoint", "prompt_set", "image", "metric", "n", "k", "rate", "ci_low", "ci_high", "judge",
                "category", "harmful", "mode"]
+REFUSAL_METRICS = ("refusal_rate", "over_refusal")
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -144,10 +145,10 @@ def mean_row(values: Sequence[float], *, checkpoint: str, prompt_set: str, metri
 
 
 def eval_summary(rows: pd.DataFrame) -> pd.DataFrame:
-    """The ``summary.csv`` view of tidy refusal rows: ``SUMMARY_COLUMNS + [refusals, asr]``, where
-    ``refusal_rate`` is the row's rate, ``refusals`` its ``k`` and ``asr = 1 - refusal_rate`` on rows whose prompts
-    are all labelled harmful (NaN otherwise)."""
-    r = rows.reset_index(drop=True)
+    """The ``summary.csv`` view of the refusal rows (``refusal_rate``, ``over_refusal``) of tidy rows:
+    ``SUMMARY_COLUMNS + [refusals, asr]``, where ``refusal_rate`` is the row's rate, ``refusals`` its ``k`` and
+    ``asr = 1 - refusal_rate`` on rows whose prompts are all labelled harmful (NaN otherwise)."""
+    r = rows[rows["metric"].isin(REFUSAL_METRICS)].reset_index(drop=True)
     rate = r["rate"].astype(float)
     out = pd.DataFrame({"checkpoint": r["checkpoint"], "prompt_set": r["prompt_set"], "n": r["n"].astype(int),
                         "refusal_rate": rate, "ci_low": r["ci_low"], "ci_high": r["ci_high"], "judge": r["judge"],
