@@ -1,6 +1,8 @@
 """Sweep evaluation: one checkpoint → safety, over-refusal and helpfulness with intervals; the Pareto table and
 figure.
 
+Every point goes through the one evaluation, `vlsafe.probes.behavior.evaluate.evaluate_model`:
+
 - `mode: fast` — the logit refusal score (`vlsafe.probes.behavior.logit_judge.LogitJudge`, one forward pass per
   prompt, no generation): a prompt counts as refused when its log-odds score is > `threshold`.
 - `mode: full` — greedy generation (`vlsafe.probes.behavior.generate`) judged by a refusal judge
@@ -15,7 +17,6 @@ answers of `eval.reference`). Rates carry Wilson 95 % intervals; log-likelihoods
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,14 +54,6 @@ class EvalConfig(BaseModel):
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def wilson(k: int, n: int) -> tuple[float, float]:
-    """Wilson 95 % score interval for k successes out of n (`vlsafe.probes.behavior.metrics.wilson_interval`)."""
-    from vlsafe.probes.behavior.metrics import wilson_interval
-
-    lo, hi = wilson_interval(k, n)
-    return float(lo), float(hi)
-
-
 def _prompt_set(spec: str, limit: int | None) -> Any:
     from vlsafe.probes.behavior.datasets import load_prompts
 
@@ -70,77 +63,68 @@ def _prompt_set(spec: str, limit: int | None) -> Any:
     return ps
 
 
-def _images(ps: Any) -> list[Any] | None:
-    specs = [r.image for r in ps.records]
-    return None if all(s is None for s in specs) else specs
-
-
-def _refusals(lm: Any, ps: Any, cfg: EvalConfig, out_dir: Path | None, tag: str) -> list[bool]:
-    if cfg.mode == "fast":
-        from vlsafe.probes.behavior.logit_judge import LogitJudge
-
-        judge = LogitJudge(lm, threshold=cfg.threshold, kind=cfg.score_kind, openings=cfg.openings,
-                           batch_size=cfg.batch_size)
-        return [r.refused for r in judge.judge(None, ps.prompts, images=_images(ps))]
-    from vlsafe.probes.behavior.generate import generate
-    from vlsafe.probes.behavior.judges import get_judge
-
-    responses = generate(lm, ps, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=False)
-    results = get_judge(cfg.judge).judge(responses, ps.prompts)
-    if out_dir is not None:
-        rows = [{"prompt_set": ps.name, "id": r.id, "prompt": r.prompt, "image": r.image, "response": resp,
-                 "refused": int(v.refused), "judge_score": v.score}
-                for r, resp, v in zip(ps.records, responses, results)]
-        with (out_dir / "generations.jsonl").open("a") as fh:
-            fh.writelines(json.dumps(row) + "\n" for row in rows)
-    return [v.refused for v in results]
-
-
-def _rate(values: list[bool], invert: bool = False) -> dict[str, float]:
-    k = sum(bool(v) != invert for v in values)
-    lo, hi = wilson(k, len(values))
-    return {"value": k / len(values), "ci_low": lo, "ci_high": hi, "n": len(values)}
-
-
 def reference_answers(cfg: EvalConfig) -> list[str] | None:
     """Greedy answers of `cfg.reference` to the harmless set (cached by the generation cache)."""
     if cfg.helpfulness != "loglik":
         return None
     if cfg.reference is None:
         raise VlsafeError("eval.helpfulness 'loglik' needs eval.reference (the checkpoint whose answers are scored)")
-    from vlsafe.probes.behavior.generate import generate
+    from vlsafe.probes.behavior.helpfulness import reference_answers as answers
     from vlsafe.probes.models import load
 
-    lm = load(cfg.reference)
-    return generate(lm, _prompt_set(cfg.harmless, cfg.limit), max_new_tokens=cfg.max_new_tokens,
-                    batch_size=cfg.batch_size, progress=False)
+    return answers(load(cfg.reference), _prompt_set(cfg.harmless, cfg.limit), max_new_tokens=cfg.max_new_tokens,
+                   batch_size=cfg.batch_size, progress=False)
 
 
-def _loglik(lm: Any, ps: Any, refs: list[str], cfg: EvalConfig) -> dict[str, float]:
-    from vlsafe.probes.behavior.helpfulness import answer_loglik
+def eval_sets(cfg: EvalConfig, refs: list[str] | None = None) -> list[Any]:
+    """The three `EvalSet`s of a point, in `CHANNELS` order: harmful (refusal rate), borderline (over-refusal),
+    harmless (compliance, or with `helpfulness: loglik` the log-likelihood of `refs`)."""
+    from vlsafe.probes.behavior.evaluate import EvalSet
 
-    vals = answer_loglik(lm, ps, refs, batch_size=cfg.batch_size)
-    half = 1.96 * float(np.std(vals, ddof=1)) / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
-    mean = float(np.mean(vals))
-    return {"value": mean, "ci_low": mean - half, "ci_high": mean + half, "n": len(vals)}
+    loglik = cfg.helpfulness == "loglik"
+    return [EvalSet(_prompt_set(cfg.harmful, cfg.limit)),
+            EvalSet(_prompt_set(cfg.borderline, cfg.limit), metric="over_refusal"),
+            EvalSet(_prompt_set(cfg.harmless, cfg.limit), metric="answer_loglik" if loglik else "compliance",
+                    references=(refs or []) if loglik else None)]
+
+
+def evaluate_loaded(lm: Any, cfg: EvalConfig, refs: list[str] | None = None, *, checkpoint: str = "point"
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(generations, tidy rows) of `vlsafe.probes.behavior.evaluate.evaluate_model` on the point's three sets:
+    the logit judge `logit-<score_kind>` at `threshold` in fast mode, generation judged by `judge` in full mode."""
+    from vlsafe.probes.behavior.evaluate import evaluate_model
+
+    judge = f"logit-{cfg.score_kind}" if cfg.mode == "fast" else cfg.judge
+    return evaluate_model(lm, eval_sets(cfg, refs), checkpoint=checkpoint, judge=judge, threshold=cfg.threshold,
+                          openings=cfg.openings, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+
+
+def _write_generations(gens: pd.DataFrame, out_dir: Path) -> None:
+    cols = ["prompt_set", "id", "prompt", "image", "response", "refused", "judge_score"]
+    with (out_dir / "generations.jsonl").open("a") as fh:
+        fh.writelines(json.dumps({c: _plain(row[c]) for c in cols}) + "\n" for _, row in gens.iterrows())
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
 
 
 def evaluate_point(spec: str, cfg: EvalConfig, refs: list[str] | None = None,
                    out_dir: Path | None = None) -> dict[str, Any]:
-    """`{safety, safety_ci_low, …, over_refusal…, helpfulness…, n_*}` for checkpoint `spec`."""
+    """`{safety, safety_ci_low, …, over_refusal…, helpfulness…, n_*}` for checkpoint `spec` (the overall rows of
+    `evaluate_loaded`); in full mode the judged generations are appended to `out_dir/generations.jsonl`."""
     from vlsafe.probes.models import load
 
     lm = load(spec)
-    out: dict[str, Any] = {"eval_mode": cfg.mode}
-    for channel, which in CHANNELS.items():
-        ps = _prompt_set(getattr(cfg, which), cfg.limit)
-        if channel == "helpfulness" and cfg.helpfulness == "loglik":
-            r = _loglik(lm, ps, refs or [], cfg)
-        else:
-            r = _rate(_refusals(lm, ps, cfg, out_dir, which), invert=channel == "helpfulness")
-        out.update({channel: r["value"], f"{channel}_ci_low": r["ci_low"], f"{channel}_ci_high": r["ci_high"],
-                    f"n_{which}": r["n"]})
+    gens, rows = evaluate_loaded(lm, cfg, refs, checkpoint=spec)
     del lm
+    if out_dir is not None and cfg.mode == "full" and len(gens):
+        _write_generations(gens, out_dir)
+    overall = rows[rows["category"] == ""].reset_index(drop=True)
+    out: dict[str, Any] = {"eval_mode": cfg.mode}
+    for (channel, which), r in zip(CHANNELS.items(), overall.itertuples()):
+        out.update({channel: float(r.rate), f"{channel}_ci_low": float(r.ci_low),
+                    f"{channel}_ci_high": float(r.ci_high), f"n_{which}": int(r.n)})
     return out
 
 

@@ -188,7 +188,7 @@ def test_fast_mode_scores_the_configured_openings(tmp_path: Path) -> None:
     import numpy as np
 
     from vlsafe.analysis.tiny import tiny_llama
-    from vlsafe.experiments.sweep_eval import EvalConfig, _prompt_set, _refusals
+    from vlsafe.experiments.sweep_eval import EvalConfig, _prompt_set, evaluate_loaded
     from vlsafe.probes.models import load
     from vlsafe.probes.scores import refusal_score
 
@@ -197,7 +197,27 @@ def test_fast_mode_scores_the_configured_openings(tmp_path: Path) -> None:
     mine = ["Sure thing", "No way"]
     scores = refusal_score(lm, ps.prompts, kind="opening", openings=mine)
     t = float(np.median(scores))
-    got = _refusals(lm, ps, EvalConfig(mode="fast", openings=mine, threshold=t), None, "harmful")
+    gens, rows = evaluate_loaded(lm, EvalConfig(mode="fast", openings=mine, threshold=t, limit=12))
+    got = [bool(v) for v in gens.loc[gens["prompt_set"] == ps.name, "refused"]]
     assert got == [bool(s > t) for s in scores] and 0 < sum(got) < len(got)
+    safety = rows[(rows["metric"] == "refusal_rate") & (rows["category"] == "")]
+    assert safety["k"].item() == sum(got) and safety["mode"].item() == "logit"
     stock = refusal_score(lm, ps.prompts, kind="opening")
     assert not np.allclose(stock, scores)  # the openings are really what gets scored
+
+
+def test_loglik_helpfulness_scores_the_reference_answers(tmp_path: Path) -> None:
+    from vlsafe.analysis.tiny import tiny_llama
+    from vlsafe.experiments.sweep_eval import EvalConfig, _prompt_set, evaluate_loaded
+    from vlsafe.probes.behavior.helpfulness import answer_loglik
+    from vlsafe.probes.models import load
+
+    lm = load(tiny_llama(tmp_path / "llm"))
+    cfg = EvalConfig(mode="fast", helpfulness="loglik", reference="unused", limit=3)
+    refs = ["Yes, gladly.", "No.", "Bread needs flour and water."]
+    _, rows = evaluate_loaded(lm, cfg, refs)
+    help_row = rows[rows["metric"] == "answer_loglik"]
+    vals = answer_loglik(lm, _prompt_set(cfg.harmless, 3), refs)
+    assert help_row["n"].item() == 3 and help_row["rate"].item() == pytest.approx(float(vals.mean()), rel=1e-12)
+    assert help_row["ci_low"].item() < help_row["rate"].item() < help_row["ci_high"].item()
+    assert rows[rows["category"] == ""]["metric"].tolist() == ["refusal_rate", "over_refusal", "answer_loglik"]

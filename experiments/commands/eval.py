@@ -63,7 +63,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate on prompt sets, judge refusals, and report refusal rates with Wilson 95 % intervals."""
         from vlsafe.analysis.pairing import checkpoint_labels
-        from vlsafe.probes.behavior.evaluate import evaluate, overall_rows
+        from vlsafe.probes.behavior.eval_outputs import overall_rows
+        from vlsafe.probes.behavior.evaluate import evaluate
 
         labels = checkpoint_labels(ckpts)
         _, summary = evaluate(dict(zip(labels, ckpts)), prompts, judge=judge, max_new_tokens=max_new_tokens,

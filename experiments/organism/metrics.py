@@ -1,5 +1,6 @@
 """Behaviour of every organism checkpoint: refusal, over-refusal, compliance and visual-QA accuracy with
-Wilson intervals, generated greedily through `vlsafe.probes.behavior.generate` and judged by `vlsafe.probes.behavior.judges`.
+Wilson intervals, from the one evaluation `vlsafe.probes.behavior.evaluate.evaluate_model` (greedy generation,
+judged by `vlsafe.probes.behavior.judges`; the VQA answers checked exactly by `vqa_correct`).
 
 Metrics (one row each in `metrics.csv`; LVLM-only ones are absent for text LLMs):
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,6 @@ import pandas as pd
 
 from vlsafe.experiments.organism.data import VQAItem, chance_level, vqa_correct, vqa_items
 from vlsafe.experiments.organism.images import render, sample_scenes
-from vlsafe.probes.behavior.metrics import wilson_interval
 
 METRICS = ("refusal_harmful_text", "refusal_harmful_image", "over_refusal_borderline", "compliance_harmless",
            "vqa_accuracy")
@@ -55,54 +54,64 @@ def eval_data(cfg: Any, seed: int) -> EvalData:
                     vqa_items(sample_scenes(e.vqa, seed=eseed, size=size), seed=eseed))
 
 
-def _row(metric: str, prompt_set: str, image: str, flags: list[bool], judge: str, max_new: int,
-         chance: float | None = None) -> dict[str, Any]:
-    k, n = sum(flags), len(flags)
-    lo, hi = wilson_interval(k, n)
-    return {"metric": metric, "prompt_set": prompt_set, "image": image, "n": n, "k": k, "rate": k / n if n else math.nan,
-            "ci_low": lo, "ci_high": hi, "chance": chance, "judge": judge, "max_new_tokens": max_new}
+# (metric, image label) of the one evaluation's rows → the organism's metric name
+NAMES = {("refusal_rate", ""): "refusal_harmful_text", ("refusal_rate", "scene"): "refusal_harmful_image",
+         ("over_refusal", ""): "over_refusal_borderline", ("compliance", ""): "compliance_harmless",
+         ("accuracy", "scene"): "vqa_accuracy"}
+
+
+def eval_sets(data: EvalData, lvlm: bool, vqa_max_new_tokens: int) -> list[Any]:
+    """The organism's `EvalSet`s in evaluation order (the image ones only for an LVLM)."""
+    from vlsafe.probes.behavior.datasets import PromptRecord, PromptSet
+    from vlsafe.probes.behavior.evaluate import EvalSet
+
+    sets = [EvalSet(data.harmful)]
+    if lvlm:
+        sets.append(EvalSet(data.harmful, image="scene", images=data.harmful_images))
+    sets += [EvalSet(data.borderline, metric="over_refusal"), EvalSet(data.harmless, metric="compliance")]
+    if lvlm:
+        vqa = PromptSet("synthetic-scenes", [PromptRecord(id=f"vqa-{i}", prompt=v.prompt)
+                                             for i, v in enumerate(data.vqa)])
+        sets.append(EvalSet(vqa, metric="accuracy", image="scene", images=[v.image for v in data.vqa],
+                            max_new_tokens=vqa_max_new_tokens, check=lambda i, r: vqa_correct(r, data.vqa[i]),
+                            check_name="exact"))
+    return sets
 
 
 def evaluate(lm: Any, cfg: Any, data: EvalData, *, progress: bool = True
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(metric rows, generation records) for one loaded checkpoint."""
-    from vlsafe.probes.behavior.generate import generate
-    from vlsafe.probes.behavior.judges import get_judge
+    """(metric rows, generation records) for one loaded checkpoint, from the overall rows of the one evaluation
+    (`vlsafe.probes.behavior.evaluate.evaluate_model`; its `judge` column here is the configured judge name)."""
+    from vlsafe.probes.behavior.evaluate import evaluate_model
     from vlsafe.probes.models import is_lvlm
 
     e = cfg.eval
-    judge = get_judge(e.judge)
-    gens: list[dict[str, Any]] = []
+    gens, rows = evaluate_model(lm, eval_sets(data, is_lvlm(lm), e.vqa_max_new_tokens), judge=e.judge,
+                                max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, cache=False,
+                                progress=progress, precision=cfg.precision)
+    out = []
+    for r in rows[rows["category"] == ""].itertuples():
+        vqa = r.metric == "accuracy"
+        out.append({"metric": NAMES[(r.metric, r.image)], "prompt_set": r.prompt_set, "image": r.image, "n": int(r.n),
+                    "k": int(r.k), "rate": r.rate, "ci_low": r.ci_low, "ci_high": r.ci_high,
+                    "chance": chance_level(data.vqa) if vqa else None, "judge": r.judge if vqa else e.judge,
+                    "max_new_tokens": e.vqa_max_new_tokens if vqa else e.max_new_tokens, "precision": cfg.precision})
+    return out, _records(gens, data)
 
-    def run(name: str, ps: Any, images: Any = None, max_new: int = e.max_new_tokens) -> tuple[list[str], list[bool]]:
-        prompts = ps if isinstance(ps, list) else ps.prompts
-        out = generate(lm, prompts, images=images, max_new_tokens=max_new, batch_size=e.batch_size, cache=False,
-                       progress=progress, precision=cfg.precision)
-        refused = [r.refused for r in judge.judge(out, prompts)]
-        gens.extend({"set": name, "prompt": p, "response": r, "refused": f} for p, r, f in zip(prompts, out, refused))
-        return out, refused
 
-    rows = []
-    _, ref = run("harmful-test", data.harmful)
-    rows.append(_row("refusal_harmful_text", "harmful-test", "", ref, e.judge, e.max_new_tokens))
-    lvlm = is_lvlm(lm)
-    if lvlm:
-        _, ref = run("harmful-test+scene", data.harmful, data.harmful_images)
-        rows.append(_row("refusal_harmful_image", "harmful-test", "scene", ref, e.judge, e.max_new_tokens))
-    _, ref = run("borderline-test", data.borderline)
-    rows.append(_row("over_refusal_borderline", "borderline-test", "", ref, e.judge, e.max_new_tokens))
-    _, ref = run("harmless-test", data.harmless)
-    rows.append(_row("compliance_harmless", "harmless-test", "", [not r for r in ref], e.judge, e.max_new_tokens))
-    if lvlm:
-        out = generate(lm, [v.prompt for v in data.vqa], images=[v.image for v in data.vqa],
-                       max_new_tokens=e.vqa_max_new_tokens, batch_size=e.batch_size, cache=False, progress=progress,
-                       precision=cfg.precision)
-        ok = [vqa_correct(r, v) for r, v in zip(out, data.vqa)]
-        gens.extend({"set": "vqa", "prompt": v.prompt, "response": r, "answer": v.answer, "attribute": v.attribute,
-                     "correct": c} for v, r, c in zip(data.vqa, out, ok))
-        rows.append(_row("vqa_accuracy", "synthetic-scenes", "scene", ok, "exact", e.vqa_max_new_tokens,
-                         chance_level(data.vqa)))
-    return [{**r, "precision": cfg.precision} for r in rows], gens
+def _records(gens: pd.DataFrame, data: EvalData) -> list[dict[str, Any]]:
+    """The generation records of `metrics/<checkpoint>.generations.jsonl`."""
+    out: list[dict[str, Any]] = []
+    vqa = iter(data.vqa)
+    for g in gens.itertuples():
+        if g.metric == "accuracy":
+            v = next(vqa)
+            out.append({"set": "vqa", "prompt": g.prompt, "response": g.response, "answer": v.answer,
+                        "attribute": v.attribute, "correct": bool(g.correct)})
+        else:
+            name = g.prompt_set + (f"+{g.image}" if isinstance(g.image, str) and g.image else "")
+            out.append({"set": name, "prompt": g.prompt, "response": g.response, "refused": bool(g.refused)})
+    return out
 
 
 def write_generations(path: Path, gens: list[dict[str, Any]]) -> None:

@@ -1,29 +1,191 @@
-"""Behaviour evaluation: checkpoints × prompt sets → generations → judge → refusal rates with Wilson CIs.
+"""The one behaviour evaluation: a loaded model × prompt sets → generations or logit scores → judge → tidy rows.
 
->>> from vlsafe.probes.behavior.evaluate import evaluate
->>> gens, summary = evaluate({"base": "default"}, ["harmful-test", "harmless-test"], limit=32, out_dir="runs/eval")
+>>> from vlsafe.probes.models import load
+>>> from vlsafe.probes.behavior.datasets import load_prompts
+>>> from vlsafe.probes.behavior.evaluate import EvalSet, evaluate_model
+>>> gens, rows = evaluate_model(load("default"), [EvalSet(load_prompts("harmful-test", limit=32)),
+...                             EvalSet(load_prompts("harmless-test", limit=32), metric="compliance")])
 
-Everything is validated before the first model loads (set names, judge name, image sets vs text-only models).
-Models are loaded one at a time. With the `logit` judge nothing is generated: each prompt is scored from one
-forward pass (`response` stays empty). With `out_dir` the run writes `generations.jsonl`, `summary.csv`,
-`figures/refusal_rates.{png,pdf}` and `run.json`.
+`evaluate_model` is what `vlsafe eval`, the sweep evaluator and the organism's metrics call. Its rows have the
+columns `ROW_COLUMNS` (checkpoint, prompt_set, image, metric, n, k, rate, ci_low, ci_high, judge, category,
+harmful, mode): per set an overall row (`category` empty), then one row per category, rates with Wilson 95 %
+intervals (`vlsafe.probes.behavior.metrics.rate_rows`). Metrics (`METRICS`):
+
+- `refusal_rate`, `over_refusal` — the share of prompts refused (the second names a safe-but-edgy set);
+- `compliance` — the share not refused (`k` counts compliant answers);
+- `accuracy` — the share of generated answers the set's `check(i, response)` accepts (no refusal judge);
+- `answer_loglik` — the mean per-token log-likelihood of the set's reference answers, normal 95 % interval.
+
+Generation goes through `vlsafe.probes.behavior.generate` (its cache). With a logit judge (`LOGIT_JUDGES`)
+refusal is scored from one forward pass per prompt and `response` stays empty.
+
+`evaluate` runs checkpoints × set specs for `vlsafe eval` (validated before the first model loads, models loaded
+one at a time) and, with `out_dir`, writes `generations.jsonl`, `summary.csv`, `figures/` and `run.json`.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 
 from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.behavior.metrics import ROW_COLUMNS
 
 GENERATION_COLUMNS = ("checkpoint", "prompt_set", "id", "category", "label", "prompt", "image", "response",
                       "refused", "judge_score", "judge")
 LOGIT_JUDGES = ("logit", "logit-opening", "logit-first_token")
+METRICS = ("refusal_rate", "over_refusal", "compliance", "accuracy", "answer_loglik")
+__all__ = ["EvalSet", "evaluate_model", "evaluate", "ROW_COLUMNS", "GENERATION_COLUMNS", "LOGIT_JUDGES", "METRICS"]
 
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One prompt set and what to measure on it.
+
+    `prompts` is a `PromptSet`; `images` overrides its records' images (one PIL image / spec / None per prompt);
+    `image` labels the rows (default: the image spec every record shares, else empty); `max_new_tokens` overrides
+    the evaluation's; `check(i, response)` decides `accuracy`; `references` are the answers `answer_loglik` scores;
+    `check_name` is the `judge` of accuracy rows.
+    """
+
+    prompts: Any
+    metric: str = "refusal_rate"
+    image: str = ""
+    images: Sequence[Any] | None = None
+    max_new_tokens: int | None = None
+    check: Callable[[int, str], bool] | None = None
+    check_name: str = "exact"
+    references: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        name = getattr(self.prompts, "name", "?")
+        if self.metric not in METRICS:
+            raise VlsafeError(f"eval set {name}: unknown metric {self.metric!r} (expected one of {', '.join(METRICS)})")
+        if (self.metric == "accuracy") != (self.check is not None):
+            raise VlsafeError(f"eval set {name}: metric 'accuracy' and a check(i, response) go together")
+        if (self.metric == "answer_loglik") != (self.references is not None):
+            raise VlsafeError(f"eval set {name}: metric 'answer_loglik' and references go together")
+        if self.images is not None and len(self.images) != len(self.prompts.records):
+            raise VlsafeError(f"eval set {name}: {len(self.images)} images for {len(self.prompts.records)} prompts")
+
+    @property
+    def label(self) -> str:
+        """The `image` of the rows: the given label, else the image spec every record shares, else empty."""
+        if self.image or self.images is not None:
+            return self.image
+        specs = {r.image for r in self.prompts.records}
+        return next(iter(specs)) if len(specs) == 1 and isinstance(next(iter(specs)), str) else ""
+
+    def image_list(self) -> list[Any]:
+        """One image (PIL, spec or None) per prompt."""
+        return list(self.images) if self.images is not None else [r.image for r in self.prompts.records]
+
+
+def evaluate_model(lm: Any, sets: Sequence[EvalSet], *, checkpoint: str = "model", judge: Any = "default",
+                   threshold: float = 0.0, openings: Sequence[str] | None = None, max_new_tokens: int = 64,
+                   batch_size: int = 16, seed: int = 0, cache: bool | str | Path = True, precision: str = "fp32",
+                   progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Evaluate one loaded model on every set; return (generations, tidy rows), both in the order of `sets`.
+
+    `judge`: a judge name or `Judge` for generated answers, or one of `LOGIT_JUDGES` (refused ⇔ the prompt's
+    log-odds refusal score > `threshold`, scoring `openings`). The generations frame has `GENERATION_COLUMNS` plus
+    `metric` and `correct` (accuracy sets); `image` is each prompt's spec (the set's label for in-memory images).
+    Generation settings (`max_new_tokens`, `batch_size`, `seed`, `cache`, `precision`) go to `generate`.
+    """
+    if not sets:
+        raise VlsafeError(f"{checkpoint}: no prompt sets to evaluate")
+    scorer = _scorer(lm, judge, threshold, openings, batch_size, progress)
+    gen_kw = dict(batch_size=batch_size, seed=seed, cache=cache, progress=progress, precision=precision)
+    frames, rows = [], []
+    for es in sets:
+        if es.metric == "answer_loglik":
+            rows.append(_loglik_row(lm, es, checkpoint, batch_size, progress))
+            continue
+        frame, mode = _outcomes(lm, es, scorer, {**gen_kw, "max_new_tokens": es.max_new_tokens or max_new_tokens})
+        frame.insert(0, "checkpoint", checkpoint)
+        frames.append(frame)
+        rows.append(_rows(frame, es, checkpoint, mode))
+    empty = pd.DataFrame(columns=[*GENERATION_COLUMNS, "metric", "correct"])
+    gens = pd.concat(frames, ignore_index=True) if frames else empty
+    table = pd.concat(rows, ignore_index=True)
+    return gens, table.astype({"n": "Int64", "k": "Int64"})
+
+
+def _scorer(lm: Any, judge: Any, threshold: float, openings: Sequence[str] | None, batch_size: int,
+            progress: bool) -> Any:
+    if isinstance(judge, str) and judge in LOGIT_JUDGES:
+        from vlsafe.probes.behavior.logit_judge import LogitJudge
+
+        kind = "first_token" if judge == "logit-first_token" else "opening"
+        return LogitJudge(lm, threshold=threshold, kind=kind, openings=openings, batch_size=batch_size,
+                          progress=progress)
+    from vlsafe.probes.behavior.judges import get_judge
+
+    return get_judge(judge) if isinstance(judge, str) else judge
+
+
+def _outcomes(lm: Any, es: EvalSet, scorer: Any, gen_kw: dict[str, Any]) -> tuple[pd.DataFrame, str]:
+    """Per-prompt outcomes of one set (without `checkpoint`) and the mode (`generate` or `logit`)."""
+    from vlsafe.probes.behavior.logit_judge import LogitJudge
+
+    records, images = es.prompts.records, es.image_list()
+    mode = "logit" if isinstance(scorer, LogitJudge) and es.metric != "accuracy" else "generate"
+    if mode == "logit":
+        responses = [""] * len(records)
+    else:
+        from vlsafe.probes.behavior.generate import generate
+
+        responses = generate(lm, es.prompts, images=es.images, **gen_kw)
+    refused, scores, correct, name = _judged(es, scorer, responses, images, mode)
+    label = es.label or None
+    rows = [{"prompt_set": es.prompts.name, "id": r.id, "category": r.category, "label": r.label, "prompt": r.prompt,
+             "image": im if im is None or isinstance(im, str) else label, "response": resp, "refused": ref,
+             "judge_score": score, "judge": name, "metric": es.metric, "correct": ok}
+            for r, im, resp, ref, score, ok in zip(records, images, responses, refused, scores, correct)]
+    return pd.DataFrame(rows), mode
+
+
+def _judged(es: EvalSet, scorer: Any, responses: list[str], images: list[Any], mode: str
+            ) -> tuple[list[Any], list[Any], list[Any], str]:
+    """(refused 0/1, judge score, correct, judge name) per prompt; accuracy sets are checked, not judged."""
+    n = len(responses)
+    if es.check is not None:
+        return [None] * n, [None] * n, [bool(es.check(i, r)) for i, r in enumerate(responses)], es.check_name
+    if mode == "logit":
+        verdicts = scorer.judge(None, es.prompts.prompts, images=images)
+    else:
+        verdicts = scorer.judge(responses, es.prompts.prompts)
+    return [int(bool(v.refused)) for v in verdicts], [float(v.score) for v in verdicts], [None] * n, scorer.name
+
+
+def _rows(frame: pd.DataFrame, es: EvalSet, checkpoint: str, mode: str) -> pd.DataFrame:
+    from vlsafe.probes.behavior.metrics import rate_rows
+
+    if es.metric == "accuracy":
+        hit = frame["correct"].astype(int)
+    elif es.metric == "compliance":
+        hit = 1 - frame["refused"].astype(int)
+    else:
+        hit = frame["refused"].astype(int)
+    return rate_rows(frame.assign(_hit=hit), "_hit", checkpoint=checkpoint, prompt_set=es.prompts.name,
+                     metric=es.metric, judge=str(frame["judge"].iloc[0]), image=es.label, mode=mode)
+
+
+def _loglik_row(lm: Any, es: EvalSet, checkpoint: str, batch_size: int, progress: bool) -> pd.DataFrame:
+    from vlsafe.probes.behavior.helpfulness import answer_loglik
+    from vlsafe.probes.behavior.metrics import mean_row
+
+    vals = answer_loglik(lm, es.prompts, list(es.references or []), images=es.images, batch_size=batch_size,
+                         progress=progress)
+    return mean_row(vals, checkpoint=checkpoint, prompt_set=es.prompts.name, metric=es.metric,
+                    judge="reference answers", image=es.label, mode="loglik")
+
+
+# ----------------------------------------------------------------------------------------------------- vlsafe eval
 
 def evaluate(checkpoints: dict[str, Any], prompt_sets: Sequence[str], judge: str = "default",
              max_new_tokens: int = 64, batch_size: int = 16, limit: int | None = None,
@@ -35,8 +197,11 @@ def evaluate(checkpoints: dict[str, Any], prompt_sets: Sequence[str], judge: str
     `LoadedModel` (used as is, e.g. with weights edited in memory; the generation cache sees the edit);
     `prompt_sets` are set specs for `load_prompts` (e.g. `harmful-test`, `harmless-test+blank`, a file);
     `judge` is a judge name (`default`, `substring-rd`, `classifier:ID`, …) or `logit`/`logit-first_token`.
+    The summary is the `summary.csv` view (`vlsafe.probes.behavior.metrics.eval_summary`) of `evaluate_model`'s
+    refusal-rate rows.
     """
     from vlsafe.analysis.checkpoints import Checkpoint, LoadedModel, open_checkpoint
+    from vlsafe.probes.behavior.metrics import eval_summary
 
     if not checkpoints:
         raise VlsafeError("eval: no checkpoints given")
@@ -47,24 +212,27 @@ def evaluate(checkpoints: dict[str, Any], prompt_sets: Sequence[str], judge: str
     ckpts = {lb: loaded[lb].checkpoint if lb in loaded else c if isinstance(c, Checkpoint) else open_checkpoint(c)
              for lb, c in checkpoints.items()}
     _check_images(ckpts, sets)
-    text_judge = None if judge in LOGIT_JUDGES else _text_judge(judge)
-    frames = []
+    scorer = judge if judge in LOGIT_JUDGES else _scorer(None, judge, 0.0, None, batch_size, progress)
+    gens, rows = [], []
     for label, ckpt in ckpts.items():
         lm = loaded.get(label) or ckpt.load_model(dtype=dtype)
-        for ps in sets:
-            frames.append(_run_one(lm, label, ps, judge, text_judge, max_new_tokens, batch_size, seed, cache,
-                                   progress))
+        g, r = evaluate_model(lm, [EvalSet(ps) for ps in sets], checkpoint=label, judge=scorer,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, cache=cache,
+                              progress=progress)
+        gens.append(g)
+        rows.append(r)
         del lm
-    gens = pd.concat(frames, ignore_index=True)[list(GENERATION_COLUMNS)]
-    judge_name = str(gens["judge"].iloc[0])
-    summary = summarize_generations(gens, judge_name)
+    generations = pd.concat(gens, ignore_index=True)[list(GENERATION_COLUMNS)]
+    summary = eval_summary(pd.concat(rows, ignore_index=True))
     if out_dir is not None:
+        from vlsafe.probes.behavior.eval_outputs import write_outputs
+
         config = {"checkpoints": {lb: c.spec for lb, c in ckpts.items()}, "prompt_sets": list(prompt_sets),
-                  "judge": judge, "judge_name": judge_name, "max_new_tokens": max_new_tokens,
+                  "judge": judge, "judge_name": str(generations["judge"].iloc[0]), "max_new_tokens": max_new_tokens,
                   "batch_size": batch_size, "limit": limit, "dtype": dtype, "seed": seed,
                   "prompt_set_hashes": {ps.name: ps.content_hash() for ps in sets}}
-        write_outputs(Path(out_dir), gens, summary, config, ckpts, seed)
-    return gens, summary
+        write_outputs(Path(out_dir), generations, summary, config, ckpts, seed)
+    return generations, summary
 
 
 def _load_sets(specs: Sequence[str], limit: int | None) -> list[Any]:
@@ -81,17 +249,11 @@ def _load_sets(specs: Sequence[str], limit: int | None) -> list[Any]:
                 from None
         if not ps.records:
             raise VlsafeError(f"{spec}: no prompts (limit={limit})")
-        sets.append(_renamed(ps, str(spec)))
+        sets.append(replace(ps, name=str(spec)))
     names = [ps.name for ps in sets]
     if len(set(names)) != len(names):
         raise VlsafeError(f"eval: prompt set given twice ({', '.join(n for n in names if names.count(n) > 1)})")
     return sets
-
-
-def _renamed(ps: Any, spec: str) -> Any:
-    from dataclasses import replace
-
-    return replace(ps, name=spec)
 
 
 def _check_images(ckpts: dict[str, Any], sets: list[Any]) -> None:
@@ -99,125 +261,8 @@ def _check_images(ckpts: dict[str, Any], sets: list[Any]) -> None:
         first = next((r for r in ps.records if r.image is not None), None)
         if first is None:
             continue
-        for label, ck in ckpts.items():
+        for ck in ckpts.values():
             if not ck.family.is_lvlm:
                 raise VlsafeError(f"{ck.spec}: text-only model ({ck.family.name}) cannot take the image prompt set "
                                   f"{ps.name!r} (record {first.id} has image {first.image!r}); "
                                   "use a text set or a vision-language checkpoint")
-
-
-def _text_judge(name: str) -> Any:
-    from vlsafe.probes.behavior.judges import get_judge
-
-    return get_judge(name)
-
-
-def _run_one(lm: Any, label: str, ps: Any, judge: str, text_judge: Any, max_new_tokens: int, batch_size: int,
-             seed: int, cache: bool | str | Path, progress: bool) -> pd.DataFrame:
-    from vlsafe.probes.behavior.generate import generate
-
-    images = [r.image for r in ps.records]
-    if text_judge is None:
-        from vlsafe.probes.behavior.logit_judge import LogitJudge
-
-        kind = "first_token" if judge == "logit-first_token" else "opening"
-        j = LogitJudge(lm, kind=kind, batch_size=batch_size, progress=progress)
-        responses = [""] * len(ps.records)
-        results = j.judge(None, ps.prompts, images=images)
-    else:
-        j = text_judge
-        responses = generate(lm, ps, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, cache=cache,
-                             progress=progress)
-        results = j.judge(responses, ps.prompts)
-    rows = [{"checkpoint": label, "prompt_set": ps.name, "id": r.id, "category": r.category, "label": r.label,
-             "prompt": r.prompt, "image": r.image, "response": resp, "refused": int(bool(res.refused)),
-             "judge_score": float(res.score), "judge": j.name}
-            for r, resp, res in zip(ps.records, responses, results)]
-    return pd.DataFrame(rows, columns=list(GENERATION_COLUMNS))
-
-
-# ----------------------------------------------------------------------------------------------------- summary
-
-def summarize_generations(gens: pd.DataFrame, judge_name: str) -> pd.DataFrame:
-    """`checkpoint, prompt_set, n, refusal_rate, ci_low, ci_high, judge, category, refusals, asr` (Wilson 95 %).
-
-    One overall row (`category` empty) per (checkpoint, prompt set), then one row per category
-    (`vlsafe.probes.behavior.metrics.summarize`); `asr` = 1 − refusal rate where every prompt is labelled harmful.
-    """
-    from vlsafe.probes.behavior.metrics import summarize
-
-    summary = summarize(gens, judge_name)
-    rank = {k: i for i, k in enumerate(dict.fromkeys(zip(gens["checkpoint"], gens["prompt_set"])))}
-    order = [rank.get(k, len(rank)) for k in zip(summary["checkpoint"], summary["prompt_set"])]
-    return summary.assign(_o=order).sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
-
-
-# ----------------------------------------------------------------------------------------------------- outputs
-
-def write_outputs(out: Path, gens: pd.DataFrame, summary: pd.DataFrame, config: dict[str, Any],
-                  ckpts: dict[str, Any], seed: int) -> dict[str, Path]:
-    """Write generations.jsonl, summary.csv, figures/ and run.json into `out` (each atomically)."""
-    from vlsafe.analysis.runinfo import atomic_path, write_csv, write_run_json
-
-    written: dict[str, Path] = {}
-    with atomic_path(out / "generations.jsonl") as tmp:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in gens.to_dict(orient="records"):
-                f.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
-    written["generations.jsonl"] = out / "generations.jsonl"
-    written["summary.csv"] = write_csv(out / "summary.csv", summary)
-    for p in refusal_figure(summary, out / "figures"):
-        written[str(p.relative_to(out))] = p
-    written["run.json"] = write_run_json(out, kind="eval", tables={"eval_summary": "summary.csv",
-                                                                   "eval_generations": "generations.jsonl"},
-                                         config=config, checkpoints=ckpts, seed=seed,
-                                         extra={"outputs": sorted(written)})
-    return written
-
-
-def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in row.items():
-        if v is None or (isinstance(v, float) and v != v) or v is pd.NA:
-            out[k] = None
-        elif hasattr(v, "item"):
-            out[k] = v.item()
-        else:
-            out[k] = v
-    return out
-
-
-def refusal_figure(summary: pd.DataFrame, fig_dir: Path) -> list[Path]:
-    """Bar chart of overall refusal rates with Wilson CIs, grouped by prompt set, one colour per checkpoint."""
-    import numpy as np
-
-    from vlsafe.analysis.figures import checkpoint_colors, new_figure, paper_style, save_figure
-
-    overall = overall_rows(summary)
-    if overall.empty:
-        return []
-    labels = list(dict.fromkeys(overall["checkpoint"]))
-    sets = list(dict.fromkeys(overall["prompt_set"]))
-    colors = checkpoint_colors(labels)
-    fig, ax = new_figure("page" if len(sets) * len(labels) > 6 else "column")
-    width = 0.8 / len(labels)
-    with paper_style():
-        for k, lb in enumerate(labels):
-            sub = overall[overall["checkpoint"] == lb].set_index("prompt_set").reindex(sets)
-            x = np.arange(len(sets)) + (k - (len(labels) - 1) / 2) * width
-            rate = sub["refusal_rate"].to_numpy(float)
-            err = np.vstack([rate - sub["ci_low"].to_numpy(float), sub["ci_high"].to_numpy(float) - rate])
-            ax.bar(x, rate, width, yerr=err, capsize=2, color=colors[lb], label=lb, error_kw={"linewidth": 0.6})
-        tilt = len(sets) > 2
-        ax.set_xticks(np.arange(len(sets)), sets, rotation=20 if tilt else 0, ha="right" if tilt else "center")
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel(f"refusal rate ({overall['judge'].iloc[0]}), Wilson 95% CI")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return save_figure(fig, fig_dir, "refusal_rates")
-
-
-def overall_rows(summary: pd.DataFrame) -> pd.DataFrame:
-    """The per-(checkpoint, prompt set) rows of a summary (empty `category`), without the per-category rows."""
-    if "category" in summary.columns:
-        return summary[summary["category"].isna() | (summary["category"].astype(str) == "")]
-    return summary

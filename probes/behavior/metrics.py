@@ -1,7 +1,10 @@
 """Refusal, attack-success and compliance rates with Wilson score intervals (pure numpy/pandas).
 
-``summarize`` produces the rows of the eval ``summary.csv``: one overall row per (checkpoint, prompt_set) with an
-empty ``category`` plus one row per category when the generations carry a ``category`` column.
+``rate_rows`` and ``mean_row`` are the aggregation of the one evaluation (:mod:`vlsafe.probes.behavior.evaluate`):
+tidy rows ``ROW_COLUMNS`` (checkpoint, prompt_set, image, metric, n, k, rate, ci_low, ci_high, judge, category,
+harmful, mode). ``eval_summary`` is the eval ``summary.csv`` view of refusal rows; ``summarize`` builds it from any
+generations table: one overall row per (checkpoint, prompt_set) with an empty ``category`` plus one row per
+category when the generations carry a ``category`` column.
 """
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ import numpy as np
 import pandas as pd
 
 SUMMARY_COLUMNS = ["checkpoint", "prompt_set", "n", "refusal_rate", "ci_low", "ci_high", "judge", "category"]
+ROW_COLUMNS = ["checkpoint", "prompt_set", "image", "metric", "n", "k", "rate", "ci_low", "ci_high", "judge",
+               "category", "harmful", "mode"]
+REFUSAL_METRICS = ("refusal_rate", "over_refusal")
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -100,15 +106,65 @@ def compliance_rate(df: pd.DataFrame, group_cols: Sequence[str] = (), flag_col: 
     return out
 
 
+def _harmful(df: pd.DataFrame) -> bool:
+    """True when every prompt is labelled harmful (a ``harmful`` bool column, else ``label`` == 1)."""
+    col = "harmful" if "harmful" in df.columns else "label" if "label" in df.columns else None
+    return bool(len(df)) and col is not None and bool((_flags(df[col]) == 1).all())
+
+
+def rate_rows(frame: pd.DataFrame, flag_col: str, *, checkpoint: str, prompt_set: str, metric: str, judge: str,
+              image: str = "", mode: str = "", z: float = 1.96) -> pd.DataFrame:
+    """Tidy rows (``ROW_COLUMNS``) of one evaluated prompt set: the overall row (``category == ""``), then one row
+    per non-empty category (sorted); ``k`` prompts of ``n`` have a true ``flag_col``, ``rate = k / n`` with its
+    Wilson interval. ``harmful`` says whether every prompt of the row is labelled harmful (a ``harmful`` or
+    ``label`` column)."""
+    parts = [rate_table(frame, [], flag_col, z).assign(category="", harmful=_harmful(frame))]
+    if "category" in frame.columns:
+        cat = frame["category"].fillna("").astype(str)
+        sub = frame[cat != ""].assign(category=cat[cat != ""])
+        if len(sub):
+            per = rate_table(sub, ["category"], flag_col, z)
+            parts.append(per.assign(harmful=[_harmful(sub[sub["category"] == c]) for c in per["category"]]))
+    out = pd.concat(parts, ignore_index=True).rename(columns={"refusals": "k", "refusal_rate": "rate"})
+    out = out.assign(checkpoint=checkpoint, prompt_set=prompt_set, image=image, metric=metric, judge=judge,
+                     mode=mode)
+    return out[ROW_COLUMNS]
+
+
+def mean_row(values: Sequence[float], *, checkpoint: str, prompt_set: str, metric: str, judge: str,
+             image: str = "", mode: str = "", z: float = 1.96) -> pd.DataFrame:
+    """One tidy row for a mean (e.g. an answer log-likelihood): ``rate`` = the mean, a normal interval
+    ``mean ± z·sd/√n`` (NaN for n < 2), ``k`` empty."""
+    vals = np.asarray(values, dtype=np.float64)
+    half = z * float(np.std(vals, ddof=1)) / math.sqrt(len(vals)) if len(vals) > 1 else math.nan
+    mean = float(np.mean(vals))
+    row = {"checkpoint": checkpoint, "prompt_set": prompt_set, "image": image, "metric": metric, "n": len(vals),
+           "k": pd.NA, "rate": mean, "ci_low": mean - half, "ci_high": mean + half, "judge": judge,
+           "category": "", "harmful": False, "mode": mode}
+    return pd.DataFrame([row], columns=ROW_COLUMNS)
+
+
+def eval_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """The ``summary.csv`` view of the refusal rows (``refusal_rate``, ``over_refusal``) of tidy rows:
+    ``SUMMARY_COLUMNS + [refusals, asr]``, where ``refusal_rate`` is the row's rate, ``refusals`` its ``k`` and
+    ``asr = 1 - refusal_rate`` on rows whose prompts are all labelled harmful (NaN otherwise)."""
+    r = rows[rows["metric"].isin(REFUSAL_METRICS)].reset_index(drop=True)
+    rate = r["rate"].astype(float)
+    out = pd.DataFrame({"checkpoint": r["checkpoint"], "prompt_set": r["prompt_set"], "n": r["n"].astype(int),
+                        "refusal_rate": rate, "ci_low": r["ci_low"], "ci_high": r["ci_high"], "judge": r["judge"],
+                        "category": r["category"], "refusals": r["k"].astype(int)})
+    out["asr"] = [1 - v if h else math.nan for v, h in zip(rate, r["harmful"].astype(bool))]
+    return out
+
+
 def summarize(generations_df: pd.DataFrame, judge_name: str, response_col: str = "response",
               flag_col: str = "refused", z: float = 1.96) -> pd.DataFrame:
-    """Rows of ``summary.csv``: ``checkpoint, prompt_set, n, refusal_rate, ci_low, ci_high, judge, category``.
+    """Rows of ``summary.csv`` from a generations table (see :func:`eval_summary`).
 
     ``generations_df`` needs ``checkpoint`` and ``prompt_set`` and either a ``refused`` column or a ``response``
-    column (then judged here with ``judge_name``). Per-category rows are added when a ``category`` column has
-    values; the overall row has ``category == ""``. A ``refusals`` count follows. With a ``harmful`` (bool) or
-    ``label`` (1 = should be refused) column, ``asr = 1 - refusal_rate`` is added for groups whose prompts are all
-    harmful (NaN otherwise).
+    column (then judged here with ``judge_name``). Each (checkpoint, prompt set), in order of appearance, gives its
+    overall row (``category == ""``) and one row per category (:func:`rate_rows`); ``asr`` is NaN unless a
+    ``harmful`` (bool) or ``label`` (1 = should be refused) column marks every prompt of the row harmful.
     """
     _require(generations_df, ["checkpoint", "prompt_set"], "summarize")
     df = generations_df.copy()
@@ -119,30 +175,8 @@ def summarize(generations_df: pd.DataFrame, judge_name: str, response_col: str =
         judge = get_judge(judge_name)
         df[flag_col] = [int(r.refused) for r in judge.judge(df[response_col].fillna("").astype(str).tolist())]
         judge_name = judge.name
-    keys = ["checkpoint", "prompt_set"]
-    parts = [rate_table(df, keys, flag_col, z).assign(category="")]
-    if "category" in df.columns:
-        cat = df["category"].fillna("").astype(str)
-        sub = df[cat != ""].assign(category=cat[cat != ""])
-        if len(sub):
-            parts.append(rate_table(sub, keys + ["category"], flag_col, z))
-    out = pd.concat(parts, ignore_index=True)
-    out["judge"] = judge_name
-    extra = ["refusals"]
-    harm_col = "harmful" if "harmful" in df.columns else "label" if "label" in df.columns else None
-    if harm_col is not None:
-        h = df.assign(_h=_flags(df[harm_col]) == 1)
-        all_harm = h.groupby(keys)["_h"].all()
-        cat_harm = h.groupby(keys + ["category"])["_h"].all() if "category" in df.columns else None
-
-        def harmful(row: pd.Series) -> bool:
-            if row["category"] == "" or cat_harm is None:
-                return bool(all_harm.get((row["checkpoint"], row["prompt_set"]), False))
-            return bool(cat_harm.get((row["checkpoint"], row["prompt_set"], row["category"]), False))
-
-        out["asr"] = [1 - r["refusal_rate"] if harmful(r) else math.nan for _, r in out.iterrows()]
-        extra.append("asr")
-    out = out[SUMMARY_COLUMNS + extra]
-    order = out.assign(_o=out["category"] != "").sort_values(["checkpoint", "prompt_set", "_o", "category"],
-                                                            kind="stable")
-    return order.drop(columns="_o").reset_index(drop=True)
+    keys = list(dict.fromkeys(zip(df["checkpoint"], df["prompt_set"])))
+    groups = dict(iter(df.groupby(["checkpoint", "prompt_set"], sort=False)))
+    rows = [rate_rows(groups[key], flag_col, checkpoint=key[0], prompt_set=key[1], metric="refusal_rate",
+                      judge=judge_name, z=z) for key in keys]
+    return eval_summary(pd.concat(rows, ignore_index=True))

@@ -1,0 +1,78 @@
+"""The files of `vlsafe eval`: `generations.jsonl`, `summary.csv`, `figures/refusal_rates.{png,pdf}`, `run.json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def write_outputs(out: Path, gens: pd.DataFrame, summary: pd.DataFrame, config: dict[str, Any],
+                  ckpts: dict[str, Any], seed: int) -> dict[str, Path]:
+    """Write generations.jsonl, summary.csv, figures/ and run.json into `out` (each atomically)."""
+    from vlsafe.analysis.runinfo import atomic_path, write_csv, write_run_json
+
+    written: dict[str, Path] = {}
+    with atomic_path(out / "generations.jsonl") as tmp:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in gens.to_dict(orient="records"):
+                f.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
+    written["generations.jsonl"] = out / "generations.jsonl"
+    written["summary.csv"] = write_csv(out / "summary.csv", summary)
+    for p in refusal_figure(summary, out / "figures"):
+        written[str(p.relative_to(out))] = p
+    written["run.json"] = write_run_json(out, kind="eval", tables={"eval_summary": "summary.csv",
+                                                                   "eval_generations": "generations.jsonl"},
+                                         config=config, checkpoints=ckpts, seed=seed,
+                                         extra={"outputs": sorted(written)})
+    return written
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in row.items():
+        if v is None or (isinstance(v, float) and v != v) or v is pd.NA:
+            out[k] = None
+        elif hasattr(v, "item"):
+            out[k] = v.item()
+        else:
+            out[k] = v
+    return out
+
+
+def refusal_figure(summary: pd.DataFrame, fig_dir: Path) -> list[Path]:
+    """Bar chart of overall refusal rates with Wilson CIs, grouped by prompt set, one colour per checkpoint."""
+    import numpy as np
+
+    from vlsafe.analysis.figures import checkpoint_colors, new_figure, paper_style, save_figure
+
+    overall = overall_rows(summary)
+    if overall.empty:
+        return []
+    labels = list(dict.fromkeys(overall["checkpoint"]))
+    sets = list(dict.fromkeys(overall["prompt_set"]))
+    colors = checkpoint_colors(labels)
+    fig, ax = new_figure("page" if len(sets) * len(labels) > 6 else "column")
+    width = 0.8 / len(labels)
+    with paper_style():
+        for k, lb in enumerate(labels):
+            sub = overall[overall["checkpoint"] == lb].set_index("prompt_set").reindex(sets)
+            x = np.arange(len(sets)) + (k - (len(labels) - 1) / 2) * width
+            rate = sub["refusal_rate"].to_numpy(float)
+            err = np.vstack([rate - sub["ci_low"].to_numpy(float), sub["ci_high"].to_numpy(float) - rate])
+            ax.bar(x, rate, width, yerr=err, capsize=2, color=colors[lb], label=lb, error_kw={"linewidth": 0.6})
+        tilt = len(sets) > 2
+        ax.set_xticks(np.arange(len(sets)), sets, rotation=20 if tilt else 0, ha="right" if tilt else "center")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(f"refusal rate ({overall['judge'].iloc[0]}), Wilson 95% CI")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return save_figure(fig, fig_dir, "refusal_rates")
+
+
+def overall_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    """The per-(checkpoint, prompt set) rows of a summary (empty `category`), without the per-category rows."""
+    if "category" in summary.columns:
+        return summary[summary["category"].isna() | (summary["category"].astype(str) == "")]
+    return summary
