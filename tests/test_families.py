@@ -20,7 +20,8 @@ CASES = {
     "llava_next": {"image_newline": "projector.image_newline",
                    "language_model.model.norm.weight": "model.norm.weight"},
     "llava_original": {
-        "model.mm_projector.0.weight": "projector.0.weight",
+        "model.mm_projector.0.weight": "projector.linear_1.weight",  # by role, as llava-hf's linear_1
+        "model.mm_projector.2.bias": "projector.linear_2.bias",
         "model.vision_tower.vision_tower.vision_model.post_layernorm.weight":
             "vision.vision_model.post_layernorm.weight",
         f"model.layers.3.{Q}": f"model.layers.3.{Q}",

@@ -19,7 +19,7 @@ class _StopForward(Exception):
 
 
 class HooksBackend:
-    """Forward hooks on `decoder_layers(model)`; see module docstring."""
+    """Forward hooks on the family adapter's blocks, attention and MLP modules; see module docstring."""
 
     name = "hooks"
 
@@ -32,20 +32,21 @@ class HooksBackend:
         self._register()
 
     def _register(self) -> None:
-        blocks = M.decoder_layers(self.model)
+        ad = M.adapter(self.model)
         layers = by_layer(self.requests)
         for layer, kinds in layers.items():
-            block = blocks[layer]
+            parts = ad.block(layer)
+            block = parts.module
             if "resid_pre" in kinds:
                 self._handles.append(block.register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
             if "attn_out" in kinds:
-                self._handles.append(M.attention(block).register_forward_hook(self._hook("attn_out", layer)))
+                self._handles.append(parts.attn.register_forward_hook(self._hook("attn_out", layer)))
             if "mlp_out" in kinds:
-                self._handles.append(M.mlp(block).register_forward_hook(self._hook("mlp_out", layer)))
+                self._handles.append(parts.mlp.register_forward_hook(self._hook("mlp_out", layer)))
             if "resid_post" in kinds:
                 self._handles.append(block.register_forward_hook(self._hook("resid_post", layer)))
         if layers:
-            self._handles.append(blocks[max(layers)].register_forward_hook(self._stop))
+            self._handles.append(ad.layers()[max(layers)].register_forward_hook(self._stop))
 
     def _pre_hook(self, layer: int) -> Any:
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
