@@ -41,7 +41,10 @@ class BlockPaths(_Strict):
     input_norm: str | None = None
     post_attn_norm: str | None = None
 
-    _paths = field_validator("*")(classmethod(lambda cls, v: _check_path(v)))
+    @field_validator("*")
+    @classmethod
+    def _dotted(cls, v: str | None) -> str | None:
+        return _check_path(v)
 
 
 class CrossAttention(_Strict):
@@ -62,7 +65,7 @@ class ModulePaths(_Strict):
     lm_head: str | None = None
     vision_tower: str | None = None
     projector: str | None = None
-    projector_out: str | None = None  # the projector's last linear: writes image tokens into the residual stream
+    projector_out: str | None = None  # the projector's last linear, when it writes image tokens into the stream
     block: BlockPaths
     cross_attention: CrossAttention | None = None
 
@@ -71,8 +74,10 @@ class ModulePaths(_Strict):
     def _root_ok(cls, v: str) -> str:
         return v if v == "" else _check_path(v)  # "" = the top-level model itself
 
-    _paths = field_validator("layers", "embed", "final_norm", "lm_head", "vision_tower",
-                             "projector", "projector_out")(classmethod(lambda cls, v: _check_path(v)))
+    @field_validator("layers", "embed", "final_norm", "lm_head", "vision_tower", "projector", "projector_out")
+    @classmethod
+    def _dotted(cls, v: str | None) -> str | None:
+        return _check_path(v)
 
 
 class Match(_Strict):
