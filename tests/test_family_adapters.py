@@ -235,3 +235,38 @@ def test_unknown_layout_is_guessed_in_one_place_and_says_so(built):
     lm.model.config.architectures, lm.model.config.model_type = ["NoSuchForCausalLM"], "no_such"
     ad = adapter(lm.model)
     assert ad.family == "guessed" and ad.note == note and ad.layers() is lm.model.model.layers
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_device_maps_and_tuning_read_the_family_file(built, family):
+    from vlsafe.analysis.placement import block_prefix
+    from vlsafe.experiments.tune import pinned
+    from vlsafe.experiments.tuning import layer_index, part_of
+
+    lm = _load(built, family)
+    spec = _spec(family)
+    assert block_prefix(lm.model) == spec["layers"]
+    assert layer_index(lm.model)[f"{spec['layers']}.1"] == 1
+    for name, _ in lm.model.named_parameters():
+        want = next((part for part, key in (("projector", "projector"), ("vision", "vision_tower"))
+                     if spec[key] and name.startswith(spec[key] + ".")), "language")
+        assert part_of(lm.model, name) == want, name
+    n_params = len(list(lm.model.parameters()))
+    attn_params = sum(len(list(b.attn.parameters())) for b in M.blocks(lm.model))
+    with pinned(lm.model, range(M.num_layers(lm.model)), ("attn",)) as moved:
+        assert moved == attn_params and len(list(lm.model.parameters())) == n_params - attn_params
+    assert len(list(lm.model.parameters())) == n_params
+
+
+def test_sppft_freezes_mllama_cross_attention_by_canonical_name(built):
+    from vlsafe.analysis.checkpoints import open_checkpoint
+    from types import SimpleNamespace
+
+    from vlsafe.experiments.tune import LayerSelection, frozen_names
+
+    ckpt = open_checkpoint(built["mllama"])
+    cfg = SimpleNamespace(layers=LayerSelection(sppft=[0, 2]), train_vision=True)
+    frozen = frozen_names(list(ckpt.infos), cfg, ckpt.num_layers, family=ckpt.family)
+    assert "model.layers.1.cross_attn.o_proj.weight" in frozen and "model.layers.0.self_attn.o_proj.weight" in frozen
+    assert "model.layers.1.mlp.down_proj.weight" in frozen and "model.layers.1.input_layernorm.weight" not in frozen
+    assert not any(n.startswith("model.layers.2.") for n in frozen)
