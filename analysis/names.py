@@ -5,11 +5,13 @@ Inside vlsafe a language-model tensor is named as in a text-only Llama-style HF 
 tensors live under `vision.*` and projector tensors under `projector.*`. Each family is a JSON file in
 `analysis/families/` holding ordered regex rules; the first matching rule wins. When no family matches,
 `guess_family` builds rules from the names themselves and says what it guessed — pairing is never positional.
+Projector tensors are named by role (`projector.linear_1.*` is the first linear in both LLaVA layouts).
+Each file is validated on load by `vlsafe.analysis.family_schema.FamilySpec`; its `modules` section (where the
+parts live in the model in memory) is read by `vlsafe.analysis.adapters`.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from importlib import resources
 from typing import Any, Iterable
 
 from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.family_schema import FamilySpec, ModulePaths, load_spec
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+?)(?:\.(weight|bias))?$")
 _NAMESPACES = {"model": "language", "lm_head": "language", "vision": "vision", "projector": "projector"}
@@ -36,6 +39,7 @@ class Family:
     text_config: str | None = None
     cross_attention_layers: str | None = None
     note: str = ""  # set by the automatic fallback: what was guessed
+    spec: FamilySpec | None = field(default=None, compare=False, repr=False)  # the validated family file
     _compiled: tuple[tuple[re.Pattern[str], str], ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -44,6 +48,11 @@ class Family:
     @property
     def is_lvlm(self) -> bool:
         return self.kind == "lvlm"
+
+    def modules(self, model_type: str | None = None) -> ModulePaths | None:
+        """Where this family's parts live in the model in memory (`model_type` overrides applied); None when
+        the family was guessed from tensor names."""
+        return self.spec.modules_for(model_type) if self.spec is not None else None
 
     def canonical(self, raw: str) -> str | None:
         """The canonical name of raw tensor `raw`, or None when no rule matches."""
@@ -60,12 +69,12 @@ def families() -> dict[str, Family]:
     for entry in sorted(resources.files("vlsafe.analysis.families").iterdir(), key=lambda p: p.name):
         if not entry.name.endswith(".json"):
             continue
-        d = json.loads(entry.read_text())
-        out[d["name"]] = Family(
-            name=d["name"], kind=d["kind"], rules=tuple(tuple(r) for r in d["rules"]),
-            description=d.get("description", ""), model_types=tuple(d["match"].get("model_type", [])),
-            architectures=tuple(d["match"].get("architectures", [])), text_config=d.get("text_config"),
-            cross_attention_layers=d.get("cross_attention_layers"),
+        d = load_spec(entry.read_text(), f"analysis/families/{entry.name}")
+        cross = d.modules.cross_attention
+        out[d.name] = Family(
+            name=d.name, kind=d.kind, rules=tuple(tuple(r) for r in d.rules), description=d.description,
+            model_types=tuple(d.match.model_type), architectures=tuple(d.match.architectures),
+            text_config=d.text_config, cross_attention_layers=cross.layers_key if cross else None, spec=d,
         )
     return out
 

@@ -175,14 +175,12 @@ def skeleton(auto_class: Any, config: Any, trust_remote_code: bool = False) -> n
 
 
 def block_prefix(model: nn.Module) -> str:
-    """In-memory name of the language model's block list (largest `ModuleList` outside the vision tower)."""
-    best, size = None, 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and "vision" not in name and "visual" not in name and len(mod) > size:
-            best, size = name, len(mod)
-    if best is None:
-        raise VlsafeError(f"{type(model).__name__}: no list of decoder blocks found for a layer-indexed device map")
-    return best
+    """In-memory name of the language model's block list (the family file's `layers` path)."""
+    from vlsafe.analysis.adapters import adapter
+
+    ad = adapter(model)
+    ad.layers()  # the path must exist in this model
+    return ad.paths.layers
 
 
 def _key(key: Any, prefix: str, n_layers: int, modules: set[str]) -> str:

@@ -7,6 +7,9 @@ SmolLM2) and, for vision-language models, a real processor. Nothing is downloade
 >>> from vlsafe.analysis.tiny import tiny_llama, tiny_llava
 >>> tiny_llama("/tmp/llm")            # LlamaForCausalLM, 2 layers, hidden 64
 >>> tiny_llava("/tmp/lvlm", vision="clip")
+
+Every family in `analysis/families/` has a builder: `tiny_llama`, `tiny_llava`, `tiny_llava_next`,
+`tiny_qwen2_vl`, `tiny_idefics3`, `tiny_mllama` (the last four save a tokenizer only: text-only use).
 """
 
 from __future__ import annotations
@@ -196,6 +199,59 @@ def tiny_idefics3(path: str | Path, *, layers: int = 2, hidden: int = 64, seed: 
         scale_factor=2,
     )
     model = Idefics3ForConditionalGeneration(cfg).eval()
+    return _save(model, tok, path, None)
+
+
+def _text_dict(vocab_size: int, hidden: int, layers: int, **extra: Any) -> dict[str, Any]:
+    return dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                bos_token_id=1, eos_token_id=2, pad_token_id=2, **extra)
+
+
+def tiny_llava_next(path: str | Path, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+    """Write a random `LlavaNextForConditionalGeneration` (CLIP tower, projector, `image_newline`) + tokenizer."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    _seeded(seed)
+    tok = tiny_tokenizer()
+    cfg = LlavaNextConfig(vision_config=_vision_config("clip"), text_config=_llama_config(len(tok), hidden, layers),
+                          image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=[[32, 32]],
+                          vision_feature_layer=-1)
+    return _save(LlavaNextForConditionalGeneration(cfg).eval(), tok, path, None)
+
+
+def tiny_qwen2_vl(path: str | Path, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+    """Write a random `Qwen2VLForConditionalGeneration` (vision blocks + patch merger, M-RoPE text model)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    _seeded(seed)
+    tok = tiny_tokenizer()
+    rope = {"type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}  # head_dim 16: sections sum to 8
+    vis = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, patch_size=8, spatial_merge_size=2,
+               temporal_patch_size=1, in_channels=3, mlp_ratio=2)
+    cfg = Qwen2VLConfig(text_config=_text_dict(len(tok), hidden, layers, rope_scaling=rope), vision_config=vis,
+                        image_token_id=tok.convert_tokens_to_ids("<image>"))
+    return _save(Qwen2VLForConditionalGeneration(cfg).eval(), tok, path, None)
+
+
+def tiny_mllama(path: str | Path, *, layers: int = 4, cross_attention_layers: tuple[int, ...] = (1, 3),
+                hidden: int = 64, seed: int = 0) -> Path:
+    """Write a random `MllamaForConditionalGeneration`: `layers` text blocks of which `cross_attention_layers`
+    attend to the image (their tanh gates are random, not zero, so they change the residual stream)."""
+    import torch
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    _seeded(seed)
+    tok = tiny_tokenizer()
+    vis = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+               image_size=32, patch_size=8, max_num_tiles=4, intermediate_layers_indices=[0], vision_output_dim=64)
+    text = _text_dict(len(tok), hidden, layers, cross_attention_layers=list(cross_attention_layers))
+    cfg = MllamaConfig(text_config=text, vision_config=vis, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    model = MllamaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                p.uniform_(0.5, 1.0)
     return _save(model, tok, path, None)
 
 

@@ -68,12 +68,12 @@ class LayerSelection(BaseModel):
         return list(self.trainable if self.trainable is not None else self.frozen)
 
     def frozen_layer_modules(self, num_layers: int) -> dict[int, tuple[str, ...]]:
-        """layer → module prefixes frozen in that block (`()` = the whole block)."""
+        """layer → block roles frozen in that block (`attn`, `mlp`; `()` = the whole block)."""
         if self.trainable is not None:
             return {i: () for i in range(num_layers) if i not in self.trainable}
         if self.frozen is not None:
             return {i: () for i in self.frozen}
-        return {i: ("self_attn", "mlp") for i in range(*self.sppft)}
+        return {i: ("attn", "mlp") for i in range(*self.sppft)}
 
 
 class LoraSettings(BaseModel):
@@ -207,9 +207,14 @@ def load_tune_config(path: str | Path, overrides: dict[str, str] | None = None) 
 
 
 # ---- freezing ------------------------------------------------------------------------------------------------------
-def frozen_names(names: list[str], cfg: TuneConfig, num_layers: int) -> set[str]:
-    """Canonical tensor names the run must leave untouched (layer selection, vision tower)."""
-    from vlsafe.analysis.names import layer_module, namespace
+def frozen_names(names: list[str], cfg: TuneConfig, num_layers: int, *, family: Any = None) -> set[str]:
+    """Canonical tensor names the run must leave untouched (layer selection, vision tower). Block roles
+    (`attn`, `mlp`) become paths through `family`'s module paths (a `vlsafe.analysis.names.Family`; Llama's
+    when None): canonical names inside a block are the block-relative paths in memory."""
+    from vlsafe.analysis.names import families, layer_module, namespace
+
+    modules = (family.modules() if family is not None else None) or families()["llama"].modules()
+    blocks = [modules.block] + ([modules.cross_attention.block] if modules.cross_attention else [])
 
     by_layer = cfg.layers.frozen_layer_modules(num_layers) if cfg.layers is not None else {}
     only_blocks = cfg.layers is not None and cfg.layers.trainable is not None
@@ -222,7 +227,7 @@ def frozen_names(names: list[str], cfg: TuneConfig, num_layers: int) -> set[str]
         elif layer is None and only_blocks:
             out.add(n)
         elif layer in by_layer:
-            prefixes = by_layer[layer]
+            prefixes = [getattr(b, role) for role in by_layer[layer] for b in blocks]
             inner = n.split(f"layers.{layer}.", 1)[1]
             if not prefixes or inner.startswith(tuple(p + "." for p in prefixes)):
                 out.add(n)
@@ -251,18 +256,20 @@ Callback = Callable[[dict[str, Any]], None]
 
 # ---- running -------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def pinned(model: Any, layers: range, modules: tuple[str, ...] = ("self_attn", "mlp")) -> Iterator[int]:
-    """Turn the parameters of `modules` in decoder `layers` into buffers for the duration, so no trainer can
-    train them (module-level freezing, which `vlsafe.experiments.tuning.SFTConfig` lacks); restored as parameters."""
+def pinned(model: Any, layers: range, roles: tuple[str, ...] = ("attn", "mlp")) -> Iterator[int]:
+    """Turn the parameters of the block parts `roles` (`attn`, `mlp`, as the family adapter names them) in
+    decoder `layers` into buffers for the duration, so no trainer can train them (module-level freezing, which
+    `vlsafe.experiments.tuning.SFTConfig` lacks); restored as parameters."""
     import torch
 
-    from vlsafe.experiments.tuning import layer_index
+    from vlsafe.analysis.adapters import adapter
 
-    prefixes = {p: i for p, i in layer_index(model).items() if i in layers}
-    wanted = tuple(f"{p}.{m}" for p in prefixes for m in modules)
+    ad = adapter(model)
+    ids = {id(getattr(ad.block(i), role)) for i in layers for role in roles}
+    wanted = tuple(n + "." for n, m in model.named_modules() if id(m) in ids)
     moved = []
     for name, mod in model.named_modules():
-        if wanted and name.startswith(wanted):
+        if wanted and (name + ".").startswith(wanted):
             for attr, p in list(mod._parameters.items()):
                 if p is not None:
                     del mod._parameters[attr]
@@ -346,7 +353,7 @@ def run_tune(cfg: TuneConfig, out_dir: str | Path, *, progress: bool = True,
     rows = collect(cfg.data + cfg.mix_with, cfg.root, dpo, cfg.seed)
     examples, counts = build_examples(rows, lm, dpo=dpo, refusals=cfg.refusal_texts(), seed=cfg.seed,
                                       max_new_tokens=cfg.answer_tokens, batch_size=cfg.batch_size)
-    frozen = frozen_names(list(ckpt.infos), cfg, ckpt.num_layers)
+    frozen = frozen_names(list(ckpt.infos), cfg, ckpt.num_layers, family=ckpt.family)
     model, log = _train(cfg, lm, examples, scfg, progress, callback)
     info = {"config": cfg.model_dump(), "sft_config": scfg.model_dump(), "data": counts, "frozen_tensors": len(frozen)}
     with atomic_path(out) as tmp:

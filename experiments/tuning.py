@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vlsafe.analysis.adapters import adapter
 from vlsafe.analysis.errors import VlsafeError
 from vlsafe.analysis.runinfo import atomic_path
 from vlsafe.experiments.sft_loss import IGNORE, LossFn, answer_loss, pick_loss  # noqa: F401 (answer_loss: public here)
@@ -161,20 +162,15 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
 
 # ----------------------------------------------------------------------------------------------------- parameters
 
-def part_of(param_name: str) -> str:
-    """'vision', 'projector' or 'language' for an in-memory parameter name."""
-    if any(k in param_name for k in ("vision_tower", "vision_model", "visual")):
-        return "vision"
-    if any(k in param_name for k in ("multi_modal_projector", "mm_projector", "connector")):
-        return "projector"
-    return "language"
+def part_of(model: torch.nn.Module, param_name: str) -> str:
+    """'vision', 'projector' or 'language' for an in-memory parameter name of `model` (by its family
+    file's `vision_tower` / `projector` paths; a PEFT wrapper's prefix is allowed)."""
+    return adapter(model).part_of(param_name)
 
 
 def layer_index(model: torch.nn.Module) -> dict[str, int]:
     """In-memory parameter/module name prefix → decoder layer index (the shared vlsafe layer axis)."""
-    from vlsafe.probes.models import decoder_layers
-
-    layers = decoder_layers(model)
+    layers = adapter(model).layers()
     ids = {id(block): i for i, block in enumerate(layers)}
     return {name: ids[id(mod)] for name, mod in model.named_modules() if id(mod) in ids}
 
@@ -205,9 +201,10 @@ def select_trainable(model: torch.nn.Module, cfg: SFTConfig) -> list[str]:
     prefixes = layer_index(model)
     allowed = _allowed_layers(cfg, len(set(prefixes.values())))
     selective = cfg.trainable_layers is not None
+    ad = adapter(model)
     names = []
     for name, p in model.named_parameters():
-        part = part_of(name)
+        part = ad.part_of(name)
         layer = _layer_of(name, prefixes) if part == "language" else None
         ok = part in cfg.train and (part != "language" or (layer in allowed if layer is not None else not selective))
         p.requires_grad_(ok)
@@ -223,8 +220,9 @@ def apply_lora(model: torch.nn.Module, cfg: SFTConfig) -> torch.nn.Module:
 
     prefixes = layer_index(model)
     allowed = _allowed_layers(cfg, len(set(prefixes.values())))
+    ad = adapter(model)
     targets = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
-               and name.rsplit(".", 1)[-1] in cfg.lora_targets and part_of(name) == "language"
+               and name.rsplit(".", 1)[-1] in cfg.lora_targets and ad.part_of(name) == "language"
                and _layer_of(name, prefixes) in allowed]
     if not targets:
         raise VlsafeError(f"LoRA: no linear layer named {cfg.lora_targets} in the selected decoder layers")
@@ -232,7 +230,7 @@ def apply_lora(model: torch.nn.Module, cfg: SFTConfig) -> torch.nn.Module:
                       target_modules=targets, bias="none")
     peft_model = get_peft_model(model, lcfg)
     for name, p in peft_model.named_parameters():
-        if "lora_" not in name and part_of(name) in cfg.train and part_of(name) != "language":
+        if "lora_" not in name and ad.part_of(name) in cfg.train and ad.part_of(name) != "language":
             p.requires_grad_(True)
     return peft_model
 

@@ -5,8 +5,10 @@ After Arditi et al. 2024 (formulas in `docs/methods.md`, "Refusal directions"):
 - **ablation** `x ← x − r̂r̂ᵀx` at every block input, attention output and MLP output, all layers and positions;
 - **activation addition** `x ← x + c·r` at block `layer`'s input only (all positions; c = +1 induces, −1 bypasses);
 - **orthogonalisation** `W ← W − r̂r̂ᵀW` for every matrix that writes into the residual stream (`o_proj`,
-  `mlp.down_proj`, HF out×in) and its bias, `E ← E − (E r̂) r̂ᵀ` for the embedding rows, and for an LVLM the
-  projector's last linear (it writes the image tokens into the stream). Tied embeddings are untied first.
+  `mlp.down_proj`, HF out×in, as the family file names them; mllama's cross-attention blocks included) and its
+  bias, `E ← E − (E r̂) r̂ᵀ` for the embedding rows, and for an LVLM the projector's last linear
+  (`projector_out` in the family file; it writes the image tokens into the stream). Tied embeddings are untied
+  first.
 
 Orthogonalised weights and ablation hooks give the same logits (tested).
 
@@ -83,14 +85,13 @@ def ablate_direction(model: Any, r: torch.Tensor) -> Iterator[None]:
 
     `model` is a transformers model or a `LoadedModel`; `r` a `[d]` vector (its norm is irrelevant).
     """
-    blocks = M.decoder_layers(model)
     u = _unit(r, M.hidden_size(model))
     ablate = lambda x: _project_out(x, u)  # noqa: E731
     handles = []
-    for block in blocks:
-        handles.append(block.register_forward_pre_hook(
+    for block in M.blocks(model):
+        handles.append(block.module.register_forward_pre_hook(
             lambda _m, a, k: _edit_input(a, k, ablate), with_kwargs=True))
-        for sub in (M.attention(block), M.mlp(block)):
+        for sub in (block.attn, block.mlp):
             handles.append(sub.register_forward_hook(lambda _m, _a, out: _edit_first(out, ablate)))
     with _hooks(handles):
         yield
@@ -145,16 +146,6 @@ def _untie(model: nn.Module) -> bool:
     return True
 
 
-def _projector_out(model: nn.Module) -> nn.Module | None:
-    """The last linear layer of an LVLM's projector/connector (None for a text model)."""
-    for name, mod in model.named_modules():
-        if name.split(".")[-1] in ("multi_modal_projector", "mm_projector", "connector", "projector"):
-            linears = [m for m in mod.modules() if isinstance(m, nn.Linear)]
-            if linears:
-                return linears[-1]
-    return None
-
-
 @torch.no_grad()
 def orthogonalize_model(model: Any, r: torch.Tensor, *, projector: bool = True) -> list[str]:
     """Orthogonalise a loaded model's residual-writing weights against `r` in place; returns what was edited.
@@ -171,16 +162,17 @@ def orthogonalize_model(model: Any, r: torch.Tensor, *, projector: bool = True) 
     emb = M.embed_tokens(model)
     _orth_rows(emb, u.to(emb.weight.device))
     edited.append("embed")
-    for i, block in enumerate(M.decoder_layers(model)):
-        attn, mlp = M.attention(block), M.mlp(block)
-        o = next((getattr(attn, n) for n in ("o_proj", "out_proj", "dense") if hasattr(attn, n)), None)
-        down = next((getattr(mlp, n) for n in ("down_proj", "fc2", "w2", "c_proj") if hasattr(mlp, n)), None)
-        if o is None or down is None:
-            raise VlsafeError(f"layer {i}: cannot find the attention output / MLP down projection to orthogonalise")
-        _orth_out(o, u.to(o.weight.device))
-        _orth_out(down, u.to(down.weight.device))
-    edited.append(f"o_proj, mlp.down_proj × {len(M.decoder_layers(model))}")
-    proj = _projector_out(model) if projector else None
+    ad = M.adapter(model)
+    blocks = ad.blocks()
+    for b in blocks:
+        if b.attn_out is None or b.mlp_out is None:
+            raise VlsafeError(f"layer {b.index}: {ad.source} names no attention output / MLP down projection "
+                              f"to orthogonalise")
+        _orth_out(b.attn_out, u.to(b.attn_out.weight.device))
+        _orth_out(b.mlp_out, u.to(b.mlp_out.weight.device))
+    cross = sum(b.cross for b in blocks)
+    edited.append(f"o_proj, mlp.down_proj × {len(blocks)}" + (f" ({cross} cross-attention)" if cross else ""))
+    proj = ad.module("projector_out") if projector else None
     if proj is not None:
         _orth_out(proj, u.to(proj.weight.device))
         edited.append("projector (last linear)")

@@ -20,7 +20,8 @@ CASES = {
     "llava_next": {"image_newline": "projector.image_newline",
                    "language_model.model.norm.weight": "model.norm.weight"},
     "llava_original": {
-        "model.mm_projector.0.weight": "projector.0.weight",
+        "model.mm_projector.0.weight": "projector.linear_1.weight",  # by role, as llava-hf's linear_1
+        "model.mm_projector.2.bias": "projector.linear_2.bias",
         "model.vision_tower.vision_tower.vision_model.post_layernorm.weight":
             "vision.vision_model.post_layernorm.weight",
         f"model.layers.3.{Q}": f"model.layers.3.{Q}",
@@ -85,3 +86,49 @@ def test_collisions_are_errors() -> None:
     fam = N.families()["llava"]
     with pytest.raises(VlsafeError, match="both map to 'model.norm.weight'"):
         N.canonicalize(["language_model.model.norm.weight", "model.language_model.norm.weight"], fam, "x")
+
+
+def _original_llava_layout(hf_dir, out_dir):
+    """The tiny llava-hf checkpoint re-saved under the original LLaVA names (`LlavaLlamaForCausalLM`)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    src = load_file(str(next(hf_dir.glob("*.safetensors"))))
+    moves = [("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+             ("vision_tower.", "model.vision_tower.vision_tower."),
+             ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+             ("multi_modal_projector.linear_2.", "model.mm_projector.2.")]
+    out = {}
+    for name, t in src.items():
+        old, new = next((o, n) for o, n in moves if name.startswith(o))
+        out[new + name[len(old):]] = t.clone()
+    out_dir.mkdir()
+    save_file(out, str(out_dir / "model.safetensors"))
+    text = json.loads((hf_dir / "config.json").read_text())["text_config"]
+    cfg = {**text, "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "mm_hidden_size": 32}
+    (out_dir / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_projector_pairs_across_llava_layouts_by_role(tiny_llava_dir, tmp_path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from vlsafe.analysis.checkpoints import open_checkpoint
+    from vlsafe.analysis.weightshift import diff_checkpoints
+
+    raw = _original_llava_layout(tiny_llava_dir, tmp_path / "orig")
+    hf, orig = open_checkpoint(tiny_llava_dir), open_checkpoint(tmp_path / "orig")
+    assert (hf.family.name, orig.family.name) == ("llava", "llava_original")
+    assert hf.raw_name("projector.linear_1.weight") == "multi_modal_projector.linear_1.weight"
+    assert orig.raw_name("projector.linear_1.weight") == "model.mm_projector.0.weight"  # merges write raw names
+    assert orig.raw_name("projector.linear_2.bias") == "model.mm_projector.2.bias"
+    assert sorted(hf.infos) == sorted(orig.infos)
+    raw["model.mm_projector.2.weight"] += 0.5  # a planted change in the original layout's second linear
+    save_file(raw, str(tmp_path / "orig" / "model.safetensors"))
+    df = diff_checkpoints(tiny_llava_dir, tmp_path / "orig", progress=False).set_index("tensor")
+    assert set(df["status"]) == {"paired"} and len(df) == len(hf.infos)
+    changed = df[df["max_abs"] > 0].index.tolist()
+    assert changed == ["projector.linear_2.weight"]
+    assert torch.equal(hf.get_tensor("projector.linear_1.weight"), orig.get_tensor("projector.linear_1.weight"))

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from vlsafe.analysis.adapters import adapter
+
 IMAGE_TOKEN = "<image>"
 
 # Turns list-of-parts messages into plain strings, then runs the tokenizer's own template unchanged.
@@ -77,10 +79,11 @@ def assemble(llm_dir: str | Path, vision_dir: str | Path, *, kind: str, keep_cls
     # The attention every reloaded checkpoint runs (vlsafe.probes.models.load); on CPU with padded batches it was
     # also faster than SDPA's masked path (docs/performance.md).
     model.set_attn_implementation("eager")
-    model.model.language_model.load_state_dict(llm.model.state_dict())
+    into, src = adapter(model), adapter(llm)  # module paths from the families' files
+    into.language_model().load_state_dict(src.language_model().state_dict())
     if not llm.config.tie_word_embeddings:
-        model.lm_head.load_state_dict(llm.lm_head.state_dict())
-    model.model.vision_tower.load_state_dict(tower.state_dict())
+        into.require("lm_head").load_state_dict(src.require("lm_head").state_dict())
+    into.require("vision_tower").load_state_dict(tower.state_dict())
     model.generation_config = llm.generation_config
     processor = LlavaProcessor(
         image_processor=AutoImageProcessor.from_pretrained(str(vision_dir)), tokenizer=tok,

@@ -147,12 +147,12 @@ class NnsightBackend:
             self.wrapper.repo_id = hub_id(lm, remote_model=remote_model)
         model = lm.model
         names = {id(m): n for n, m in model.named_modules()}
-        blocks = M.decoder_layers(model)
+        ad = M.adapter(model)
         self.paths: dict[int, dict[str, str]] = {}
         for layer in self.requests:
-            block = blocks[layer]
-            self.paths[layer] = {"block": names[id(block)], "attn": names[id(M.attention(block))],
-                                 "mlp": names[id(M.mlp(block))]}
+            parts = ad.block(layer)
+            self.paths[layer] = {"block": names[id(parts.module)], "attn": names[id(parts.attn)],
+                                 "mlp": names[id(parts.mlp)]}
 
     def run(self, batch: Any, gather: Gather) -> dict[HookRequest, torch.Tensor]:
         import nnsight
