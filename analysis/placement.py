@@ -77,8 +77,7 @@ def resolve_precision(precision: str) -> str:
 
 def compute_precision(precision: str, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager:
     """Context for the forward math: `fp32` as stored, or `bf16` = `torch.autocast` (bf16 matmuls, fp32
-    weights and reductions). On the 2-core AVX512-BF16 reference machine a SmolLM2 full-FT step of 8 x 112
-    tokens went from 5.5 to 3.1 s and a forward from 0.60 to 0.31 s (experiments/configs/organism-full.yaml)."""
+    weights and reductions). Pays off on CPUs with native bf16 (`docs/performance.md`)."""
     if resolve_precision(precision) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
@@ -90,9 +89,8 @@ def bf16_linear_weights(model: torch.nn.Module, precision: str) -> Iterator[None
     weight and bias for the duration, then put the originals back (tied weights stay tied).
 
     Autocast casts a weight that does not require grad again on every forward; during generation that is the
-    whole model once per new token. The copies give bit-identical outputs (autocast rounds the same way) and made
-    batched SmolLM2/LLaVA generation ~25 % faster on the 2-core reference machine (60 prompts x 24 tokens,
-    12.3 -> 9.2 s). Costs half the fp32 linear weights in memory. A no-op for `fp32` and non-fp32 weights.
+    whole model once per new token. The copies give bit-identical outputs (autocast rounds the same way) and
+    spare that cast (`docs/performance.md`). Costs half the fp32 linear weights in memory. A no-op for `fp32` and non-fp32 weights.
     Inference only: gradients do not reach the originals while the copies are in place."""
     if resolve_precision(precision) != "bf16":
         yield

@@ -6,19 +6,15 @@ stays at the size of the chunk) and keeps one file handle open — an LRU of one
 the same shard reuse it. Chunks of a checkpoint are read with O_DIRECT (`direct_flags`) when the checkpoints
 being streamed are larger than the available memory (the page cache could not keep them anyway) or when the
 checkpoint is not in the page cache (cold): bypassing the cache saves allocating and filling it and the
-kernel's copy out of it. A cold SmolLM2 pair (2 × 538 MB) read buffered cost 0.9-1.6 CPU-s of kernel time
-here (0.5-0.6 CPU-s for the whole diff with O_DIRECT). Pickle checkpoints keep their one most recently loaded file.
+kernel's copy out of it (`docs/performance.md` has the kernel CPU time this saved). Pickle checkpoints keep their one most recently loaded file.
 
 `stream_rows` walks a list of jobs (tensor name + how many leading rows to read from each checkpoint) in
 order, in chunks of about `chunk_elems` elements. The safetensors reads are planned up front and served by
 `vlsafe.analysis.directio.WindowRing`: `READ_THREADS` background threads read 16 MiB windows of many tensors, for
 all checkpoints, in the order the loop needs them and up to `READ_AHEAD` windows ahead, into a few reused
 slots. The device stays busy through runs of small tensors while the caller computes, and nothing is
-allocated per chunk. On a cold SmolLM2 pair the device was busy from the first read to the last and the
-diff ended 0.01-0.03 s after its last read (every read timestamped, 6 fresh processes). Two reads in flight
-and 2 windows ahead were chosen in paired fresh-process runs: A (SmolLM2) 0.95 s against 1.04 s with one
-thread (medians of 10); B (7B shapes) 4 windows ahead cost 3-6 s. Throughput against plain reads of the
-same files: `benchmarks/results/weightshift.csv`.
+allocated per chunk. Two reads in flight and 2 windows ahead were chosen in paired fresh-process runs
+(`docs/performance.md`). Throughput against plain reads of the same files: `benchmarks/results/weightshift.csv`.
 
 >>> readers = [TensorReader(a), TensorReader(b)]
 >>> for name, start, stop, (ta, tb), last in stream_rows(readers, [Job("model.norm.weight", (1, 1))]):

@@ -317,9 +317,8 @@ def train(lm: Any, examples: Sequence[Example | dict[str, Any]], cfg: SFTConfig,
 
 
 def _fusable(params: list[torch.Tensor]) -> bool:
-    """AdamW's fused kernel (one pass over parameter, gradient and both moments) where torch has it: the
-    optimizer step of a SmolLM2 full fine-tune went from 0.38 to 0.07 s on 2 CPU cores (same math, float
-    rounding aside)."""
+    """AdamW's fused kernel (one pass over parameter, gradient and both moments) where torch has it: same math,
+    float rounding aside, and a much faster optimizer step (`docs/performance.md`)."""
     return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
                for p in params)
 
