@@ -44,6 +44,7 @@ TABLE_KINDS: dict[str, str] = {
     "selection": "vlsafe probe --select: direction selection scores (selection.csv)",
     "eval_summary": "vlsafe eval: refusal rates with intervals (summary.csv)",
     "eval_generations": "vlsafe eval: one row per generation (generations.jsonl)",
+    "eval_metrics": "vlsafe eval: the one evaluation's tidy rows (metrics.csv)",
     "organism_metrics": "vlsafe organism: metrics of every checkpoint (metrics.csv)",
     "stage_times": "vlsafe organism: build time of every stage (stage_times.csv)",
     "train_log": "vlsafe tune: training log (train_log.csv)",

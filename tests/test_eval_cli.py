@@ -93,7 +93,17 @@ def test_eval_end_to_end(refuser: Path, tiny_llama_dir: Path, tmp_path: Path) ->
     run = json.loads((out / "run.json").read_text())
     assert run["command"] == "eval" and set(run["checkpoints"]) == {"refuser", "llama"}
     assert run["kind"] == "eval" and run["tables"] == {"eval_summary": "summary.csv",
-                                                       "eval_generations": "generations.jsonl"}
+                                                       "eval_generations": "generations.jsonl",
+                                                       "eval_metrics": "metrics.csv"}
+    # the tidy rows every evaluation shares: the summary is their view, the counts agree
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert {"checkpoint", "prompt_set", "image", "metric", "n", "k", "rate", "ci_low", "ci_high",
+            "judge"} <= set(metrics.columns)
+    tidy = metrics[metrics["category"].isna()].set_index(["checkpoint", "prompt_set"])
+    assert set(tidy["metric"]) == {"refusal_rate"}
+    for key, row in overall.iterrows():
+        assert (tidy.loc[key, "n"], tidy.loc[key, "rate"]) == (row["n"], row["refusal_rate"])
+        assert tidy.loc[key, "k"] == (3 if key[0] == "refuser" else 0)
 
 
 def test_eval_logit_judge_scores_prompts_without_generating(refuser: Path, tiny_llama_dir: Path) -> None:

@@ -72,4 +72,4 @@ def register(app: typer.Typer) -> None:
         for row in overall_rows(summary).itertuples():
             typer.echo(f"{row.checkpoint:<24} {row.prompt_set:<28} n={row.n:<5} refusal {row.refusal_rate:.3f} "
                        f"[{row.ci_low:.3f}, {row.ci_high:.3f}]")
-        typer.echo(f"wrote {out}/generations.jsonl, summary.csv, figures/, run.json")
+        typer.echo(f"wrote {out}/generations.jsonl, summary.csv, metrics.csv, figures/, run.json")

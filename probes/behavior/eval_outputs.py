@@ -1,4 +1,5 @@
-"""The files of `vlsafe eval`: `generations.jsonl`, `summary.csv`, `figures/refusal_rates.{png,pdf}`, `run.json`."""
+"""The files of `vlsafe eval`: `generations.jsonl`, `summary.csv`, `metrics.csv` (the tidy rows of the one
+evaluation), `figures/refusal_rates.{png,pdf}`, `run.json`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pandas as pd
 
 
 def write_outputs(out: Path, gens: pd.DataFrame, summary: pd.DataFrame, config: dict[str, Any],
-                  ckpts: dict[str, Any], seed: int) -> dict[str, Path]:
-    """Write generations.jsonl, summary.csv, figures/ and run.json into `out` (each atomically)."""
+                  ckpts: dict[str, Any], seed: int, *, metrics: pd.DataFrame | None = None) -> dict[str, Path]:
+    """Write generations.jsonl, summary.csv, metrics.csv (when given), figures/ and run.json into `out` (each
+    atomically)."""
     from vlsafe.analysis.runinfo import atomic_path, write_csv, write_run_json
 
     written: dict[str, Path] = {}
@@ -21,12 +23,14 @@ def write_outputs(out: Path, gens: pd.DataFrame, summary: pd.DataFrame, config: 
                 f.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
     written["generations.jsonl"] = out / "generations.jsonl"
     written["summary.csv"] = write_csv(out / "summary.csv", summary)
+    tables = {"eval_summary": "summary.csv", "eval_generations": "generations.jsonl"}
+    if metrics is not None:
+        written["metrics.csv"] = write_csv(out / "metrics.csv", metrics)
+        tables["eval_metrics"] = "metrics.csv"
     for p in refusal_figure(summary, out / "figures"):
         written[str(p.relative_to(out))] = p
-    written["run.json"] = write_run_json(out, kind="eval", tables={"eval_summary": "summary.csv",
-                                                                   "eval_generations": "generations.jsonl"},
-                                         config=config, checkpoints=ckpts, seed=seed,
-                                         extra={"outputs": sorted(written)})
+    written["run.json"] = write_run_json(out, kind="eval", tables=tables, config=config, checkpoints=ckpts,
+                                         seed=seed, extra={"outputs": sorted(written)})
     return written
 
 

@@ -187,9 +187,9 @@ def _loglik_row(lm: Any, es: EvalSet, checkpoint: str, batch_size: int, progress
 
 # ----------------------------------------------------------------------------------------------------- vlsafe eval
 
-def evaluate(checkpoints: dict[str, Any], prompt_sets: Sequence[str], judge: str = "default",
+def evaluate(checkpoints: dict[str, Any], prompt_sets: Sequence[str], *, judge: str = "default",
              max_new_tokens: int = 64, batch_size: int = 16, limit: int | None = None,
-             out_dir: str | os.PathLike | None = None, *, seed: int = 0, dtype: str = "float32",
+             out_dir: str | os.PathLike | None = None, seed: int = 0, dtype: str = "float32",
              cache: bool | str | Path = True, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Generate and judge every (checkpoint, prompt set); return (generations_df, summary_df).
 
@@ -198,7 +198,8 @@ def evaluate(checkpoints: dict[str, Any], prompt_sets: Sequence[str], judge: str
     `prompt_sets` are set specs for `load_prompts` (e.g. `harmful-test`, `harmless-test+blank`, a file);
     `judge` is a judge name (`default`, `substring-rd`, `classifier:ID`, …) or `logit`/`logit-first_token`.
     The summary is the `summary.csv` view (`vlsafe.probes.behavior.metrics.eval_summary`) of `evaluate_model`'s
-    refusal-rate rows.
+    refusal-rate rows; with `out_dir` the tidy rows themselves are written as `metrics.csv` (the schema every
+    evaluation shares: checkpoint, prompt_set, image, metric, n, k, rate, ci_low, ci_high, judge, …).
     """
     from vlsafe.analysis.checkpoints import Checkpoint, LoadedModel, open_checkpoint
     from vlsafe.probes.behavior.metrics import eval_summary
@@ -223,7 +224,8 @@ def evaluate(checkpoints: dict[str, Any], prompt_sets: Sequence[str], judge: str
         rows.append(r)
         del lm
     generations = pd.concat(gens, ignore_index=True)[list(GENERATION_COLUMNS)]
-    summary = eval_summary(pd.concat(rows, ignore_index=True))
+    metrics = pd.concat(rows, ignore_index=True)
+    summary = eval_summary(metrics)
     if out_dir is not None:
         from vlsafe.probes.behavior.eval_outputs import write_outputs
 
@@ -231,7 +233,7 @@ def evaluate(checkpoints: dict[str, Any], prompt_sets: Sequence[str], judge: str
                   "judge": judge, "judge_name": str(generations["judge"].iloc[0]), "max_new_tokens": max_new_tokens,
                   "batch_size": batch_size, "limit": limit, "dtype": dtype, "seed": seed,
                   "prompt_set_hashes": {ps.name: ps.content_hash() for ps in sets}}
-        write_outputs(Path(out_dir), generations, summary, config, ckpts, seed)
+        write_outputs(Path(out_dir), generations, summary, config, ckpts, seed, metrics=metrics)
     return generations, summary
 
 
