@@ -299,7 +299,7 @@ def select_direction(lm: Any, candidates: DirectionSet, harmful_val: Sequence[st
         with ablate_direction(lm.model, r):
             bypass, _ = score_batches(lm, harmful_val, **kw)
             _, abl_logits = score_batches(lm, harmless_val, **kw)
-        with add_direction(lm.model, r, layer, induce_coeff):
+        with add_direction(lm.model, r, layer, coeff=induce_coeff):
             induce, _ = score_batches(lm, harmless_val, **kw)
         rows.append({**row, "bypass_score": float(np.mean(bypass)), "induce_score": float(np.mean(induce)),
                      "kl": _kl(base_logits, abl_logits)})

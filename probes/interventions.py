@@ -98,7 +98,7 @@ def ablate_direction(model: Any, r: torch.Tensor) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def add_direction(model: Any, r: torch.Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
+def add_direction(model: Any, r: torch.Tensor, layer: int, *, coeff: float = 1.0) -> Iterator[None]:
     """Add `coeff · r` (unnormalised) to block `layer`'s input at every position."""
     blocks = M.decoder_layers(model)
     if not -len(blocks) <= layer < len(blocks):

@@ -27,7 +27,7 @@ __all__ = ["load", "adapter", "Adapter", "Block", "language_model", "decoder_lay
            "attention", "mlp", "embed_tokens", "final_norm", "lm_head", "num_layers", "hidden_size", "is_lvlm"]
 
 
-def load(spec_or_checkpoint: str | os.PathLike | Checkpoint | LoadedModel, dtype: str | torch.dtype = "float32",
+def load(spec_or_checkpoint: str | os.PathLike | Checkpoint | LoadedModel, *, dtype: str | torch.dtype = "float32",
          device: str = "cpu", attn_implementation: str = "eager") -> LoadedModel:
     """A `LoadedModel` from a checkpoint spec (HF dir, file, hub id, `default`) or an opened `Checkpoint`.
 

@@ -270,3 +270,13 @@ def test_sppft_freezes_mllama_cross_attention_by_canonical_name(built):
     assert "model.layers.1.cross_attn.o_proj.weight" in frozen and "model.layers.0.self_attn.o_proj.weight" in frozen
     assert "model.layers.1.mlp.down_proj.weight" in frozen and "model.layers.1.input_layernorm.weight" not in frozen
     assert not any(n.startswith("model.layers.2.") for n in frozen)
+
+
+@pytest.mark.parametrize("backend", ["nnsight", "transformer_lens"])
+def test_library_backends_refuse_cross_attention_layers_with_one_line(built: dict[str, Path], backend: str) -> None:
+    lm = _load(built, "mllama")
+    with pytest.raises(VlsafeError, match="does not support cross-attention layers") as err:
+        capture(lm, PROMPTS[:1], hooks=["resid_pre"], backend=backend, progress=False)
+    assert "\n" not in str(err.value)
+    llama = _load(built, "llama")  # a family without cross-attention layers is not refused
+    assert capture(llama, PROMPTS[:1], hooks=["resid_pre"], layers=[0], backend=backend, progress=False) is not None

@@ -52,8 +52,21 @@ def get_backend(name: str, lm: Any, requests: list[HookRequest]) -> Backend:
     key = _ALIASES.get(str(name).lower(), str(name).lower())
     if key not in BACKENDS:
         raise VlsafeError(f"unknown capture backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if key != "hooks":
+        _refuse_cross_attention(lm, key)
     module = importlib.import_module(BACKENDS[key])
     return module.make(lm, requests)
+
+
+def _refuse_cross_attention(lm: Any, backend: str) -> None:
+    """Models with cross-attention blocks (mllama) are captured by `hooks` only: a text-only forward skips those
+    blocks, which the hooks backend reads as pass-throughs and the library wrappers cannot see."""
+    from vlsafe.probes import models as M
+
+    layers = M.adapter(getattr(lm, "model", lm)).cross_attention_layers()
+    if layers:
+        raise VlsafeError(f"capture backend {backend!r} does not support cross-attention layers "
+                          f"({', '.join(map(str, layers))}); use backend='hooks'")
 
 
 def by_layer(requests: list[HookRequest]) -> dict[int, set[str]]:
