@@ -11,7 +11,9 @@ Every point goes through the one evaluation, `vlsafe.probes.behavior.evaluate.ev
 safety = refusal rate on the harmful set; over_refusal = refusal rate on the borderline (safe-but-edgy) set;
 helpfulness = compliance (1 − refusal) on the harmless set, or with `helpfulness: loglik` the mean per-token
 log-likelihood of reference answers (`vlsafe.probes.behavior.helpfulness.answer_loglik`, references = the greedy
-answers of `eval.reference`). Rates carry Wilson 95 % intervals; log-likelihoods a normal 95 % interval.
+answers of `eval.reference`). Rates carry Wilson 95 % intervals; log-likelihoods a normal 95 % interval. With a
+calibrated judge (full mode, e.g. the default judge) each rate channel also gets `{channel}_corrected` and its
+`_corrected_low/_high` interval (Rogan–Gladen, judge error included; `vlsafe.probes.behavior.calibration`).
 """
 
 from __future__ import annotations
@@ -125,7 +127,17 @@ def evaluate_point(spec: str, cfg: EvalConfig, refs: list[str] | None = None,
     for (channel, which), r in zip(CHANNELS.items(), overall.itertuples()):
         out.update({channel: float(r.rate), f"{channel}_ci_low": float(r.ci_low),
                     f"{channel}_ci_high": float(r.ci_high), f"n_{which}": int(r.n)})
+        out.update(_corrected(channel, r._asdict()))
     return out
+
+
+def _corrected(channel: str, row: dict[str, Any]) -> dict[str, float]:
+    """`{channel}_corrected, …_corrected_low, …_corrected_high` of a tidy row judged by a calibrated judge."""
+    est = row.get("rate_corrected", np.nan)
+    if est is None or np.isnan(est):
+        return {}
+    return {f"{channel}_corrected": float(est), f"{channel}_corrected_low": float(row["corrected_low"]),
+            f"{channel}_corrected_high": float(row["corrected_high"])}
 
 
 # ---- Pareto ----------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Train the default ``vlsafe`` judge: features of ``judge_train.jsonl`` → logistic regression → JSON weights.
 
-Usage: ``python -m vlsafe.probes.behavior._train_judge [--train FILE] [--out FILE] [--holdout FILE]``. The regularisation
+Usage: ``python -m vlsafe.probes.behavior._train_judge [--train FILE] [--out FILE] [--holdout FILE] [--calibrate]``. The regularisation
 strength is chosen by stratified 5-fold cross-validation on the training file only; ``--holdout`` (never used for
-fitting or selection) is only scored and printed.
+fitting or selection) is only scored and printed. ``--calibrate`` measures the shipped default judge on the
+held-out file (``tests/data/judge_holdout.jsonl`` unless ``--holdout``) and writes ``judge_calibration.json``.
 """
 from __future__ import annotations
 
@@ -64,12 +65,33 @@ def train(train_path: Path, out_path: Path, holdout: Path | None = None, seed: i
     return w
 
 
+HOLDOUT = Path("tests") / "data" / "judge_holdout.jsonl"
+
+
+def write_shipped_calibration(holdout: Path = HOLDOUT, out: Path | None = None) -> dict:
+    """Measure the default judge on ``holdout`` and write ``{"vlsafe": record}`` to ``judge_calibration.json``."""
+    from vlsafe.probes.behavior.calibration import SHIPPED_PATH, measure
+    from vlsafe.probes.behavior.judge_vlsafe import VlsafeJudge
+
+    texts, y = load_jsonl(holdout)
+    if holdout.resolve() == (HERE / "judge_train.jsonl").resolve():
+        raise SystemExit("the calibration file must not be the training file")
+    pred = [int(r.refused) for r in VlsafeJudge().judge(texts)]
+    rec = {"vlsafe": measure("vlsafe", pred, y.tolist(), source=holdout.as_posix()).to_dict()}
+    (out or SHIPPED_PATH).write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+    return rec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--train", type=Path, default=HERE / "judge_train.jsonl")
     ap.add_argument("--out", type=Path, default=HERE / "judge_weights.json")
     ap.add_argument("--holdout", type=Path, default=None)
+    ap.add_argument("--calibrate", action="store_true", help="only write judge_calibration.json")
     a = ap.parse_args()
+    if a.calibrate:
+        print(write_shipped_calibration(a.holdout or HOLDOUT))
+        return
     w = train(a.train, a.out, a.holdout)
     print(f"n={w['n_train']} C={w['C']} cv={w['cv_accuracy']} train_acc={w['train_accuracy']}"
           + (f" holdout_acc={w['holdout_accuracy']:.4f}" if "holdout_accuracy" in w else ""))

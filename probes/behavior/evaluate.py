@@ -9,7 +9,10 @@
 `evaluate_model` is what `vlsafe eval`, the sweep evaluator and the organism's metrics call. Its rows have the
 columns `ROW_COLUMNS` (checkpoint, prompt_set, image, metric, n, k, rate, ci_low, ci_high, judge, category,
 harmful, mode): per set an overall row (`category` empty), then one row per category, rates with Wilson 95 %
-intervals (`vlsafe.probes.behavior.metrics.rate_rows`). Metrics (`METRICS`):
+intervals (`vlsafe.probes.behavior.metrics.rate_rows`). When the judge carries a calibration (its measured
+sensitivity and specificity; the default judge does), the rows also have `CORRECTED_COLUMNS` (`rate_corrected,
+corrected_low, corrected_high`: the Rogan–Gladen rate with an interval carrying the judge's error,
+`vlsafe.probes.behavior.calibration`). Metrics (`METRICS`):
 
 - `refusal_rate`, `over_refusal` — the share of prompts refused (the second names a safe-but-edgy set);
 - `compliance` — the share not refused (`k` counts compliant answers);
@@ -108,7 +111,7 @@ def evaluate_model(lm: Any, sets: Sequence[EvalSet], *, checkpoint: str = "model
         frame, mode = _outcomes(lm, es, scorer, {**gen_kw, "max_new_tokens": es.max_new_tokens or max_new_tokens})
         frame.insert(0, "checkpoint", checkpoint)
         frames.append(frame)
-        rows.append(_rows(frame, es, checkpoint, mode))
+        rows.append(_rows(frame, es, checkpoint, mode, getattr(scorer, "calibration", None)))
     empty = pd.DataFrame(columns=[*GENERATION_COLUMNS, "metric", "correct"])
     gens = pd.concat(frames, ignore_index=True) if frames else empty
     table = pd.concat(rows, ignore_index=True)
@@ -162,7 +165,8 @@ def _judged(es: EvalSet, scorer: Any, responses: list[str], images: list[Any], m
     return [int(bool(v.refused)) for v in verdicts], [float(v.score) for v in verdicts], [None] * n, scorer.name
 
 
-def _rows(frame: pd.DataFrame, es: EvalSet, checkpoint: str, mode: str) -> pd.DataFrame:
+def _rows(frame: pd.DataFrame, es: EvalSet, checkpoint: str, mode: str, calibration: Any) -> pd.DataFrame:
+    from vlsafe.probes.behavior.calibration import corrected_columns
     from vlsafe.probes.behavior.metrics import rate_rows
 
     if es.metric == "accuracy":
@@ -171,8 +175,9 @@ def _rows(frame: pd.DataFrame, es: EvalSet, checkpoint: str, mode: str) -> pd.Da
         hit = 1 - frame["refused"].astype(int)
     else:
         hit = frame["refused"].astype(int)
-    return rate_rows(frame.assign(_hit=hit), "_hit", checkpoint=checkpoint, prompt_set=es.prompts.name,
+    rows = rate_rows(frame.assign(_hit=hit), "_hit", checkpoint=checkpoint, prompt_set=es.prompts.name,
                      metric=es.metric, judge=str(frame["judge"].iloc[0]), image=es.label, mode=mode)
+    return corrected_columns(rows, None if es.check is not None else calibration)
 
 
 def _loglik_row(lm: Any, es: EvalSet, checkpoint: str, batch_size: int, progress: bool) -> pd.DataFrame:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from vlsafe.probes.behavior.calibration import JudgeCalibration
 
 
 @dataclass
@@ -26,9 +29,14 @@ class JudgeResult:
 
 
 class Judge(ABC):
-    """A refusal judge: maps free-form responses (optionally with their prompts) to :class:`JudgeResult`."""
+    """A refusal judge: maps free-form responses (optionally with their prompts) to :class:`JudgeResult`.
+
+    ``calibration`` is the judge's measured sensitivity/specificity (``JudgeCalibration``) when one is known
+    (``get_judge`` attaches the shipped or a given one); rates judged by it then gain corrected columns.
+    """
 
     name: str = "judge"
+    calibration: "JudgeCalibration | None" = None
 
     @abstractmethod
     def judge(self, responses: Sequence[str], prompts: Sequence[str] | None = None) -> list[JudgeResult]:

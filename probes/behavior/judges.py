@@ -71,7 +71,9 @@ def get_judge(name: str = DEFAULT_JUDGE, **kw: Any) -> Judge:
     """Build a judge by name: ``"default"``, ``"substring-rd"``, ``"substring:my.txt"``, ``"classifier:DIR"``, ….
 
     Keyword arguments go to the judge (``extra=[...]`` for substring lists, ``threshold=`` for vlsafe,
-    ``device=``/``batch_size=``/``refused_labels=`` for classifiers).
+    ``device=``/``batch_size=``/``refused_labels=`` for classifiers), except ``calibration=`` (a
+    ``JudgeCalibration`` or the path of its JSON): the judge's measured error, used for corrected rates. Without
+    it the judge carries its shipped calibration when it has one (the default judge, on the held-out file).
     """
     from vlsafe.analysis.errors import VlsafeError
 
@@ -82,7 +84,18 @@ def get_judge(name: str = DEFAULT_JUDGE, **kw: Any) -> Judge:
                           "evaluate(..., judge='logit') or `vlsafe eval --judge logit`")
     if base not in _REGISTRY:
         raise VlsafeError(f"unknown judge {name!r}; available: {', '.join(list_judges())}")
-    return _REGISTRY[base](arg or None, **kw)
+    calibration = kw.pop("calibration", None)
+    judge = _REGISTRY[base](arg or None, **kw)
+    judge.calibration = _calibration(calibration, judge.name)
+    return judge
+
+
+def _calibration(given: Any, judge_name: str) -> Any:
+    from vlsafe.probes.behavior.calibration import JudgeCalibration, load_calibration, shipped_calibration
+
+    if given is None:
+        return shipped_calibration(judge_name)
+    return given if isinstance(given, JudgeCalibration) else load_calibration(given)
 
 
 # ---------------------------------------------------------------- files

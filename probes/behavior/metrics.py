@@ -147,14 +147,16 @@ def mean_row(values: Sequence[float], *, checkpoint: str, prompt_set: str, metri
 def eval_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """The ``summary.csv`` view of the refusal rows (``refusal_rate``, ``over_refusal``) of tidy rows:
     ``SUMMARY_COLUMNS + [refusals, asr]``, where ``refusal_rate`` is the row's rate, ``refusals`` its ``k`` and
-    ``asr = 1 - refusal_rate`` on rows whose prompts are all labelled harmful (NaN otherwise)."""
+    ``asr = 1 - refusal_rate`` on rows whose prompts are all labelled harmful (NaN otherwise); the judge-corrected
+    columns (``rate_corrected, corrected_low, corrected_high``) follow when the rows have them."""
     r = rows[rows["metric"].isin(REFUSAL_METRICS)].reset_index(drop=True)
     rate = r["rate"].astype(float)
     out = pd.DataFrame({"checkpoint": r["checkpoint"], "prompt_set": r["prompt_set"], "n": r["n"].astype(int),
                         "refusal_rate": rate, "ci_low": r["ci_low"], "ci_high": r["ci_high"], "judge": r["judge"],
                         "category": r["category"], "refusals": r["k"].astype(int)})
     out["asr"] = [1 - v if h else math.nan for v, h in zip(rate, r["harmful"].astype(bool))]
-    return out
+    extra = [c for c in ("rate_corrected", "corrected_low", "corrected_high") if c in r.columns]
+    return pd.concat([out, r[extra].astype(float)], axis=1) if extra else out
 
 
 def summarize(generations_df: pd.DataFrame, judge_name: str, response_col: str = "response",
