@@ -137,3 +137,21 @@ def test_sweep_point_full_mode_has_corrected_channels(tmp_path: Path, monkeypatc
     assert full["helpfulness_corrected"] == pytest.approx(1 - est)
     fast = evaluate_point(spec, EvalConfig(mode="fast", limit=4))
     assert not [k for k in fast if "corrected" in k]  # the logit judge has no calibration
+
+
+def test_eval_cli_default_judge_writes_corrected_rates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlsafe.experiments.cli import main
+
+    monkeypatch.setenv("VLSAFE_CACHE", str(tmp_path / "cache"))
+    spec, out = str(planted_refuser(tmp_path / "refuser")), tmp_path / "run"
+    assert main(["eval", spec, "--prompts", "harmful-test", "--limit", "4", "--max-new-tokens", "8",
+                 "-o", str(out)]) == 0
+    summary = pd.read_csv(out / "summary.csv", keep_default_na=False)
+    cal = shipped_calibration("vlsafe")
+    for r in summary.itertuples():
+        assert (r.rate_corrected, r.corrected_low, r.corrected_high) == pytest.approx(
+            corrected_rate(int(r.refusals), int(r.n), cal))
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert set(CORRECTED_COLUMNS) <= set(metrics.columns)
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["judge_calibration"] == cal.to_dict()  # the calibration used is recorded

@@ -1,6 +1,10 @@
 """`vlsafe judge FILE --column NAME [--judge NAME] -o OUT.csv`: judge a column of free-form responses.
 
-OUT keeps every input row and adds `refused` (0/1), `judge_score` and `judge`. The input (CSV, JSONL or JSON)
+OUT keeps every input row and adds `refused` (0/1), `judge_score` and `judge`; a calibrated judge (the default,
+or `--calibration FILE`) also prints the refusal rate corrected for its error. `--labels COLUMN` (human 0/1
+labels) also writes `OUT.agreement.csv` (accuracy, Cohen's κ, confusion, sensitivity, specificity; overall and
+per category) and `OUT.calibration.json` (the judge's calibration for `--calibration` in later runs).
+`--compare default,substring-rd,…` writes instead one agreement table between the judges (and the labels). The input (CSV, JSONL or JSON)
 is checked first: it must be valid UTF-8 (a bad byte is reported with its row), have the column (the available
 ones are listed) and no empty responses (unless `--allow-empty`, which lets the judge decide them).
 """
@@ -10,7 +14,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -66,21 +70,88 @@ def register(app: typer.Typer) -> None:
     def judge(
         file: Annotated[Path, typer.Argument(help="CSV, JSONL or JSON file of responses.")],
         column: Annotated[str, typer.Option(help="Column holding the responses.")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Output CSV (input rows + refused, judge_score).")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output CSV (input rows + refused, judge_score); "
+                                                               "with --compare, the agreement table.")],
         judge_name: Annotated[str, typer.Option("--judge", help="Judge name (default, substring-rd, "
                                                                 "classifier:ID, …).")] = "default",
         prompt_column: Annotated[str | None, typer.Option(help="Column of prompts, for judges that read them.")]
         = None,
         allow_empty: Annotated[bool, typer.Option(help="Judge empty responses instead of refusing the file.")]
         = False,
+        labels: Annotated[str | None, typer.Option(help="Column of human 0/1 refusal labels: also write "
+                                                        "OUT.agreement.csv and OUT.calibration.json.")] = None,
+        calibration: Annotated[Path | None, typer.Option(help="A judge calibration JSON (from --labels) for the "
+                                                              "judge-corrected refusal rate.")] = None,
+        compare: Annotated[str | None, typer.Option(help="Comma-separated judges to compare (e.g. "
+                                                         "default,substring-rd): OUT is their agreement table.")]
+        = None,
+        category_column: Annotated[str | None, typer.Option(help="Column of categories for the per-category "
+                                                                 "report (default: 'category' if present).")] = None,
     ) -> None:
-        """Judge each response in FILE as refusal (1) or compliance (0) and write OUT.csv."""
-        from vlsafe.probes.behavior.judges import judge_file
+        """Judge each response in FILE as refusal (1) or compliance (0) and write OUT.csv; with --labels also the
+        agreement report and the judge's calibration; with --compare one agreement table between judges."""
+        from vlsafe.probes.behavior.agreement import read_labelled
 
         check_utf8(file)
         check_responses(file, column, allow_empty)
-        if prompt_column is not None:
-            check_responses(file, prompt_column, True)
-        df = judge_file(file, column, judge_name, out, prompt_column=prompt_column)
-        n, refused = len(df), int(df["refused"].sum())
-        typer.echo(f"{file}: {refused}/{n} refused ({refused / n:.3f}) by {df['judge'].iloc[0]} → {out}")
+        read_labelled(file, column, labels, prompt_column)  # labels 0/1, prompts complete: before anything runs
+        if compare is not None:
+            _compare(file, column, out, compare, labels, prompt_column)
+        elif labels is not None:
+            _calibrate(file, column, out, judge_name, labels, prompt_column, category_column)
+        else:
+            _judge(file, column, out, judge_name, prompt_column, calibration)
+
+
+def _judge(file: Path, column: str, out: Path, judge_name: str, prompt_column: str | None,
+           calibration: Path | None) -> None:
+    from vlsafe.probes.behavior.judges import get_judge, judge_file
+
+    j = get_judge(judge_name, calibration=calibration)
+    if calibration is not None and j.calibration.judge != j.name:
+        raise VlsafeError(f"{calibration}: calibration of judge {j.calibration.judge!r}, not of {j.name!r}")
+    df = judge_file(file, column, j, out, prompt_column=prompt_column)
+    n, refused = len(df), int(df["refused"].sum())
+    typer.echo(f"{file}: {refused}/{n} refused ({refused / n:.3f}) by {j.name} → {out}")
+    if j.calibration is not None:
+        typer.echo(corrected_line(refused, n, j.calibration))
+
+
+def corrected_line(k: int, n: int, cal: Any) -> str:
+    """One line: the judge-corrected refusal rate, its interval and the calibration it comes from."""
+    from vlsafe.probes.behavior.calibration import corrected_rate
+
+    est, lo, hi = corrected_rate(k, n, cal)
+    return (f"corrected for judge error: {est:.3f} [{lo:.3f}, {hi:.3f}] (sensitivity {cal.sensitivity:.3f} of "
+            f"{cal.n_pos}, specificity {cal.specificity:.3f} of {cal.n_neg}, on {cal.source or 'given labels'})")
+
+
+def _calibrate(file: Path, column: str, out: Path, judge_name: str, labels: str, prompt_column: str | None,
+               category_column: str | None) -> None:
+    from vlsafe.probes.behavior.agreement import calibrate_file
+    from vlsafe.probes.behavior.judges import _write_atomic, get_judge
+
+    j = get_judge(judge_name)
+    judged, report, cal = calibrate_file(file, column=column, labels=labels, judge=j, prompt_column=prompt_column,
+                                         category_column=category_column)
+    rep_path, cal_path = out.with_name(out.stem + ".agreement.csv"), out.with_name(out.stem + ".calibration.json")
+    _write_atomic(judged, out)
+    _write_atomic(report, rep_path)
+    cal.save(cal_path)
+    typer.echo(report.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(f"wrote {out}, {rep_path} and {cal_path} (use --calibration {cal_path} in later runs)")
+
+
+def _compare(file: Path, column: str, out: Path, compare: str, labels: str | None,
+             prompt_column: str | None) -> None:
+    from vlsafe.probes.behavior.agreement import compare_file
+    from vlsafe.probes.behavior.judges import _write_atomic, get_judge
+
+    names = [n.strip() for n in compare.split(",") if n.strip()]
+    if len(names) < 2 and labels is None:
+        raise VlsafeError(f"--compare {compare!r}: give at least two judges (or one and --labels)")
+    table = compare_file(file, column=column, judges=[get_judge(n) for n in names], labels=labels,
+                         prompt_column=prompt_column)
+    _write_atomic(table, out)
+    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(f"wrote {out}")

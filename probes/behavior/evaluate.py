@@ -237,9 +237,15 @@ def evaluate(checkpoints: dict[str, Any], prompt_sets: Sequence[str], *, judge: 
         config = {"checkpoints": {lb: c.spec for lb, c in ckpts.items()}, "prompt_sets": list(prompt_sets),
                   "judge": judge, "judge_name": str(generations["judge"].iloc[0]), "max_new_tokens": max_new_tokens,
                   "batch_size": batch_size, "limit": limit, "dtype": dtype, "seed": seed,
-                  "prompt_set_hashes": {ps.name: ps.content_hash() for ps in sets}}
+                  "prompt_set_hashes": {ps.name: ps.content_hash() for ps in sets},
+                  "judge_calibration": _calibration_record(scorer)}
         write_outputs(Path(out_dir), generations, summary, config, ckpts, seed, metrics=metrics)
     return generations, summary
+
+
+def _calibration_record(scorer: Any) -> dict[str, Any] | None:
+    cal = getattr(scorer, "calibration", None)
+    return cal.to_dict() if cal is not None else None
 
 
 def _load_sets(specs: Sequence[str], limit: int | None) -> list[Any]:

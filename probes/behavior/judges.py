@@ -138,12 +138,12 @@ def _write_atomic(df: "Any", out: Path) -> None:
         raise
 
 
-def judge_file(path: str | Path, column: str = "response", judge_name: str = DEFAULT_JUDGE,
+def judge_file(path: str | Path, column: str = "response", judge_name: "str | Judge" = DEFAULT_JUDGE,
                out_path: str | Path | None = None, prompt_column: str | None = None, **judge_kw: Any) -> "Any":
     """Judge ``column`` of a CSV/JSONL file; add ``refused`` (0/1), ``judge_score`` and ``judge``; write atomically.
 
     ``out_path`` defaults to ``<stem>.judged.csv`` next to the input. ``prompt_column`` (optional) is passed to
-    judges that use prompts (classifiers). Returns the DataFrame that was written.
+    judges that use prompts (classifiers). ``judge_name`` may also be a ``Judge``. Returns the DataFrame written.
     """
     from vlsafe.analysis.errors import VlsafeError
 
@@ -152,7 +152,7 @@ def judge_file(path: str | Path, column: str = "response", judge_name: str = DEF
     for col in [column] + ([prompt_column] if prompt_column else []):
         if col not in df.columns:
             raise VlsafeError(f"judge: {p} has no column {col!r}; available columns: {', '.join(map(str, df.columns))}")
-    judge = get_judge(judge_name, **judge_kw)
+    judge = judge_name if isinstance(judge_name, Judge) else get_judge(judge_name, **judge_kw)
     responses = ["" if v is None or v != v else str(v) for v in df[column].tolist()]
     prompts = [str(v) for v in df[prompt_column].tolist()] if prompt_column else None
     results = judge.judge(responses, prompts)
