@@ -14,6 +14,9 @@ Judge names (``list_judges()``):
   ``substring:phrases.txt`` uses only the file's phrases; ``extra=[...]`` adds phrases in code.
 - ``classifier:<hf_id_or_path>`` — a LlamaGuard-style causal LM or a sequence classifier, loaded from a local path or
   the local HF cache only (see :mod:`vlsafe.probes.behavior.judge_classifier`).
+- ``guard:<hf_id_or_path>[@FORMAT]`` — a generative safety classifier answering through its own prompt format
+  (Llama Guard, WildGuard, ShieldGemma, a SORRY-Bench-style judge), batched, on any device, offline only (see
+  :mod:`vlsafe.probes.behavior.judge_guard`).
 """
 from __future__ import annotations
 
@@ -53,11 +56,21 @@ def _classifier(arg: str | None, **kw: Any) -> Judge:
     return ClassifierJudge(arg, **kw)
 
 
+def _guard(arg: str | None, **kw: Any) -> Judge:
+    from vlsafe.analysis.errors import VlsafeError
+    from vlsafe.probes.behavior.judge_guard import GuardJudge
+
+    if not arg:
+        raise VlsafeError("judge 'guard' needs a model: use guard:<hf_id_or_local_path>[@FORMAT]")
+    return GuardJudge(arg, **kw)
+
+
 _REGISTRY: dict[str, Callable[..., Judge]] = {
     "vlsafe": _vlsafe,
     **{f"substring-{k}": _substring(k) for k in SUBSTRING_LISTS if k != "custom"},
     "substring": _substring("custom"),
     "classifier": _classifier,
+    "guard": _guard,
 }
 _ALIASES = {"default": "vlsafe", "substring-custom": "substring"}
 
@@ -71,7 +84,8 @@ def get_judge(name: str = DEFAULT_JUDGE, **kw: Any) -> Judge:
     """Build a judge by name: ``"default"``, ``"substring-rd"``, ``"substring:my.txt"``, ``"classifier:DIR"``, ….
 
     Keyword arguments go to the judge (``extra=[...]`` for substring lists, ``threshold=`` for vlsafe,
-    ``device=``/``batch_size=``/``refused_labels=`` for classifiers), except ``calibration=`` (a
+    ``device=``/``batch_size=``/``refused_labels=`` for classifiers, ``device=``/``batch_size=``/``format=``/
+    ``guideline=`` for guards), except ``calibration=`` (a
     ``JudgeCalibration`` or the path of its JSON): the judge's measured error, used for corrected rates. Without
     it the judge carries its shipped calibration when it has one (the default judge, on the held-out file).
     """
