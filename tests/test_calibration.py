@@ -77,7 +77,8 @@ def test_shipped_calibration_is_measured_on_the_holdout_file() -> None:
     cal = shipped_calibration("vlsafe")
     assert cal is not None and cal.source == "tests/data/judge_holdout.jsonl" and HOLDOUT.name != TRAIN.name
     rows = [json.loads(ln) for ln in HOLDOUT.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    pred = [int(r.refused) for r in get_judge("default").judge([r["response"] for r in rows])]
+    pred = [int(r.refused) for r in get_judge("default").judge([r["response"] for r in rows],
+                                                                [r["prompt"] for r in rows])]
     assert measure("vlsafe", pred, [int(r["refused"]) for r in rows], source=cal.source) == cal
     train = {json.loads(ln)["response"] for ln in TRAIN.read_text(encoding="utf-8").splitlines() if ln.strip()}
     assert not (train & {r["response"] for r in rows}) - {""}  # held out: only the empty response (a rule) is shared

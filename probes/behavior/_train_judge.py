@@ -1,7 +1,8 @@
 """Train the default ``vlsafe`` judge: features of ``judge_train.jsonl`` → logistic regression → JSON weights.
 
 Usage: ``python -m vlsafe.probes.behavior._train_judge [--train FILE] [--out FILE] [--holdout FILE] [--calibrate]``. The regularisation
-strength is chosen by stratified 5-fold cross-validation on the training file only; ``--holdout`` (never used for
+strength is chosen by 5-fold cross-validation (grouped: a row and its prompt-less copy share a fold) on the
+training file only; ``--holdout`` (never used for
 fitting or selection) is only scored and printed. ``--calibrate`` measures the shipped default judge on the
 held-out file (``tests/data/judge_holdout.jsonl`` unless ``--holdout``) and writes ``judge_calibration.json``.
 """
@@ -24,27 +25,37 @@ def load_jsonl(path: str | Path) -> tuple[list[str], np.ndarray]:
     return [r["response"] for r in rows], np.array([int(r["refused"]) for r in rows])
 
 
-def featurise(texts: list[str]) -> np.ndarray:
-    """Stack feature vectors in FEATURE_NAMES order."""
-    return np.array([[extract(t)[k] for k in FEATURE_NAMES] for t in texts], dtype=np.float64)
+def load_prompts(path: str | Path) -> list[str | None]:
+    """The ``prompt`` of every row of a labelled JSONL file (None where absent)."""
+    rows = [json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return [r.get("prompt") or None for r in rows]
+
+
+def featurise(texts: list[str], prompts: list[str | None] | None = None) -> np.ndarray:
+    """Stack feature vectors in FEATURE_NAMES order (prompt features 0 where a prompt is missing)."""
+    prompts = prompts if prompts is not None else [None] * len(texts)
+    return np.array([[extract(t, p)[k] for k in FEATURE_NAMES] for t, p in zip(texts, prompts)], dtype=np.float64)
 
 
 def train(train_path: Path, out_path: Path, holdout: Path | None = None, seed: int = 0) -> dict:
     """Fit, write the weights JSON and return it (with CV and optional held-out accuracy)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import GroupKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     texts, y = load_jsonl(train_path)
-    X = featurise(texts)
+    # every row twice: with its prompt and without (the response-only mode sees prompt features at 0)
+    X = np.vstack([featurise(texts, load_prompts(train_path)), featurise(texts)])
+    groups = np.concatenate([np.arange(len(y)), np.arange(len(y))])  # a row and its copy share a fold
+    y = np.concatenate([y, y])
     keep = X[:, FEATURE_NAMES.index("empty")] == 0  # empty responses are decided by rule, not by the model
-    X, y = X[keep], y[keep]
-    cv = StratifiedKFold(5, shuffle=True, random_state=seed)
+    X, y, groups = X[keep], y[keep], groups[keep]
+    cv = GroupKFold(5)
     scores = {}
     for C in (0.03, 0.1, 0.3, 1.0, 3.0):
         pipe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000))
-        scores[C] = float(cross_val_score(pipe, X, y, cv=cv).mean())
+        scores[C] = float(cross_val_score(pipe, X, y, cv=cv, groups=groups).mean())
     best_c = max(scores, key=lambda c: (round(scores[c], 3), -c))  # ties → stronger regularisation
     scaler = StandardScaler().fit(X)
     scale = np.where(scaler.scale_ > 1e-9, scaler.scale_, 1.0)
@@ -69,14 +80,15 @@ HOLDOUT = Path("tests") / "data" / "judge_holdout.jsonl"
 
 
 def write_shipped_calibration(holdout: Path = HOLDOUT, out: Path | None = None) -> dict:
-    """Measure the default judge on ``holdout`` and write ``{"vlsafe": record}`` to ``judge_calibration.json``."""
+    """Measure the default judge on ``holdout`` (with its prompts, as evaluations judge) and write
+    ``{"vlsafe": record}`` to ``judge_calibration.json``."""
     from vlsafe.probes.behavior.calibration import SHIPPED_PATH, measure
     from vlsafe.probes.behavior.judge_vlsafe import VlsafeJudge
 
     texts, y = load_jsonl(holdout)
     if holdout.resolve() == (HERE / "judge_train.jsonl").resolve():
         raise SystemExit("the calibration file must not be the training file")
-    pred = [int(r.refused) for r in VlsafeJudge().judge(texts)]
+    pred = [int(r.refused) for r in VlsafeJudge().judge(texts, load_prompts(holdout))]  # as in eval: with prompts
     rec = {"vlsafe": measure("vlsafe", pred, y.tolist(), source=holdout.as_posix()).to_dict()}
     (out or SHIPPED_PATH).write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
     return rec
