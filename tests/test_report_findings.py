@@ -43,9 +43,9 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
-def _cell(m: pd.DataFrame, ckpt: str, metric: str) -> str:
+def _cell(m: pd.DataFrame, ckpt: str, metric: str, who: str | None = None) -> str:
     r = m[(m["checkpoint"] == ckpt) & (m["metric"] == metric)].iloc[0]
-    return f"{_pct(r['rate'])} [{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}] (n = {r['n']})"
+    return f"{_pct(r['rate'])} [{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}] ({who or ckpt}, n = {r['n']})"
 
 
 CLEAR = {"llm-base": 3, "llm-aligned": 54, "lvlm-stage1": 54, "lvlm-step-24": 32, "lvlm-step-48": 44, "lvlm": 35,
@@ -60,19 +60,22 @@ def test_clear_drop_gives_the_drop_sentences_with_the_tables_numbers(tmp_path: P
                            "remedy:lvlm-safety-posthoc", "vqa"]
     drop = found["refusal_change"]
     assert drop.text.startswith(f"Adaptation lowers text refusal on harmful prompts from "
-                                f"{_cell(m, 'llm-aligned', 'refusal_harmful_text')} (llm-aligned) to "
-                                f"{_cell(m, 'lvlm', 'refusal_harmful_text')} (lvlm); the intervals are disjoint")
+                                f"{_cell(m, 'llm-aligned', 'refusal_harmful_text')} to "
+                                f"{_cell(m, 'lvlm', 'refusal_harmful_text')}; the intervals are disjoint")
     assert "(one run)" in drop.text and drop.anchor == "tab-organism"
     assert drop.values == {"ref": 54 / N, "final": 35 / N}
     half = found["half_drop"]  # (54 + 35) / 2 / 60 = 74 %; step 24 refuses 32/60 ≤ that, step 48 is the later one
     assert half.values["step"] == 24 and half.values["rate"] == 32 / N and half.anchor == "fig-dynamics"
-    assert f"≤ {_pct((54 + 35) / 2 / N)}" in half.text and _cell(m, "lvlm-step-24", "refusal_harmful_text") in half.text
-    assert "lowers lvlm's refusal" in found["image_effect"].text
+    assert f"≤ {_pct((54 + 35) / 2 / N)}" in half.text and _cell(m, "lvlm-step-24", "refusal_harmful_text", "one run") in half.text
+    assert (f"lowers lvlm's refusal on harmful prompts from {_cell(m, 'lvlm', 'refusal_harmful_text', 'text only')} "
+            f"to {_cell(m, 'lvlm', 'refusal_harmful_image', 'with the image')}") in found["image_effect"].text
     assert found["image_effect"].values == {"text": 35 / N, "image": 18 / N}
     assert "lowers lvlm-stage1's refusal" in found["image_before_stage2"].text
     remedy = found["remedy:lvlm-safety-posthoc"]
-    assert _cell(m, "lvlm-safety-posthoc", "refusal_harmful_text") in remedy.text
-    assert f"over-refusal {_pct(3 / 40)} → {_cell(m, 'lvlm-safety-posthoc', 'over_refusal_borderline')}" in remedy.text
+    assert _cell(m, "lvlm", "refusal_harmful_text") in remedy.text
+    assert _cell(m, "lvlm-safety-posthoc", "refusal_harmful_text").split(" (")[0] + " (n = 60)" in remedy.text
+    assert (f"over-refusal {_pct(3 / 40)} → {_cell(m, 'lvlm-safety-posthoc', 'over_refusal_borderline')}"
+            .replace("(lvlm-safety-posthoc, ", "(") in remedy.text)
     assert f"({100 * (6 - 3) / 40:+.0f} points; the intervals overlap)" in remedy.text
     assert "above chance (30%" in found["vqa"].text
 

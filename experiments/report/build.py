@@ -8,9 +8,7 @@ Figures are also written to `DIR/figures/` as PNG and PDF.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Callable
@@ -19,16 +17,19 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.figures import paper_style
 from vlsafe.analysis.runinfo import atomic_path
 from vlsafe.experiments.report import plots
 from vlsafe.experiments.report.discover import Artefacts, discover
 from vlsafe.experiments.report.findings import Finding, findings, write_findings
+from vlsafe.experiments.report.interactive import TIP_CSS, heatmap_tip, svg_tag, tips_block
+from vlsafe.experiments.report.plots_pareto import pareto_key, pareto_tips
 from vlsafe.experiments.report.roles import checkpoint_roles
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
-margin-top:2em}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;
+margin-top:2em}figure{margin:1em 0}.key{max-height:24em;overflow-y:auto}.key td{text-align:left}figcaption{font-size:.85em;
 color:#555}table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em
 .5em;text-align:right}th{background:#f6f6f6}td:first-child,th:first-child{text-align:left}.missing{color:#888;
 font-style:italic}.source{color:#777}ol.findings li{margin:.3em 0}.note{font-size:.8em;color:#666}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em}
@@ -36,18 +37,16 @@ font-style:italic}.source{color:#777}ol.findings li{margin:.3em 0}.note{font-siz
 
 
 def _embed(fig: plt.Figure | None, out_dir: Path, stem: str) -> str | None:
-    """Save `fig` as PNG + PDF under `out_dir/figures/` and return an <img> tag with the PNG inlined."""
+    """Save `fig` as PNG + PDF under `out_dir/figures/` and return it as inline SVG (text kept as text)."""
     if fig is None:
         return None
     figs = out_dir / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     fig.savefig(figs / f"{stem}.pdf")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=150)
-    (figs / f"{stem}.png").write_bytes(buf.getvalue())
+    fig.savefig(figs / f"{stem}.png", dpi=150)
+    tag = svg_tag(fig, stem=stem)
     plt.close(fig)
-    data = base64.b64encode(buf.getvalue()).decode()
-    return f'<img alt="{stem}" src="data:image/png;base64,{data}">'
+    return tag
 
 
 def _fmt_rate(r: pd.Series) -> str:
@@ -104,6 +103,24 @@ def _figure(tag: str | None, caption: str, anchor: str, sources: list[str]) -> s
             f'<span class="source">Source: {src}.</span></figcaption></figure>')
 
 
+def _pareto_block(tag: str | None, p: pd.DataFrame | None) -> str | None:
+    """The Pareto figure followed by its key (what each point number is)."""
+    if tag is None or p is None:
+        return tag
+    return tag + '<div class="key">' + pareto_key(p).to_html(index=False, escape=True) + "</div>"
+
+
+def _tips(art: Artefacts) -> str:
+    points = pareto_tips(p) if (p := art.first("pareto")) is not None and not p.empty else {}
+    heat = {}
+    if (d := art.first("diff_layers")) is not None:
+        pivot, pair = plots.heatmap_pivot(d)
+        if not pivot.empty:
+            heat["heatmap-weight"] = heatmap_tip(pivot, title=f"weight shift {pair}".strip(),
+                                                 label="rel. Frobenius change")
+    return tips_block(points, heat)
+
+
 def _findings(items: list[Finding]) -> str:
     if not items:
         return '<p class="missing">No findings: the run has none of the tables they are drawn from.</p>'
@@ -153,7 +170,7 @@ def _sections(art: Artefacts, fig: Callable[[plt.Figure | None, str], str | None
                           "Wilson 95% intervals.", "tab-eval", art.sources("eval_summary"))],
                  "No eval summary.csv or organism metrics.csv in this run."),
         _section("Weight shift", [_figure(show("diff_layers", plots.weight_heatmap, "weight_heatmap"),
-                                          "Relative Frobenius change per layer and module.", "fig-weight-heatmap",
+                                          "Relative Frobenius change per layer and module; hover a cell for its value.", "fig-weight-heatmap",
                                           src("diff_layers"))],
                  "No diff layers.csv (run `vlsafe diff`)."),
         _section("Task-vector divergence", [_figure(show("taskvectors", plots.taskvector_cosine, "taskvec"),
@@ -169,14 +186,17 @@ def _sections(art: Artefacts, fig: Callable[[plt.Figure | None, str], str | None
                     src("similarity"))],
             "No probe outputs (run `vlsafe probe`)."),
         _section("Safety-layer curves", [_figure(show("safety_layers", plots.safety_layer_curves, "safety_layers"),
-                                                 "Last-token cosine of normal/malicious pairs per layer.",
+                                                 "Last-token cosine of normal/malicious pairs per layer, one panel per checkpoint.",
                                                  "fig-safety-layers", src("safety_layers"))],
                  "No safety_layers.csv."),
-        _section("Remedies: safety vs helpfulness", [_figure(show("pareto", plots.pareto, "pareto"),
-                                                             "Every sweep point; red: the Pareto front.",
+        _section("Remedies: safety vs helpfulness", [_figure(_pareto_block(show("pareto", plots.pareto, "pareto"),
+                                                                           art.first("pareto")),
+                                                             "Every sweep point, numbered as in the key; colour "
+                                                             "and marker: remedy family; edged points and dashed "
+                                                             "line: the Pareto front. Hover a point for its rates.",
                                                              "fig-pareto", src("pareto"))],
                  "No pareto.csv (run `vlsafe sweep`)."),
-        _section("Linked layer view", [_figure(fig(plots.linked_layer_view(diff, sim, probe), "linked"),
+        _section("Linked layer view", [_figure(fig(plots.linked_layer_view(diff, sim, probe, roles=roles), "linked"),
                                                "Weight shift, direction shift and probe accuracy on one layer axis.",
                                                "fig-linked", src("diff_layers", "similarity", "probe_layers"))],
                  "Needs at least two of: diff layers.csv, probe similarity.csv, probe layers.csv."),
@@ -195,10 +215,11 @@ def build_report(run_dir: str | Path, title: str = "vlsafe report") -> Path:
         raise VlsafeError(f"{root}: no vlsafe outputs found (no run.json under it)")
     fig: Callable[[plt.Figure | None, str], str | None] = lambda f, stem: _embed(f, root, f"report_{stem}")
     found = findings(art)
-    body = _section("Findings", [_findings(found)], "") + "".join(_sections(art, fig))
+    with paper_style():
+        body = _section("Findings", [_findings(found)], "") + "".join(_sections(art, fig))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>Run directory: <code>{html.escape(str(root))}</code></p>{body}</body></html>")
+            f"<style>{_CSS}{TIP_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>Run directory: <code>{html.escape(str(root))}</code></p>{body}{_tips(art)}</body></html>")
     write_findings(root, found)
     out = root / "report.html"
     with atomic_path(out) as tmp:

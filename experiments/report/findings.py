@@ -65,11 +65,11 @@ def _refusal_change(c: _Metrics, r: Roles) -> tuple[Finding | None, bool]:
     drop = disjoint(a, b) and b.value < a.value
     if disjoint(a, b):
         verb = "lowers" if drop else "raises"
-        text = (f"Adaptation {verb} text refusal on harmful prompts from {rate_text(a)} ({r.ref}) to "
-                f"{rate_text(b)} ({r.final}); the intervals are disjoint ({b.runs}).")
+        text = (f"Adaptation {verb} text refusal on harmful prompts from {rate_text(a, r.ref)} to "
+                f"{rate_text(b, r.final)}; the intervals are disjoint ({b.runs}).")
     else:
-        text = (f"Text refusal on harmful prompts goes from {rate_text(a)} ({r.ref}) to {rate_text(b)} "
-                f"({r.final}); the intervals overlap, so this run shows no clear change ({b.runs}).")
+        text = (f"Text refusal on harmful prompts goes from {rate_text(a, r.ref)} to {rate_text(b, r.final)}; "
+                f"the intervals overlap, so this run shows no clear change ({b.runs}).")
     return Finding("refusal_change", text, "tab-organism", {"ref": a.value, "final": b.value}), drop
 
 
@@ -86,7 +86,7 @@ def _half_drop(c: _Metrics, r: Roles) -> Finding | None:
         return Finding("half_drop", text, "fig-dynamics", {"half": half})
     s, x = hit
     text = (f"Half of that drop (≤ {half * 100:.0f}%) is there by step {r.steps[s]}: {s} refuses "
-            f"{rate_text(x)} ({x.runs}).")
+            f"{rate_text(x, x.runs)}.")
     return Finding("half_drop", text, "fig-dynamics", {"half": half, "step": r.steps[s], "rate": x.value})
 
 
@@ -99,11 +99,11 @@ def _image_effect(c: _Metrics, ckpt: str | None, key: str, lead: str) -> Finding
         tail = "the intervals are disjoint"
     else:
         verb, tail = "changes", "the intervals overlap"
-    text = (f"{lead}attaching an image {verb} {ckpt}'s refusal on harmful prompts from {rate_text(t)} "
-            f"(text only) to {rate_text(i)}; {tail} ({i.runs}).")
+    text = (f"{lead}attaching an image {verb} {ckpt}'s refusal on harmful prompts from "
+            f"{rate_text(t, 'text only')} to {rate_text(i, 'with the image')}; {tail} ({i.runs}).")
     if verb == "changes":
-        text = (f"{lead}{ckpt} refuses {rate_text(i)} of harmful prompts with an image and {rate_text(t)} text "
-                f"only; {tail} ({i.runs}).")
+        text = (f"{lead}{ckpt} refuses {rate_text(i)} of harmful prompts with an image and "
+                f"{rate_text(t)} text only; {tail} ({i.runs}).")
     return Finding(key, text, "tab-organism", {"text": t.value, "image": i.value})
 
 
@@ -112,7 +112,7 @@ def _remedy(c: _Metrics, r: Roles, name: str) -> Finding | None:
     if a is None or b is None:
         return None
     state = "the intervals are disjoint" if disjoint(a, b) else "the intervals overlap"
-    text = f"{name} takes text refusal from {rate_text(a)} ({r.final}) to {rate_text(b)}; {state}"
+    text = f"{name} takes text refusal from {rate_text(a, r.final)} to {rate_text(b)}; {state}"
     values = {"final": a.value, "remedy": b.value}
     oa, ob = c.get(r.final, OVER), c.get(name, OVER)
     if oa is not None and ob is not None:
@@ -169,8 +169,8 @@ def eval_findings(frames: list[pd.DataFrame]) -> list[Finding]:
         lo_c, hi_c = min(rows, key=lambda c: rows[c].value), max(rows, key=lambda c: rows[c].value)
         lo, hi = rows[lo_c], rows[hi_c]
         state = "the intervals are disjoint" if disjoint(lo, hi) else "the intervals overlap"
-        out.append(Finding(f"eval_range:{pset}", f"On {pset}, refusal ranges from {rate_text(lo)} ({lo_c}) to "
-                           f"{rate_text(hi)} ({hi_c}); {state} ({hi.runs}).", "tab-eval",
+        out.append(Finding(f"eval_range:{pset}", f"On {pset}, refusal ranges from {rate_text(lo, lo_c)} to "
+                           f"{rate_text(hi, hi_c)}; {state} ({hi.runs}).", "tab-eval",
                            {"low": lo.value, "high": hi.value}))
     return out
 

@@ -68,7 +68,7 @@ def probe_finding(probe: pd.DataFrame, roles: Roles, *, refusal_fell: bool) -> F
     if a is None or b is None:
         return None
     (la, ra), (lb, rb) = a, b
-    both = f"{rate_text(ra)} at layer {la} ({roles.ref}) and {rate_text(rb)} at layer {lb} ({roles.final})"
+    both = f"{rate_text(ra, f'{roles.ref} at layer {la}')} and {rate_text(rb, f'{roles.final} at layer {lb}')}"
     if disjoint(ra, rb):
         text = f"Peak probe accuracy {'falls' if rb.value < ra.value else 'rises'}: {both}; the intervals are disjoint."
     else:
@@ -137,12 +137,12 @@ def pareto_findings(p: pd.DataFrame) -> list[Finding]:
     p = p.reset_index(drop=True)
     names, front = point_names(p), pareto_front(p)
     lo_i, hi_i = int(front["helpfulness"].idxmax()), int(front["safety"].idxmax())  # most helpful, safest end
+
     def end(i: int) -> str:
         return (f"#{i + 1} {names[i]} (safety {rate_text(point_rate(p.loc[i], 'safety'))}, helpfulness "
                 f"{rate_text(point_rate(p.loc[i], 'helpfulness'))})")
     values = {"n_points": len(p), "n_front": len(front), "safest": float(p.loc[hi_i, "safety"]),
               "most_helpful": float(p.loc[lo_i, "helpfulness"])}
-
     if lo_i == hi_i:
         text = f"Of {len(p)} remedy points, one dominates all others: {end(hi_i)}."
         return [Finding("pareto_front", text, "fig-pareto", values)]

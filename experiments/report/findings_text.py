@@ -42,12 +42,13 @@ def pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
-def rate_text(r: Rate) -> str:
-    """`58% [46, 70] (n = 60)`: the rate, its interval when known, and n when known."""
+def rate_text(r: Rate, who: str | None = None) -> str:
+    """`58% [46, 70] (lvlm, n = 60)`: the rate, its interval and, in brackets, whose it is and n, when known."""
     s = pct(r.value)
     if not (math.isnan(r.lo) or math.isnan(r.hi)):
         s += f" [{100 * r.lo:.0f}, {100 * r.hi:.0f}]"
-    return s + (f" (n = {r.n})" if r.n is not None else "")
+    tail = [x for x in (who, f"n = {r.n}" if r.n is not None else None) if x]
+    return s + (f" ({', '.join(tail)})" if tail else "")
 
 
 def runs_text(row: pd.Series) -> str:
