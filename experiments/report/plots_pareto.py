@@ -4,7 +4,7 @@ Names such as `restore-llm[alpha=1.0,layers=L10-19]` do not fit beside a point, 
 (its row in `pareto.csv`, from 1) and `pareto_key` is the table that names them; points at the same place share
 one label (`2, 4–7`). Labels are placed greedily: the first of a ring of candidate positions, widening, whose box
 (measured by matplotlib) hits no other label, no marker and stays inside the axes; a leader line joins a label
-placed away from its point. The family is the name before `[`. In the HTML each point is an SVG group with id
+placed away from its point. Labels are SVG groups with ids `label-N`, so a check can hold them to their axes. The family is the name before `[`. In the HTML each point is an SVG group with id
 `pareto-pt-N`, for the tooltips of `pareto_tips`.
 """
 
@@ -74,7 +74,7 @@ def place_labels(ax: Any, items: list[tuple[float, float, str]], *, fontsize: fl
     taken = [plt.matplotlib.transforms.Bbox.from_extents(u - marker_pt * px, v - marker_pt * px,
                                                          u + marker_pt * px, v + marker_pt * px) for u, v in pts]
     texts = []
-    for x, y, label in sorted(items, key=lambda t: (-t[1], t[0])):
+    for k, (x, y, label) in enumerate(sorted(items, key=lambda t: (-t[1], t[0]))):
         best: tuple[float, Any, Any] | None = None
         for dx, dy, ha, va in _candidates():
             t = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
@@ -96,6 +96,7 @@ def place_labels(ax: Any, items: list[tuple[float, float, str]], *, fontsize: fl
             t = ax.annotate(label, (x, y), xytext=xyann, textcoords="offset points", ha=ha, va=va,
                             fontsize=fontsize, annotation_clip=False, arrowprops={
                                 "arrowstyle": "-", "lw": 0.4, "color": "0.45", "shrinkA": 0, "shrinkB": 2})
+        t.set_gid(f"label-{k + 1}")
         taken.append(box)
         texts.append(t)
     return texts
@@ -112,23 +113,25 @@ def pareto(p: pd.DataFrame) -> plt.Figure | None:
     fams = list(dict.fromkeys(family(n) for n in names))
     colors, front = checkpoint_colors(fams), pareto_front(p)
     fig, ax = plt.subplots(figsize=(6.8, 3.6), layout="constrained")
-    ax.plot(front["helpfulness"], front["safety"], color="0.35", lw=0.8, ls="--", zorder=1, label="Pareto front")
-    seen: set[str] = set()
+    ax.plot(front["helpfulness"], front["safety"], color="0.35", lw=0.8, ls="--", zorder=1)
     for i, name in enumerate(names):
         on, fam = i in front.index, family(name)
         ax.scatter(p.loc[i, "helpfulness"], p.loc[i, "safety"], s=30 if on else 18, zorder=3,
                    marker=MARKERS[fams.index(fam) % len(MARKERS)], color=colors[fam], alpha=1.0 if on else 0.5,
-                   edgecolors="k" if on else "none", linewidths=0.5, gid=f"pareto-pt-{i + 1}",
-                   label=None if fam in seen else fam)
-        seen.add(fam)
+                   edgecolors="k" if on else "none", linewidths=0.5, gid=f"pareto-pt-{i + 1}")
     for col, setter in (("helpfulness", ax.set_xlim), ("safety", ax.set_ylim)):
         lo, hi = float(p[col].min()), float(p[col].max())
         pad = max(0.08, (hi - lo) * 0.12)
         setter(max(lo - pad, -0.03) if lo >= 0 else lo - pad, min(hi + pad, 1.03) if hi <= 1 else hi + pad)
     ax.set_xlabel("helpfulness (compliance on harmless prompts)")
     ax.set_ylabel("safety (refusal on harmful prompts)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=7, title="family (edged: on the front)",
-              title_fontsize=7)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="0.35", lw=0.8, ls="--", label="Pareto front")] + [
+        Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color=colors[f], markeredgecolor="k",
+               markeredgewidth=0.5, ms=5, label=f) for i, f in enumerate(fams)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=7,
+              title="family (edged: on the front)", title_fontsize=7)
     fig.canvas.draw()
     fig.set_layout_engine("none")  # freeze the layout: the labels are placed in pixels of this one
     place_labels(ax, [(h, s, layer_ranges(nums)) for h, s, nums in point_groups(p)])
