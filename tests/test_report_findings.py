@@ -139,3 +139,31 @@ def test_pareto_finding_and_findings_md_beside_the_report(tmp_path: Path) -> Non
     assert f"- {text} ([figure](report.html#fig-pareto))" in md
     assert page.index('class="findings"') < page.index('id="fig-pareto"')
     assert 'href="#fig-pareto"' in page
+
+
+def test_eval_findings_without_organism_metrics(tmp_path: Path) -> None:
+    """Without organism metrics, `vlsafe eval` summaries give the range per prompt set and the image effect."""
+    def row(ckpt: str, pset: str, k: int) -> dict:
+        lo, hi = wilson_interval(k, N)
+        return {"checkpoint": ckpt, "prompt_set": pset, "n": N, "refusal_rate": k / N, "ci_low": lo, "ci_high": hi,
+                "judge": "vlsafe", "category": ""}
+    summary = pd.DataFrame([row("llm-aligned", "harmful-test", 54), row("lvlm", "harmful-test", 35),
+                            row("lvlm", "harmful-test+blank", 30),
+                            {**row("lvlm", "harmful-test", 1), "category": "weapons"}])  # category rows: not read
+    _run(tmp_path / "eval", {"eval_summary": ("summary.csv", summary)}, "eval")
+    found = {f.key: f for f in findings(discover(tmp_path))}
+    assert list(found) == ["eval_range:harmful-test", "eval_image:lvlm:harmful-test+blank"]
+    rng = found["eval_range:harmful-test"]
+    assert rng.values == {"low": 35 / N, "high": 54 / N} and "the intervals are disjoint" in rng.text
+    assert rng.text.startswith(f"On harmful-test, refusal ranges from {_pct(35 / N)} [")
+    img = found["eval_image:lvlm:harmful-test+blank"]
+    assert img.values == {"image": 30 / N, "text": 35 / N} and "the intervals overlap" in img.text
+
+
+def test_pareto_finding_with_a_tied_front(tmp_path: Path) -> None:
+    pareto = pd.DataFrame({"point": ["a", "b", "c"], "safety": [0.5, 0.5, 0.2], "helpfulness": [1.0, 1.0, 0.9]})
+    _run(tmp_path, {"pareto": ("pareto.csv", pareto)}, "sweep")
+    (found,) = findings(discover(tmp_path))
+    assert found.text.startswith("Of 3 remedy points, 2 lie on the Pareto front, all tied with #1 a (safety 50%")
+    _run(tmp_path, {"pareto": ("pareto.csv", pareto.drop(index=1))}, "sweep")
+    assert "one dominates all others: #1 a" in findings(discover(tmp_path))[0].text

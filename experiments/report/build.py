@@ -124,7 +124,7 @@ def _tips(art: Artefacts) -> str:
 def _findings(items: list[Finding]) -> str:
     if not items:
         return '<p class="missing">No findings: the run has none of the tables they are drawn from.</p>'
-    lis = "".join(f'<li>{html.escape(f.text)} <a href="#{f.anchor}">figure</a></li>' for f in items)
+    lis = "".join(f'<li>{html.escape(f.text)} <a href="#{f.anchor}">{f.link_text}</a></li>' for f in items)
     return (f'<ol class="findings">{lis}</ol><p class="note">Generated from the tables below '
             "(also in <code>findings.md</code>); rates with Wilson 95% intervals.</p>")
 

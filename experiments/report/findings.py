@@ -196,7 +196,7 @@ def findings_markdown(items: list[Finding], *, report: str = "report.html") -> s
     """The findings as a Markdown list, each linking to its figure in `report`."""
     if not items:
         return "No findings: the run has none of the tables they are drawn from.\n"
-    return "".join(f"- {f.text} ([figure]({report}#{f.anchor}))\n" for f in items)
+    return "".join(f"- {f.text} ([{f.link_text}]({report}#{f.anchor}))\n" for f in items)
 
 
 def write_findings(run_dir: str | Path, items: list[Finding]) -> Path:

@@ -9,8 +9,7 @@ import math
 
 import pandas as pd
 
-from vlsafe.experiments.report.findings_text import (Finding, Rate, concentrated, disjoint, layer_ranges, pct,
-                                                     rate_text)
+from vlsafe.experiments.report.findings_text import Finding, Rate, concentrated, disjoint, layer_ranges, rate_text
 from vlsafe.experiments.report.roles import Roles, image_variant
 
 
@@ -143,8 +142,9 @@ def pareto_findings(p: pd.DataFrame) -> list[Finding]:
                 f"{rate_text(point_rate(p.loc[i], 'helpfulness'))})")
     values = {"n_points": len(p), "n_front": len(front), "safest": float(p.loc[hi_i, "safety"]),
               "most_helpful": float(p.loc[lo_i, "helpfulness"])}
-    if lo_i == hi_i:
-        text = f"Of {len(p)} remedy points, one dominates all others: {end(hi_i)}."
+    if lo_i == hi_i:  # one point is both the safest and the most helpful: the rest of the front ties with it
+        text = (f"Of {len(p)} remedy points, one dominates all others: {end(hi_i)}." if len(front) == 1 else
+                f"Of {len(p)} remedy points, {len(front)} lie on the Pareto front, all tied with {end(hi_i)}.")
         return [Finding("pareto_front", text, "fig-pareto", values)]
     a, b = point_rate(p.loc[lo_i], "safety"), point_rate(p.loc[hi_i], "safety")
     state = ("the safety intervals of its two ends are disjoint, so the extra safety costs helpfulness"
@@ -154,4 +154,4 @@ def pareto_findings(p: pd.DataFrame) -> list[Finding]:
     return [Finding("pareto_front", text, "fig-pareto", values)]
 
 
-__all__ = ["layer_findings", "pareto_findings", "point_names", "point_rate", "pct"]
+__all__ = ["layer_findings", "pareto_findings", "point_names", "point_rate"]

@@ -18,6 +18,11 @@ class Finding:
     anchor: str
     values: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def link_text(self) -> str:
+        """What the anchor points at: `table` (`tab-*` anchors) or `figure`."""
+        return "table" if self.anchor.startswith("tab-") else "figure"
+
 
 @dataclass(frozen=True)
 class Rate:
