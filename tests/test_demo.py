@@ -25,7 +25,7 @@ def test_tiny_demo_fills_every_report_section(tmp_path: Path, capsys) -> None:
     assert main(["demo", "--profile", "tiny", "-o", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert 'class="missing"' not in page
-    assert {m.removeprefix("report_") for m in re.findall(r'<img alt="([^"]+)"', page)} == SECTIONS
+    assert {m.removeprefix("report_") for m in re.findall(r'class="figure" data-stem="([^"]+)"', page)} == SECTIONS
     art = discover(out)
     assert {k: [str(p.relative_to(out)) for p, _ in art.all(k)] for k in READS} == TABLES
     for csv in ("diff/layers.csv", "diff/dynamics.csv", "taskvec/taskvectors.csv", "probe/layers.csv",

@@ -63,10 +63,14 @@ def test_report_is_self_contained_and_complete(tmp_path: Path) -> None:
     assert main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text()
     assert 'class="missing"' not in page  # every section found its data
-    imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page)
-    assert set(imgs) == {f"report_{s}" for s in ("dynamics", "weight_heatmap", "taskvec", "probe", "direction_cos",
-                                                  "safety_layers", "pareto", "linked")}
-    assert not re.search(r'(src|href)="https?://', page)
+    imgs = re.findall(r'<svg[^>]* class="figure" data-stem="([^"]+)"', page)  # inline SVG, text kept as text
+    assert sorted(imgs) == sorted(f"report_{s}" for s in ("dynamics", "weight_heatmap", "taskvec", "probe",
+                                                           "direction_cos", "safety_layers", "pareto", "linked"))
+    assert not re.search(r'(src|href)="https?://', page) and "<img" not in page
+    assert "<text" in page and 'id="heatmap-weight"' in page and 'id="pareto-pt-3"' in page
+    tips = json.loads(re.search(r'<script type="application/json" id="vlsafe-tips">(.*?)</script>', page).group(1))
+    assert tips["points"]["pareto-pt-3"].startswith("#3 c\n")
+    assert tips["heatmaps"]["heatmap-weight"]["cols"] == [str(i) for i in range(6)]
     assert "0.95 [0.85, 1.00] (n=60)" in page
     for stem in imgs:
         assert (tmp_path / "figures" / f"{stem}.png").stat().st_size > 1000

@@ -8,9 +8,7 @@ Figures are also written to `DIR/figures/` as PNG and PDF.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Callable
@@ -19,33 +17,36 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.figures import paper_style
 from vlsafe.analysis.runinfo import atomic_path
 from vlsafe.experiments.report import plots
 from vlsafe.experiments.report.discover import Artefacts, discover
+from vlsafe.experiments.report.findings import Finding, findings, write_findings
+from vlsafe.experiments.report.interactive import TIP_CSS, heatmap_tip, svg_tag, tips_block
+from vlsafe.experiments.report.plots_pareto import pareto_key, pareto_tips
+from vlsafe.experiments.report.roles import checkpoint_roles
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
-margin-top:2em}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;
+margin-top:2em}figure{margin:1em 0}.key{max-height:24em;overflow-y:auto}.key td{text-align:left}figcaption{font-size:.85em;
 color:#555}table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em
 .5em;text-align:right}th{background:#f6f6f6}td:first-child,th:first-child{text-align:left}.missing{color:#888;
-font-style:italic}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em}
+font-style:italic}.source{color:#777}ol.findings li{margin:.3em 0}.note{font-size:.8em;color:#666}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em}
 """
 
 
 def _embed(fig: plt.Figure | None, out_dir: Path, stem: str) -> str | None:
-    """Save `fig` as PNG + PDF under `out_dir/figures/` and return an <img> tag with the PNG inlined."""
+    """Save `fig` as PNG + PDF under `out_dir/figures/` and return it as inline SVG (text kept as text)."""
     if fig is None:
         return None
     figs = out_dir / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     fig.savefig(figs / f"{stem}.pdf")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=150)
-    (figs / f"{stem}.png").write_bytes(buf.getvalue())
+    fig.savefig(figs / f"{stem}.png", dpi=150)
+    tag = svg_tag(fig, stem=stem)
     plt.close(fig)
-    data = base64.b64encode(buf.getvalue()).decode()
-    return f'<img alt="{stem}" src="data:image/png;base64,{data}">'
+    return tag
 
 
 def _fmt_rate(r: pd.Series) -> str:
@@ -93,8 +94,39 @@ def _section(title: str, body: list[str | None], missing: str) -> str:
     return f"<h2>{html.escape(title)}</h2>\n{inner}"
 
 
-def _figure(tag: str | None, caption: str) -> str | None:
-    return f"<figure>{tag}<figcaption>{html.escape(caption)}</figcaption></figure>" if tag else None
+def _figure(tag: str | None, caption: str, anchor: str, sources: list[str]) -> str | None:
+    """A figure (or table) with its anchor id and a caption naming its source table(s)."""
+    if not tag:
+        return None
+    src = ", ".join(f"<code>{html.escape(s)}</code>" for s in sources)
+    return (f'<figure id="{anchor}">{tag}<figcaption>{html.escape(caption)} '
+            f'<span class="source">Source: {src}.</span></figcaption></figure>')
+
+
+def _pareto_block(tag: str | None, p: pd.DataFrame | None) -> str | None:
+    """The Pareto figure followed by its key (what each point number is)."""
+    if tag is None or p is None:
+        return tag
+    return tag + '<div class="key">' + pareto_key(p).to_html(index=False, escape=True) + "</div>"
+
+
+def _tips(art: Artefacts) -> str:
+    points = pareto_tips(p) if (p := art.first("pareto")) is not None and not p.empty else {}
+    heat = {}
+    if (d := art.first("diff_layers")) is not None:
+        pivot, pair = plots.heatmap_pivot(d)
+        if not pivot.empty:
+            heat["heatmap-weight"] = heatmap_tip(pivot, title=f"weight shift {pair}".strip(),
+                                                 label="rel. Frobenius change")
+    return tips_block(points, heat)
+
+
+def _findings(items: list[Finding]) -> str:
+    if not items:
+        return '<p class="missing">No findings: the run has none of the tables they are drawn from.</p>'
+    lis = "".join(f'<li>{html.escape(f.text)} <a href="#{f.anchor}">{f.link_text}</a></li>' for f in items)
+    return (f'<ol class="findings">{lis}</ol><p class="note">Generated from the tables below '
+            "(also in <code>findings.md</code>); rates with Wilson 95% intervals.</p>")
 
 
 def _repro(art: Artefacts) -> str:
@@ -111,8 +143,70 @@ def _repro(art: Artefacts) -> str:
     return "\n".join(blocks)
 
 
+def _sections(art: Artefacts, fig: Callable[[plt.Figure | None, str], str | None]) -> list[str]:
+    diff, probe, sim = art.first("diff_layers"), art.first("probe_layers"), art.first("similarity")
+    metrics, table, organism = art.first("organism_metrics"), safety_table(art), organism_table(art)
+    roles = checkpoint_roles(metrics=metrics, diff=diff, probe=probe, sim=sim)
+
+    def src(*kinds: str) -> list[str]:
+        return [p.relative_to(art.root).as_posix() for k in kinds if (p := art.first_path(k)) is not None]
+
+    def show(kind: str, draw: Callable[[pd.DataFrame], plt.Figure | None], stem: str) -> str | None:
+        df = art.first(kind)
+        return fig(draw(df), stem) if df is not None else None
+
+    return [
+        _section("Safety dynamics during adaptation", [_figure(fig(plots.dynamics(
+            metrics, art.first("dynamics")), "dynamics"),
+            "Safety metrics and mean weight shift vs adaptation step (paper Figure 2 axis).", "fig-dynamics",
+            src("organism_metrics", "dynamics"))],
+            "No step-indexed checkpoints in this run (organism metrics or diff dynamics.csv)."),
+        _section("Safety and helpfulness per checkpoint",
+                 [_figure(organism.to_html(na_rep="–", escape=True) if organism is not None else None,
+                          "Organism metrics: refusal and over-refusal rates, compliance, visual-QA accuracy; "
+                          "Wilson 95% intervals.", "tab-organism", src("organism_metrics")),
+                  _figure(table.to_html(na_rep="–", escape=True) if table is not None else None,
+                          "Refusal rate per prompt set (vlsafe eval; on harmless prompts this is over-refusal), "
+                          "Wilson 95% intervals.", "tab-eval", art.sources("eval_summary"))],
+                 "No eval summary.csv or organism metrics.csv in this run."),
+        _section("Weight shift", [_figure(show("diff_layers", plots.weight_heatmap, "weight_heatmap"),
+                                          "Relative Frobenius change per layer and module; hover a cell for its value.", "fig-weight-heatmap",
+                                          src("diff_layers"))],
+                 "No diff layers.csv (run `vlsafe diff`)."),
+        _section("Task-vector divergence", [_figure(show("taskvectors", plots.taskvector_cosine, "taskvec"),
+                                                    "Cosine between task vectors per layer.", "fig-taskvec",
+                                                    src("taskvectors"))],
+                 "No taskvectors.csv (run `vlsafe diff --base`)."),
+        _section("Safety direction per layer and its drift", [
+            _figure(show("probe_layers", plots.probe_accuracy, "probe"),
+                    "Linear-probe accuracy (harmful vs harmless) per layer; dashed: shuffled-label control.",
+                    "fig-probe", src("probe_layers")),
+            _figure(show("similarity", plots.direction_similarity, "direction_cos"),
+                    "Cosine of the difference-in-means direction between checkpoints.", "fig-direction-cos",
+                    src("similarity"))],
+            "No probe outputs (run `vlsafe probe`)."),
+        _section("Safety-layer curves", [_figure(show("safety_layers", plots.safety_layer_curves, "safety_layers"),
+                                                 "Last-token cosine of normal/malicious pairs per layer, one panel per checkpoint.",
+                                                 "fig-safety-layers", src("safety_layers"))],
+                 "No safety_layers.csv."),
+        _section("Remedies: safety vs helpfulness", [_figure(_pareto_block(show("pareto", plots.pareto, "pareto"),
+                                                                           art.first("pareto")),
+                                                             "Every sweep point, numbered as in the key; colour "
+                                                             "and marker: remedy family; edged points and dashed "
+                                                             "line: the Pareto front. Hover a point for its rates.",
+                                                             "fig-pareto", src("pareto"))],
+                 "No pareto.csv (run `vlsafe sweep`)."),
+        _section("Linked layer view", [_figure(fig(plots.linked_layer_view(diff, sim, probe, roles=roles), "linked"),
+                                               "Weight shift, direction shift and probe accuracy on one layer axis.",
+                                               "fig-linked", src("diff_layers", "similarity", "probe_layers"))],
+                 "Needs at least two of: diff layers.csv, probe similarity.csv, probe layers.csv."),
+        _section("Reproducibility", [_repro(art)], ""),
+    ]
+
+
 def build_report(run_dir: str | Path, title: str = "vlsafe report") -> Path:
-    """Write `run_dir/report.html` (self-contained) and `run_dir/figures/report_*`; return the HTML path."""
+    """Write `run_dir/report.html` (self-contained, findings first), `run_dir/findings.md` and
+    `run_dir/figures/report_*`; return the HTML path."""
     root = Path(run_dir)
     if not root.is_dir():
         raise VlsafeError(f"{root}: not a run directory")
@@ -120,50 +214,13 @@ def build_report(run_dir: str | Path, title: str = "vlsafe report") -> Path:
     if not art.runs:
         raise VlsafeError(f"{root}: no vlsafe outputs found (no run.json under it)")
     fig: Callable[[plt.Figure | None, str], str | None] = lambda f, stem: _embed(f, root, f"report_{stem}")
-    diff, probe, sim = art.first("diff_layers"), art.first("probe_layers"), art.first("similarity")
-    table, organism = safety_table(art), organism_table(art)
-    sections = [
-        _section("Safety dynamics during adaptation", [_figure(fig(plots.dynamics(
-            art.first("organism_metrics"), art.first("dynamics")), "dynamics"),
-            "Safety metrics and mean weight shift vs adaptation step (paper Figure 2 axis).")],
-            "No step-indexed checkpoints in this run (organism metrics or diff dynamics.csv)."),
-        _section("Safety and helpfulness per checkpoint",
-                 [organism.to_html(na_rep="–", escape=True) if organism is not None else None,
-                  "<p>Organism metrics (<code>metrics.csv</code>): refusal and over-refusal rates, compliance, "
-                  "visual-QA accuracy; Wilson 95% intervals.</p>" if organism is not None else None,
-                  table.to_html(na_rep="–", escape=True) if table is not None else None,
-                  "<p>Refusal rate per prompt set (<code>vlsafe eval</code>; on harmless prompts this is "
-                  "over-refusal), Wilson 95% intervals.</p>" if table is not None else None],
-                 "No eval summary.csv or organism metrics.csv in this run."),
-        _section("Weight shift", [_figure(fig(plots.weight_heatmap(diff), "weight_heatmap") if diff is not None
-                                          else None, "Relative Frobenius change per layer and module.")],
-                 "No diff layers.csv (run `vlsafe diff`)."),
-        _section("Task-vector divergence", [_figure(fig(plots.taskvector_cosine(art.first("taskvectors")), "taskvec")
-                                                    if art.first("taskvectors") is not None else None,
-                                                    "Cosine between task vectors per layer.")],
-                 "No taskvectors.csv (run `vlsafe diff --base`)."),
-        _section("Safety direction per layer and its drift", [
-            _figure(fig(plots.probe_accuracy(probe), "probe") if probe is not None else None,
-                    "Linear-probe accuracy (harmful vs harmless) per layer; dashed: shuffled-label control."),
-            _figure(fig(plots.direction_similarity(sim), "direction_cos") if sim is not None else None,
-                    "Cosine of the difference-in-means direction between checkpoints.")],
-            "No probe outputs (run `vlsafe probe`)."),
-        _section("Safety-layer curves", [_figure(fig(plots.safety_layer_curves(art.first("safety_layers")), "safety_layers")
-                                                 if art.first("safety_layers") is not None else None,
-                                                 "Last-token cosine of normal/malicious pairs per layer.")],
-                 "No safety_layers.csv."),
-        _section("Remedies: safety vs helpfulness", [_figure(fig(plots.pareto(art.first("pareto")), "pareto")
-                                                             if art.first("pareto") is not None else None,
-                                                             "Every sweep point; red: the Pareto front.")],
-                 "No pareto.csv (run `vlsafe sweep`)."),
-        _section("Linked layer view", [_figure(fig(plots.linked_layer_view(diff, sim, probe), "linked"),
-                                               "Weight shift, direction shift and probe accuracy on one layer axis.")],
-                 "Needs at least two of: diff layers.csv, probe similarity.csv, probe layers.csv."),
-        _section("Reproducibility", [_repro(art)], ""),
-    ]
+    found = findings(art)
+    with paper_style():
+        body = _section("Findings", [_findings(found)], "") + "".join(_sections(art, fig))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>Run directory: <code>{html.escape(str(root))}</code></p>{''.join(sections)}</body></html>")
+            f"<style>{_CSS}{TIP_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>Run directory: <code>{html.escape(str(root))}</code></p>{body}{_tips(art)}</body></html>")
+    write_findings(root, found)
     out = root / "report.html"
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")

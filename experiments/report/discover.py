@@ -54,8 +54,17 @@ class Artefacts:
 
     def first(self, kind: str) -> pd.DataFrame | None:
         """The shallowest table of a kind (a run's summary sits above its sub-runs' tables)."""
+        path = self.first_path(kind)
+        return self._load(kind, path) if path is not None else None
+
+    def first_path(self, kind: str) -> Path | None:
+        """The file `first(kind)` reads, or None."""
         items = sorted(self.paths.get(kind) or [], key=lambda p: (len(p.relative_to(self.root).parts), str(p)))
-        return self._load(kind, items[0]) if items else None
+        return items[0] if items else None
+
+    def sources(self, *kinds: str) -> list[str]:
+        """The files (relative to the root, POSIX) of every table of these kinds, for captions."""
+        return [p.relative_to(self.root).as_posix() for k in kinds for p in sorted(self.paths.get(k) or [])]
 
     def _load(self, kind: str, path: Path) -> pd.DataFrame:
         if path not in self._loaded:

@@ -16,6 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from vlsafe.experiments.report.plots_pareto import pareto, pareto_front  # noqa: E402,F401  (re-exported)
+from vlsafe.experiments.report.roles import Roles, checkpoint_roles, image_variant  # noqa: E402
+
 _STEP = re.compile(r"step[-_]?(\d+)")
 WIDE = (6.8, 2.8)
 
@@ -47,11 +50,13 @@ def _int_axis(ax: Any) -> None:
 
 
 def _legend(ax: Any, n: int) -> None:
-    """A legend that stays readable: outside the axes and in columns when there are many entries."""
-    if n > 8:
-        ax.legend(fontsize=5, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    else:
-        ax.legend(fontsize=6)
+    """A legend outside the data, to the right of the axes (two columns when there are many entries)."""
+    ax.legend(fontsize=6, ncol=2 if n > 12 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
+def _figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = WIDE, **kw: Any) -> tuple[Any, Any]:
+    """A constrained-layout figure (room is made for legends outside the axes)."""
+    return plt.subplots(nrows, ncols, figsize=figsize, layout="constrained", **kw)
 
 
 def _layer_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -60,22 +65,33 @@ def _layer_rows(df: pd.DataFrame) -> pd.DataFrame:
     return d
 
 
-def weight_heatmap(layers: pd.DataFrame) -> plt.Figure | None:
-    """Layer × module heatmap of relative Frobenius change (diff `layers.csv`)."""
+def heatmap_pivot(layers: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Module × layer matrix of relative Frobenius change for the last POST of diff `layers.csv`, and the pair
+    it shows (`A → B`, empty when the table does not name checkpoints)."""
     d = _layer_rows(layers)
     d = d[d["module"] != "all"]
-    if d.empty:
-        return None
-    if "checkpoint_b" in d.columns:
+    pair = ""
+    if "checkpoint_b" in d.columns and len(d):
         d = d[d["checkpoint_b"] == d["checkpoint_b"].iloc[-1]]
-    pivot = d.pivot_table(index="module", columns="layer", values="rel_frobenius", aggfunc="mean")
-    fig, ax = plt.subplots(figsize=(6.8, 0.25 * len(pivot) + 1.2))
-    im = ax.imshow(pivot.values, aspect="auto", cmap="magma")
+        pair = f"{d['checkpoint_a'].iloc[0]} → " * ("checkpoint_a" in d.columns) + str(d["checkpoint_b"].iloc[0])
+    return d.pivot_table(index="module", columns="layer", values="rel_frobenius", aggfunc="mean"), pair
+
+
+def weight_heatmap(layers: pd.DataFrame) -> plt.Figure | None:
+    """Layer × module heatmap of relative Frobenius change (diff `layers.csv`); the image has SVG id
+    `heatmap-weight` for the per-cell tooltips."""
+    pivot, pair = heatmap_pivot(layers)
+    if pivot.empty:
+        return None
+    fig, ax = _figure(figsize=(6.8, 0.25 * len(pivot) + 1.4))
+    im = ax.imshow(pivot.values, aspect="auto", cmap="magma", gid="heatmap-weight")
     ax.set_yticks(range(len(pivot)), pivot.index, fontsize=7)
-    ax.set_xticks(range(len(pivot.columns)), pivot.columns, fontsize=6)
+    step = max(1, len(pivot.columns) // 32)
+    ax.set_xticks(range(0, len(pivot.columns), step), pivot.columns[::step], fontsize=6)
     ax.set_xlabel("layer")
-    fig.colorbar(im, ax=ax, label=r"$\|\Delta W\|_F / \|W_0\|_F$")
-    fig.tight_layout()
+    if pair:
+        ax.set_title(f"weight shift {pair}", fontsize=8)
+    fig.colorbar(im, ax=ax, label="‖ΔW‖ / ‖W₀‖ (Frobenius)")
     return fig
 
 
@@ -98,7 +114,7 @@ def dynamics(metrics: pd.DataFrame | None, dyn: pd.DataFrame | None) -> plt.Figu
             panels.append(("dyn", d.groupby("step", as_index=False)[val].mean().rename(columns={val: "shift"})))
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=WIDE, squeeze=False)
+    fig, axes = _figure(1, len(panels), figsize=WIDE, squeeze=False)
     for ax, (kind, d) in zip(axes[0], panels):
         if kind == "metric":
             for name, g in d.sort_values("step").groupby("metric"):
@@ -111,7 +127,6 @@ def dynamics(metrics: pd.DataFrame | None, dyn: pd.DataFrame | None) -> plt.Figu
             ax.plot(d["step"], d["shift"], marker="o", color="k")
             ax.set_ylabel("mean rel. weight shift")
         ax.set_xlabel("adaptation step")
-    fig.tight_layout()
     return fig
 
 
@@ -124,13 +139,12 @@ def taskvector_cosine(tv: pd.DataFrame) -> plt.Figure | None:
     if "module" in d.columns and (d["module"] == "all").any():
         d = d[d["module"] == "all"]
     d = d.groupby("layer", as_index=False)["cosine"].mean()
-    fig, ax = plt.subplots(figsize=WIDE)
+    fig, ax = _figure(figsize=WIDE)
     ax.bar(d["layer"], d["cosine"], color=np.where(d["cosine"] < 0, "tab:red", "tab:blue"))
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("layer")
     _int_axis(ax)
-    ax.set_ylabel(r"cos($\tau_A$, $\tau_B$)")
-    fig.tight_layout()
+    ax.set_ylabel("cos(τ_A, τ_B)")
     return fig
 
 
@@ -141,7 +155,7 @@ def probe_accuracy(probe: pd.DataFrame) -> plt.Figure | None:
         return None
     labels = list(dict.fromkeys(d["checkpoint"].astype(str)))
     colors = _colors(labels)
-    fig, ax = plt.subplots(figsize=WIDE)
+    fig, ax = _figure(figsize=WIDE)
     for lab in labels:
         g = d[d["checkpoint"].astype(str) == lab].groupby("layer", as_index=False).mean(numeric_only=True)
         ax.plot(g["layer"], g["probe_accuracy"], color=colors[lab], label=lab)
@@ -152,7 +166,6 @@ def probe_accuracy(probe: pd.DataFrame) -> plt.Figure | None:
     _int_axis(ax)
     ax.set_ylabel("probe accuracy")
     _legend(ax, len(labels))
-    fig.tight_layout()
     return fig
 
 
@@ -166,7 +179,7 @@ def direction_similarity(sim: pd.DataFrame) -> plt.Figure | None:
     pairs = d.groupby(["checkpoint_a", "checkpoint_b"])
     if pairs.ngroups > 8:
         d = d[(d["checkpoint_a"] == ref) | (d["checkpoint_b"] == ref)]
-    fig, ax = plt.subplots(figsize=WIDE)
+    fig, ax = _figure(figsize=WIDE)
     groups = list(d.groupby(["checkpoint_a", "checkpoint_b"]))
     for (a, b), g in groups:
         g = g.groupby("layer", as_index=False)["direction_cosine"].mean()
@@ -175,82 +188,107 @@ def direction_similarity(sim: pd.DataFrame) -> plt.Figure | None:
     _int_axis(ax)
     ax.set_ylabel("direction cosine")
     _legend(ax, len(groups))
-    fig.tight_layout()
     return fig
 
 
+PAIR_COLORS = {"N-N": "#0072B2", "M-M": "#009E73", "N-M": "#D55E00"}
+
+
 def safety_layer_curves(sl: pd.DataFrame) -> plt.Figure | None:
-    """Li et al. cosine curves: N–N, M–M and N–M last-token cosine per layer."""
+    """Li et al. cosine curves as small multiples: one panel per checkpoint (titled with it), N–N, M–M and N–M
+    last-token cosine per layer in each, shared axes, one legend above the panels."""
     d = _layer_rows(sl)
     val = next((c for c in ("cosine_mean", "mean", "cosine") if c in d.columns), None)
     if val is None or d.empty:
         return None
-    groups = ["checkpoint", "pair"] if "checkpoint" in d.columns else ["pair"]
-    fig, ax = plt.subplots(figsize=WIDE)
-    for key, g in d.groupby(groups):
-        g = g.groupby("layer", as_index=False)[val].mean()
-        ax.plot(g["layer"], g[val], label=" ".join(map(str, np.atleast_1d(key))))
-    ax.set_xlabel("layer")
-    _int_axis(ax)
-    ax.set_ylabel("cosine of last-token states")
-    _legend(ax, len(ax.lines))
-    fig.tight_layout()
+    if "checkpoint" not in d.columns:
+        d = d.assign(checkpoint="")
+    ckpts = list(dict.fromkeys(d["checkpoint"].astype(str)))
+    ncols = min(4, len(ckpts))
+    nrows = -(-len(ckpts) // ncols)
+    fig, axes = _figure(nrows, ncols, figsize=(6.8, 0.4 + 1.45 * nrows), sharex=True, sharey=True, squeeze=False)
+    for ax, ck in zip(axes.flat, ckpts):
+        g = d[d["checkpoint"].astype(str) == ck]
+        for pair, gp in g.groupby("pair", sort=False):
+            gp = gp.groupby("layer", as_index=False)[val].mean()
+            ax.plot(gp["layer"], gp[val], color=PAIR_COLORS.get(str(pair)), lw=1.0, label=str(pair))
+        ax.set_title(ck, fontsize=7)
+        ax.tick_params(labelsize=6)
+        _int_axis(ax)
+    for ax in list(axes.flat)[len(ckpts):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("layer", fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("cosine", fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncol=len(labels), fontsize=7, frameon=False)
     return fig
 
 
-def pareto(p: pd.DataFrame) -> plt.Figure | None:
-    """Safety vs helpfulness of every remedy point, Pareto-optimal points joined."""
-    if p.empty:
-        return None
-    fig, ax = plt.subplots(figsize=(3.3, 3.0))
-    ax.scatter(p["helpfulness"], p["safety"], s=14, color="grey")
-    front = pareto_front(p)
-    ax.plot(front["helpfulness"], front["safety"], color="tab:red", marker="o", ms=4)
-    lab = next((c for c in ("point", "name", "label") if c in p.columns), None)
-    if lab:
-        for _, r in front.iterrows():
-            ax.annotate(str(r[lab]), (r["helpfulness"], r["safety"]), fontsize=5)
-    ax.set_xlabel("helpfulness")
-    ax.set_ylabel("safety")
-    fig.tight_layout()
-    return fig
+def _pick(d: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    keep = [n for n in names if n in set(d["checkpoint"].astype(str))]
+    return d[d["checkpoint"].astype(str).isin(keep)] if keep else d
 
 
-def pareto_front(p: pd.DataFrame) -> pd.DataFrame:
-    """Rows not dominated in (safety, helpfulness), both higher-is-better, sorted by helpfulness."""
-    pts = p[["safety", "helpfulness"]].to_numpy(dtype=float)
-    keep = [not any((q >= x).all() and (q > x).any() for q in pts) for x in pts]
-    return p[keep].sort_values("helpfulness")
+def _sim_pairs(sim: pd.DataFrame, roles: Roles) -> list[tuple[str, str]]:
+    """The direction-shift pairs the linked view shows: reference vs adapted model, and the adapted model
+    without vs with an image; all pairs when the roles are unknown."""
+    s = _layer_rows(sim)
+    have = set(zip(s["checkpoint_a"].astype(str), s["checkpoint_b"].astype(str)))
+    names = list(dict.fromkeys([*s["checkpoint_a"].astype(str), *s["checkpoint_b"].astype(str)]))
+    want = [(roles.ref, roles.final)]
+    if roles.final and (img := image_variant(roles.final, names)):
+        want.append((roles.final, img))
+    pairs = [p if p in have else (p[1], p[0]) for p in want if p in have or (p[1], p[0]) in have]
+    return pairs or sorted(have)
 
 
-def linked_layer_view(diff: pd.DataFrame | None, sim: pd.DataFrame | None,
-                      probe: pd.DataFrame | None) -> plt.Figure | None:
-    """Weight shift, direction shift (1 − cos) and probe accuracy stacked on one shared layer axis."""
-    panels: list[tuple[str, pd.DataFrame, str]] = []
+def linked_layer_view(diff: pd.DataFrame | None, sim: pd.DataFrame | None, probe: pd.DataFrame | None, *,
+                      roles: Roles | None = None) -> plt.Figure | None:
+    """Weight shift, direction shift (1 − cos) and probe accuracy stacked on one shared layer axis; each panel
+    is titled with the checkpoints it compares (`roles`: reference and adapted model, and its image variant)."""
+    roles = roles or checkpoint_roles(diff=diff, probe=probe, sim=sim)
+    panels: list[tuple[str, str, pd.DataFrame, str]] = []
     if diff is not None:
         d = _layer_rows(diff)
         d = d[d["module"] == "all"] if (d["module"] == "all").any() else d
-        panels.append(("weight shift\n(rel. Frobenius)", d.groupby("layer", as_index=False)["rel_frobenius"].mean(),
+        title = "weight shift"
+        if "checkpoint_b" in d.columns and len(d):
+            post = roles.final if roles.final in set(d["checkpoint_b"].astype(str)) else d["checkpoint_b"].iloc[-1]
+            d = d[d["checkpoint_b"].astype(str) == str(post)]
+            title += f": {d['checkpoint_a'].iloc[0]} → {post}" if "checkpoint_a" in d.columns else f": {post}"
+        panels.append((title, "rel. Frobenius", d.groupby("layer", as_index=False)["rel_frobenius"].mean(),
                        "rel_frobenius"))
     if sim is not None:
-        s = _layer_rows(sim).groupby("layer", as_index=False)["direction_cosine"].mean()
-        panels.append(("direction shift\n(1 − cos)", s.assign(shift=1 - s["direction_cosine"]), "shift"))
+        s, pairs = _layer_rows(sim), _sim_pairs(sim, roles)
+        rows = [g.groupby("layer", as_index=False)["direction_cosine"].mean().assign(checkpoint=f"{a} vs {b}")
+                for a, b in pairs if not (g := s[(s["checkpoint_a"].astype(str) == a)
+                                                    & (s["checkpoint_b"].astype(str) == b)]).empty]
+        shift = pd.concat(rows, ignore_index=True)
+        panels.append(("direction shift: " + "; ".join(f"{a} vs {b}" for a, b in pairs), "1 − cos",
+                       shift.assign(shift=1 - shift["direction_cosine"]), "shift"))
     if probe is not None:
-        panels.append(("probe accuracy", _layer_rows(probe), "probe_accuracy"))
+        names = list(dict.fromkeys(_layer_rows(probe)["checkpoint"].astype(str)))
+        want = [n for n in (roles.ref, roles.final) if n] + ([v] if roles.final and (
+            v := image_variant(roles.final, names)) else [])
+        p = _pick(_layer_rows(probe), want)
+        panels.append(("probe accuracy: " + ", ".join(dict.fromkeys(p["checkpoint"].astype(str))), "accuracy", p,
+                       "probe_accuracy"))
     if len(panels) < 2:
         return None
-    fig, axes = plt.subplots(len(panels), 1, figsize=(6.8, 1.6 * len(panels)), sharex=True)
-    for ax, (label, d, col) in zip(axes, panels):
+    fig, axes = _figure(len(panels), 1, figsize=(6.8, 1.75 * len(panels)), sharex=True)
+    for ax, (title, label, d, col) in zip(axes, panels):
         if "checkpoint" in d.columns:
             colors = _colors(list(dict.fromkeys(d["checkpoint"].astype(str))))
-            for lab, g in d.groupby(d["checkpoint"].astype(str)):
+            for lab, g in d.groupby(d["checkpoint"].astype(str), sort=False):
                 g = g.groupby("layer", as_index=False)[col].mean()
-                ax.plot(g["layer"], g[col], color=colors[lab], label=lab)
-            ax.legend(fontsize=5, ncol=3)
+                ax.plot(g["layer"], g[col], color=colors[lab], label=lab, marker=".")
+            _legend(ax, len(colors))
         else:
             ax.plot(d["layer"], d[col], color="k", marker=".")
+        ax.set_title(title, fontsize=7, loc="left")
         ax.set_ylabel(label, fontsize=7)
     axes[-1].set_xlabel("layer (language model)")
     _int_axis(axes[-1])
-    fig.tight_layout()
     return fig

@@ -217,5 +217,5 @@ summary = {"real": REAL, "profile": PROFILE, "stages": stages["stage"].tolist(),
            "built_seconds": round(build_seconds, 1),
            "resume_statuses": statuses, "checkpoints": sorted(metrics["checkpoint"].unique()),
            "metrics": sorted(metrics["metric"].unique()), "report": str(report),
-           "report_figures": sorted(re.findall(r'<img alt="([^"]+)"', html))}
+           "report_figures": sorted(re.findall(r'class="figure" data-stem="([^"]+)"', html))}
 print("VLSAFE_SUMMARY " + json.dumps(summary))

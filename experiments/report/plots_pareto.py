@@ -1,0 +1,168 @@
+"""The remedies figure: every sweep point numbered, families by colour and marker, the Pareto front joined.
+
+Names such as `restore-llm[alpha=1.0,layers=L10-19]` do not fit beside a point, so each point gets its number
+(its row in `pareto.csv`, from 1) and `pareto_key` is the table that names them; points at the same place share
+one label (`2, 4–7`). Labels are placed greedily: the first of a ring of candidate positions, widening, whose box
+(measured by matplotlib) hits no other label, no marker and stays inside the axes; a leader line joins a label
+placed away from its point. Labels are SVG groups with ids `label-N`, so a check can hold them to their axes. The family is the name before `[`. In the HTML each point is an SVG group with id
+`pareto-pt-N`, for the tooltips of `pareto_tips`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from vlsafe.experiments.report.findings_layers import point_names, point_rate
+from vlsafe.experiments.report.findings_text import layer_ranges, rate_text
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_RINGS = (4.0, 9.0, 15.0, 22.0, 30.0, 40.0)  # candidate label distances from the point, in points
+
+
+def pareto_front(p: pd.DataFrame) -> pd.DataFrame:
+    """Rows not dominated in (safety, helpfulness), both higher-is-better, sorted by helpfulness."""
+    pts = p[["safety", "helpfulness"]].to_numpy(dtype=float)
+    keep = [not any((q >= x).all() and (q > x).any() for q in pts) for x in pts]
+    return p[keep].sort_values("helpfulness")
+
+
+def family(name: str) -> str:
+    """The remedy family of a sweep point's name: the part before `[`."""
+    return name.split("[")[0]
+
+
+def point_groups(p: pd.DataFrame) -> list[tuple[float, float, list[int]]]:
+    """(helpfulness, safety, point numbers) for every distinct position; numbers count rows from 1."""
+    groups: dict[tuple[float, float], list[int]] = {}
+    for i, (h, s) in enumerate(zip(p["helpfulness"].astype(float), p["safety"].astype(float))):
+        groups.setdefault((round(h, 9), round(s, 9)), []).append(i + 1)
+    return [(h, s, nums) for (h, s), nums in groups.items()]
+
+
+def _cost(box: Any, others: list[Any], inside: Any) -> float:
+    hit = sum(max(0.0, min(box.x1, o.x1) - max(box.x0, o.x0)) * max(0.0, min(box.y1, o.y1) - max(box.y0, o.y0))
+              for o in others)
+    out = box.width * box.height - max(0.0, min(box.x1, inside.x1) - max(box.x0, inside.x0)) * max(
+        0.0, min(box.y1, inside.y1) - max(box.y0, inside.y0))
+    return hit + 10 * out
+
+
+def _candidates() -> list[tuple[float, float, str, str]]:
+    out = []
+    for r in _RINGS:
+        for k in (1, 7, 3, 5, 0, 4, 2, 6):  # diagonals first, then sides
+            a = k * math.pi / 4
+            dx, dy = round(r * math.cos(a), 3), round(r * math.sin(a), 3)
+            out.append((dx, dy, "left" if dx > 0 else "right" if dx < 0 else "center",
+                        "bottom" if dy > 0 else "top" if dy < 0 else "center"))
+    return out
+
+
+def place_labels(ax: Any, items: list[tuple[float, float, str]], *, fontsize: float = 6.5,
+                 marker_pt: float = 4.0) -> list[Any]:
+    """Annotate (x, y, text) items without overlaps where the axes leave room (see the module docstring)."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    px = fig.dpi / 72.0
+    inside = ax.get_window_extent(renderer)
+    pts = ax.transData.transform([(x, y) for x, y, _ in items]) if items else []
+    taken = [plt.matplotlib.transforms.Bbox.from_extents(u - marker_pt * px, v - marker_pt * px,
+                                                         u + marker_pt * px, v + marker_pt * px) for u, v in pts]
+    texts = []
+    for k, (x, y, label) in enumerate(sorted(items, key=lambda t: (-t[1], t[0]))):
+        best: tuple[float, Any, Any] | None = None
+        for dx, dy, ha, va in _candidates():
+            t = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                            fontsize=fontsize, annotation_clip=False)
+            box = t.get_window_extent(renderer).expanded(1.0, 1.0).padded(1.5 * px)
+            cost = _cost(box, taken, inside)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, t, box)
+            else:
+                t.remove()
+            if cost == 0:
+                break
+        _, t, box = best
+        if math.hypot(*t.xyann) > _RINGS[0] + 0.5:  # away from its point: redraw it with a leader line
+            xyann, ha, va = t.xyann, t.get_ha(), t.get_va()
+            t.remove()
+            t = ax.annotate(label, (x, y), xytext=xyann, textcoords="offset points", ha=ha, va=va,
+                            fontsize=fontsize, annotation_clip=False, arrowprops={
+                                "arrowstyle": "-", "lw": 0.4, "color": "0.45", "shrinkA": 0, "shrinkB": 2})
+        t.set_gid(f"label-{k + 1}")
+        taken.append(box)
+        texts.append(t)
+    return texts
+
+
+def pareto(p: pd.DataFrame) -> plt.Figure | None:
+    """Safety vs helpfulness of every remedy point, numbered (see `pareto_key`), the Pareto front joined."""
+    if p.empty:
+        return None
+    from vlsafe.analysis.figures import checkpoint_colors
+
+    p = p.reset_index(drop=True)
+    names = point_names(p)
+    fams = list(dict.fromkeys(family(n) for n in names))
+    colors, front = checkpoint_colors(fams), pareto_front(p)
+    fig, ax = plt.subplots(figsize=(6.8, 3.6), layout="constrained")
+    ax.plot(front["helpfulness"], front["safety"], color="0.35", lw=0.8, ls="--", zorder=1)
+    for i, name in enumerate(names):
+        on, fam = i in front.index, family(name)
+        ax.scatter(p.loc[i, "helpfulness"], p.loc[i, "safety"], s=30 if on else 18, zorder=3,
+                   marker=MARKERS[fams.index(fam) % len(MARKERS)], color=colors[fam], alpha=1.0 if on else 0.5,
+                   edgecolors="k" if on else "none", linewidths=0.5, gid=f"pareto-pt-{i + 1}")
+    for col, setter in (("helpfulness", ax.set_xlim), ("safety", ax.set_ylim)):
+        lo, hi = float(p[col].min()), float(p[col].max())
+        pad = max(0.08, (hi - lo) * 0.12)
+        setter(max(lo - pad, -0.03) if lo >= 0 else lo - pad, min(hi + pad, 1.03) if hi <= 1 else hi + pad)
+    ax.set_xlabel("helpfulness (compliance on harmless prompts)")
+    ax.set_ylabel("safety (refusal on harmful prompts)")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="0.35", lw=0.8, ls="--", label="Pareto front")] + [
+        Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color=colors[f], markeredgecolor="k",
+               markeredgewidth=0.5, ms=5, label=f) for i, f in enumerate(fams)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=7,
+              title="family (edged: on the front)", title_fontsize=7)
+    fig.canvas.draw()
+    fig.set_layout_engine("none")  # freeze the layout: the labels are placed in pixels of this one
+    place_labels(ax, [(h, s, layer_ranges(nums)) for h, s, nums in point_groups(p)])
+    return fig
+
+
+def pareto_key(p: pd.DataFrame) -> pd.DataFrame:
+    """The figure's key: point number, name, family, layers and rates with intervals, on the front or not."""
+    p = p.reset_index(drop=True)
+    names, front = point_names(p), set(pareto_front(p).index)
+    key = pd.DataFrame({"#": range(1, len(p) + 1), "point": names, "family": [family(n) for n in names]})
+    if "layers" in p.columns:
+        key["layers"] = p["layers"].astype(str)
+    for col, label in (("safety", "safety"), ("helpfulness", "helpfulness"), ("over_refusal", "over-refusal")):
+        if col in p.columns:
+            key[label] = [rate_text(point_rate(r, col)) for _, r in p.iterrows()]
+    key["front"] = ["yes" if i in front else "" for i in range(len(p))]
+    return key
+
+
+def pareto_tips(p: pd.DataFrame) -> dict[str, str]:
+    """Tooltip text per point (SVG id `pareto-pt-N`): number, name, layers, rates with intervals, and the other
+    points at the same place."""
+    key = pareto_key(p)
+    where = {n: nums for _, _, nums in point_groups(p.reset_index(drop=True)) for n in nums}
+    tips = {}
+    for _, r in key.iterrows():
+        lines = [f"#{r['#']} {r['point']}"] + [f"{c}: {r[c]}" for c in key.columns if c not in ("#", "point")
+                                                and str(r[c])]
+        others = [n for n in where[r["#"]] if n != r["#"]]
+        if others:
+            lines.append(f"same place as #{layer_ranges(others)}")
+        tips[f"pareto-pt-{r['#']}"] = "\n".join(lines)
+    return tips
