@@ -28,7 +28,8 @@ def test_wheel_has_only_the_vlsafe_namespace(wheel: Path) -> None:
     tops = {n.split("/", 1)[0] for n in names}
     assert tops == {"vlsafe", next(t for t in tops if t.endswith(".dist-info"))}, tops
     for needed in ("vlsafe/py.typed", "vlsafe/analysis/families/llava.json", "vlsafe/probes/behavior/judge_weights.json",
-                   "vlsafe/probes/behavior/prompts/harmful.jsonl", "vlsafe/experiments/configs/organism-tiny.yaml",
+                   "vlsafe/probes/behavior/prompts/harmful.jsonl", "vlsafe/probes/behavior/judge_calibration.json",
+                   "vlsafe/experiments/configs/organism-tiny.yaml",
                    "vlsafe/experiments/cli.py"):
         assert needed in names, needed
 
