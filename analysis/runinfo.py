@@ -47,6 +47,8 @@ TABLE_KINDS: dict[str, str] = {
     "eval_metrics": "vlsafe eval: the one evaluation's tidy rows (metrics.csv)",
     "organism_metrics": "vlsafe organism: metrics of every checkpoint (metrics.csv)",
     "stage_times": "vlsafe organism: build time of every stage (stage_times.csv)",
+    "replicates": "vlsafe replicate: every combination x checkpoint x metric, with intervals (replicates.csv)",
+    "replicate_summary": "vlsafe replicate: mean, sd, min, max across seeds per recipe (summary.csv)",
     "train_log": "vlsafe tune: training log (train_log.csv)",
     "pareto": "vlsafe sweep: safety and helpfulness of every point (pareto.csv)",
     "safelora": "vlsafe safelora: per-module projection (safelora.csv)",

@@ -163,6 +163,16 @@ def _cached_seconds(meta: Path, cache: Path, key: str) -> float | None:
     return float(record.get("seconds", 0.0)) if ok else None
 
 
+def metrics_cached(cfg: Any, root: Path) -> bool:
+    """True when `root/metrics.csv` exists and every checkpoint's metrics are cached for the current config."""
+    try:
+        return (root / "metrics.csv").is_file() and all(
+            _cached_seconds(root / "metrics" / f"{n}.json", root / "metrics" / f"{n}.csv", _key(cfg, root / n))
+            is not None for n, _ in checkpoints(cfg))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def run_metrics(cfg: Any, root: Path, *, progress: bool = True
                 ) -> tuple[pd.DataFrame, dict[str, tuple[float, bool]]]:
     """Evaluate every checkpoint under `root` (cached per checkpoint in `root/metrics/`), write `metrics.csv`.

@@ -1,0 +1,97 @@
+"""Build every combination of a replicate plan (locally or one Ray task each), resumable per combination.
+
+Each combination is an ordinary organism build in `DIR/combos/<id>/` (its stage hashes decide what is cached),
+with its own `metrics.csv`, `stage_times.csv` and `run.json`. A combination whose stages and metrics are all
+valid for its config is finished: it is neither rebuilt nor dispatched. With Ray, `DIR` must sit on a filesystem
+every node sees under the same path (each task writes its combination's folder there), as for `sweep_ray`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.experiments.replicate.plan import Combo, Plan
+
+ComboHook = Callable[[str, str], None]  # (combo id, stage) right before a stage is built
+
+
+def combo_finished(combo: Combo) -> bool:
+    """True when every stage and every checkpoint's metrics of `combo` are cached and valid."""
+    from vlsafe.experiments.organism.build import Ctx, stage_hashes, stage_reason
+    from vlsafe.experiments.organism.metrics import metrics_cached
+    from vlsafe.experiments.organism.stages import specs
+
+    root = Path(combo.dir)
+    if not root.is_dir():
+        return False
+    cfg = combo.load()
+    all_specs = specs()
+    ctx = Ctx(cfg, root, False, stage_hashes(cfg, all_specs))
+    return all(stage_reason(ctx, s) is None for s in all_specs) and metrics_cached(cfg, root)
+
+
+def build_combo(combo: Combo, *, hook: ComboHook | None = None, progress: bool = False) -> str:
+    """Build (or resume) one combination's organism and its metrics; returns its folder.
+
+    Module level, so a Ray worker imports it; `hook` (local runs only) is told each stage before it is built.
+    """
+    from vlsafe.analysis.runinfo import write_run_json
+    from vlsafe.experiments.organism.api import build_organism
+
+    cfg = combo.load()
+    root = Path(combo.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    stage_hook = None if hook is None else (lambda stage: hook(combo.id, stage))
+    results, _ = build_organism(cfg, root, hook=stage_hook, progress=progress)
+    write_run_json(root, kind="organism", tables={"organism_metrics": "metrics.csv", "stage_times": "stage_times.csv"},
+                   config=cfg.model_dump(), seed=cfg.seed,
+                   extra={"stages": [r.__dict__ for r in results],
+                          "replicate": {"combo": combo.id, "recipe": combo.recipe, "values": dict(combo.values)}})
+    return combo.dir
+
+
+def _build_quiet(combo: Combo) -> str:
+    return build_combo(combo)
+
+
+def run_combos(plan: Plan, *, ray: str | None = None, resources: dict | None = None, hook: ComboHook | None = None,
+               progress: bool = True, on_combo: Callable[[Combo, bool], None] | None = None) -> list[str]:
+    """Build every unfinished combination: in this process, or one Ray task each when `ray` is an address.
+
+    `on_combo(combo, finished)` reports each combination before it is built (local) or dispatched (Ray).
+    """
+    if ray is not None:
+        from vlsafe.experiments.sweep_ray import run_points_ray
+
+        def done(c: Combo) -> str | None:
+            finished = combo_finished(c)
+            if on_combo is not None:
+                on_combo(c, finished)
+            return c.dir if finished else None
+
+        res = resources or {"num_cpus": plan.combos[0].threads or 1}
+        return run_points_ray(list(plan.combos), _build_quiet, ray, res, done=done, label=lambda c: c.id,
+                              progress=progress)
+    out = []
+    for c in plan.combos:
+        finished = combo_finished(c)
+        if on_combo is not None:
+            on_combo(c, finished)
+        out.append(c.dir if finished else build_combo(c, hook=hook, progress=progress))
+    return out
+
+
+def read_metrics(plan: Plan) -> list[tuple[Combo, pd.DataFrame]]:
+    """Each combination with its `metrics.csv` (one-line error naming a missing or unreadable file)."""
+    out = []
+    for c in plan.combos:
+        path = Path(c.dir) / "metrics.csv"
+        try:
+            out.append((c, pd.read_csv(path)))
+        except (OSError, ValueError) as e:
+            raise VlsafeError(f"{path}: cannot read the combination's metrics ({str(e).splitlines()[0]})") from None
+    return out
