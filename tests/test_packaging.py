@@ -4,6 +4,7 @@ never generic top-level names, and it imports from a folder that holds a user's 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,8 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    src = out / "src"  # a clean copy: setuptools would reuse a stale build/ folder of the checkout
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".*", "build", "runs", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(REPO)], check=True, capture_output=True, text=True)
+                    str(src)], check=True, capture_output=True, text=True)
     (whl,) = out.glob("vlsafe-*.whl")
     return whl
 
@@ -32,6 +35,9 @@ def test_wheel_has_only_the_vlsafe_namespace(wheel: Path) -> None:
                    "vlsafe/experiments/configs/organism-tiny.yaml",
                    "vlsafe/experiments/cli.py"):
         assert needed in names, needed
+    for init in sorted(p.relative_to(REPO) for top in ("analysis", "probes", "experiments")
+                       for p in (REPO / top).rglob("__init__.py")):
+        assert f"vlsafe/{init.as_posix()}" in names, f"{init.parent} is not shipped (add it to pyproject's packages)"
 
 
 def test_installed_wheel_imports_beside_a_users_analysis_package(wheel: Path, tmp_path: Path) -> None:
