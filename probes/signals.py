@@ -1,0 +1,164 @@
+"""One table of localisation signals on the shared layer axis, and whether they agree (Spearman, bootstrap CI).
+
+`signals_table` takes whatever tables a run has (each optional) and returns one row per layer with one column per
+signal it could compute (bigger = "more is lost / moved here" for every column except `probe_accuracy_delta`,
+`taskvector_cosine` and the projections, which keep their sign):
+
+| column | from | value per layer |
+|---|---|---|
+| `weight_shift` | `vlsafe diff` layers.csv (`module=all`) | relative Frobenius change |
+| `weight_cosine_drop` | the same | 1 − cosine of the weights |
+| `taskvector_cosine` | `vlsafe diff --base` taskvectors.csv (`module=all`) | task-vector cosine |
+| `direction_drift`, `direction_drift_image` | `vlsafe probe` similarity.csv (reference vs the other checkpoint, text and `+image` variant; last position) | 1 − direction cosine |
+| `probe_accuracy_delta` | `vlsafe probe` layers.csv | other − reference probe accuracy (last position) |
+| `refusal_projection_drop` | `vlsafe probe` drift.csv | reference − other mean harmful projection on the reference direction |
+| `patching_<component>[_<image>]` | `patching.csv` (`restore`) | recovered fraction |
+| `image_shift_refusal_<condition>` | `shift.csv` (harmful, last position) | shift projected on the refusal direction |
+
+A missing table means the column is absent; `notes` says which and why.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from vlsafe.analysis.errors import VlsafeError
+
+__all__ = ["signals_table", "signal_correlations"]
+
+
+def _last_position(df: pd.DataFrame) -> pd.DataFrame:
+    if "position" not in df.columns:
+        return df
+    pos = df["position"].astype(str)
+    for want in ("-1", "last"):
+        if (pos == want).any():
+            return df[pos == want]
+    return df
+
+
+def _per_layer(df: pd.DataFrame, col: str) -> pd.Series:
+    df = df.dropna(subset=["layer"])
+    return df.groupby(df["layer"].astype(int))[col].mean()
+
+
+def _diff(tables: Mapping[str, pd.DataFrame], out: dict[str, pd.Series], notes: list[str]) -> None:
+    layers = tables.get("diff_layers")
+    if layers is None:
+        notes.append("no diff layers table: weight_shift, weight_cosine_drop absent")
+    else:
+        rows = layers[layers["module"] == "all"]
+        if "checkpoint_b" in rows.columns and rows["checkpoint_b"].nunique() > 1:
+            first = rows["checkpoint_b"].iloc[0]
+            notes.append(f"diff has several POSTs: weight shift of {first}")
+            rows = rows[rows["checkpoint_b"] == first]
+        out["weight_shift"] = _per_layer(rows, "rel_frobenius")
+        out["weight_cosine_drop"] = 1 - _per_layer(rows, "cosine")
+    tv = tables.get("taskvectors")
+    if tv is None:
+        notes.append("no task-vector table (diff --base): taskvector_cosine absent")
+    else:
+        out["taskvector_cosine"] = _per_layer(tv[tv["module"] == "all"] if "module" in tv else tv, "cosine")
+
+
+def _probe(tables: Mapping[str, pd.DataFrame], out: dict[str, pd.Series], notes: list[str]) -> None:
+    sim, layers, drift = (tables.get(k) for k in ("similarity", "probe_layers", "drift"))
+    if sim is None:
+        notes.append("no probe similarity table: direction_drift absent")
+    else:
+        sim = _last_position(sim)
+        ref = sim["checkpoint_a"].iloc[0]
+        sim = sim[sim["checkpoint_a"] == ref]
+        text = [b for b in dict.fromkeys(sim["checkpoint_b"]) if "+" not in str(b) and b != ref]
+        image = [b for b in dict.fromkeys(sim["checkpoint_b"]) if "+" in str(b)]
+        for name, labels in (("direction_drift", text), ("direction_drift_image", image)):
+            if labels:
+                out[name] = 1 - _per_layer(sim[sim["checkpoint_b"] == labels[-1]], "direction_cosine")
+                notes.append(f"{name}: {ref} vs {labels[-1]}")
+    if layers is None:
+        notes.append("no probe layers table: probe_accuracy_delta absent")
+    else:
+        layers = _last_position(layers)
+        labels = list(dict.fromkeys(layers["checkpoint"]))
+        texts = [l for l in labels[1:] if "+" not in str(l)]
+        if texts:
+            acc = {l: _per_layer(layers[layers["checkpoint"] == l], "probe_accuracy") for l in (labels[0], texts[-1])}
+            out["probe_accuracy_delta"] = acc[texts[-1]] - acc[labels[0]]
+    if drift is None:
+        notes.append("no probe drift table: refusal_projection_drop absent")
+    else:
+        drift = _last_position(drift)
+        ref = drift["direction_from"].iloc[0]
+        others = [a for a in dict.fromkeys(drift["activations_from"]) if a != ref and "+" not in str(a)]
+        if others:
+            mean = lambda a: _per_layer(drift[drift["activations_from"] == a], "harmful_mean")  # noqa: E731
+            out["refusal_projection_drop"] = mean(ref) - mean(others[-1])
+
+
+def _own(tables: Mapping[str, pd.DataFrame], out: dict[str, pd.Series], notes: list[str]) -> None:
+    pt = tables.get("patching")
+    if pt is None:
+        notes.append("no patching table: patching columns absent")
+    else:
+        pt = pt[pt["direction"] == "restore"]
+        for (comp, image), g in pt.groupby(["component", "image"], sort=False):
+            name = f"patching_{comp}" + ("" if image in ("none", "text") else f"_{image}")
+            out[name.replace(":", "").replace("/", "_")] = _per_layer(g, "recovered")
+    sh = tables.get("shift")
+    if sh is None:
+        notes.append("no shift table: image_shift columns absent")
+    else:
+        sh = _last_position(sh[sh["label"] == "harmful"])
+        for cond, g in sh.groupby("condition", sort=False):
+            out[f"image_shift_refusal_{cond}".replace(":", "")] = _per_layer(g, "refusal_projection")
+
+
+def signals_table(tables: Mapping[str, pd.DataFrame | None]) -> tuple[pd.DataFrame, list[str]]:
+    """(`signals.csv`: `layer` + one column per available signal, notes). `tables` maps the table kinds
+    `diff_layers`, `taskvectors`, `probe_layers`, `similarity`, `drift`, `patching`, `shift` to DataFrames
+    (or None)."""
+    out: dict[str, pd.Series] = {}
+    notes: list[str] = []
+    for part in (_diff, _probe, _own):
+        part(tables, out, notes)
+    if not out:
+        raise VlsafeError("signals: no table to compute a signal from")
+    df = pd.DataFrame(out)
+    df.index.name = "layer"
+    return df.sort_index().reset_index(), notes
+
+
+def signal_correlations(signals: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """`signals_corr.csv`: Spearman ρ between every pair of signal columns over the layers both have, with a
+    bootstrap 95 % interval over layers (resampled with replacement; degenerate resamples skipped)."""
+    cols = [c for c in signals.columns if c != "layer"]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, a in enumerate(cols):
+        for b in cols[i + 1:]:
+            both = signals[[a, b]].dropna().to_numpy(dtype=float)
+            rho, lo, hi = _spearman_ci(both, rng, n_boot)
+            rows.append({"signal_a": a, "signal_b": b, "spearman": rho, "ci_low": lo, "ci_high": hi,
+                         "n_layers": len(both)})
+    return pd.DataFrame(rows, columns=["signal_a", "signal_b", "spearman", "ci_low", "ci_high", "n_layers"])
+
+
+def _rho(x: np.ndarray) -> float:
+    if len(x) < 3 or np.ptp(x[:, 0]) == 0 or np.ptp(x[:, 1]) == 0:
+        return float("nan")
+    ra, rb = (pd.Series(x[:, k]).rank().to_numpy() for k in (0, 1))   # average ranks for ties
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _spearman_ci(x: np.ndarray, rng: Any, n_boot: int) -> tuple[float, float, float]:
+    rho = _rho(x)
+    if np.isnan(rho):
+        return rho, float("nan"), float("nan")
+    boot = np.array([_rho(x[rng.integers(0, len(x), len(x))]) for _ in range(n_boot)])
+    boot = boot[~np.isnan(boot)]
+    if not len(boot):
+        return rho, float("nan"), float("nan")
+    return rho, float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
