@@ -44,15 +44,18 @@ class Condition:
     captions: Sequence[str] | None = None
 
     def inputs(self, prompts: Sequence[str]) -> tuple[list[str], Any]:
-        """(prompts, images) of the shifted run."""
+        """(prompts, images) of the shifted run; per-prompt lists may be longer than `prompts` (the first ones
+        are used), never shorter."""
         if (self.images is None) == (self.captions is None):
             raise VlsafeError(f"shift condition {self.name!r}: give images or captions (exactly one)")
+        given = self.captions if self.captions is not None else self.images
+        if isinstance(given, (list, tuple)) and len(given) < len(prompts):
+            what = "captions" if self.captions is not None else "images"
+            raise VlsafeError(f"shift condition {self.name!r}: {len(given)} {what} for {len(prompts)} prompts")
         if self.captions is None:
-            return list(prompts), self.images
-        caps = list(self.captions)
-        if len(caps) != len(prompts):
-            raise VlsafeError(f"shift condition {self.name!r}: {len(caps)} captions for {len(prompts)} prompts")
-        return [f"{c}\n{p}" for c, p in zip(caps, prompts)], None
+            imgs = list(self.images)[:len(prompts)] if isinstance(self.images, (list, tuple)) else self.images
+            return list(prompts), imgs
+        return [f"{c}\n{p}" for c, p in zip(self.captions, prompts)], None
 
 
 @dataclass
