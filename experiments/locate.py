@@ -172,7 +172,10 @@ def run_locate(pre: str, post: str, out_dir: str | Path, *, images: Sequence[str
     if shift is None:
         notes.append(f"{post} takes no images: no image shift (shift.csv, shift_vectors.safetensors not written)")
     own = {"patching": patching, "shift": None if shift is None else shift.table()}
-    signals, sig_notes = signals_table({**inp.tables, **own})
+    from vlsafe.analysis.pairing import checkpoint_labels
+
+    source_label, target_label = checkpoint_labels([pre, post])
+    signals, sig_notes = signals_table({**inp.tables, **own}, source=source_label, target=target_label)
     corr = signal_correlations(signals, n_boot=n_boot, seed=seed)
     out = Path(out_dir)
     written = {"patching.csv": write_csv(out / "patching.csv", patching),

@@ -1,6 +1,6 @@
 """Activation patching between two checkpoints: which layer and component carries a change in refusal.
 
-Method (docs: REFERENCE "Activation patching between checkpoints"): run a *base* model on a prompt and replace,
+Method (causal tracing between checkpoints): run a *base* model on a prompt and replace,
 at one site (layer ℓ, component), its activation at the prompt's text positions with a *donor* model's activation
 on the same tokens; score = the refusal log-odds of `vlsafe.probes.scores` (`first_token` or `opening`). The
 recovered fraction of a prompt is `(m_patched − m_base) / (m_donor − m_base)`.

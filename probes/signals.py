@@ -45,16 +45,18 @@ def _per_layer(df: pd.DataFrame, col: str) -> pd.Series:
     return df.groupby(df["layer"].astype(int))[col].mean()
 
 
-def _diff(tables: Mapping[str, pd.DataFrame], out: dict[str, pd.Series], notes: list[str]) -> None:
+def _diff(tables: Mapping[str, pd.DataFrame], out: dict[str, pd.Series], notes: list[str],
+          target: str | None) -> None:
     layers = tables.get("diff_layers")
     if layers is None:
         notes.append("no diff layers table: weight_shift, weight_cosine_drop absent")
     else:
         rows = layers[layers["module"] == "all"]
         if "checkpoint_b" in rows.columns and rows["checkpoint_b"].nunique() > 1:
-            first = rows["checkpoint_b"].iloc[0]
-            notes.append(f"diff has several POSTs: weight shift of {first}")
-            rows = rows[rows["checkpoint_b"] == first]
+            posts = list(dict.fromkeys(rows["checkpoint_b"]))
+            pick = target if target in posts else posts[-1]
+            notes.append(f"diff has several POSTs: weight shift of {pick}")
+            rows = rows[rows["checkpoint_b"] == pick]
         out["weight_shift"] = _per_layer(rows, "rel_frobenius")
         out["weight_cosine_drop"] = 1 - _per_layer(rows, "cosine")
     tv = tables.get("taskvectors")
@@ -64,38 +66,50 @@ def _diff(tables: Mapping[str, pd.DataFrame], out: dict[str, pd.Series], notes: 
         out["taskvector_cosine"] = _per_layer(tv[tv["module"] == "all"] if "module" in tv else tv, "cosine")
 
 
-def _probe(tables: Mapping[str, pd.DataFrame], out: dict[str, pd.Series], notes: list[str]) -> None:
+def _pick(labels: list[Any], want: str | None, fallback: int) -> Any:
+    if want is not None:
+        return want if want in labels else None
+    return labels[fallback] if labels else None
+
+
+def _probe(tables: Mapping[str, pd.DataFrame], out: dict[str, pd.Series], notes: list[str],
+           source: str | None, target: str | None) -> None:
     sim, layers, drift = (tables.get(k) for k in ("similarity", "probe_layers", "drift"))
     if sim is None:
         notes.append("no probe similarity table: direction_drift absent")
     else:
         sim = _last_position(sim)
-        ref = sim["checkpoint_a"].iloc[0]
-        sim = sim[sim["checkpoint_a"] == ref]
-        text = [b for b in dict.fromkeys(sim["checkpoint_b"]) if "+" not in str(b) and b != ref]
-        image = [b for b in dict.fromkeys(sim["checkpoint_b"]) if "+" in str(b)]
-        for name, labels in (("direction_drift", text), ("direction_drift_image", image)):
-            if labels:
-                out[name] = 1 - _per_layer(sim[sim["checkpoint_b"] == labels[-1]], "direction_cosine")
-                notes.append(f"{name}: {ref} vs {labels[-1]}")
+        ref = source if source is not None else sim["checkpoint_a"].iloc[0]
+        pairs = sim[(sim["checkpoint_a"] == ref) | (sim["checkpoint_b"] == ref)]
+        pairs = pairs.assign(other=np.where(pairs["checkpoint_a"] == ref, pairs["checkpoint_b"], pairs["checkpoint_a"]))
+        others = [o for o in dict.fromkeys(pairs["other"]) if o != ref]
+        text = [o for o in others if "+" not in str(o) and (target is None or o == target)]
+        image = [o for o in others if "+" in str(o) and (target is None or str(o).startswith(f"{target}+"))]
+        for name, cands in (("direction_drift", text), ("direction_drift_image", image)):
+            if cands:
+                out[name] = 1 - _per_layer(pairs[pairs["other"] == cands[-1]], "direction_cosine")
+                notes.append(f"{name}: {ref} vs {cands[-1]}")
+            else:
+                notes.append(f"{name} absent: no {ref} / {target or 'other'} pair in the probe run")
     if layers is None:
         notes.append("no probe layers table: probe_accuracy_delta absent")
     else:
         layers = _last_position(layers)
-        labels = list(dict.fromkeys(layers["checkpoint"]))
-        texts = [l for l in labels[1:] if "+" not in str(l)]
-        if texts:
-            acc = {l: _per_layer(layers[layers["checkpoint"] == l], "probe_accuracy") for l in (labels[0], texts[-1])}
-            out["probe_accuracy_delta"] = acc[texts[-1]] - acc[labels[0]]
+        labels = [l for l in dict.fromkeys(layers["checkpoint"]) if "+" not in str(l)]
+        a, b = _pick(labels, source, 0), _pick(labels, target, -1)
+        if a is not None and b is not None and a != b:
+            acc = {l: _per_layer(layers[layers["checkpoint"] == l], "probe_accuracy") for l in (a, b)}
+            out["probe_accuracy_delta"] = acc[b] - acc[a]
     if drift is None:
         notes.append("no probe drift table: refusal_projection_drop absent")
     else:
         drift = _last_position(drift)
-        ref = drift["direction_from"].iloc[0]
-        others = [a for a in dict.fromkeys(drift["activations_from"]) if a != ref and "+" not in str(a)]
-        if others:
-            mean = lambda a: _per_layer(drift[drift["activations_from"] == a], "harmful_mean")  # noqa: E731
-            out["refusal_projection_drop"] = mean(ref) - mean(others[-1])
+        labels = [l for l in dict.fromkeys(drift["activations_from"]) if "+" not in str(l)]
+        a, b = _pick(labels, source, 0), _pick(labels, target, -1)
+        if a is not None and b is not None and a != b:
+            mean = lambda x: _per_layer(drift[drift["activations_from"] == x], "harmful_mean")  # noqa: E731
+            out["refusal_projection_drop"] = mean(a) - mean(b)
+            notes.append(f"refusal_projection_drop: {a} − {b} on {drift['direction_from'].iloc[0]}'s direction")
 
 
 def _own(tables: Mapping[str, pd.DataFrame], out: dict[str, pd.Series], notes: list[str]) -> None:
@@ -116,14 +130,17 @@ def _own(tables: Mapping[str, pd.DataFrame], out: dict[str, pd.Series], notes: l
             out[f"image_shift_refusal_{cond}".replace(":", "")] = _per_layer(g, "refusal_projection")
 
 
-def signals_table(tables: Mapping[str, pd.DataFrame | None]) -> tuple[pd.DataFrame, list[str]]:
+def signals_table(tables: Mapping[str, pd.DataFrame | None], *, source: str | None = None,
+                  target: str | None = None) -> tuple[pd.DataFrame, list[str]]:
     """(`signals.csv`: `layer` + one column per available signal, notes). `tables` maps the table kinds
     `diff_layers`, `taskvectors`, `probe_layers`, `similarity`, `drift`, `patching`, `shift` to DataFrames
-    (or None)."""
+    (or None). `source`/`target` are the two checkpoints' labels in a probe run with more checkpoints (default:
+    its first and last)."""
     out: dict[str, pd.Series] = {}
     notes: list[str] = []
-    for part in (_diff, _probe, _own):
-        part(tables, out, notes)
+    _diff(tables, out, notes, target)
+    _probe(tables, out, notes, source, target)
+    _own(tables, out, notes)
     if not out:
         raise VlsafeError("signals: no table to compute a signal from")
     df = pd.DataFrame(out)

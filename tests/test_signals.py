@@ -46,3 +46,18 @@ def test_constant_signal_gives_nan_and_no_tables_is_an_error() -> None:
     assert np.isnan(corr["spearman"].iloc[0])
     with pytest.raises(VlsafeError, match="no table"):
         signals_table({})
+
+
+def test_probe_signals_pick_source_and_target_labels() -> None:
+    """A probe run over more checkpoints: the drift is read for the (source, target) pair, not the first/last."""
+    layers = range(4)
+    sim = pd.DataFrame([{"layer": l, "checkpoint_a": a, "checkpoint_b": b, "position": "-1",
+                         "direction_cosine": c(l)} for l in layers for a, b, c in [
+                            ("base", "aligned", lambda l: 0.5), ("aligned", "lvlm", lambda l: 1 - l / 10),
+                            ("aligned", "lvlm+blank", lambda l: 1 - l / 5), ("aligned", "other", lambda l: 0.0)]])
+    acc = pd.DataFrame([{"checkpoint": ck, "layer": l, "position": "-1", "probe_accuracy": v + l}
+                        for ck, v in [("base", 0.0), ("aligned", 1.0), ("lvlm", 3.0), ("other", 9.0)] for l in layers])
+    sig, notes = signals_table({"similarity": sim, "probe_layers": acc}, source="aligned", target="lvlm")
+    np.testing.assert_allclose(sig["direction_drift"], [l / 10 for l in layers])
+    np.testing.assert_allclose(sig["direction_drift_image"], [l / 5 for l in layers])
+    np.testing.assert_allclose(sig["probe_accuracy_delta"], 2.0)
