@@ -60,7 +60,8 @@ class Condition:
 
 @dataclass
 class ShiftResult:
-    """`vectors[(condition, label)]` = δ `[L, P, d]` fp64; `norms[(condition, label)]` = mean ‖h(text)‖ `[L, P]`."""
+    """`vectors[(condition, label)]` = δ `[L, P, d]` fp64; `norms[(condition, label)]` = mean ‖h(text)‖
+    `[L, P]`."""
 
     layers: list[int]
     positions: list[Any]

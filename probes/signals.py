@@ -9,8 +9,9 @@ signal it could compute (bigger = "more is lost / moved here" for every column e
 | `weight_shift` | `vlsafe diff` layers.csv (`module=all`) | relative Frobenius change |
 | `weight_cosine_drop` | the same | 1 − cosine of the weights |
 | `taskvector_cosine` | `vlsafe diff --base` taskvectors.csv (`module=all`) | task-vector cosine |
-| `direction_drift`, `direction_drift_image` | `vlsafe probe` similarity.csv (reference vs the other checkpoint, text and `+image` variant; last position) | 1 − direction cosine |
-| `probe_accuracy_delta` | `vlsafe probe` layers.csv | other − reference probe accuracy (last position) |
+| `direction_drift`, `direction_drift_image` | `vlsafe probe` similarity.csv (last position) | 1 − cosine of the
+  source's and the target's (text; `+image` variant) directions |
+| `probe_accuracy_delta` | `vlsafe probe` layers.csv | target − source probe accuracy (last position) |
 | `refusal_projection_drop` | `vlsafe probe` drift.csv | reference − other mean harmful projection on the reference direction |
 | `patching_<component>[_<image>]` | `patching.csv` (`restore`) | recovered fraction |
 | `image_shift_refusal_<condition>` | `shift.csv` (harmful, last position) | shift projected on the refusal direction |
@@ -81,7 +82,8 @@ def _probe(tables: Mapping[str, pd.DataFrame], out: dict[str, pd.Series], notes:
         sim = _last_position(sim)
         ref = source if source is not None else sim["checkpoint_a"].iloc[0]
         pairs = sim[(sim["checkpoint_a"] == ref) | (sim["checkpoint_b"] == ref)]
-        pairs = pairs.assign(other=np.where(pairs["checkpoint_a"] == ref, pairs["checkpoint_b"], pairs["checkpoint_a"]))
+        other = np.where(pairs["checkpoint_a"] == ref, pairs["checkpoint_b"], pairs["checkpoint_a"])
+        pairs = pairs.assign(other=other)
         others = [o for o in dict.fromkeys(pairs["other"]) if o != ref]
         text = [o for o in others if "+" not in str(o) and (target is None or o == target)]
         image = [o for o in others if "+" in str(o) and (target is None or str(o).startswith(f"{target}+"))]

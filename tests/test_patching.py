@@ -69,8 +69,8 @@ def test_planted_o_proj_is_found(result) -> None:
 
 
 def test_scores_are_the_scores_module(pair, result) -> None:
-    np.testing.assert_allclose(result.scores["source"], refusal_score(pair[0], PROMPTS, batch_size=2), rtol=0, atol=1e-9)
-    np.testing.assert_allclose(result.scores["target"], refusal_score(pair[1], PROMPTS, batch_size=2), rtol=0, atol=1e-9)
+    for label, lm in zip(("source", "target"), pair):
+        np.testing.assert_allclose(result.scores[label], refusal_score(lm, PROMPTS, batch_size=2), rtol=0, atol=1e-9)
 
 
 def test_self_patching_is_zero_and_final_residual_is_one(pair, result) -> None:
