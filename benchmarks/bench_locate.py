@@ -65,6 +65,8 @@ def main() -> None:
     prompts = load_prompts("harmful-test").sample(args.n, seed=0).prompts
     L = args.layers or M.num_layers(target.model)
     print(f"loaded; {len(prompts)} prompts, {L} layers", flush=True)
+    for lm in (source, target):                                  # warm-up: first forwards are slower
+        plain_forwards(lm, prompts, args.batch_size, 1)
     t = time.perf_counter()
     patch(source, target, prompts, layers=range(L), directions=["restore"], batch_size=args.batch_size)
     t_patch = time.perf_counter() - t
