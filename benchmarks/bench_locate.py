@@ -3,7 +3,8 @@
 Pair: the embedded SmolLM2 (source) and a copy whose MLP down-projections carry 1 % seeded noise (target).
 `patch` runs, per batch, one clean forward per model and one patched forward per (layer, component) — one
 direction, `restore` — so its cost is compared with (3·L + 2) plain scoring forwards
-(`vlsafe.probes.scores.score_batch`, the same encoded batches). Goal: ratio ≤ 2.
+(`vlsafe.probes.scores.score_batch`, the same encoded batches). Goal: ratio ≤ 2. Wall and CPU time
+(`time.process_time`, steadier on a shared machine) are both recorded.
 
     .venv/bin/python benchmarks/bench_locate.py [--n 60] [--batch-size 8] [--out benchmarks/results/locate.csv]
 
@@ -46,11 +47,11 @@ def perturbed(spec: str, scale: float = 0.01, seed: int = 0):
 def plain_forwards(lm, prompts: list[str], batch_size: int, count: int) -> float:
     targets = S.score_targets(lm.tokenizer)
     encoded = list(batches(lm, prompts, batch_size=batch_size))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for batch in encoded:
         for _ in range(count):
             S.score_batch(lm.model, batch, kind="first_token", targets=targets)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main() -> None:
@@ -67,13 +68,14 @@ def main() -> None:
     print(f"loaded; {len(prompts)} prompts, {L} layers", flush=True)
     for lm in (source, target):                                  # warm-up: first forwards are slower
         plain_forwards(lm, prompts, args.batch_size, 1)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     patch(source, target, prompts, layers=range(L), directions=["restore"], batch_size=args.batch_size)
-    t_patch = time.perf_counter() - t
-    t_plain = plain_forwards(target, prompts, args.batch_size, 3 * L + 2)
-    print(f"patch {t_patch:.1f} s, (3L+2) plain forwards {t_plain:.1f} s")
+    t_patch, c_patch = time.perf_counter() - t, time.process_time() - c
+    t_plain, c_plain = plain_forwards(target, prompts, args.batch_size, 3 * L + 2)
+    print(f"patch {t_patch:.1f} s ({c_patch:.1f} s CPU), (3L+2) plain forwards {t_plain:.1f} s ({c_plain:.1f} s CPU)")
     row = {"model": args.model, "n": args.n, "batch_size": args.batch_size, "layers": L, "components": 3,
            "patch_s": round(t_patch, 2), "plain_3L2_s": round(t_plain, 2), "ratio": round(t_patch / t_plain, 3),
+           "patch_cpu_s": round(c_patch, 2), "plain_cpu_s": round(c_plain, 2), "cpu_ratio": round(c_patch / c_plain, 3),
            "threads": torch.get_num_threads()}
     print(row)
     write_csv(args.out, pd.DataFrame([row]))
