@@ -52,6 +52,10 @@ TABLE_KINDS: dict[str, str] = {
     "train_log": "vlsafe tune: training log (train_log.csv)",
     "pareto": "vlsafe sweep: safety and helpfulness of every point (pareto.csv)",
     "safelora": "vlsafe safelora: per-module projection (safelora.csv)",
+    "patching": "vlsafe locate: recovered fraction per layer, component, direction and image (patching.csv)",
+    "shift": "vlsafe locate: image-induced shift per condition, label, layer and position (shift.csv)",
+    "signals": "vlsafe locate: every localisation signal per layer (signals.csv)",
+    "signals_corr": "vlsafe locate: Spearman correlations between signals (signals_corr.csv)",
 }
 _WORD = re.compile(r"[a-z][a-z0-9_]*")
 

@@ -180,6 +180,30 @@ def _opening_logprobs_full(model: Any, batch: T.Batch, seqs: list[list[int]]) ->
     return torch.stack(out, 1)
 
 
+def score_targets(tokenizer_or_processor: Any, kind: str = "first_token",
+                  openings: Sequence[str] | None = None) -> list[int] | list[list[int]]:
+    """What `score_batch` scores: refusal first-token ids (`first_token`) or opening sequences (`opening`)."""
+    if kind not in KINDS:
+        raise VlsafeError(f"unknown refusal score kind {kind!r} (expected one of {', '.join(KINDS)})")
+    if kind == "first_token":
+        return refusal_tokens(tokenizer_or_processor, openings or REFUSAL_OPENINGS)
+    return opening_sequences(tokenizer_or_processor, openings or OPENING_PHRASES)
+
+
+@torch.no_grad()
+def score_batch(model: Any, batch: T.Batch, *, kind: str, targets: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(refusal scores `[n]` fp64, last-position logits `[n, V]` fp32) of one encoded batch under whatever hooks
+    are active; `targets` from `score_targets` (same `kind`)."""
+    if kind == "first_token":
+        out = model(**_on(model, batch.model_inputs()), use_cache=False, **_forward_kwargs(model))
+        last = out.logits[:, -1].float().cpu()
+        return first_token_score(last, targets), last
+    if kind not in KINDS:
+        raise VlsafeError(f"unknown refusal score kind {kind!r} (expected one of {', '.join(KINDS)})")
+    logp, last = _opening_logprobs(model, batch, [list(s) for s in targets])
+    return log_odds(logp.exp().sum(-1).clamp(max=1.0)), last
+
+
 @torch.no_grad()
 def score_batches(lm: Any, prompts: Sequence[str], *, kind: str = "first_token", images: Sequence[Any] | None = None,
                   openings: Sequence[str] | None = None, batch_size: int = 8,
@@ -190,22 +214,13 @@ def score_batches(lm: Any, prompts: Sequence[str], *, kind: str = "first_token",
     prompts = list(prompts)
     if not prompts:
         raise VlsafeError("refusal score: empty prompt set")
-    fmt = lm.processor or lm.tokenizer
-    if kind == "first_token":
-        ids = refusal_tokens(fmt, openings or REFUSAL_OPENINGS)
-    else:
-        seqs = opening_sequences(fmt, openings or OPENING_PHRASES)
+    targets = score_targets(lm.processor or lm.tokenizer, kind, openings)
     scores, lasts = [], []
     it = T.batches(lm, prompts, images, batch_size=batch_size)
     for batch in tqdm(it, total=-(-len(prompts) // batch_size), desc=f"refusal score ({kind})", disable=not progress,
                       leave=False):
-        if kind == "first_token":
-            out = lm.model(**_on(lm.model, batch.model_inputs()), use_cache=False, **_forward_kwargs(lm.model))
-            last = out.logits[:, -1].float().cpu()
-            scores.append(first_token_score(last, ids))
-        else:
-            logp, last = _opening_logprobs(lm.model, batch, seqs)
-            scores.append(log_odds(logp.exp().sum(-1).clamp(max=1.0)))
+        score, last = score_batch(lm.model, batch, kind=kind, targets=targets)
+        scores.append(score)
         lasts.append(last)
     return torch.cat(scores).numpy(), torch.cat(lasts)
 

@@ -1,0 +1,85 @@
+"""Benchmark: activation patching (`vlsafe.probes.patching.patch`) against plain forwards of the same batches.
+
+Pair: the embedded SmolLM2 (source) and a copy whose MLP down-projections carry 1 % seeded noise (target).
+`patch` runs, per batch, one clean forward per model and one patched forward per (layer, component) — one
+direction, `restore` — so its cost is compared with (3·L + 2) plain scoring forwards
+(`vlsafe.probes.scores.score_batch`, the same encoded batches). Goal: ratio ≤ 2. Wall and CPU time
+(`time.process_time`, steadier on a shared machine) are both recorded.
+
+    .venv/bin/python benchmarks/bench_locate.py [--n 60] [--batch-size 8] [--out benchmarks/results/locate.csv]
+
+Text only (SmolLM2 takes no images); the image condition adds image tokens to the same number of forwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from vlsafe.analysis.runinfo import write_csv  # noqa: E402
+from vlsafe.probes import models as M  # noqa: E402
+from vlsafe.probes import scores as S  # noqa: E402
+from vlsafe.probes.behavior.datasets import load_prompts  # noqa: E402
+from vlsafe.probes.patching import patch  # noqa: E402
+from vlsafe.probes.templates import batches  # noqa: E402
+
+
+def perturbed(spec: str, scale: float = 0.01, seed: int = 0):
+    lm = M.load(spec)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in M.blocks(lm.model):
+            w = b.mlp_out.weight
+            w.add_(torch.randn(w.shape, generator=g) * w.std() * scale)
+    return lm
+
+
+def plain_forwards(lm, prompts: list[str], batch_size: int, count: int) -> float:
+    targets = S.score_targets(lm.tokenizer)
+    encoded = list(batches(lm, prompts, batch_size=batch_size))
+    t, c = time.perf_counter(), time.process_time()
+    for batch in encoded:
+        for _ in range(count):
+            S.score_batch(lm.model, batch, kind="first_token", targets=targets)
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--layers", type=int, default=None, help="patch only the first K layers (ratio vs 3K + 2)")
+    ap.add_argument("--out", default="benchmarks/results/locate.csv")
+    args = ap.parse_args()
+    source, target = M.load(args.model), perturbed(args.model)
+    prompts = load_prompts("harmful-test").sample(args.n, seed=0).prompts
+    L = args.layers or M.num_layers(target.model)
+    print(f"loaded; {len(prompts)} prompts, {L} layers", flush=True)
+    for lm in (source, target):                                  # warm-up: first forwards are slower
+        plain_forwards(lm, prompts, args.batch_size, 1)
+    t, c = time.perf_counter(), time.process_time()
+    patch(source, target, prompts, layers=range(L), directions=["restore"], batch_size=args.batch_size)
+    t_patch, c_patch = time.perf_counter() - t, time.process_time() - c
+    t_plain, c_plain = plain_forwards(target, prompts, args.batch_size, 3 * L + 2)
+    print(f"patch {t_patch:.1f} s ({c_patch:.1f} s CPU), (3L+2) plain forwards {t_plain:.1f} s ({c_plain:.1f} s CPU)")
+    row = {"model": args.model, "n": args.n, "batch_size": args.batch_size, "layers": L, "components": 3,
+           "patch_s": round(t_patch, 2), "plain_3L2_s": round(t_plain, 2), "ratio": round(t_patch / t_plain, 3),
+           "patch_cpu_s": round(c_patch, 2), "plain_cpu_s": round(c_plain, 2), "cpu_ratio": round(c_patch / c_plain, 3),
+           "threads": torch.get_num_threads()}
+    print(row)
+    write_csv(args.out, pd.DataFrame([row]))
+
+
+if __name__ == "__main__":
+    main()
