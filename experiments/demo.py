@@ -2,7 +2,8 @@
 
 organism (built if not cached) → weight shift `llm-aligned` → `lvlm` (+ dynamics over `lvlm-step-N`, + the
 task-vector cosine of VL adaptation vs post-hoc safety tuning) → probes on every organism checkpoint (text-only
-and, for LVLMs, with an image) → behaviour on the shipped test sets → a merge sweep whose layer-targeted plans
+and, for LVLMs, with an image) → causal localisation `llm-aligned` → `lvlm` (patching, text and with organism
+scenes; image shift; the signals table) → behaviour on the shipped test sets → a merge sweep whose layer-targeted plans
 come from the measured weight shift → `report.html`.
 
 Every stage goes through the same CLI a researcher would type, so the demo is also a worked example. A stage is
@@ -138,6 +139,9 @@ def run_demo(out: str | Path = "runs/demo", *, profile: str = "full", echo: Call
                [ck["llm-aligned"], ck["lvlm"], ck["lvlm-safety-posthoc"]])
     st.run("probe", ["probe", *map(str, every), "--image", "blank", "--n", str(size.probe_n),
                      "--pairs", str(size.pairs), "-o", str(out / "probe")], out / "probe", every)
+    st.run("locate", ["locate", str(ck["llm-aligned"]), str(ck["lvlm"]), "--image", "scene", "--n",
+                      str(size.eval_limit), "--diff", str(out / "diff"), "--probe", str(out / "probe"),
+                      "-o", str(out / "locate")], out / "locate", [ck["llm-aligned"], ck["lvlm"]])
     gen = ["--limit", str(size.eval_limit), "--max-new-tokens", str(size.max_new_tokens)]
     st.run("eval", ["eval", *map(str, every), "--prompts", "harmful-test", "--prompts", "borderline-test",
                     "--prompts", "harmless-test", *gen, "-o", str(out / "eval")], out / "eval", every)

@@ -36,7 +36,8 @@ def test_undefined_recovery_is_said_and_section_renders() -> None:
                     "these prompts (5 prompts dropped)."]
     sig = pd.DataFrame({"layer": [0, 1, 2], "weight_shift": [0.1, 0.2, 0.3]})
     tags = []
-    html = locate_section({"patching": pt, "signals": sig}, embed=lambda fig, stem: tags.append(stem) or "<img>")
+    html = locate_section({"patching": pt, "signals": sig},
+                          figure=lambda key, fig, caption: tags.append(key) or f"<figure>{caption}</figure>")
     assert "Where safety is lost" in html and "recovery undefined" in html
-    assert tags == ["locate_signals", "locate_patching"]
+    assert tags == ["signals", "patching"] and "<figure>Recovered fraction" in html
     assert "No vlsafe locate run" in locate_section({})

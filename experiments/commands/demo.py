@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
         profile: Annotated[str, typer.Option(help="full: the SmolLM2 organism (~30 min first time, cached after); "
                                                   "tiny: the same pipeline on tiny random models (~2 min).")] = "full",
     ) -> None:
-        """Organism → weight shift → probes → behaviour → merge sweep → report.html.
+        """Organism → weight shift → probes → localisation → behaviour → merge sweep → report.html.
 
         Each stage runs the same `vlsafe` command a researcher would; a second run reuses every cached stage.
         """

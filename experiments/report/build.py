@@ -23,6 +23,7 @@ from vlsafe.experiments.report import plots
 from vlsafe.experiments.report.discover import Artefacts, discover
 from vlsafe.experiments.report.findings import Finding, findings, write_findings
 from vlsafe.experiments.report.interactive import TIP_CSS, heatmap_tip, svg_tag, tips_block
+from vlsafe.experiments.report.locate_section import locate_section
 from vlsafe.experiments.report.plots_pareto import pareto_key, pareto_tips
 from vlsafe.experiments.report.roles import checkpoint_roles
 
@@ -189,6 +190,9 @@ def _sections(art: Artefacts, fig: Callable[[plt.Figure | None, str], str | None
                                                  "Last-token cosine of normal/malicious pairs per layer, one panel per checkpoint.",
                                                  "fig-safety-layers", src("safety_layers"))],
                  "No safety_layers.csv."),
+        locate_section({k: art.first(k) for k in ("patching", "signals", "signals_corr", "shift")},
+                       figure=lambda key, f, caption: _figure(fig(f, f"locate_{key}"), caption, f"fig-locate-{key}",
+                                                              src(key))),
         _section("Remedies: safety vs helpfulness", [_figure(_pareto_block(show("pareto", plots.pareto, "pareto"),
                                                                            art.first("pareto")),
                                                              "Every sweep point, numbered as in the key; colour "

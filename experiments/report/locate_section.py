@@ -89,7 +89,7 @@ def _corr_matrix(corr: pd.DataFrame) -> str:
 
 
 def locate_section(tables: Mapping[str, pd.DataFrame | None],
-                   embed: Callable[[Any, str], str | None] | None = None) -> str:
+                   figure: Callable[[str, Any, str], str | None] | None = None) -> str:
     """HTML of the section: findings, the signals on one layer axis, the patching heat-map (text vs image) and
     the correlation matrix. Missing tables leave their part out; no table at all gives a one-line note."""
     from vlsafe.experiments.locate_figures import patching_heatmap, signals_figure
@@ -103,10 +103,10 @@ def locate_section(tables: Mapping[str, pd.DataFrame | None],
             ("patching", patching_heatmap, "Recovered fraction per layer and component (restore and break; "
                                            "text and image; text positions patched).")]
     for key, make, caption in figs:
-        if embed is not None and tables.get(key) is not None:
-            tag = embed(make(tables[key]), f"locate_{key}")
-            if tag:
-                parts.append(f"<figure>{tag}<figcaption>{html.escape(caption)}</figcaption></figure>")
+        if figure is not None and tables.get(key) is not None:
+            block = figure(key, make(tables[key]), caption)
+            if block:
+                parts.append(block)
     if tables.get("signals_corr") is not None and len(tables["signals_corr"]):
         parts.append("<p>Spearman rank correlation between signals over layers (intervals in "
                      "signals_corr.csv):</p>" + _corr_matrix(tables["signals_corr"]))
