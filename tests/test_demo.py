@@ -11,13 +11,15 @@ import pandas as pd
 from vlsafe.experiments.cli import main
 from vlsafe.experiments.report.discover import READS, discover
 
-SECTIONS = {"dynamics", "weight_heatmap", "taskvec", "probe", "direction_cos", "safety_layers", "pareto", "linked"}
+SECTIONS = {"dynamics", "weight_heatmap", "taskvec", "probe", "direction_cos", "safety_layers", "pareto", "linked",
+            "locate_signals", "locate_patching"}
 # the tables the report reads, as each sub-run's run.json lists them (the shallowest of a kind is drawn)
 TABLES = {"diff_layers": ["diff/layers.csv", "taskvec/layers.csv"], "dynamics": ["diff/dynamics.csv"],
           "taskvectors": ["taskvec/taskvectors.csv"], "probe_layers": ["probe/layers.csv"],
           "similarity": ["probe/similarity.csv"], "safety_layers": ["probe/safety_layers.csv"],
           "eval_summary": ["eval/summary.csv", "eval_image/summary.csv"],
-          "organism_metrics": ["organism/metrics.csv"], "pareto": ["sweep/pareto.csv"]}
+          "organism_metrics": ["organism/metrics.csv"], "pareto": ["sweep/pareto.csv"],
+          "patching": ["locate/patching.csv"], "signals": ["locate/signals.csv"]}
 
 
 def test_tiny_demo_fills_every_report_section(tmp_path: Path, capsys) -> None:

@@ -56,6 +56,13 @@ def _make_run(root: Path) -> None:
     _write(root, {"organism_metrics": ("metrics.csv", metrics)}, kind="organism")
     pareto = pd.DataFrame({"point": ["a", "b", "c"], "safety": [0.9, 0.7, 0.6], "helpfulness": [0.5, 0.8, 0.7]})
     _write(root / "sweep", {"pareto": ("pareto.csv", pareto)}, kind="sweep")
+    patching = pd.DataFrame([{"layer": i, "component": c, "direction": d, "image": "none",
+                              "recovered": min(1.0, 0.2 * i), "ci_low": 0.0, "ci_high": 1.0, "n": 8}
+                             for i in range(L) for c in ("resid", "attn_out", "mlp_out") for d in ("restore", "break")])
+    signals = pd.DataFrame({"layer": range(L), "weight_shift": 0.01 * np.arange(1, L + 1),
+                            "patching_resid": np.minimum(1.0, 0.2 * np.arange(L))})
+    _write(root / "locate", {"patching": ("patching.csv", patching), "signals": ("signals.csv", signals)},
+           kind="locate")
 
 
 def test_report_is_self_contained_and_complete(tmp_path: Path) -> None:
@@ -65,7 +72,8 @@ def test_report_is_self_contained_and_complete(tmp_path: Path) -> None:
     assert 'class="missing"' not in page  # every section found its data
     imgs = re.findall(r'<svg[^>]* class="figure" data-stem="([^"]+)"', page)  # inline SVG, text kept as text
     assert sorted(imgs) == sorted(f"report_{s}" for s in ("dynamics", "weight_heatmap", "taskvec", "probe",
-                                                           "direction_cos", "safety_layers", "pareto", "linked"))
+                                                           "direction_cos", "safety_layers", "pareto", "linked",
+                                                           "locate_signals", "locate_patching"))
     assert not re.search(r'(src|href)="https?://', page) and "<img" not in page
     assert "<text" in page and 'id="heatmap-weight"' in page and 'id="pareto-pt-3"' in page
     tips = json.loads(re.search(r'<script type="application/json" id="vlsafe-tips">(.*?)</script>', page).group(1))
@@ -141,7 +149,7 @@ def test_run_json_without_tables_is_one_line_error(tmp_path: Path) -> None:
         pd.DataFrame({"layer": [0], "module": ["all"], "rel_frobenius": [9.0]}).to_csv(
             tmp_path / "sweep" / name / "layers.csv", index=False)
     art = discover(tmp_path)
-    assert len(art.runs) == 7 and [p for p, _ in art.all("diff_layers")] == [tmp_path / "diff" / "layers.csv"]
+    assert len(art.runs) == 8 and [p for p, _ in art.all("diff_layers")] == [tmp_path / "diff" / "layers.csv"]
     _legacy(tmp_path / "eval", "eval")
     _one_line_error(tmp_path, r"eval/run\.json: no \"tables\" in run\.json \(written by an older vlsafe\)")
     (tmp_path / "eval" / "run.json").write_text("{not json")

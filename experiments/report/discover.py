@@ -34,6 +34,8 @@ READS: dict[str, set[str]] = {
     "dynamics": {"layer", "step"},
     "safety_layers": {"layer", "pair"},
     "pareto": {"safety", "helpfulness"},
+    "patching": {"layer", "component", "direction", "image", "recovered"},
+    "signals": {"layer"},
 }
 # commands whose run.json, from before `tables` existed, is read as listing no tables (see the module docstring)
 LEGACY_WITHOUT_TABLES = frozenset({"merge", "tune"})
