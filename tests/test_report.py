@@ -47,7 +47,8 @@ def _make_run(root: Path) -> None:
     _write(root / "probe", {"probe_layers": ("layers.csv", probe), "similarity": ("similarity.csv", sim),
                             "safety_layers": ("safety_layers.csv", curves)}, kind="probe")
     summary = pd.DataFrame([{"checkpoint": c, "prompt_set": s, "n": 60, "refusal_rate": r, "ci_low": r - 0.1,
-                             "ci_high": r + 0.05, "judge": "vlsafe", "category": ""}
+                             "ci_high": r + 0.05, "judge": "vlsafe", "category": "", "rate_corrected": r - 0.02,
+                             "corrected_low": r - 0.15, "corrected_high": r + 0.04}
                             for c, r in (("llm-aligned", 0.95), ("lvlm", 0.6))
                             for s in ("harmful-test", "borderline-test")])
     _write(root / "eval", {"eval_summary": ("summary.csv", summary)}, kind="eval")
@@ -70,6 +71,7 @@ def test_report_is_self_contained_and_complete(tmp_path: Path) -> None:
     assert main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text()
     assert 'class="missing"' not in page  # every section found its data
+    assert "0.95 [0.85, 1.00] (n=60); corrected 0.93 [0.80, 0.99]" in page  # raw and judge-corrected rates
     imgs = re.findall(r'<svg[^>]* class="figure" data-stem="([^"]+)"', page)  # inline SVG, text kept as text
     assert sorted(imgs) == sorted(f"report_{s}" for s in ("dynamics", "weight_heatmap", "taskvec", "probe",
                                                            "direction_cos", "safety_layers", "pareto", "linked",

@@ -54,7 +54,10 @@ def _fmt_rate(r: pd.Series) -> str:
     s = f"{r['refusal_rate']:.2f}"
     if pd.notna(r.get("ci_low")) and pd.notna(r.get("ci_high")):
         s += f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
-    return s + f" (n={int(r['n'])})"
+    s += f" (n={int(r['n'])})"
+    if pd.notna(r.get("rate_corrected")):  # Rogan–Gladen, for a judge with a measured calibration
+        s += f"; corrected {r['rate_corrected']:.2f} [{r['corrected_low']:.2f}, {r['corrected_high']:.2f}]"
+    return s
 
 
 def safety_table(art: Artefacts) -> pd.DataFrame | None:
@@ -168,7 +171,9 @@ def _sections(art: Artefacts, fig: Callable[[plt.Figure | None, str], str | None
                           "Wilson 95% intervals.", "tab-organism", src("organism_metrics")),
                   _figure(table.to_html(na_rep="–", escape=True) if table is not None else None,
                           "Refusal rate per prompt set (vlsafe eval; on harmless prompts this is over-refusal), "
-                          "Wilson 95% intervals.", "tab-eval", art.sources("eval_summary"))],
+                          "Wilson 95% intervals; where the judge has a calibration, also the rate corrected for "
+                          "its measured sensitivity and specificity (Rogan–Gladen), with an interval that carries "
+                          "the judge's own error.", "tab-eval", art.sources("eval_summary"))],
                  "No eval summary.csv or organism metrics.csv in this run."),
         _section("Weight shift", [_figure(show("diff_layers", plots.weight_heatmap, "weight_heatmap"),
                                           "Relative Frobenius change per layer and module; hover a cell for its value.", "fig-weight-heatmap",
