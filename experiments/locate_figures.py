@@ -7,14 +7,14 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from vlsafe.analysis.figures import new_figure, paper_style
+from vlsafe.probes.patching import COMPONENTS
 
-COMPONENT_ORDER = ("resid", "attn_out", "mlp_out")
 
 
 def patching_heatmap(patching: pd.DataFrame) -> Figure:
     """One panel per (direction, image): recovered fraction, layers down, components across (NaN = undefined)."""
     panels = list(dict.fromkeys(zip(patching["direction"], patching["image"].astype(str))))
-    comps = [c for c in COMPONENT_ORDER if c in set(patching["component"])]
+    comps = [c for c in COMPONENTS if c in set(patching["component"])]
     layers = sorted(patching["layer"].astype(int).unique())
     fig, axes = new_figure("page" if len(panels) > 1 else "column", height=min(8.0, 1.4 + 0.12 * len(layers)),
                            ncols=len(panels))

@@ -162,12 +162,6 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
 
 # ----------------------------------------------------------------------------------------------------- parameters
 
-def part_of(model: torch.nn.Module, param_name: str) -> str:
-    """'vision', 'projector' or 'language' for an in-memory parameter name of `model` (by its family
-    file's `vision_tower` / `projector` paths; a PEFT wrapper's prefix is allowed)."""
-    return adapter(model).part_of(param_name)
-
-
 def layer_index(model: torch.nn.Module) -> dict[str, int]:
     """In-memory parameter/module name prefix → decoder layer index (the shared vlsafe layer axis)."""
     layers = adapter(model).layers()

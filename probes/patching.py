@@ -238,6 +238,10 @@ def _sites(lm: Any, layers: Sequence[int] | None, components: Sequence[str]) -> 
             raise VlsafeError(f"unknown patching component {c!r} (expected one of {', '.join(COMPONENTS)})")
     if not components:
         raise VlsafeError("no patching components given")
+    cross = sorted(set(layers) & set(M.adapter(lm.model).cross_attention_layers()))
+    if cross:  # a text-only forward skips these blocks, so no activation exists to patch there
+        raise VlsafeError(f"patching: layers {cross} are cross-attention blocks (skipped without an image); "
+                          "leave them out with --layers")
     return [(l, c) for l in layers for c in components]
 
 

@@ -95,23 +95,27 @@ def _probe(tables: Mapping[str, pd.DataFrame], out: dict[str, pd.Series], notes:
                 notes.append(f"{name} absent: no {ref} / {target or 'other'} pair in the probe run")
     if layers is None:
         notes.append("no probe layers table: probe_accuracy_delta absent")
-    else:
-        layers = _last_position(layers)
-        labels = [l for l in dict.fromkeys(layers["checkpoint"]) if "+" not in str(l)]
-        a, b = _pick(labels, source, 0), _pick(labels, target, -1)
-        if a is not None and b is not None and a != b:
-            acc = {l: _per_layer(layers[layers["checkpoint"] == l], "probe_accuracy") for l in (a, b)}
-            out["probe_accuracy_delta"] = acc[b] - acc[a]
+    elif (ends := _endpoints(layers, "checkpoint", "probe_accuracy", source, target)) is not None:
+        (a, acc_a), (b, acc_b) = ends
+        out["probe_accuracy_delta"] = acc_b - acc_a
     if drift is None:
         notes.append("no probe drift table: refusal_projection_drop absent")
-    else:
-        drift = _last_position(drift)
-        labels = [l for l in dict.fromkeys(drift["activations_from"]) if "+" not in str(l)]
-        a, b = _pick(labels, source, 0), _pick(labels, target, -1)
-        if a is not None and b is not None and a != b:
-            mean = lambda x: _per_layer(drift[drift["activations_from"] == x], "harmful_mean")  # noqa: E731
-            out["refusal_projection_drop"] = mean(a) - mean(b)
-            notes.append(f"refusal_projection_drop: {a} − {b} on {drift['direction_from'].iloc[0]}'s direction")
+    elif (ends := _endpoints(drift, "activations_from", "harmful_mean", source, target)) is not None:
+        (a, mean_a), (b, mean_b) = ends
+        out["refusal_projection_drop"] = mean_a - mean_b
+        notes.append(f"refusal_projection_drop: {a} − {b} on {drift['direction_from'].iloc[0]}'s direction")
+
+
+def _endpoints(df: pd.DataFrame, label_col: str, value_col: str, source: str | None,
+               target: str | None) -> tuple[tuple[Any, pd.Series], tuple[Any, pd.Series]] | None:
+    """(source label, its per-layer `value_col`) and the same for the target, at the last position, text-only
+    labels (no `+image`); None when either is missing or they are the same checkpoint."""
+    df = _last_position(df)
+    labels = [lb for lb in dict.fromkeys(df[label_col]) if "+" not in str(lb)]
+    a, b = _pick(labels, source, 0), _pick(labels, target, -1)
+    if a is None or b is None or a == b:
+        return None
+    return tuple((lb, _per_layer(df[df[label_col] == lb], value_col)) for lb in (a, b))  # type: ignore[return-value]
 
 
 def _own(tables: Mapping[str, pd.DataFrame], out: dict[str, pd.Series], notes: list[str]) -> None:

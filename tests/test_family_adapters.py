@@ -241,7 +241,7 @@ def test_unknown_layout_is_guessed_in_one_place_and_says_so(built):
 def test_device_maps_and_tuning_read_the_family_file(built, family):
     from vlsafe.analysis.placement import block_prefix
     from vlsafe.experiments.tune import pinned
-    from vlsafe.experiments.tuning import layer_index, part_of
+    from vlsafe.experiments.tuning import layer_index
 
     lm = _load(built, family)
     spec = _spec(family)
@@ -250,7 +250,7 @@ def test_device_maps_and_tuning_read_the_family_file(built, family):
     for name, _ in lm.model.named_parameters():
         want = next((part for part, key in (("projector", "projector"), ("vision", "vision_tower"))
                      if spec[key] and name.startswith(spec[key] + ".")), "language")
-        assert part_of(lm.model, name) == want, name
+        assert adapter(lm.model).part_of(name) == want, name
     n_params = len(list(lm.model.parameters()))
     attn_params = sum(len(list(b.attn.parameters())) for b in M.blocks(lm.model))
     with pinned(lm.model, range(M.num_layers(lm.model)), ("attn",)) as moved:
@@ -280,3 +280,12 @@ def test_library_backends_refuse_cross_attention_layers_with_one_line(built: dic
     assert "\n" not in str(err.value)
     llama = _load(built, "llama")  # a family without cross-attention layers is not refused
     assert capture(llama, PROMPTS[:1], hooks=["resid_pre"], layers=[0], backend=backend, progress=False) is not None
+
+
+def test_patching_refuses_cross_attention_layers(built: dict[str, Path]) -> None:
+    from vlsafe.probes.patching import COMPONENTS, _sites
+
+    lm = _load(built, "mllama")
+    with pytest.raises(VlsafeError, match=r"layers \[1, 3\] are cross-attention blocks"):
+        _sites(lm, None, COMPONENTS)
+    assert {layer for layer, _ in _sites(lm, [0, 2], COMPONENTS)} == {0, 2}

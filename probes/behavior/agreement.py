@@ -134,8 +134,8 @@ def calibrate_file(path: str | Path, *, column: str, labels: str, judge: Any, pr
     results = judge.judge(responses, prompts)
     pred = [int(r.refused) for r in results]
     judged = df.assign(refused=pred, judge_score=[r.score for r in results], judge=judge.name)
-    report = agreement_report(pred, y or [], judge=judge.name, categories=cats)
-    return judged, report, measure(judge.name, pred, y or [], source=p.as_posix())
+    report = agreement_report(pred, y, judge=judge.name, categories=cats)
+    return judged, report, measure(judge.name, pred, y, source=p.as_posix())
 
 
 def compare_file(path: str | Path, *, column: str, judges: Sequence[Any], labels: str | None = None,

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from vlsafe.analysis.errors import VlsafeError
+from vlsafe.probes.behavior.metrics import REFUSAL_METRICS
 
 SHIPPED_PATH = Path(__file__).with_name("judge_calibration.json")
 CORRECTED_COLUMNS = ["rate_corrected", "corrected_low", "corrected_high"]
@@ -149,7 +150,7 @@ def corrected_rate(k: int, n: int, cal: JudgeCalibration, *, level: float = 0.95
     return (float(est), float(lo), float(hi))
 
 
-_REFUSAL = ("refusal_rate", "over_refusal")
+_REFUSAL = REFUSAL_METRICS
 
 
 def corrected_columns(rows: pd.DataFrame, cal: JudgeCalibration | None, *, seed: int = 0) -> pd.DataFrame:

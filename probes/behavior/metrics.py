@@ -155,7 +155,9 @@ def eval_summary(rows: pd.DataFrame) -> pd.DataFrame:
                         "refusal_rate": rate, "ci_low": r["ci_low"], "ci_high": r["ci_high"], "judge": r["judge"],
                         "category": r["category"], "refusals": r["k"].astype(int)})
     out["asr"] = [1 - v if h else math.nan for v, h in zip(rate, r["harmful"].astype(bool))]
-    extra = [c for c in ("rate_corrected", "corrected_low", "corrected_high") if c in r.columns]
+    from vlsafe.probes.behavior.calibration import CORRECTED_COLUMNS
+
+    extra = [c for c in CORRECTED_COLUMNS if c in r.columns]
     return pd.concat([out, r[extra].astype(float)], axis=1) if extra else out
 
 
