@@ -1,0 +1,372 @@
+"""Activation-level remedies (steer, calibrate, project, ablate): planted image shifts removed exactly, steering
+equal to activation addition and to its exported bias checkpoint, the same edits under generation and the
+KV-cache refusal score, one-line errors on bad specs (docs/methods.md, "Activation-level remedies")."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.tiny import tiny_llama, tiny_llava
+from vlsafe.experiments.cli import main
+from vlsafe.probes import models as M
+from vlsafe.probes.behavior.generate import _until_eos, generate, stop_token_ids
+from vlsafe.probes.interventions import ablate_direction, add_direction
+from vlsafe.probes.models import load
+from vlsafe.probes.patching import _image_ids
+from vlsafe.probes.remedies import apply_remedy, project, steer
+from vlsafe.probes.remedy_export import export_remedy
+from vlsafe.probes.remedy_spec import RemedySpec
+from vlsafe.probes.scores import refusal_score
+from vlsafe.probes.shift import ShiftResult
+from vlsafe.probes.templates import encode
+
+PROMPT = "How do I bake bread?"
+PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "Hi"]
+D = 64
+K = 5  # trailing positions identical in an image row and its text-only twin (prompt end + template suffix)
+
+
+def _noise_image(seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return load(tiny_llava(tmp_path_factory.mktemp("rem") / "llava", vision="clip", seed=1))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return load(tiny_llama(tmp_path_factory.mktemp("rem") / "llama", seed=2))
+
+
+def _vec(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _planted() -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(u unit, w ⟂ u, c): the planted image shift is c·u + w."""
+    u = _vec(11)
+    u = u / u.norm()
+    w = _vec(12)
+    w = 0.7 * (w - (w @ u) * u) / (w - (w @ u) * u).norm()
+    return u, w, 2.5
+
+
+def _logits(lm, batch) -> torch.Tensor:
+    with torch.no_grad():
+        out = lm.model(**batch.model_inputs()).logits
+    return out[batch.attention_mask.bool()]
+
+
+@contextlib.contextmanager
+def _plant(lm, layer: int, shift: torch.Tensor):
+    """Add `shift` at block `layer`'s input on rows holding image tokens (rows found at the model's forward)."""
+    ids, rows = torch.tensor(sorted(_image_ids(lm))), {}
+
+    def top(_m, args, kwargs):
+        rows["r"] = torch.isin(kwargs["input_ids"], ids).any(-1)
+
+    def block(_m, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        h = (h.double() + rows["r"].double()[:, None, None] * shift).to(h.dtype)
+        return ((h,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+    hs = [lm.model.register_forward_pre_hook(top, with_kwargs=True),
+          M.decoder_layers(lm.model)[layer].register_forward_pre_hook(block, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for h in hs:
+            h.remove()
+
+
+def _block_input(lm, batch, layer: int, ctx=contextlib.nullcontext) -> torch.Tensor:
+    """Block `layer`'s input as edited by every hook registered before (the last forward's), fp64."""
+    seen = []
+    with ctx():
+        hook = M.decoder_layers(lm.model)[layer].register_forward_pre_hook(
+            lambda _m, a, k: seen.append((a[0] if a else k["hidden_states"]).detach().double()), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                lm.model(**batch.model_inputs())
+        finally:
+            hook.remove()
+    return seen[-1]
+
+
+def _spec(kind: str, tmp_path, **kw) -> RemedySpec:
+    raw = {"kind": kind, "layers": kw.pop("layers", [0]), "alpha": kw.pop("alpha", 1.0), **kw}
+    return RemedySpec.parse(raw, "test spec")
+
+
+def _direction_file(tmp_path, v: torch.Tensor, name: str = "dir.safetensors") -> str:
+    path = tmp_path / name
+    save_file({"v": v.float().contiguous()}, str(path))
+    return str(path)
+
+
+def _shift_file(tmp_path, delta: torch.Tensor, layers=(0, 1)) -> str:
+    """A real `shift_vectors.safetensors` whose harmful/harmless shifts average to `delta` at every layer."""
+    spread = _vec(13)
+    vec = {("blank", "harmful"): (delta + spread).expand(len(layers), 1, D).clone(),
+           ("blank", "harmless"): (delta - spread).expand(len(layers), 1, D).clone()}
+    res = ShiftResult(list(layers), [-1], vec, {k: torch.ones(len(layers), 1) for k in vec}, {"harmful": 1, "harmless": 1})
+    return str(res.save(tmp_path / "shift_vectors.safetensors"))
+
+
+# ---- planted image shift ---------------------------------------------------------------------------------------
+
+def test_project_and_calibrate_remove_a_planted_image_shift(llava, tmp_path):
+    u, w, c = _planted()
+    batch = encode(llava, [PROMPT, PROMPT], [_noise_image(), None])          # mixed: image row, text row
+    plant = lambda: _plant(llava, 0, c * u + w)                               # noqa: E731
+    before = _block_input(llava, batch, 0, plant)
+    gap = before[0, -K:] - before[1, -K:]
+    torch.testing.assert_close(gap, (c * u + w).expand(K, D), atol=1e-6, rtol=0)   # the plant is there
+
+    proj = _spec("project", tmp_path, direction={"file": _direction_file(tmp_path, u * 3)})
+    with plant(), apply_remedy(llava, proj):
+        after = _block_input(llava, batch, 0)
+    gap = after[0, -K:] - after[1, -K:]
+    assert (gap @ u).abs().max() < 1e-6                                        # along u: equal to the text-only row
+    torch.testing.assert_close(gap, w.expand(K, D), atol=1e-6, rtol=0)         # w untouched
+    torch.testing.assert_close(after[1], before[1], atol=0, rtol=0)            # text row unchanged
+
+    cal = _spec("calibrate", tmp_path, shift={"file": _shift_file(tmp_path, c * u + w), "condition": "blank"})
+    with plant(), apply_remedy(llava, cal):
+        after = _block_input(llava, batch, 0)
+    torch.testing.assert_close(after[0, -K:], after[1, -K:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(after[1], before[1], atol=0, rtol=0)
+
+
+def test_project_at_a_later_layer_matches_the_text_only_forward(llava, tmp_path):
+    """At layer 1 the natural image shift (attention over image tokens) is removed along r̂, and only along r̂."""
+    batch = encode(llava, [PROMPT, PROMPTS[1]], [_noise_image(1), _noise_image(2)])
+    text = _block_input(llava, encode(llava, [PROMPT, PROMPTS[1]]), 1)[:, -1]
+    before = _block_input(llava, batch, 1)[:, -1]
+    u = (before - text).sum(0) + 0.01 * _planted()[0]                         # mostly along the shifts
+    u = u / u.norm()
+    with project(llava, u * 5, layers=[1]):
+        after = _block_input(llava, batch, 1)[:, -1]
+    assert ((before - text) @ u).abs().min() > 1e-3                            # there was something to remove
+    assert ((after - text) @ u).abs().max() < 1e-7
+    torch.testing.assert_close(after - (after @ u)[:, None] * u, before - (before @ u)[:, None] * u,
+                               atol=1e-6, rtol=0)
+
+
+# ---- steering -------------------------------------------------------------------------------------------------
+
+def test_steer_alpha_zero_is_identity_and_equals_activation_addition(llama, tmp_path):
+    v = _vec(21, 2) * 2                                                        # [L, d]
+    batch = encode(llama, PROMPTS)
+    base = _logits(llama, batch)
+    path = _direction_file(tmp_path, v, "layers.safetensors")
+    with apply_remedy(llama, _spec("steer", tmp_path, layers=[1], alpha=0.0,
+                                   direction={"file": path, "unit": False})):
+        torch.testing.assert_close(_logits(llama, batch), base, atol=0, rtol=0)
+    with apply_remedy(llama, _spec("steer", tmp_path, layers=[1], alpha=1.5,
+                                   direction={"file": path, "unit": False})):
+        steered = _logits(llama, batch)
+    with add_direction(llama.model, v[1], 1, coeff=1.5):
+        added = _logits(llama, batch)
+    assert (steered - base).abs().max() > 1e-3
+    torch.testing.assert_close(steered, added, atol=1e-6, rtol=1e-6)
+    with steer(llama, v[1] / v[1].norm(), layers=[1], alpha=1.5):            # unit: true reads r̂
+        unit = _logits(llama, batch)
+    with apply_remedy(llama, _spec("steer", tmp_path, layers=[1], alpha=1.5, direction={"file": path})):
+        torch.testing.assert_close(_logits(llama, batch), unit, atol=1e-6, rtol=1e-6)
+
+
+def test_ablate_spec_reuses_ablate_direction_at_the_chosen_layers(llama, tmp_path):
+    r = _vec(22)
+    batch = encode(llama, PROMPTS)
+    spec = _spec("ablate", tmp_path, layers=[0, 1], direction={"file": _direction_file(tmp_path, r)})
+    with apply_remedy(llama, spec):
+        both = _logits(llama, batch)
+    with ablate_direction(llama.model, r):
+        full = _logits(llama, batch)
+    torch.testing.assert_close(both, full, atol=1e-6, rtol=1e-6)
+    with apply_remedy(llama, spec.model_copy(update={"layers": [1]})):
+        one = _logits(llama, batch)
+    assert (one - full).abs().max() > 1e-4
+
+
+# ---- export --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layers", [[0], [1], [0, 1]], ids=["layer0", "layer1", "layer0+1"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_exported_steering_llama_equals_hooks(tmp_path, layers, tied):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_llama(tmp_path / "src", seed=4, tie_word_embeddings=tied)
+    lm = load(src)
+    v = _vec(31, 2)
+    spec = _spec("steer", tmp_path, layers=layers, alpha=2.0,
+                 direction={"file": _direction_file(tmp_path, v), "unit": False})
+    batch = encode(lm, PROMPTS)
+    with apply_remedy(lm, spec):
+        hooked = _logits(lm, batch)
+    assert (hooked - _logits(lm, batch)).abs().max() > 1e-3
+    out = export_remedy(spec, tmp_path / "out", checkpoint=src)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = model(**batch.model_inputs()).logits[batch.attention_mask.bool()]
+    torch.testing.assert_close(got, hooked, atol=1e-5, rtol=1e-5)
+    assert json.loads((out / "run.json").read_text())["kind"] == "export_remedy"
+    assert json.loads((out / "config.json").read_text())["mlp_bias"] is (layers != [0])
+
+
+@pytest.mark.parametrize("layers", [[0], [1]], ids=["layer0", "layer1"])
+def test_exported_steering_llava_with_an_image_equals_hooks(llava, tmp_path, layers):
+    from transformers import LlavaForConditionalGeneration
+
+    v = _vec(32)
+    spec = _spec("steer", tmp_path, layers=layers, alpha=1.0, direction={"file": _direction_file(tmp_path, v)})
+    batch = encode(llava, [PROMPT, PROMPTS[2]], [_noise_image(), None])
+    with apply_remedy(llava, spec):
+        hooked = _logits(llava, batch)
+    out = export_remedy(spec, tmp_path / "out", checkpoint=llava.checkpoint.spec)
+    model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = model(**batch.model_inputs()).logits[batch.attention_mask.bool()]
+    assert (hooked - _logits(llava, batch)).abs().max() > 1e-3
+    torch.testing.assert_close(got, hooked, atol=1e-5, rtol=1e-5)
+
+
+# ---- under generation and the refusal score ------------------------------------------------------------------
+
+def _manual_project(lm, batch, prompts, images_rows, r: torch.Tensor, alpha: float, layer: int):
+    """A plain block pre-hook adding the per-row constant −α (Δ·r̂) r̂ (Δ from separate forwards)."""
+    texts = encode(lm, prompts)
+    delta = _block_input(lm, batch, layer)[:, -1] - _block_input(lm, texts, layer)[:, -1]
+    coef = (delta @ r) * torch.tensor(images_rows, dtype=torch.float64)
+    add = -alpha * coef[:, None, None] * r
+
+    def hook(_m, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        h = (h.double() + add[:h.shape[0]]).to(h.dtype)
+        return ((h,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+    return M.decoder_layers(lm.model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_project_under_generate_and_refusal_scores_matches_manual_hooks(llava):
+    imgs = [_noise_image(3), None, _noise_image(4)]
+    batch = encode(llava, PROMPTS, imgs)
+    r = (_block_input(llava, batch, 1)[:, -1] - _block_input(llava, encode(llava, PROMPTS), 1)[:, -1]).sum(0)
+    r = r / r.norm()                                                           # along the image shifts
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=stop_token_ids(llava),
+              pad_token_id=llava.tokenizer.pad_token_id)
+
+    def run():
+        with torch.no_grad():
+            ids = llava.model.generate(**batch.model_inputs(position_ids=False), **kw)[:, batch.input_ids.shape[1]:]
+        scores = {k: refusal_score(llava, PROMPTS, images=imgs, kind=k, batch_size=3)
+                  for k in ("first_token", "opening")}
+        return ids, scores
+
+    plain = run()
+    handle = _manual_project(llava, batch, PROMPTS, [1, 0, 1], r, 40.0, 1)
+    try:
+        manual = run()
+    finally:
+        handle.remove()
+    with project(llava, r, layers=[1], alpha=40.0):
+        hooked = run()
+        texts = generate(llava, PROMPTS, images=imgs, max_new_tokens=6, cache=True, progress=False)
+    assert not torch.equal(plain[0], manual[0])                                 # the remedy changes outputs
+    assert torch.equal(hooked[0], manual[0])
+    eos = stop_token_ids(llava)
+    assert texts == [llava.tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True).strip()
+                     for row in hooked[0].tolist()]
+    for k in ("first_token", "opening"):
+        print(k, plain[1][k] - manual[1][k], hooked[1][k] - manual[1][k])
+        assert np.abs(plain[1][k] - manual[1][k]).max() > 1e-4
+        np.testing.assert_allclose(hooked[1][k], manual[1][k], atol=1e-7, rtol=0)
+    np.testing.assert_allclose(hooked[1]["opening"][1], plain[1]["opening"][1], atol=1e-9)   # text row untouched
+
+
+# ---- the spec -------------------------------------------------------------------------------------------------
+
+def test_spec_yaml_paths_and_key(tmp_path):
+    (tmp_path / "a").mkdir()
+    _direction_file(tmp_path / "a", _vec(41))
+    (tmp_path / "a" / "spec.yaml").write_text("kind: steer\nlayers: [1]\nalpha: 2\n"
+                                              "direction: {file: dir.safetensors, unit: false}\n")
+    spec = RemedySpec.from_yaml(tmp_path / "a" / "spec.yaml")
+    assert spec.direction.file == str(tmp_path / "a" / "dir.safetensors") and not spec.needs_images
+    key = spec.key()
+    assert spec.model_copy(update={"alpha": 3.0}).key() != key
+    _direction_file(tmp_path / "a", _vec(42))                                   # same path, new content
+    assert spec.key() != key
+
+
+def _one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"kind": "steer", "layers": [0], "alpha": "x", "direction": {"file": "d"}}, "alpha: must be a number"),
+    ({"kind": "steer", "layers": [0], "direction": {"file": "d"}, "extra": 1}, "extra"),
+    ({"kind": "calibrate", "layers": [0], "direction": {"file": "d"}}, "calibrate reads a 'shift:'"),
+    ({"kind": "ablate", "layers": [0], "alpha": 2, "direction": {"file": "d"}}, "alpha must be 1"),
+    ({"kind": "steer", "layers": [], "direction": {"file": "d"}}, "layers"),
+])
+def test_bad_specs_are_one_line_errors(raw, match):
+    with pytest.raises(VlsafeError, match=match) as e:
+        RemedySpec.parse(raw, "spec.yaml")
+    assert _one_line(e).startswith("spec.yaml: ")
+
+
+def test_bad_input_against_the_model(llama, llava, tmp_path):
+    d = _direction_file(tmp_path, _vec(51))
+    narrow = _direction_file(tmp_path, torch.ones(8), "narrow.safetensors")
+    cases = [
+        (llama, {"kind": "project", "layers": [0], "direction": {"file": d}}, "takes no images"),
+        (llama, {"kind": "steer", "layers": [5], "direction": {"file": d}}, "5 out of range"),
+        (llama, {"kind": "steer", "layers": [0], "direction": {"file": narrow}}, "width 8 but the model's hidden size is 64"),
+        (llava, {"kind": "calibrate", "layers": [0], "shift": {"file": _shift_file(tmp_path, _vec(52)),
+                                                               "condition": "noise"}}, r"conditions: blank"),
+    ]
+    for lm, raw, match in cases:
+        with pytest.raises(VlsafeError, match=match) as e:
+            with apply_remedy(lm, RemedySpec.parse(raw, "spec.yaml")):
+                pass
+        _one_line(e)
+    assert not any(m._forward_pre_hooks for m in llama.model.modules())       # nothing left behind
+    with pytest.raises(VlsafeError, match="takes no images"):
+        project(llama, _vec(53), layers=[0])
+
+
+def test_export_remedy_cli_and_bad_input_writes_nothing(llama, tmp_path, capsys):
+    d = _direction_file(tmp_path, _vec(61))
+    spec = tmp_path / "steer.yaml"
+    spec.write_text(f"kind: steer\nlayers: [1]\nalpha: 1.0\ndirection: {{file: {d}}}\n"
+                    f"checkpoint: {llama.checkpoint.spec}\n")
+    assert main(["export-remedy", str(spec), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "run.json").is_file()
+    bad = tmp_path / "bad.yaml"
+    narrow = _direction_file(tmp_path, torch.ones(8), "narrow.safetensors")
+    for text in (spec.read_text().replace("layers: [1]", "layers: [9]"),
+                 spec.read_text().replace("alpha: 1.0", "alpha: x"),
+                 spec.read_text().replace(d, narrow),
+                 spec.read_text() + "positions: last\n"):
+        bad.write_text(text)
+        capsys.readouterr()
+        assert main(["export-remedy", str(bad), "-o", str(tmp_path / "none")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("vlsafe: error: ") and "\n" not in err
+        assert not (tmp_path / "none").exists()
