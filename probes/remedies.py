@@ -97,9 +97,11 @@ class _Remedy:
 
     def on_forward(self, _m: Any, args: tuple, kwargs: dict) -> None:
         st = self.st
-        if st.busy or self.kind == "steer":
+        if st.busy:
             return None
         st.prefill = _is_prefill(kwargs)
+        if self.kind == "steer":
+            return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not st.prefill:
             if st.rows is None or (ids is not None and ids.shape[0] != st.rows.shape[0]):

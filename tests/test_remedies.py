@@ -23,7 +23,7 @@ from vlsafe.probes.patching import _image_ids
 from vlsafe.probes.remedies import apply_remedy, project, steer
 from vlsafe.probes.remedy_export import export_remedy
 from vlsafe.probes.remedy_spec import RemedySpec
-from vlsafe.probes.scores import refusal_score
+from vlsafe.probes.scores import _cache_of, refusal_score
 from vlsafe.probes.shift import ShiftResult
 from vlsafe.probes.templates import encode
 
@@ -261,40 +261,99 @@ def _manual_project(lm, batch, prompts, images_rows, r: torch.Tensor, alpha: flo
     return M.decoder_layers(lm.model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def test_project_under_generate_and_refusal_scores_matches_manual_hooks(llava):
+@pytest.fixture(scope="module")
+def project_case(llava):
+    """(images, batch, r̂ along the image shifts at layer 1, α): a mixed batch and a project remedy that moves it."""
     imgs = [_noise_image(3), None, _noise_image(4)]
     batch = encode(llava, PROMPTS, imgs)
     r = (_block_input(llava, batch, 1)[:, -1] - _block_input(llava, encode(llava, PROMPTS), 1)[:, -1]).sum(0)
-    r = r / r.norm()                                                           # along the image shifts
+    return imgs, batch, r / r.norm(), 40.0
+
+
+def _under(llava, case, ctx, fn):
+    imgs, batch, r, alpha = case
+    with ctx(llava, batch, r, alpha):
+        return fn()
+
+
+def _manual(llava, batch, r, alpha):
+    handle = _manual_project(llava, batch, PROMPTS, [1, 0, 1], r, alpha, 1)
+    return _hooks_removed(handle)
+
+
+@contextlib.contextmanager
+def _hooks_removed(handle):
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _remedy(llava, batch, r, alpha):
+    return project(llava, r, layers=[1], alpha=alpha)
+
+
+def test_project_under_generate_matches_manual_hooks(llava, project_case):
+    imgs, batch, r, alpha = project_case
     kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=stop_token_ids(llava),
               pad_token_id=llava.tokenizer.pad_token_id)
 
     def run():
         with torch.no_grad():
-            ids = llava.model.generate(**batch.model_inputs(position_ids=False), **kw)[:, batch.input_ids.shape[1]:]
-        scores = {k: refusal_score(llava, PROMPTS, images=imgs, kind=k, batch_size=3)
-                  for k in ("first_token", "opening")}
-        return ids, scores
+            return llava.model.generate(**batch.model_inputs(position_ids=False), **kw)[:, batch.input_ids.shape[1]:]
 
-    plain = run()
-    handle = _manual_project(llava, batch, PROMPTS, [1, 0, 1], r, 40.0, 1)
-    try:
-        manual = run()
-    finally:
-        handle.remove()
-    with project(llava, r, layers=[1], alpha=40.0):
-        hooked = run()
-        texts = generate(llava, PROMPTS, images=imgs, max_new_tokens=6, cache=True, progress=False)
-    assert not torch.equal(plain[0], manual[0])                                 # the remedy changes outputs
-    assert torch.equal(hooked[0], manual[0])
+    plain, manual = run(), _under(llava, project_case, _manual, run)
+    hooked = _under(llava, project_case, _remedy, run)
+    texts = _under(llava, project_case, _remedy,
+                   lambda: generate(llava, PROMPTS, images=imgs, max_new_tokens=6, cache=True, progress=False))
+    assert not torch.equal(plain, manual)                                       # the remedy changes outputs
+    assert torch.equal(hooked, manual)
     eos = stop_token_ids(llava)
     assert texts == [llava.tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True).strip()
-                     for row in hooked[0].tolist()]
-    for k in ("first_token", "opening"):
-        print(k, plain[1][k] - manual[1][k], hooked[1][k] - manual[1][k])
-        assert np.abs(plain[1][k] - manual[1][k]).max() > 1e-4
-        np.testing.assert_allclose(hooked[1][k], manual[1][k], atol=1e-7, rtol=0)
-    np.testing.assert_allclose(hooked[1]["opening"][1], plain[1]["opening"][1], atol=1e-9)   # text row untouched
+                     for row in hooked.tolist()]
+
+
+@pytest.mark.parametrize("kind", ["first_token", "opening"])
+def test_project_under_refusal_scores_matches_manual_hooks(llava, project_case, kind):
+    """`opening` continues a KV cache: the continuation keeps the prompt's rows and scalars."""
+    imgs = project_case[0]
+    run = lambda: refusal_score(llava, PROMPTS, images=imgs, kind=kind, batch_size=3)   # noqa: E731
+    plain, manual = run(), _under(llava, project_case, _manual, run)
+    hooked = _under(llava, project_case, _remedy, run)
+    assert np.abs(plain - manual).max() > 1e-4
+    np.testing.assert_allclose(hooked, manual, atol=1e-7, rtol=0)
+    assert hooked[1] == plain[1]                                                # the text row is untouched
+
+
+def _prefill_and_step(lm, batch, layer: int) -> list[torch.Tensor]:
+    """Block `layer`'s inputs of a prefill and of a two-token cached continuation (fp64)."""
+    seen = []
+    hook = M.decoder_layers(lm.model)[layer].register_forward_pre_hook(
+        lambda _m, a, k: seen.append((a[0] if a else k["hidden_states"]).detach().double()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = lm.model(**batch.model_inputs(), use_cache=True)
+            nxt = torch.full((len(batch), 2), 5, dtype=batch.input_ids.dtype)
+            mask = torch.cat([batch.attention_mask, torch.ones_like(nxt)], 1)
+            key, cache = _cache_of(out)
+            lm.model(input_ids=nxt, attention_mask=mask, position_ids=batch.position_ids[:, -1:] + torch.arange(1, 3),
+                     **{key: cache}, use_cache=True)
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_positions_last_edits_the_last_prompt_position_and_every_continuation(llama):
+    """Block 1's input in a continuation depends only on layer 0's cache, which an edit at block 1 leaves alone."""
+    v = _vec(23)
+    batch = encode(llama, PROMPTS)
+    plain = _prefill_and_step(llama, batch, 1)
+    with steer(llama, v, layers=[1], alpha=0.5, positions="last"):
+        last = _prefill_and_step(llama, batch, 1)
+    assert [t.shape[1] for t in last] == [batch.input_ids.shape[1], 2]
+    torch.testing.assert_close(last[0][:, :-1], plain[0][:, :-1], atol=0, rtol=0)
+    torch.testing.assert_close(last[0][:, -1], plain[0][:, -1] + 0.5 * v, atol=1e-6, rtol=0)
+    torch.testing.assert_close(last[1], plain[1] + 0.5 * v, atol=1e-6, rtol=0)
 
 
 # ---- the spec -------------------------------------------------------------------------------------------------
@@ -367,6 +426,6 @@ def test_export_remedy_cli_and_bad_input_writes_nothing(llama, tmp_path, capsys)
         bad.write_text(text)
         capsys.readouterr()
         assert main(["export-remedy", str(bad), "-o", str(tmp_path / "none")]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("vlsafe: error: ") and "\n" not in err
+        err = [line for line in capsys.readouterr().err.splitlines() if "vlsafe: error: " in line]
+        assert len(err) == 1 and err[0].startswith("vlsafe: error: "), err
         assert not (tmp_path / "none").exists()
