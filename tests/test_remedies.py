@@ -1,43 +1,28 @@
 """Activation-level remedies (steer, calibrate, project, ablate): planted image shifts removed exactly, steering
-equal to activation addition and to its exported bias checkpoint, the same edits under generation and the
-KV-cache refusal score, one-line errors on bad specs (docs/methods.md, "Activation-level remedies")."""
+equal to activation addition, the same edits under capture, generation and the KV-cache refusal score, one-line
+errors on bad specs (docs/methods.md, "Activation-level remedies")."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from _remedy_helpers import (D, K, PROMPT, PROMPTS, _block_input, _direction_file, _logits, _noise_image, _one_line,
+                             _plant, _planted, _shift_file, _spec, _vec)
 from vlsafe.analysis.errors import VlsafeError
 from vlsafe.analysis.tiny import tiny_llama, tiny_llava
-from vlsafe.experiments.cli import main
 from vlsafe.probes import models as M
 from vlsafe.probes.behavior.generate import _until_eos, generate, stop_token_ids
+from vlsafe.probes.capture import capture
 from vlsafe.probes.interventions import ablate_direction, add_direction
 from vlsafe.probes.models import load
-from vlsafe.probes.patching import _image_ids
-from vlsafe.probes.remedies import apply_remedy, project, steer
-from vlsafe.probes.remedy_export import export_remedy
+from vlsafe.probes.remedies import apply_remedy, evaluate_remedy, project, steer
 from vlsafe.probes.remedy_spec import RemedySpec
 from vlsafe.probes.scores import _cache_of, refusal_score
-from vlsafe.probes.shift import ShiftResult
 from vlsafe.probes.templates import encode
-
-PROMPT = "How do I bake bread?"
-PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "Hi"]
-D = 64
-K = 5  # trailing positions identical in an image row and its text-only twin (prompt end + template suffix)
-
-
-def _noise_image(seed: int = 0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -48,81 +33,6 @@ def llava(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     return load(tiny_llama(tmp_path_factory.mktemp("rem") / "llama", seed=2))
-
-
-def _vec(seed: int, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _planted() -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(u unit, w ⟂ u, c): the planted image shift is c·u + w."""
-    u = _vec(11)
-    u = u / u.norm()
-    w = _vec(12)
-    w = 0.7 * (w - (w @ u) * u) / (w - (w @ u) * u).norm()
-    return u, w, 2.5
-
-
-def _logits(lm, batch) -> torch.Tensor:
-    with torch.no_grad():
-        out = lm.model(**batch.model_inputs()).logits
-    return out[batch.attention_mask.bool()]
-
-
-@contextlib.contextmanager
-def _plant(lm, layer: int, shift: torch.Tensor):
-    """Add `shift` at block `layer`'s input on rows holding image tokens (rows found at the model's forward)."""
-    ids, rows = torch.tensor(sorted(_image_ids(lm))), {}
-
-    def top(_m, args, kwargs):
-        rows["r"] = torch.isin(kwargs["input_ids"], ids).any(-1)
-
-    def block(_m, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        h = (h.double() + rows["r"].double()[:, None, None] * shift).to(h.dtype)
-        return ((h,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
-
-    hs = [lm.model.register_forward_pre_hook(top, with_kwargs=True),
-          M.decoder_layers(lm.model)[layer].register_forward_pre_hook(block, with_kwargs=True)]
-    try:
-        yield
-    finally:
-        for h in hs:
-            h.remove()
-
-
-def _block_input(lm, batch, layer: int, ctx=contextlib.nullcontext) -> torch.Tensor:
-    """Block `layer`'s input as edited by every hook registered before (the last forward's), fp64."""
-    seen = []
-    with ctx():
-        hook = M.decoder_layers(lm.model)[layer].register_forward_pre_hook(
-            lambda _m, a, k: seen.append((a[0] if a else k["hidden_states"]).detach().double()), with_kwargs=True)
-        try:
-            with torch.no_grad():
-                lm.model(**batch.model_inputs())
-        finally:
-            hook.remove()
-    return seen[-1]
-
-
-def _spec(kind: str, tmp_path, **kw) -> RemedySpec:
-    raw = {"kind": kind, "layers": kw.pop("layers", [0]), "alpha": kw.pop("alpha", 1.0), **kw}
-    return RemedySpec.parse(raw, "test spec")
-
-
-def _direction_file(tmp_path, v: torch.Tensor, name: str = "dir.safetensors") -> str:
-    path = tmp_path / name
-    save_file({"v": v.float().contiguous()}, str(path))
-    return str(path)
-
-
-def _shift_file(tmp_path, delta: torch.Tensor, layers=(0, 1)) -> str:
-    """A real `shift_vectors.safetensors` whose harmful/harmless shifts average to `delta` at every layer."""
-    spread = _vec(13)
-    vec = {("blank", "harmful"): (delta + spread).expand(len(layers), 1, D).clone(),
-           ("blank", "harmless"): (delta - spread).expand(len(layers), 1, D).clone()}
-    res = ShiftResult(list(layers), [-1], vec, {k: torch.ones(len(layers), 1) for k in vec}, {"harmful": 1, "harmless": 1})
-    return str(res.save(tmp_path / "shift_vectors.safetensors"))
 
 
 # ---- planted image shift ---------------------------------------------------------------------------------------
@@ -184,6 +94,10 @@ def test_steer_alpha_zero_is_identity_and_equals_activation_addition(llama, tmp_
     torch.testing.assert_close(steered, added, atol=1e-6, rtol=1e-6)
     with steer(llama, v[1] / v[1].norm(), layers=[1], alpha=1.5):            # unit: true reads r̂
         unit = _logits(llama, batch)
+        seen = capture(llama, PROMPTS, hooks="resid_pre", positions=[-1]).stack("resid_pre").double()
+    plain = capture(llama, PROMPTS, hooks="resid_pre", positions=[-1]).stack("resid_pre").double()
+    torch.testing.assert_close(seen[:, 1, 0] - plain[:, 1, 0], (1.5 * v[1] / v[1].norm()).expand(3, D),
+                               atol=1e-6, rtol=0)                              # capture sees the edited stream
     with apply_remedy(llama, _spec("steer", tmp_path, layers=[1], alpha=1.5, direction={"file": path})):
         torch.testing.assert_close(_logits(llama, batch), unit, atol=1e-6, rtol=1e-6)
 
@@ -200,48 +114,6 @@ def test_ablate_spec_reuses_ablate_direction_at_the_chosen_layers(llama, tmp_pat
     with apply_remedy(llama, spec.model_copy(update={"layers": [1]})):
         one = _logits(llama, batch)
     assert (one - full).abs().max() > 1e-4
-
-
-# ---- export --------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("layers", [[0], [1], [0, 1]], ids=["layer0", "layer1", "layer0+1"])
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_exported_steering_llama_equals_hooks(tmp_path, layers, tied):
-    from transformers import AutoModelForCausalLM
-
-    src = tiny_llama(tmp_path / "src", seed=4, tie_word_embeddings=tied)
-    lm = load(src)
-    v = _vec(31, 2)
-    spec = _spec("steer", tmp_path, layers=layers, alpha=2.0,
-                 direction={"file": _direction_file(tmp_path, v), "unit": False})
-    batch = encode(lm, PROMPTS)
-    with apply_remedy(lm, spec):
-        hooked = _logits(lm, batch)
-    assert (hooked - _logits(lm, batch)).abs().max() > 1e-3
-    out = export_remedy(spec, tmp_path / "out", checkpoint=src)
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    with torch.no_grad():
-        got = model(**batch.model_inputs()).logits[batch.attention_mask.bool()]
-    torch.testing.assert_close(got, hooked, atol=1e-5, rtol=1e-5)
-    assert json.loads((out / "run.json").read_text())["kind"] == "export_remedy"
-    assert json.loads((out / "config.json").read_text())["mlp_bias"] is (layers != [0])
-
-
-@pytest.mark.parametrize("layers", [[0], [1]], ids=["layer0", "layer1"])
-def test_exported_steering_llava_with_an_image_equals_hooks(llava, tmp_path, layers):
-    from transformers import LlavaForConditionalGeneration
-
-    v = _vec(32)
-    spec = _spec("steer", tmp_path, layers=layers, alpha=1.0, direction={"file": _direction_file(tmp_path, v)})
-    batch = encode(llava, [PROMPT, PROMPTS[2]], [_noise_image(), None])
-    with apply_remedy(llava, spec):
-        hooked = _logits(llava, batch)
-    out = export_remedy(spec, tmp_path / "out", checkpoint=llava.checkpoint.spec)
-    model = LlavaForConditionalGeneration.from_pretrained(out).eval()
-    with torch.no_grad():
-        got = model(**batch.model_inputs()).logits[batch.attention_mask.bool()]
-    assert (hooked - _logits(llava, batch)).abs().max() > 1e-3
-    torch.testing.assert_close(got, hooked, atol=1e-5, rtol=1e-5)
 
 
 # ---- under generation and the refusal score ------------------------------------------------------------------
@@ -356,6 +228,22 @@ def test_positions_last_edits_the_last_prompt_position_and_every_continuation(ll
     torch.testing.assert_close(last[1], plain[1] + 0.5 * v, atol=1e-6, rtol=0)
 
 
+def test_evaluate_remedy_scores_the_remedied_model(llama, tmp_path, monkeypatch):
+    from vlsafe.probes.behavior.datasets import load_prompts
+    from vlsafe.probes.behavior.evaluate import EvalSet
+
+    monkeypatch.setenv("VLSAFE_CACHE", str(tmp_path / "cache"))
+    ps = load_prompts("harmful-test", limit=3)
+    spec = _spec("steer", tmp_path, layers=[1], alpha=8.0, direction={"file": _direction_file(tmp_path, _vec(71))})
+    gens, rows = evaluate_remedy(llama, spec, [EvalSet(ps)], judge="logit-first_token")
+    with apply_remedy(llama, spec):
+        want = refusal_score(llama, ps.prompts, kind="first_token")
+    assert np.abs(want - refusal_score(llama, ps.prompts, kind="first_token")).max() > 1e-3
+    np.testing.assert_allclose(gens["judge_score"].to_numpy(float), 1 / (1 + np.exp(-want)), rtol=1e-9)   # P(refuse)
+    assert set(rows["checkpoint"]) == {f"remedy-{spec.key()}"}
+    assert not any(m._forward_pre_hooks for m in llama.model.modules())
+
+
 # ---- the spec -------------------------------------------------------------------------------------------------
 
 def test_spec_yaml_paths_and_key(tmp_path):
@@ -369,13 +257,6 @@ def test_spec_yaml_paths_and_key(tmp_path):
     assert spec.model_copy(update={"alpha": 3.0}).key() != key
     _direction_file(tmp_path / "a", _vec(42))                                   # same path, new content
     assert spec.key() != key
-
-
-def _one_line(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg and msg
-    return msg
-
 
 @pytest.mark.parametrize("raw, match", [
     ({"kind": "steer", "layers": [0], "alpha": "x", "direction": {"file": "d"}}, "alpha: must be a number"),
@@ -396,7 +277,8 @@ def test_bad_input_against_the_model(llama, llava, tmp_path):
     cases = [
         (llama, {"kind": "project", "layers": [0], "direction": {"file": d}}, "takes no images"),
         (llama, {"kind": "steer", "layers": [5], "direction": {"file": d}}, "5 out of range"),
-        (llama, {"kind": "steer", "layers": [0], "direction": {"file": narrow}}, "width 8 but the model's hidden size is 64"),
+        (llama, {"kind": "steer", "layers": [0], "direction": {"file": narrow}},
+         "width 8 but the model's hidden size is 64"),
         (llava, {"kind": "calibrate", "layers": [0], "shift": {"file": _shift_file(tmp_path, _vec(52)),
                                                                "condition": "noise"}}, r"conditions: blank"),
     ]
@@ -408,24 +290,3 @@ def test_bad_input_against_the_model(llama, llava, tmp_path):
     assert not any(m._forward_pre_hooks for m in llama.model.modules())       # nothing left behind
     with pytest.raises(VlsafeError, match="takes no images"):
         project(llama, _vec(53), layers=[0])
-
-
-def test_export_remedy_cli_and_bad_input_writes_nothing(llama, tmp_path, capsys):
-    d = _direction_file(tmp_path, _vec(61))
-    spec = tmp_path / "steer.yaml"
-    spec.write_text(f"kind: steer\nlayers: [1]\nalpha: 1.0\ndirection: {{file: {d}}}\n"
-                    f"checkpoint: {llama.checkpoint.spec}\n")
-    assert main(["export-remedy", str(spec), "-o", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "run.json").is_file()
-    bad = tmp_path / "bad.yaml"
-    narrow = _direction_file(tmp_path, torch.ones(8), "narrow.safetensors")
-    for text in (spec.read_text().replace("layers: [1]", "layers: [9]"),
-                 spec.read_text().replace("alpha: 1.0", "alpha: x"),
-                 spec.read_text().replace(d, narrow),
-                 spec.read_text() + "positions: last\n"):
-        bad.write_text(text)
-        capsys.readouterr()
-        assert main(["export-remedy", str(bad), "-o", str(tmp_path / "none")]) == 2
-        err = [line for line in capsys.readouterr().err.splitlines() if "vlsafe: error: " in line]
-        assert len(err) == 1 and err[0].startswith("vlsafe: error: "), err
-        assert not (tmp_path / "none").exists()
