@@ -30,9 +30,9 @@ import torch
 from vlsafe.analysis.errors import VlsafeError
 from vlsafe.probes import models as M
 from vlsafe.probes.interventions import _edit_input, _hooks, ablate_direction
-from vlsafe.probes.remedy_spec import RemedySpec, check_model, vectors
+from vlsafe.probes.remedy_spec import RemedySpec, vectors
 
-__all__ = ["apply_remedy", "steer", "calibrate", "project", "RemedySpec"]
+__all__ = ["apply_remedy", "evaluate_remedy", "steer", "calibrate", "project", "RemedySpec"]
 
 Vectors = torch.Tensor | Mapping[int, torch.Tensor]
 
@@ -242,7 +242,6 @@ def project(lm: Any, direction: Vectors, *, layers: Sequence[int], alpha: float 
 @contextlib.contextmanager
 def apply_remedy(lm: Any, spec: RemedySpec) -> Iterator[None]:
     """Run every forward of `lm` inside the block under the remedy `spec` (validated against `lm` first)."""
-    check_model(spec, lm)
     vecs = vectors(spec, lm)
     if spec.kind == "ablate":
         with contextlib.ExitStack() as stack:
@@ -252,3 +251,20 @@ def apply_remedy(lm: Any, spec: RemedySpec) -> Iterator[None]:
         return
     with _Remedy(lm, spec.kind, vecs, spec.alpha, spec.positions).hooks():
         yield
+
+
+def evaluate_remedy(lm: Any, spec: RemedySpec, sets: Sequence[Any], *, checkpoint: str | None = None,
+                    **kwargs: Any) -> tuple[Any, Any]:
+    """`evaluate_model(lm, sets, **kwargs)` under the remedy (generations bypass the cache: hooks are present).
+
+    `checkpoint` labels the rows (default `remedy-<spec.key()>`). `answer_loglik` sets score prompt + answer in
+    one forward, whose last position is not the prompt's: refused for `project` and for `positions: last`."""
+    from vlsafe.probes.behavior.evaluate import evaluate_model
+
+    if spec.kind == "project" or spec.positions == "last":
+        bad = [getattr(es.prompts, "name", "?") for es in sets if es.metric == "answer_loglik"]
+        if bad:
+            raise VlsafeError(f"{spec.source}: {spec.kind} (positions {spec.positions}) cannot score answer_loglik "
+                              f"set {bad[0]!r}: its forward holds the answer after the prompt")
+    with apply_remedy(lm, spec):
+        return evaluate_model(lm, sets, checkpoint=checkpoint or f"remedy-{spec.key()}", **kwargs)

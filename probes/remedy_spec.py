@@ -79,6 +79,11 @@ class RemedySpec(BaseModel):
     @field_validator("alpha", mode="before")
     @classmethod
     def _number(cls, v: Any) -> Any:
+        if isinstance(v, str):  # PyYAML reads `1e-3` (no dot) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                raise ValueError(f"must be a number, got {v!r}") from None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"must be a number, got {v!r}")
         if v != v or v in (float("inf"), float("-inf")):
@@ -188,10 +193,13 @@ def _open(p: Path, source: str) -> tuple[dict[str, str], list[str], Any]:
     try:
         with safe_open(str(p), "pt") as f:
             meta, names = dict(f.metadata() or {}), list(f.keys())
-            tensors = {n: f.get_tensor(n) for n in names}
     except (OSError, ValueError) as e:
         raise VlsafeError(f"{source}: unreadable vector file {p} ({str(e).splitlines()[0][:120]})") from None
-    return meta, names, tensors.__getitem__
+
+    def get(name: str) -> torch.Tensor:
+        with safe_open(str(p), "pt") as f:
+            return f.get_tensor(name)
+    return meta, names, get
 
 
 def _shift_meta(meta: dict[str, str]) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from vlsafe.probes.models import load
 from vlsafe.probes.remedies import apply_remedy, evaluate_remedy, project, steer
 from vlsafe.probes.remedy_spec import RemedySpec
 from vlsafe.probes.scores import _cache_of, refusal_score
+from vlsafe.probes.shift import ShiftResult
 from vlsafe.probes.templates import encode
 
 
@@ -249,14 +250,42 @@ def test_evaluate_remedy_scores_the_remedied_model(llama, tmp_path, monkeypatch)
 def test_spec_yaml_paths_and_key(tmp_path):
     (tmp_path / "a").mkdir()
     _direction_file(tmp_path / "a", _vec(41))
-    (tmp_path / "a" / "spec.yaml").write_text("kind: steer\nlayers: [1]\nalpha: 2\n"
+    (tmp_path / "a" / "spec.yaml").write_text("kind: steer\nlayers: [1]\nalpha: 2e-1\n"
                                               "direction: {file: dir.safetensors, unit: false}\n")
     spec = RemedySpec.from_yaml(tmp_path / "a" / "spec.yaml")
+    assert spec.alpha == 0.2                                                    # YAML reads 2e-1 as a string
     assert spec.direction.file == str(tmp_path / "a" / "dir.safetensors") and not spec.needs_images
     key = spec.key()
     assert spec.model_copy(update={"alpha": 3.0}).key() != key
     _direction_file(tmp_path / "a", _vec(42))                                   # same path, new content
     assert spec.key() != key
+
+def test_vectors_read_probe_and_locate_files(llama, tmp_path):
+    """`directions.safetensors` by checkpoint label, layer and position; `shift_vectors` defaults to
+    `refusal_direction`; `layer: 1` pins one layer's direction for every remedy layer."""
+    from vlsafe.probes.directions import DirectionSet, save_directions
+    from vlsafe.probes.remedy_spec import vectors
+
+    raw = {lab: _vec(seed, 2, 3) for lab, seed in (("a", 81), ("b", 82))}          # [L, P, d]
+    sets = {lab: DirectionSet(t, [0, 1], [-3, -2, -1], D, 2) for lab, t in raw.items()}
+    path = str(save_directions(tmp_path / "directions.safetensors", sets))
+    got = vectors(_spec("steer", tmp_path, layers=[0, 1], direction={"file": path, "key": "b", "position": -2,
+                                                                       "unit": False}), llama)
+    torch.testing.assert_close(got[0], raw["b"][0, 1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], raw["b"][1, 1], atol=1e-6, rtol=1e-6)
+    got = vectors(_spec("steer", tmp_path, layers=[0, 1], direction={"file": path, "key": "a", "layer": 1}), llama)
+    torch.testing.assert_close(got[0], raw["a"][1, -1] / raw["a"][1, -1].norm(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], got[0])
+    cond = ("blank", "harmful")
+    shift = ShiftResult([0, 1], [-1], {cond: _vec(83, 2, 1)}, {cond: torch.ones(2, 1)}, {"harmful": 1},
+                        direction=_vec(84, 2, 1))
+    spath = str(shift.save(tmp_path / "shift_vectors.safetensors"))
+    got = vectors(_spec("steer", tmp_path, layers=[1], direction={"file": spath, "unit": False}), llama)
+    torch.testing.assert_close(got[1], _vec(84, 2, 1)[1, 0].float().double())
+    with pytest.raises(VlsafeError, match="labels: a, b") as e:
+        vectors(_spec("steer", tmp_path, layers=[0], direction={"file": path, "key": "c"}), llama)
+    _one_line(e)
+
 
 @pytest.mark.parametrize("raw, match", [
     ({"kind": "steer", "layers": [0], "alpha": "x", "direction": {"file": "d"}}, "alpha: must be a number"),
