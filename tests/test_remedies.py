@@ -103,6 +103,14 @@ def test_steer_alpha_zero_is_identity_and_equals_activation_addition(llama, tmp_
         torch.testing.assert_close(_logits(llama, batch), unit, atol=1e-6, rtol=1e-6)
 
 
+def test_hooks_are_removed_on_error(llama):
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(llama, _vec(24), layers=[0, 1]):
+            assert sum(len(m._forward_pre_hooks) for m in llama.model.modules()) == 3
+            raise RuntimeError("boom")
+    assert not any(m._forward_pre_hooks for m in llama.model.modules())
+
+
 def test_ablate_spec_reuses_ablate_direction_at_the_chosen_layers(llama, tmp_path):
     r = _vec(22)
     batch = encode(llama, PROMPTS)

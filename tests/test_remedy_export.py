@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from _remedy_helpers import PROMPT, PROMPTS, _direction_file, _logits, _noise_image, _spec, _vec
-from vlsafe.analysis.tiny import tiny_llama, tiny_llava
+from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.tiny import tiny_llama, tiny_llava, tiny_qwen2_vl
 from vlsafe.experiments.cli import main
 from vlsafe.probes.models import load
 from vlsafe.probes.remedies import apply_remedy
@@ -88,3 +89,12 @@ def test_export_remedy_cli_and_bad_input_writes_nothing(llama, tmp_path, capsys)
         err = [line for line in capsys.readouterr().err.splitlines() if "vlsafe: error: " in line]
         assert len(err) == 1 and err[0].startswith("vlsafe: error: "), err
         assert not (tmp_path / "none").exists()
+
+
+def test_family_without_a_bias_switch_is_refused(tmp_path):
+    src = tiny_qwen2_vl(tmp_path / "qwen")
+    spec = _spec("steer", tmp_path, layers=[1], direction={"file": _direction_file(tmp_path, _vec(62))})
+    with pytest.raises(VlsafeError, match="no 'mlp_bias' switch") as e:
+        export_remedy(spec, tmp_path / "out", checkpoint=src)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
