@@ -221,11 +221,12 @@ FRONTS = {"is_pareto": "safety", "is_pareto_image": "safety_image"}  # front col
 
 
 def _on_front(df: pd.DataFrame, safety: str) -> pd.Series:
-    """True for rows with a full-stage number (or no `stage` column) not dominated in (`safety` ↑, helpfulness ↑)."""
+    """True for rows not dominated in (`safety` ↑, helpfulness ↑) among the rows with numbers; when some rows have
+    full-stage numbers, among those only."""
     from vlsafe.experiments.report.plots import pareto_front
 
     ok = df[safety].notna() & df["helpfulness"].notna()
-    if "stage" in df.columns:
+    if "stage" in df.columns and (df["stage"] == "full").any():
         ok &= df["stage"] == "full"
     pool = df[ok].assign(safety=df.loc[ok, safety])
     front = pareto_front(pool) if len(pool) else pool
@@ -234,8 +235,8 @@ def _on_front(df: pd.DataFrame, safety: str) -> pd.Series:
 
 def mark_pareto(df: pd.DataFrame) -> pd.DataFrame:
     """`df` with `is_pareto`: not dominated in (safety ↑, helpfulness ↑) (`vlsafe.experiments.report.plots.pareto_front`),
-    and `is_pareto_image` likewise with `safety_image` when that column exists. With a `stage` column only `full`
-    points compete (screened numbers are not comparable with judged ones)."""
+    and `is_pareto_image` likewise with `safety_image` when that column exists. When a `stage` column has `full`
+    points, only they compete (screened numbers are not comparable with judged ones)."""
     df = df.reset_index(drop=True)
     for col, safety in FRONTS.items():
         if safety in df.columns:
