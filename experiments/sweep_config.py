@@ -19,7 +19,8 @@ grid:
                {top_k: 4, from: runs/locate/signals.csv, score: patching_resid}]
 ```
 
-A `${name}` string that is a whole value keeps the variable's type. `layers` is special: unless the template
+Point labels name the selection (`layers=top6:patching_resid_scene`, `L10-19`, `L1_4`). A `${name}` string that
+is a whole value keeps the variable's type. `layers` is special: unless the template
 uses `${layers}` itself, the resolved selection becomes the merge plan's `layers`, the tune config's
 `layers: {trainable: …}` (full SFT and LoRA alike: only those blocks train or get adapters) or RESTA's `layers`;
 `all` means no selection. `top_k` reads a diff or probe `layers.csv`, or the `signals.csv` of `vlsafe locate`
@@ -117,8 +118,8 @@ class Point:
 
 def _short(v: Any) -> str:
     if isinstance(v, dict):
-        if "top_k" in v:
-            return f"top{v['top_k']}"
+        if "top_k" in v:  # the signal too: top-k of two columns are two points
+            return f"top{v['top_k']}:{v.get('score', 'rel_frobenius')}" + ("(low)" if v.get("largest") is False else "")
         return "L{}-{}".format(int(v["range"][0]), int(v["range"][1]) - 1) if "range" in v else "sel"
     if isinstance(v, list):
         return "L" + "_".join(map(str, v))
@@ -226,8 +227,9 @@ def layer_signal(sel: Any, config: Any = None) -> str:
 
 
 def expand(cfg: SweepConfig, env: dict[str, Any], base_dir: Path) -> list[Point]:
-    """Every point of the grid (cartesian product of each entry's `vary`)."""
-    points = []
+    """Every point of the grid (cartesian product of each entry's `vary`). Combinations of one entry that resolve
+    to the same config, layers and layer signal (e.g. top-k sizes set equal by `--var`) are one point, the first."""
+    points, seen = [], set()
     for i, entry in enumerate(cfg.grid):
         keys = list(entry.vary)
         for combo in itertools.product(*(entry.vary[k] for k in keys)):
@@ -241,6 +243,10 @@ def expand(cfg: SweepConfig, env: dict[str, Any], base_dir: Path) -> list[Point]
                 config = _inject_layers(entry.method, config, layers, where)
             plain = {k: (v if "/" not in str(v) else "${" + k + "}") for k, v in env.items()}
             signal = layer_signal(used.get("layers"), None if "layers" in values else config)
+            same = json.dumps([entry.name, config, layers, signal], sort_keys=True, default=str)
+            if same in seen:
+                continue
+            seen.add(same)
             points.append(Point(entry, values, layers, config, layer_signal=signal,
                                 shown=substitute(values, plain, where)))
     return points
