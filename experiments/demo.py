@@ -3,8 +3,8 @@
 organism (built if not cached) → weight shift `llm-aligned` → `lvlm` (+ dynamics over `lvlm-step-N`, + the
 task-vector cosine of VL adaptation vs post-hoc safety tuning) → probes on every organism checkpoint (text-only
 and, for LVLMs, with an image) → causal localisation `llm-aligned` → `lvlm` (patching, text and with organism
-scenes; image shift; the signals table) → behaviour on the shipped test sets → the remedies sweep (two-stage: references,
-whole-LM merges, merges and LoRA targeted at each locate signal's top-k layers; text and image fronts) →
+scenes; image shift; the signals table) → behaviour on the shipped test sets → the remedies sweep (two-stage:
+references, whole-LM merges, merges and LoRA targeted at each locate signal's top-k layers; text and image fronts) →
 `report.html`.
 
 Every stage goes through the same CLI a researcher would type, so the demo is also a worked example. A stage is

@@ -14,7 +14,8 @@ Every point goes through the one evaluation, `vlsafe.probes.behavior.evaluate.ev
   or a resumed run reuses it.
 
 safety = refusal rate on the harmful set; safety_image = refusal rate on `harmful_image` (the harmful prompts with an
-image, e.g. `harmful-val+blank`; optional; NaN for a model that takes no images); over_refusal = refusal rate on the borderline (safe-but-edgy) set;
+image, e.g. `harmful-val+blank`; optional; NaN for a model that takes no images); over_refusal = refusal rate on the
+borderline (safe-but-edgy) set;
 helpfulness = compliance (1 − refusal) on the harmless set, or with `helpfulness: loglik` the mean per-token
 log-likelihood of reference answers (`vlsafe.probes.behavior.helpfulness.answer_loglik`, references = the greedy
 answers of `eval.reference`). Rates carry Wilson 95 % intervals; log-likelihoods a normal 95 % interval. With a
@@ -234,8 +235,8 @@ def _on_front(df: pd.DataFrame, safety: str) -> pd.Series:
 
 
 def mark_pareto(df: pd.DataFrame) -> pd.DataFrame:
-    """`df` with `is_pareto`: not dominated in (safety ↑, helpfulness ↑) (`vlsafe.experiments.report.plots.pareto_front`),
-    and `is_pareto_image` likewise with `safety_image` when that column exists. When a `stage` column has `full`
+    """`df` with `is_pareto`: not dominated in (safety ↑, helpfulness ↑)
+    (`vlsafe.experiments.report.plots.pareto_front`), and `is_pareto_image` likewise with `safety_image` when that column exists. When a `stage` column has `full`
     points, only they compete (screened numbers are not comparable with judged ones)."""
     df = df.reset_index(drop=True)
     for col, safety in FRONTS.items():

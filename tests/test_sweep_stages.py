@@ -92,7 +92,7 @@ def test_targeted_merge_sft_and_lora_points_touch_only_the_signal_layers(tmp_pat
         assert changed and all(n.startswith("model.layers.1.") for n in changed), (model, sorted(changed)[:3])
 
 
-# ---- two-stage: the keep rule ------------------------------------------------------------------------------------------
+# ---- two-stage: the keep rule ----------------------------------------------------------------------------------
 def _true_front(s: np.ndarray, h: np.ndarray) -> set[int]:
     df = mark_pareto(pd.DataFrame({"safety": s, "helpfulness": h}))
     return set(np.flatnonzero(df["is_pareto"]))

@@ -4,7 +4,8 @@ Names such as `restore-llm[alpha=1.0,layers=L10-19]` do not fit beside a point, 
 (its row in `pareto.csv`, from 1) and `pareto_key` is the table that names them; points at the same place share
 one label (`2, 4–7`). Labels are placed greedily: the first of a ring of candidate positions, widening, whose box
 (measured by matplotlib) hits no other label, no marker and stays inside the axes; a leader line joins a label
-placed away from its point. Labels are SVG groups with ids `label-N`, so a check can hold them to their axes. In the HTML each point is an SVG group with id
+placed away from its point. Labels are SVG groups with ids `label-N`, so a check can hold them to their axes. In
+the HTML each point is an SVG group with id
 `pareto-pt-N` (`pareto-image-pt-N` in the image front), for the tooltips of `pareto_tips`.
 
 Families: the table's `family` column (merge, tuning, activation, reference; `vlsafe sweep` writes it) when present,
