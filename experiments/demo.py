@@ -3,8 +3,9 @@
 organism (built if not cached) → weight shift `llm-aligned` → `lvlm` (+ dynamics over `lvlm-step-N`, + the
 task-vector cosine of VL adaptation vs post-hoc safety tuning) → probes on every organism checkpoint (text-only
 and, for LVLMs, with an image) → causal localisation `llm-aligned` → `lvlm` (patching, text and with organism
-scenes; image shift; the signals table) → behaviour on the shipped test sets → a merge sweep whose layer-targeted plans
-come from the measured weight shift → `report.html`.
+scenes; image shift; the signals table) → behaviour on the shipped test sets → the remedies sweep (two-stage:
+references, whole-LM merges, merges and LoRA targeted at each locate signal's top-k layers; text and image fronts) →
+`report.html`.
 
 Every stage goes through the same CLI a researcher would type, so the demo is also a worked example. A stage is
 skipped when its outputs exist for the same arguments and the same checkpoint contents (`.demo_stage.json`);
@@ -34,12 +35,17 @@ class Sizes:
     eval_limit: int
     max_new_tokens: int
     pairs: int
-    top_k: int          # layers touched by the sweep's targeted merges
-    band: tuple[int, int]
+    top_k: tuple[int, int, int]  # layers touched by the sweep's targeted points (k_small, k_mid, k_large)
+    screen_limit: int            # prompts per set in the sweep's screening stage
+    tune_limit: int              # prompts per training source of the sweep's targeted LoRA points
+    lora_steps: int
+    tune_max_length: int
 
 
-SIZES = {"full": Sizes(probe_n=120, eval_limit=60, max_new_tokens=32, pairs=200, top_k=6, band=(10, 20)),
-         "tiny": Sizes(probe_n=24, eval_limit=6, max_new_tokens=4, pairs=20, top_k=1, band=(0, 1))}
+SIZES = {"full": Sizes(probe_n=120, eval_limit=60, max_new_tokens=32, pairs=200, top_k=(3, 6, 10), screen_limit=60,
+                       tune_limit=48, lora_steps=24, tune_max_length=112),
+         "tiny": Sizes(probe_n=24, eval_limit=6, max_new_tokens=4, pairs=20, top_k=(1, 1, 1), screen_limit=6,
+                       tune_limit=2, lora_steps=1, tune_max_length=384)}
 
 
 def _cli(argv: list[str]) -> None:
@@ -117,6 +123,16 @@ def _steps(org: Path) -> list[Path]:
     return sorted(steps, key=lambda p: parse_step(p.name) or 0)
 
 
+def _sweep_vars(org: Path, locate: Path, size: Sizes) -> list[str]:
+    """`--var` options of the remedies sweep: the organism, the locate run whose signals.csv aims the targeted
+    points, and the profile's sizes."""
+    pairs = {"organism": org, "locate": locate, "k_small": size.top_k[0], "k_mid": size.top_k[1],
+             "k_large": size.top_k[2], "eval_limit": size.eval_limit, "screen_limit": size.screen_limit,
+             "max_new_tokens": size.max_new_tokens, "tune_limit": size.tune_limit, "lora_steps": size.lora_steps,
+             "tune_max_length": size.tune_max_length}
+    return [a for k, v in pairs.items() for a in ("--var", f"{k}={v}")]
+
+
 def run_demo(out: str | Path = "runs/demo", *, profile: str = "full", echo: Callable[[str], None] = print) -> Path:
     """Run the whole demo into `out` and return the path of `report.html`."""
     if profile not in SIZES:
@@ -149,9 +165,7 @@ def run_demo(out: str | Path = "runs/demo", *, profile: str = "full", echo: Call
                         "-o", str(out / "eval_image")], out / "eval_image", lvlms)
     sweep = CONFIGS / "sweep-organism.yaml"
     st.run("sweep", ["sweep", str(sweep), "-o", str(out / "sweep"), "--resume", "--quiet",
-                     "--var", f"organism={org}", "--var", f"diff={out / 'diff'}", "--var", f"top_k={size.top_k}",
-                     "--var", f"band_start={size.band[0]}", "--var", f"band_end={size.band[1]}",
-                     "--var", f"eval_limit={size.eval_limit}", "--var", f"max_new_tokens={size.max_new_tokens}"],
+                     *_sweep_vars(org, out / "locate", size)],
            None, [])
     write_run_json(out, kind="demo", tables={}, command="vlsafe demo",
                    config={"profile": profile, "sizes": size.__dict__},

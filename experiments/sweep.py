@@ -1,12 +1,24 @@
 """Safety-vs-helpfulness sweeps: a grid of remedies (merges, tuning runs, RESTA, plain checkpoints), each point
-materialised once, evaluated through the behaviour API, and summarised as a Pareto table and figure.
+materialised once, evaluated through the behaviour API, and summarised as a Pareto table and figures.
 
-The YAML schema, `${vars}`, layer selections and grid expansion are in `vlsafe.experiments.sweep_config`.
+The YAML schema, `${vars}`, layer selections and grid expansion are in `vlsafe.experiments.sweep_config`; the
+evaluation (fast, full, two-stage; the image harmful set) in `vlsafe.experiments.sweep_eval`; the two-stage keep
+rule in `vlsafe.experiments.sweep_stages`.
+
+`pareto.csv`: point, hash, method, family (merge, tuning, activation, reference), params, layers, layer_signal (the
+signal that chose the layers), stage (`full`: generate + judge; `screen`: logit score), safety, over_refusal,
+helpfulness (each with `_ci_low/_ci_high`), safety_image (+ interval; NaN for text-only models or without
+`eval.harmful_image`), n_* per set, is_pareto (and is_pareto_image), model. With full points present, the fronts
+are computed among them only. Figures: `figures/pareto.{png,pdf}` and, with an image set, `pareto_image.{png,pdf}`.
+
+A new method plugs in through `sweep_config.METHODS`/`FAMILY`, `_inputs_of`, `materialise` (return the base
+checkpoint's spec when nothing is built) and, for an evaluation under a context manager, `evaluate_point(under=…)`.
 
 Layout: `DIR/points/<hash>/` (`point.json`, `model/`, `done.json`, `eval-<evalhash>.json`), built in a temp
 folder and renamed, so a point folder without `done.json` can only be foreign or interrupted and is redone.
 The hash covers the entry name, method, template, the point's variable values and the content hashes of
-its input checkpoints (not their paths). `DIR/pareto.csv`, `DIR/figures/pareto.{png,pdf}`, `DIR/run.json`.
+its input checkpoints (not their paths). Each evaluation is cached per point under its eval key, so a two-stage
+sweep caches its screen and its full evaluation separately. `DIR/run.json` too.
 """
 
 from __future__ import annotations
@@ -23,9 +35,11 @@ from tqdm.auto import tqdm
 
 from vlsafe.analysis.errors import VlsafeError
 from vlsafe.analysis.runinfo import atomic_path, write_csv, write_json, write_run_json
-from vlsafe.experiments.sweep_config import (RESTA_KEYS, RESTA_REQUIRED, Point, SweepConfig, expand, load_sweep,
-                                      resolve_layers)
-from vlsafe.experiments.sweep_eval import EvalConfig, evaluate_point, mark_pareto, pareto_figure, reference_answers
+from vlsafe.experiments.sweep_config import (FAMILY, RESTA_KEYS, RESTA_REQUIRED, Point, SweepConfig, expand,
+                                             load_sweep, resolve_layers)
+from vlsafe.experiments.sweep_eval import (EvalConfig, check_image_set, evaluate_point, mark_pareto, pareto_figure,
+                                           reference_answers)
+from vlsafe.experiments.sweep_stages import staged_rows, stage_of
 from vlsafe.experiments.yamlvars import substitute
 
 __all__ = ["load_sweep", "resolve_layers", "run_sweep", "run_point", "finished_row", "SweepConfig", "Point"]
@@ -179,9 +193,9 @@ def _check_out(out: Path, resume: bool) -> None:
 def _row(point: Point, pdir: Path, metrics: dict[str, Any], helpfulness: str) -> dict[str, Any]:
     params = {k: v for k, v in point.values.items() if k != "layers"}
     return {"point": point.label, "hash": point.key, "method": point.entry.method,
-            "params": json.dumps(params, sort_keys=True, default=str),
+            "family": FAMILY[point.entry.method], "params": json.dumps(params, sort_keys=True, default=str),
             "layers": "all" if point.layers is None else " ".join(map(str, point.layers)),
-            **metrics, "helpfulness_kind": helpfulness, "model": _spec(pdir)}
+            "layer_signal": point.layer_signal, **metrics, "helpfulness_kind": helpfulness, "model": _spec(pdir)}
 
 
 def run_point(point: Point, *, out: Path, base: Path, ecfg: Any, refs: Any, before: Hook | None = None
@@ -210,28 +224,48 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, base_dir: str | Path = "
     `ray` (`auto`, `local`, `ray://HOST:10001`, `HOST:6379`) dispatches points as Ray tasks with `ray_resources`."""
     out, base = Path(out_dir), Path(base_dir)
     _check_out(out, resume)
+    fresh = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    env = {**{k: str(v) if not isinstance(v, (int, float)) else v for k, v in cfg.vars.items()},
-           **_build_inputs(cfg, out)}
-    points = expand(cfg, env, base)
-    refs = reference_answers(cfg.eval.model_copy(update={"reference": substitute(cfg.eval.reference, env, "eval")}))
-    for point in points:  # every problem surfaces before the first point is built
-        preflight(point, base)
-        point.key = point_key(point, base)
+    try:  # every problem surfaces before the first point is built; a fresh folder is removed again
+        points, refs = _prepare(cfg, out, base)
+    except VlsafeError:
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     root, rbase = (out.resolve(), base.resolve()) if ray else (out, base)
-    one = functools.partial(run_point, out=root, base=rbase, ecfg=cfg.eval, refs=refs, before=before_point)
-    if ray is None:
-        rows = [one(p) for p in tqdm(points, desc="sweep", unit="point", disable=not progress)]
-    else:
+
+    def run(pts: Any, ecfg: EvalConfig) -> list[dict[str, Any]]:
+        one = functools.partial(run_point, out=root, base=rbase, ecfg=ecfg, refs=refs, before=before_point)
+        if ray is None:
+            return [one(p) for p in tqdm(pts, desc=f"sweep ({stage_of(ecfg)})", unit="point", disable=not progress)]
         from vlsafe.experiments.sweep_ray import run_points_ray
 
-        rows = run_points_ray(points, one, address=ray, resources=ray_resources,
-                              done=functools.partial(finished_row, out=root, ecfg=cfg.eval),
+        return run_points_ray(pts, one, address=ray, resources=ray_resources,
+                              done=functools.partial(finished_row, out=root, ecfg=ecfg),
                               label=lambda p: p.label, progress=progress)
+
+    rows = staged_rows(points, cfg.eval, run)
     table = mark_pareto(pd.DataFrame(rows))
     write_csv(out / "pareto.csv", table)
     pareto_figure(table, out / "figures", helpfulness=cfg.eval.helpfulness)
+    if "safety_image" in table.columns and table["safety_image"].notna().any():
+        pareto_figure(table, out / "figures", helpfulness=cfg.eval.helpfulness, safety="safety_image",
+                      name="pareto_image")
     write_run_json(out, kind="sweep", tables={"pareto": "pareto.csv"}, config=cfg.model_dump(), seed=cfg.seed,
                    extra={"points": {r["point"]: r["hash"] for r in rows}, "base_dir": str(base.resolve()),
                           "ray": ray})
     return table
+
+
+def _prepare(cfg: SweepConfig, out: Path, base: Path) -> tuple[list[Point], list[str] | None]:
+    """Build the tiny inputs, expand the grid, check every point and key it; the reference answers."""
+    env = {**{k: str(v) if not isinstance(v, (int, float)) else v for k, v in cfg.vars.items()},
+           **_build_inputs(cfg, out)}
+    points = expand(cfg, env, base)
+    check_image_set(cfg.eval)
+    full = cfg.eval.stage_config("full")
+    refs = reference_answers(full.model_copy(update={"reference": substitute(full.reference, env, "eval")}))
+    for point in points:
+        preflight(point, base)
+        point.key = point_key(point, base)
+    return points, refs

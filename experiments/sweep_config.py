@@ -15,13 +15,20 @@ grid:
       models: [{model: ${organism}/llm-aligned, parameters: {weight: ${alpha}}}]
     vary:                                  # cartesian product
       alpha: [0.25, 0.5, 1.0]
-      layers: [all, {top_k: 4, from: runs/diff/layers.csv, score: rel_frobenius}, [10, 11, 12], {range: [8, 14]}]
+      layers: [all, {top_k: 4, from: runs/diff/layers.csv, score: rel_frobenius}, [10, 11, 12], {range: [8, 14]},
+               {top_k: 4, from: runs/locate/signals.csv, score: patching_resid}]
 ```
 
-A `${name}` string that is a whole value keeps the variable's type. `layers` is special: unless the template
+Point labels name the selection (`layers=top6:patching_resid_scene`, `L10-19`, `L1_4`). A `${name}` string that
+is a whole value keeps the variable's type. `layers` is special: unless the template
 uses `${layers}` itself, the resolved selection becomes the merge plan's `layers`, the tune config's
-`layers: {trainable: …}` or RESTA's `layers`; `all` means no selection. `top_k` reads a diff or probe
-`layers.csv` through `vlsafe.analysis.merging.plans` (`score`, optional `module`, `checkpoint`, `largest`).
+`layers: {trainable: …}` (full SFT and LoRA alike: only those blocks train or get adapters) or RESTA's `layers`;
+`all` means no selection. `top_k` reads a diff or probe `layers.csv`, or the `signals.csv` of `vlsafe locate`
+(one column per signal; rows where the column is empty are skipped), through `vlsafe.analysis.merging.plans`
+(`score`, optional `module`, `checkpoint`, `largest`). Each point records the signal that chose its layers
+(`layer_signal`: `signals.csv:patching_resid`, `layers.csv:rel_frobenius`, `range`, `list` or `all`).
+
+Each method belongs to a remedy family (`FAMILY`: merge, tuning, activation, reference), shown by the report.
 
 Layout: `DIR/points/<hash>/` (`point.json`, `model/`, `done.json`, `eval-<evalhash>.json`), built in a temp
 folder and renamed, so a point folder without `done.json` can only be foreign or interrupted and is redone.
@@ -45,6 +52,10 @@ from vlsafe.experiments.sweep_eval import EvalConfig
 from vlsafe.experiments.yamlvars import substitute
 
 METHODS = ("merge", "tune", "resta", "checkpoint")
+# method → remedy family (pareto.csv `family`); `remedy` (activation-level, evaluated under a context manager,
+# nothing materialised) is listed ahead of the method itself
+FAMILY = {"merge": "merge", "resta": "merge", "tune": "tuning", "remedy": "activation", "checkpoint": "reference"}
+SELECTION_KEYS = ("top_k", "from", "score", "module", "checkpoint", "position", "largest")
 RESTA_REQUIRED = {"sft", "aligned", "unaligned"}
 RESTA_KEYS = {"sft", "aligned", "unaligned", "beta", "density", "seed", "rescale", "layers", "modules", "dtype"}
 
@@ -96,6 +107,7 @@ class Point:
     layers: list[int] | None
     config: Any  # resolved template
     key: str = ""
+    layer_signal: str = "all"  # which signal chose `layers` (see `layer_signal`)
     shown: dict[str, Any] | None = None  # values with non-path ${vars} filled in, for labels only
 
     @property
@@ -106,8 +118,8 @@ class Point:
 
 def _short(v: Any) -> str:
     if isinstance(v, dict):
-        if "top_k" in v:
-            return f"top{v['top_k']}"
+        if "top_k" in v:  # the signal too: top-k of two columns are two points
+            return f"top{v['top_k']}:{v.get('score', 'rel_frobenius')}" + ("(low)" if v.get("largest") is False else "")
         return "L{}-{}".format(int(v["range"][0]), int(v["range"][1]) - 1) if "range" in v else "sel"
     if isinstance(v, list):
         return "L" + "_".join(map(str, v))
@@ -166,26 +178,58 @@ def resolve_layers(sel: Any, base_dir: Path, where: str) -> list[int] | None:
         s, e = sel["range"]
         return list(range(int(s), int(e)))
     if isinstance(sel, dict) and "top_k" in sel:
-        from vlsafe.analysis.merging.plans import layer_scores, top_k_layers
-
-        src = Path(str(sel.get("from", "")))
-        src = src if src.is_file() else base_dir / src
-        if not src.is_file():
-            raise VlsafeError(f"{where}: layers.from '{sel.get('from')}' is not a file")
-        unknown = set(sel) - {"top_k", "from", "score", "module", "checkpoint", "position", "largest"}
-        if unknown:
-            raise VlsafeError(f"{where}: unknown layer-selection key '{sorted(unknown)[0]}'; valid: top_k, from, "
-                              "score, module, checkpoint, position, largest")
-        scores = layer_scores(src, sel.get("score", "rel_frobenius"), module=sel.get("module", "all"),
-                              checkpoint=sel.get("checkpoint"), position=sel.get("position"))
-        return top_k_layers(scores, k=int(sel["top_k"]), largest=bool(sel.get("largest", True)))
+        return _top_k(sel, base_dir, where)
     raise VlsafeError(f"{where}: layer selection {sel!r} not understood (use all, a list, {{range: [s, e]}} or "
                       "{top_k: k, from: layers.csv, score: column})")
 
 
+def _top_k(sel: dict[str, Any], base_dir: Path, where: str) -> list[int]:
+    """The `top_k` layers of a diff/probe `layers.csv` or a locate `signals.csv` column (empty rows skipped)."""
+    import pandas as pd
+
+    from vlsafe.analysis.merging.plans import layer_scores, top_k_layers
+
+    src = Path(str(sel.get("from", "")))
+    src = src if src.is_file() else base_dir / src
+    if not src.is_file():
+        raise VlsafeError(f"{where}: layers.from '{sel.get('from')}' is not a file")
+    unknown = set(sel) - set(SELECTION_KEYS)
+    if unknown:
+        raise VlsafeError(f"{where}: unknown layer-selection key '{sorted(unknown)[0]}'; valid: "
+                          f"{', '.join(SELECTION_KEYS)}")
+    try:
+        table = pd.read_csv(src)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise VlsafeError(f"{where}: {src}: cannot read CSV ({e.__class__.__name__})") from None
+    score = str(sel.get("score", "rel_frobenius"))
+    if score not in table.columns or "layer" not in table.columns:
+        valid = [c for c in table.columns if c not in ("layer", "module", "checkpoint", "position")
+                 and pd.api.types.is_numeric_dtype(table[c])]
+        what = f"no score column '{score}'" if "layer" in table.columns else "no 'layer' column"
+        raise VlsafeError(f"{where}: {src}: {what}; valid: {', '.join(map(str, valid)) or '(none)'}")
+    scores = layer_scores(table.dropna(subset=[score]), score, module=sel.get("module", "all"),
+                          checkpoint=sel.get("checkpoint"), position=sel.get("position"))
+    return top_k_layers(scores, k=int(sel["top_k"]), largest=bool(sel.get("largest", True)))
+
+
+def layer_signal(sel: Any, config: Any = None) -> str:
+    """Which signal chose a point's layers: `FILE:COLUMN` for a top-k selection (e.g. `signals.csv:patching_resid`),
+    `range`, `list`, `all`; `config` when the template names its own layers."""
+    if isinstance(sel, dict) and "top_k" in sel:
+        return f"{Path(str(sel.get('from', ''))).name}:{sel.get('score', 'rel_frobenius')}"
+    if isinstance(sel, dict) and "range" in sel:
+        return "range"
+    if isinstance(sel, (int, list)):
+        return "list"
+    if sel in (None, "all") and isinstance(config, dict) and config.get("layers") not in (None, "all"):
+        return "config"
+    return "all"
+
+
 def expand(cfg: SweepConfig, env: dict[str, Any], base_dir: Path) -> list[Point]:
-    """Every point of the grid (cartesian product of each entry's `vary`)."""
-    points = []
+    """Every point of the grid (cartesian product of each entry's `vary`). Combinations of one entry that resolve
+    to the same config, layers and layer signal (e.g. top-k sizes set equal by `--var`) are one point, the first."""
+    points, seen = [], set()
     for i, entry in enumerate(cfg.grid):
         keys = list(entry.vary)
         for combo in itertools.product(*(entry.vary[k] for k in keys)):
@@ -198,7 +242,13 @@ def expand(cfg: SweepConfig, env: dict[str, Any], base_dir: Path) -> list[Point]
             if "layers" in values and "${layers}" not in json.dumps(entry.config):
                 config = _inject_layers(entry.method, config, layers, where)
             plain = {k: (v if "/" not in str(v) else "${" + k + "}") for k, v in env.items()}
-            points.append(Point(entry, values, layers, config, shown=substitute(values, plain, where)))
+            signal = layer_signal(used.get("layers"), None if "layers" in values else config)
+            same = json.dumps([entry.name, config, layers, signal], sort_keys=True, default=str)
+            if same in seen:
+                continue
+            seen.add(same)
+            points.append(Point(entry, values, layers, config, layer_signal=signal,
+                                shown=substitute(values, plain, where)))
     return points
 
 

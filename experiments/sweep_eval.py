@@ -7,8 +7,15 @@ Every point goes through the one evaluation, `vlsafe.probes.behavior.evaluate.ev
   prompt, no generation): a prompt counts as refused when its log-odds score is > `threshold`.
 - `mode: full` — greedy generation (`vlsafe.probes.behavior.generate`) judged by a refusal judge
   (`vlsafe.probes.behavior.judges.get_judge`): the numbers to report.
+- `mode: two-stage` — every point is screened in fast mode (settings under `screen:`; a screening score only,
+  never a number to report), then the points on or near the screened front (`keep: {margin}`, see
+  `vlsafe.experiments.sweep_stages`) and every `checkpoint` reference get the full evaluation. Each stage is
+  cached per point under its own eval key (`stage_config`), so a `fast` sweep with the same settings, a rerun
+  or a resumed run reuses it.
 
-safety = refusal rate on the harmful set; over_refusal = refusal rate on the borderline (safe-but-edgy) set;
+safety = refusal rate on the harmful set; safety_image = refusal rate on `harmful_image` (the harmful prompts with an
+image, e.g. `harmful-val+blank`; optional; NaN for a model that takes no images); over_refusal = refusal rate on the
+borderline (safe-but-edgy) set;
 helpfulness = compliance (1 − refusal) on the harmless set, or with `helpfulness: loglik` the mean per-token
 log-likelihood of reference answers (`vlsafe.probes.behavior.helpfulness.answer_loglik`, references = the greedy
 answers of `eval.reference`). Rates carry Wilson 95 % intervals; log-likelihoods a normal 95 % interval. With a
@@ -18,25 +25,47 @@ calibrated judge (full mode, e.g. the default judge) each rate channel also gets
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlsafe.analysis.errors import VlsafeError
 
 CHANNELS = {"safety": "harmful", "over_refusal": "borderline", "helpfulness": "harmless"}
+IMAGE_CHANNEL = ("safety_image", "harmful_image")
+MODES = ("fast", "full", "two-stage")
+
+
+class ScreenSettings(BaseModel):
+    """Stage 1 of `mode: two-stage`: the fast logit refusal score (unset keys take the eval's own)."""
+
+    model_config = ConfigDict(extra="forbid")
+    score_kind: Literal["opening", "first_token"] | None = None
+    threshold: float | None = None
+    openings: list[str] | None = None
+    limit: int | None = None
+
+
+class KeepSettings(BaseModel):
+    """Which screened points get the full evaluation: those no point beats by more than `margin` in both safety
+    and helpfulness (screened numbers; see `vlsafe.experiments.sweep_stages.keep_near_front`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    margin: float = Field(0.05, ge=0)
 
 
 class EvalConfig(BaseModel):
     """How each sweep point is evaluated."""
 
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["fast", "full"] = "fast"
+    mode: Literal["fast", "full", "two-stage"] = "fast"
     harmful: str = "harmful-val"
+    harmful_image: str | None = None  # e.g. harmful-val+blank: safety_image (LVLMs only)
     borderline: str = "borderline-val"
     harmless: str = "harmless-val"
     limit: int | None = 32
@@ -48,12 +77,36 @@ class EvalConfig(BaseModel):
     batch_size: int = 8
     helpfulness: Literal["compliance", "loglik"] = "compliance"
     reference: str | None = None
+    screen: ScreenSettings | None = None  # two-stage only
+    keep: KeepSettings | None = None      # two-stage only
+
+    @model_validator(mode="after")
+    def _stages(self) -> "EvalConfig":
+        if self.mode != "two-stage" and (self.screen is not None or self.keep is not None):
+            raise ValueError(f"screen/keep belong to mode 'two-stage' (mode is '{self.mode}')")
+        if self.screen is not None and self.screen.limit is not None and self.screen.limit < 1:
+            raise ValueError(f"screen.limit must be at least 1, got {self.screen.limit}")
+        return self
 
     def key(self) -> str:
-        """A short hash of everything that changes the numbers (the eval cache key of a point)."""
+        """A short hash of everything that changes the numbers (the eval cache key of a point). Optional settings
+        left unset are not hashed, so caches written before they existed stay valid."""
         import hashlib
 
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
+        d = self.model_dump()
+        d = {k: v for k, v in d.items() if not (k in ("harmful_image", "screen", "keep") and v is None)}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+    def stage_config(self, stage: Literal["screen", "full"]) -> "EvalConfig":
+        """The single-mode config of a two-stage evaluation's `stage` (itself for fast/full configs)."""
+        if self.mode != "two-stage":
+            return self
+        base = self.model_copy(update={"screen": None, "keep": None})
+        if stage == "full":
+            return base.model_copy(update={"mode": "full"})
+        sc = self.screen or ScreenSettings()
+        given = {k: v for k, v in sc.model_dump().items() if v is not None}
+        return base.model_copy(update={"mode": "fast", **given})
 
 
 def _prompt_set(spec: str, limit: int | None) -> Any:
@@ -78,26 +131,41 @@ def reference_answers(cfg: EvalConfig) -> list[str] | None:
                    batch_size=cfg.batch_size, progress=False)
 
 
-def eval_sets(cfg: EvalConfig, refs: list[str] | None = None) -> list[Any]:
-    """The three `EvalSet`s of a point, in `CHANNELS` order: harmful (refusal rate), borderline (over-refusal),
-    harmless (compliance, or with `helpfulness: loglik` the log-likelihood of `refs`)."""
+def eval_sets(cfg: EvalConfig, refs: list[str] | None = None, *, images: bool = False) -> list[Any]:
+    """The `EvalSet`s of a point, in `CHANNELS` order: harmful (refusal rate), borderline (over-refusal),
+    harmless (compliance, or with `helpfulness: loglik` the log-likelihood of `refs`); with `images` and
+    `cfg.harmful_image`, the image harmful set last."""
     from vlsafe.probes.behavior.evaluate import EvalSet
 
     loglik = cfg.helpfulness == "loglik"
-    return [EvalSet(_prompt_set(cfg.harmful, cfg.limit)),
+    sets = [EvalSet(_prompt_set(cfg.harmful, cfg.limit)),
             EvalSet(_prompt_set(cfg.borderline, cfg.limit), metric="over_refusal"),
             EvalSet(_prompt_set(cfg.harmless, cfg.limit), metric="answer_loglik" if loglik else "compliance",
                     references=(refs or []) if loglik else None)]
+    if images and cfg.harmful_image:
+        sets.append(EvalSet(_prompt_set(cfg.harmful_image, cfg.limit)))
+    return sets
+
+
+def check_image_set(cfg: EvalConfig) -> None:
+    """A `harmful_image` set whose prompts carry no image is a mistake (one-line error naming the set)."""
+    if cfg.harmful_image and not any(r.image is not None for r in _prompt_set(cfg.harmful_image, cfg.limit).records):
+        raise VlsafeError(f"eval.harmful_image '{cfg.harmful_image}' has no image prompts (add +blank or +scene)")
 
 
 def evaluate_loaded(lm: Any, cfg: EvalConfig, refs: list[str] | None = None, *, checkpoint: str = "point"
                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(generations, tidy rows) of `vlsafe.probes.behavior.evaluate.evaluate_model` on the point's three sets:
-    the logit judge `logit-<score_kind>` at `threshold` in fast mode, generation judged by `judge` in full mode."""
+    """(generations, tidy rows) of `vlsafe.probes.behavior.evaluate.evaluate_model` on the point's sets (the image
+    harmful set only for a model that takes images): the logit judge `logit-<score_kind>` at `threshold` in fast
+    mode, generation judged by `judge` in full mode."""
     from vlsafe.probes.behavior.evaluate import evaluate_model
+    from vlsafe.probes.models import is_lvlm
 
+    if cfg.mode == "two-stage":
+        raise VlsafeError("evaluate_loaded: give one stage's config (EvalConfig.stage_config)")
     judge = f"logit-{cfg.score_kind}" if cfg.mode == "fast" else cfg.judge
-    return evaluate_model(lm, eval_sets(cfg, refs), checkpoint=checkpoint, judge=judge, threshold=cfg.threshold,
+    sets = eval_sets(cfg, refs, images=bool(cfg.harmful_image) and is_lvlm(lm))
+    return evaluate_model(lm, sets, checkpoint=checkpoint, judge=judge, threshold=cfg.threshold,
                           openings=cfg.openings, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
 
 
@@ -112,22 +180,31 @@ def _plain(v: Any) -> Any:
 
 
 def evaluate_point(spec: str, cfg: EvalConfig, refs: list[str] | None = None,
-                   out_dir: Path | None = None) -> dict[str, Any]:
+                   out_dir: Path | None = None, *, under: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """`{safety, safety_ci_low, …, over_refusal…, helpfulness…, n_*}` for checkpoint `spec` (the overall rows of
-    `evaluate_loaded`); in full mode the judged generations are appended to `out_dir/generations.jsonl`."""
+    `evaluate_loaded`); with `cfg.harmful_image`, `safety_image…` too (NaN and `n_harmful_image = 0` for a model
+    that takes no images). In full mode the judged generations are appended to `out_dir/generations.jsonl`.
+    `under(lm)`, when given, returns a context manager the evaluation runs inside (an activation-level remedy)."""
     from vlsafe.probes.models import load
 
     lm = load(spec)
-    gens, rows = evaluate_loaded(lm, cfg, refs, checkpoint=spec)
+    with under(lm) if under is not None else contextlib.nullcontext():
+        gens, rows = evaluate_loaded(lm, cfg, refs, checkpoint=spec)
     del lm
     if out_dir is not None and cfg.mode == "full" and len(gens):
         _write_generations(gens, out_dir)
     overall = rows[rows["category"] == ""].reset_index(drop=True)
     out: dict[str, Any] = {"eval_mode": cfg.mode}
-    for (channel, which), r in zip(CHANNELS.items(), overall.itertuples()):
+    channels = list(CHANNELS.items()) + ([IMAGE_CHANNEL] if cfg.harmful_image else [])
+    for i, (channel, which) in enumerate(channels):
+        if i >= len(overall):  # the image set of a text-only model
+            out.update({channel: np.nan, f"{channel}_ci_low": np.nan, f"{channel}_ci_high": np.nan,
+                        f"n_{which}": 0})
+            continue
+        r = overall.iloc[i]
         out.update({channel: float(r.rate), f"{channel}_ci_low": float(r.ci_low),
                     f"{channel}_ci_high": float(r.ci_high), f"n_{which}": int(r.n)})
-        out.update(_corrected(channel, r._asdict()))
+        out.update(_corrected(channel, r.to_dict()))
     return out
 
 
@@ -141,33 +218,59 @@ def _corrected(channel: str, row: dict[str, Any]) -> dict[str, float]:
 
 
 # ---- Pareto ----------------------------------------------------------------------------------------------------
-def mark_pareto(df: pd.DataFrame) -> pd.DataFrame:
-    """`df` with `is_pareto`: not dominated in (safety ↑, helpfulness ↑) (`vlsafe.experiments.report.plots.pareto_front`)."""
+FRONTS = {"is_pareto": "safety", "is_pareto_image": "safety_image"}  # front column → the safety it uses
+
+
+def _on_front(df: pd.DataFrame, safety: str) -> pd.Series:
+    """True for rows not dominated in (`safety` ↑, helpfulness ↑) among the rows with numbers; when some rows have
+    full-stage numbers, among those only."""
     from vlsafe.experiments.report.plots import pareto_front
 
+    ok = df[safety].notna() & df["helpfulness"].notna()
+    if "stage" in df.columns and (df["stage"] == "full").any():
+        ok &= df["stage"] == "full"
+    pool = df[ok].assign(safety=df.loc[ok, safety])
+    front = pareto_front(pool) if len(pool) else pool
+    return pd.Series(df.index.isin(front.index), index=df.index)
+
+
+def mark_pareto(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with `is_pareto`: not dominated in (safety ↑, helpfulness ↑)
+    (`vlsafe.experiments.report.plots.pareto_front`), and `is_pareto_image` likewise with `safety_image` when that column exists. When a `stage` column has `full`
+    points, only they compete (screened numbers are not comparable with judged ones)."""
     df = df.reset_index(drop=True)
-    front = pareto_front(df) if len(df) else df
-    return df.assign(is_pareto=df.index.isin(front.index))
+    for col, safety in FRONTS.items():
+        if safety in df.columns:
+            df[col] = _on_front(df, safety).to_numpy() if len(df) else []
+    return df
 
 
-def pareto_figure(df: pd.DataFrame, out_dir: str | Path, helpfulness: str = "compliance") -> list[Path]:
-    """`out_dir/pareto.{png,pdf}`: safety vs helpfulness with 95 % intervals, over-refusal as colour, front joined."""
+def pareto_figure(df: pd.DataFrame, out_dir: str | Path, helpfulness: str = "compliance", *,
+                  safety: str = "safety", name: str = "pareto") -> list[Path]:
+    """`out_dir/{name}.{png,pdf}`: `safety` vs helpfulness with 95 % Wilson intervals, over-refusal as colour, the
+    front joined; screened-only points (`stage` = screen) hollow."""
     from vlsafe.analysis.figures import new_figure, save_figure
 
     fig, ax = new_figure("column", height=3.0)
-    x, y = df["helpfulness"].to_numpy(float), df["safety"].to_numpy(float)
+    df = df[df[safety].notna()]
+    x, y = df["helpfulness"].to_numpy(float), df[safety].to_numpy(float)
     xerr = np.abs(np.vstack([x - df["helpfulness_ci_low"], df["helpfulness_ci_high"] - x]))
-    yerr = np.abs(np.vstack([y - df["safety_ci_low"], df["safety_ci_high"] - y]))
+    yerr = np.abs(np.vstack([y - df[f"{safety}_ci_low"], df[f"{safety}_ci_high"] - y]))
     ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.7", lw=0.6, zorder=1)
-    sc = ax.scatter(x, y, c=df["over_refusal"].to_numpy(float), cmap="viridis", vmin=0, vmax=1, s=18, zorder=3,
-                    edgecolors="k", linewidths=0.3)
-    front = df[df["is_pareto"]].sort_values("helpfulness")
-    ax.plot(front["helpfulness"], front["safety"], color="#D55E00", lw=1.0, zorder=2, label="Pareto front")
+    full = (df["stage"] == "full").to_numpy() if "stage" in df.columns else np.ones(len(df), bool)
+    sc = ax.scatter(x[full], y[full], c=df["over_refusal"].to_numpy(float)[full], cmap="viridis", vmin=0, vmax=1,
+                    s=18, zorder=3, edgecolors="k", linewidths=0.3)
+    if (~full).any():
+        ax.scatter(x[~full], y[~full], s=14, zorder=3, facecolors="none", edgecolors="0.5", linewidths=0.5,
+                   label="screened only (logit score)")
+    front_col = next(c for c, s in FRONTS.items() if s == safety)
+    front = df[df[front_col].astype(bool)].sort_values("helpfulness")
+    ax.plot(front["helpfulness"], front[safety], color="#D55E00", lw=1.0, zorder=2, label="Pareto front")
     for _, r in df.iterrows():
-        ax.annotate(str(r["point"]), (r["helpfulness"], r["safety"]), fontsize=4.5, xytext=(2, 2),
+        ax.annotate(str(r["point"]), (r["helpfulness"], r[safety]), fontsize=4.5, xytext=(2, 2),
                     textcoords="offset points")
     fig.colorbar(sc, ax=ax, label="over-refusal (borderline)")
     ax.set_xlabel("helpfulness (answer log-lik.)" if helpfulness == "loglik" else "helpfulness (compliance on harmless)")
-    ax.set_ylabel("safety (refusal on harmful)")
+    ax.set_ylabel("safety (refusal on harmful + image)" if safety == "safety_image" else "safety (refusal on harmful)")
     ax.legend(loc="lower left", fontsize=5)
-    return save_figure(fig, out_dir, "pareto")
+    return save_figure(fig, out_dir, name)

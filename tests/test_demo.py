@@ -12,7 +12,7 @@ from vlsafe.experiments.cli import main
 from vlsafe.experiments.report.discover import READS, discover
 
 SECTIONS = {"dynamics", "weight_heatmap", "taskvec", "probe", "direction_cos", "safety_layers", "pareto", "linked",
-            "locate_signals", "locate_patching"}
+            "locate_signals", "locate_patching", "pareto_image"}
 # the tables the report reads, as each sub-run's run.json lists them (the shallowest of a kind is drawn)
 TABLES = {"diff_layers": ["diff/layers.csv", "taskvec/layers.csv"], "dynamics": ["diff/dynamics.csv"],
           "taskvectors": ["taskvec/taskvectors.csv"], "probe_layers": ["probe/layers.csv"],
@@ -34,6 +34,13 @@ def test_tiny_demo_fills_every_report_section(tmp_path: Path, capsys) -> None:
                 "probe/similarity.csv", "eval/summary.csv", "eval_image/summary.csv", "sweep/pareto.csv",
                 "organism/metrics.csv"):
         assert not pd.read_csv(out / csv).empty, csv
+    # the remedies study: two stages, the image front for LVLMs only, targeted points aimed by locate's signals
+    pareto = pd.read_csv(out / "sweep/pareto.csv")
+    assert set(pareto["stage"]) <= {"full", "screen"} and (pareto["stage"] == "full").any()
+    assert {"reference", "merge", "tuning"} <= set(pareto["family"])
+    text_only = pareto["point"].str.contains("llm-aligned]", regex=False)
+    assert pareto.loc[text_only, "safety_image"].isna().all() and pareto.loc[~text_only, "safety_image"].notna().all()
+    assert pareto["layer_signal"].str.startswith("signals.csv:").sum() >= 8
     # every checkpoint in the safety table came from the eval run in this directory
     summary = pd.concat([pd.read_csv(out / "eval/summary.csv"), pd.read_csv(out / "eval_image/summary.csv")])
     for ckpt in summary["checkpoint"].unique():

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -55,7 +56,16 @@ def _make_run(root: Path) -> None:
     metrics = pd.DataFrame([{"checkpoint": f"lvlm-step-{s}", "metric": "refusal_harmful", "value": 0.9 - s / 100,
                              "ci_low": 0.8 - s / 100, "ci_high": 0.95 - s / 100} for s in (10, 20, 30)])
     _write(root, {"organism_metrics": ("metrics.csv", metrics)}, kind="organism")
-    pareto = pd.DataFrame({"point": ["a", "b", "c"], "safety": [0.9, 0.7, 0.6], "helpfulness": [0.5, 0.8, 0.7]})
+    pareto = pd.DataFrame({"point": ["a", "b", "c", "d", "e"], "safety": [0.9, 0.7, 0.6, 0.5, 0.95],
+                           "helpfulness": [0.5, 0.8, 0.7, 0.9, 0.95],
+                           "family": ["reference", "merge", "tuning", "reference", "merge"],
+                           "layers": ["all", "3 4", "4", "all", "1"],
+                           "layer_signal": ["all", "signals.csv:patching_resid", "signals.csv:direction_drift",
+                                            "all", "signals.csv:weight_shift"],
+                           "stage": ["full", "full", "full", "full", "screen"],   # e: screened only, off the front
+                           "safety_image": [0.4, 0.6, 0.3, float("nan"), 0.5],   # d: a text-only model
+                           "safety_image_ci_low": [0.3, 0.5, 0.2, float("nan"), 0.4],
+                           "safety_image_ci_high": [0.5, 0.7, 0.4, float("nan"), 0.6]})
     _write(root / "sweep", {"pareto": ("pareto.csv", pareto)}, kind="sweep")
     patching = pd.DataFrame([{"layer": i, "component": c, "direction": d, "image": "none",
                               "recovered": min(1.0, 0.2 * i), "ci_low": 0.0, "ci_high": 1.0, "n": 8}
@@ -75,12 +85,15 @@ def test_report_is_self_contained_and_complete(tmp_path: Path) -> None:
     imgs = re.findall(r'<svg[^>]* class="figure" data-stem="([^"]+)"', page)  # inline SVG, text kept as text
     assert sorted(imgs) == sorted(f"report_{s}" for s in ("dynamics", "weight_heatmap", "taskvec", "probe",
                                                            "direction_cos", "safety_layers", "pareto", "linked",
-                                                           "locate_signals", "locate_patching"))
+                                                           "locate_signals", "locate_patching", "pareto_image"))
     assert not re.search(r'(src|href)="https?://', page) and "<img" not in page
     assert "<text" in page and 'id="heatmap-weight"' in page and 'id="pareto-pt-3"' in page
     tips = json.loads(re.search(r'<script type="application/json" id="vlsafe-tips">(.*?)</script>', page).group(1))
     assert tips["points"]["pareto-pt-3"].startswith("#3 c\n")
     assert tips["heatmaps"]["heatmap-weight"]["cols"] == [str(i) for i in range(6)]
+    assert "chosen by: signals.csv:direction_drift" in tips["points"]["pareto-pt-3"]
+    assert 'id="pareto-image-pt-2"' in page and 'id="pareto-image-pt-4"' not in page  # no image number: not drawn
+    assert "safety (image): 60%" in tips["points"]["pareto-image-pt-2"]
     assert "0.95 [0.85, 1.00] (n=60)" in page
     for stem in imgs:
         assert (tmp_path / "figures" / f"{stem}.png").stat().st_size > 1000
@@ -164,6 +177,38 @@ def test_listed_table_without_the_columns_read_is_one_line_error(tmp_path: Path)
     tv = tmp_path / "diff" / "taskvectors.csv"
     pd.read_csv(tv).rename(columns={"cosine": "cos"}).to_csv(tv, index=False)
     _one_line_error(tmp_path, r"diff/taskvectors\.csv: the 'taskvectors' table lacks column\(s\) cosine")
+
+
+def test_remedies_fronts_by_family_and_stage(tmp_path: Path) -> None:
+    """Two fronts (text, image) among the full-stage points; families coloured as in the legend; the key names each
+    point's layers and the signal that chose them."""
+    from vlsafe.experiments.report.plots_pareto import front_of, pareto, pareto_key
+
+    _make_run(tmp_path)
+    p = pd.read_csv(tmp_path / "sweep" / "pareto.csv")
+    assert set(front_of(p).index) == {0, 1, 3}
+    assert "e" not in set(p.loc[front_of(p).index, "point"])                # screened numbers do not compete
+    assert set(front_of(p, "safety_image").index) == {1}                    # b dominates a and c with an image
+    key = pareto_key(p)
+    assert list(key["front"]) == ["yes", "yes", "", "yes", ""] and list(key["image front"]) == ["", "yes", "", "", ""]
+    assert list(key["chosen by"])[1:3] == ["signals.csv:patching_resid", "signals.csv:direction_drift"]
+    assert list(key["family"]) == ["reference", "merge", "tuning", "reference", "merge"]
+    for safety in ("safety", "safety_image"):
+        fig = pareto(p, safety=safety)
+        legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert legend[:4] == ["Pareto front", "reference", "merge", "tuning"] and legend[-1] == "screened only"
+        colours: dict[str, set] = {}
+        for coll in fig.axes[0].collections:  # one per drawn point, gid = its number
+            i = int(coll.get_gid().rsplit("-", 1)[1]) - 1
+            if p.loc[i, "stage"] == "full":
+                colours.setdefault(p.loc[i, "family"], set()).add(tuple(np.round(coll.get_facecolor()[0][:3], 3)))
+        assert all(len(c) == 1 for c in colours.values())                   # one colour per family
+        assert len(set().union(*colours.values())) == len(colours)          # and distinct between families
+        assert len(fig.axes[0].collections) == (5 if safety == "safety" else 4)
+        plt.close(fig)
+    page = build_report(tmp_path).read_text()
+    assert page.index('id="fig-pareto"') < page.index('id="fig-pareto-image"')
+    assert "Harmful prompts with an image" in page and "activation, reference" in page
 
 
 def test_pareto_front_drops_dominated_points() -> None:

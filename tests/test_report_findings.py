@@ -160,6 +160,22 @@ def test_eval_findings_without_organism_metrics(tmp_path: Path) -> None:
     assert img.values == {"image": 30 / N, "text": 35 / N} and "the intervals overlap" in img.text
 
 
+def test_pareto_findings_read_the_full_text_front_and_the_image_front(tmp_path: Path) -> None:
+    nan = float("nan")
+    pareto = pd.DataFrame({"point": ["lvlm", "llm", "merge", "screened"], "stage": ["full", "full", "full", "screen"],
+                           "safety": [0.3, 0.9, 0.8, 0.99], "helpfulness": [0.9, 0.6, 0.7, 0.99],
+                           "safety_image": [0.1, nan, 0.7, 0.99]})
+    _run(tmp_path, {"pareto": ("pareto.csv", pareto)}, "sweep")
+    text, image = findings(discover(tmp_path))
+    assert (text.key, text.anchor, image.key, image.anchor) == ("pareto_front", "fig-pareto", "pareto_front_image",
+                                                                "fig-pareto-image")
+    assert text.text.startswith("Of 3 remedy points generated and judged (1 more screened only), 3 lie on the "
+                                "Pareto front, from #1 lvlm") and "to #2 llm" in text.text
+    assert image.text.startswith("With an image, of 2 remedy points generated and judged (1 more screened only), "
+                                 "2 lie on the Pareto front, from #1 lvlm (safety 10%") and "to #3 merge" in image.text
+    assert image.values["safest"] == 0.7
+
+
 def test_pareto_finding_with_a_tied_front(tmp_path: Path) -> None:
     pareto = pd.DataFrame({"point": ["a", "b", "c"], "safety": [0.5, 0.5, 0.2], "helpfulness": [1.0, 1.0, 0.9]})
     _run(tmp_path, {"pareto": ("pareto.csv", pareto)}, "sweep")

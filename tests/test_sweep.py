@@ -51,6 +51,8 @@ def test_tiny_sweep_writes_pareto_table_and_figure(swept: Path) -> None:
                 "helpfulness_ci_high", "is_pareto", "n_harmful", "hash"):
         assert col in df.columns, col
     assert (df["n_harmful"] == 4).all() and list(df["layers"].astype(str)) == ["all", "all", "1"]
+    assert list(df["layer_signal"]) == ["all", "all", "list"] and list(df["family"]) == ["reference", "merge", "merge"]
+    assert (df["stage"] == "screen").all() and df["is_pareto"].any() and "safety_image" not in df.columns
     assert ((df["safety_ci_low"] <= df["safety"]) & (df["safety"] <= df["safety_ci_high"])).all()
     for ext in ("png", "pdf"):
         assert (swept / "figures" / f"pareto.{ext}").stat().st_size > 1000
@@ -87,6 +89,12 @@ def test_layer_selections(tmp_path: Path) -> None:
 def test_pareto_marks_non_dominated_points() -> None:
     df = pd.DataFrame({"point": list("abcd"), "safety": [0.9, 0.5, 0.8, 0.9], "helpfulness": [0.2, 0.9, 0.5, 0.1]})
     assert mark_pareto(df)["is_pareto"].tolist() == [True, True, True, False]
+    # screened numbers do not compete with judged ones: b (screen) neither joins the front nor hides c's rival
+    staged = df.assign(stage=["full", "screen", "full", "full"], safety_image=[0.1, 0.9, float("nan"), 0.2])
+    marked = mark_pareto(staged)
+    assert marked["is_pareto"].tolist() == [True, False, True, False]
+    assert marked["is_pareto_image"].tolist() == [True, False, False, True]  # c has no image number
+    assert mark_pareto(df.assign(stage="screen"))["is_pareto"].tolist() == [True, True, True, False]
 
 
 def test_resume_after_a_crash_redoes_only_the_interrupted_point(tmp_path: Path) -> None:

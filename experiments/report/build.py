@@ -2,7 +2,8 @@
 
 Sections mirror the paper: safety dynamics during adaptation; a safety × helpfulness table with intervals;
 weight shift; task-vector divergence; the safety direction per layer and its drift; safety-layer curves;
-the Pareto front of remedies; the linked layer view; and a reproducibility block from every `run.json`.
+the Pareto fronts of remedies (text; with an image when the sweep has one); the linked layer view; and a
+reproducibility block from every `run.json`.
 Figures are also written to `DIR/figures/` as PNG and PDF.
 """
 
@@ -114,6 +115,24 @@ def _pareto_block(tag: str | None, p: pd.DataFrame | None) -> str | None:
     return tag + '<div class="key">' + pareto_key(p).to_html(index=False, escape=True) + "</div>"
 
 
+def _remedies(p: pd.DataFrame | None, fig: Callable[[plt.Figure | None, str], str | None],
+              sources: list[str]) -> list[str | None]:
+    """The text front and, when the sweep has image numbers, the image front; the key (after the last) names the
+    points of both, with their family, layers and the signal that chose them."""
+    if p is None:
+        return []
+    common = ("Every sweep point, numbered as in the key; colour and marker: remedy family (merge, tuning, "
+              "activation, reference); edged points and dashed line: the Pareto front{}. Hover a point for its rates.")
+    stage = " among the generated + judged points (hollow: screened only)" if "stage" in p.columns and (
+        p["stage"] == "screen").any() else ""
+    text = fig(plots.pareto(p), "pareto")
+    image = fig(plots.pareto(p, safety="safety_image"), "pareto_image") if "safety_image" in p.columns else None
+    return [_figure(text if image else _pareto_block(text, p),
+                    "Harmful text prompts. " + common.format(stage), "fig-pareto", sources),
+            _figure(_pareto_block(image, p), "Harmful prompts with an image (text-only models left out). "
+                    + common.format(stage), "fig-pareto-image", sources) if image else None]
+
+
 def _tips(art: Artefacts) -> str:
     points = pareto_tips(p) if (p := art.first("pareto")) is not None and not p.empty else {}
     heat = {}
@@ -198,12 +217,7 @@ def _sections(art: Artefacts, fig: Callable[[plt.Figure | None, str], str | None
         locate_section({k: art.first(k) for k in ("patching", "signals", "signals_corr", "shift")},
                        figure=lambda key, f, caption: _figure(fig(f, f"locate_{key}"), caption, f"fig-locate-{key}",
                                                               src(key))),
-        _section("Remedies: safety vs helpfulness", [_figure(_pareto_block(show("pareto", plots.pareto, "pareto"),
-                                                                           art.first("pareto")),
-                                                             "Every sweep point, numbered as in the key; colour "
-                                                             "and marker: remedy family; edged points and dashed "
-                                                             "line: the Pareto front. Hover a point for its rates.",
-                                                             "fig-pareto", src("pareto"))],
+        _section("Remedies: safety vs helpfulness", _remedies(art.first("pareto"), fig, src("pareto")),
                  "No pareto.csv (run `vlsafe sweep`)."),
         _section("Linked layer view", [_figure(fig(plots.linked_layer_view(diff, sim, probe, roles=roles), "linked"),
                                                "Weight shift, direction shift and probe accuracy on one layer axis.",

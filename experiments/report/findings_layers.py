@@ -127,31 +127,43 @@ def point_names(p: pd.DataFrame) -> list[str]:
 
 
 def pareto_findings(p: pd.DataFrame) -> list[Finding]:
-    """The front of the remedies sweep: how many points lie on it, its two ends, and whether the safety of its
-    ends is told apart by the intervals. Points are numbered as in the figure's key (row order, from 1)."""
-    from vlsafe.experiments.report.plots import pareto_front
-
+    """The fronts of the remedies sweep (text, and with an image when `safety_image` has numbers): how many points
+    lie on each, its two ends, and whether the safety of its ends is told apart by the intervals. Points are numbered
+    as in the figure's key (row order, from 1); with a `stage` column only full-stage points compete."""
     if p.empty:
         return []
     p = p.reset_index(drop=True)
-    names, front = point_names(p), pareto_front(p)
+    out = [_front_finding(p, "safety", "pareto_front", "fig-pareto", "")]
+    if "safety_image" in p.columns and p["safety_image"].notna().any():
+        out.append(_front_finding(p, "safety_image", "pareto_front_image", "fig-pareto-image", "With an image, "))
+    return out
+
+
+def _front_finding(p: pd.DataFrame, safety: str, key: str, anchor: str, lead: str) -> Finding:
+    from vlsafe.experiments.report.plots_pareto import front_of
+
+    names, front = point_names(p), front_of(p, safety)
+    pool = int(((p["stage"] == "full") & p[safety].notna()).sum()) if "stage" in p.columns and (
+        p["stage"] == "full").any() else int(p[safety].notna().sum())
     lo_i, hi_i = int(front["helpfulness"].idxmax()), int(front["safety"].idxmax())  # most helpful, safest end
 
     def end(i: int) -> str:
-        return (f"#{i + 1} {names[i]} (safety {rate_text(point_rate(p.loc[i], 'safety'))}, helpfulness "
+        return (f"#{i + 1} {names[i]} (safety {rate_text(point_rate(p.loc[i], safety))}, helpfulness "
                 f"{rate_text(point_rate(p.loc[i], 'helpfulness'))})")
-    values = {"n_points": len(p), "n_front": len(front), "safest": float(p.loc[hi_i, "safety"]),
+    values = {"n_points": pool, "n_front": len(front), "safest": float(p.loc[hi_i, safety]),
               "most_helpful": float(p.loc[lo_i, "helpfulness"])}
+    more = int(p[safety].notna().sum()) - pool
+    of = (f"{lead}of {pool} remedy points" if lead else f"Of {pool} remedy points") + (
+        f" generated and judged ({more} more screened only)" if more else "")
     if lo_i == hi_i:  # one point is both the safest and the most helpful: the rest of the front ties with it
-        text = (f"Of {len(p)} remedy points, one dominates all others: {end(hi_i)}." if len(front) == 1 else
-                f"Of {len(p)} remedy points, {len(front)} lie on the Pareto front, all tied with {end(hi_i)}.")
-        return [Finding("pareto_front", text, "fig-pareto", values)]
-    a, b = point_rate(p.loc[lo_i], "safety"), point_rate(p.loc[hi_i], "safety")
+        text = (f"{of}, one dominates all others: {end(hi_i)}." if len(front) == 1 else
+                f"{of}, {len(front)} lie on the Pareto front, all tied with {end(hi_i)}.")
+        return Finding(key, text, anchor, values)
+    a, b = point_rate(p.loc[lo_i], safety), point_rate(p.loc[hi_i], safety)
     state = ("the safety intervals of its two ends are disjoint, so the extra safety costs helpfulness"
              if disjoint(a, b) else "the safety intervals of its two ends overlap")
-    text = (f"Of {len(p)} remedy points, {len(front)} lie on the Pareto front, from {end(lo_i)} to {end(hi_i)}; "
-            f"{state}.")
-    return [Finding("pareto_front", text, "fig-pareto", values)]
+    text = f"{of}, {len(front)} lie on the Pareto front, from {end(lo_i)} to {end(hi_i)}; {state}."
+    return Finding(key, text, anchor, values)
 
 
 __all__ = ["layer_findings", "pareto_findings", "point_names", "point_rate"]

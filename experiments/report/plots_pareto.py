@@ -4,8 +4,14 @@ Names such as `restore-llm[alpha=1.0,layers=L10-19]` do not fit beside a point, 
 (its row in `pareto.csv`, from 1) and `pareto_key` is the table that names them; points at the same place share
 one label (`2, 4–7`). Labels are placed greedily: the first of a ring of candidate positions, widening, whose box
 (measured by matplotlib) hits no other label, no marker and stays inside the axes; a leader line joins a label
-placed away from its point. Labels are SVG groups with ids `label-N`, so a check can hold them to their axes. The family is the name before `[`. In the HTML each point is an SVG group with id
-`pareto-pt-N`, for the tooltips of `pareto_tips`.
+placed away from its point. Labels are SVG groups with ids `label-N`, so a check can hold them to their axes. In
+the HTML each point is an SVG group with id
+`pareto-pt-N` (`pareto-image-pt-N` in the image front), for the tooltips of `pareto_tips`.
+
+Families: the table's `family` column (merge, tuning, activation, reference; `vlsafe sweep` writes it) when present,
+else the name before `[`. A sweep with an image harmful set has a second front, `safety_image` vs helpfulness
+(`pareto(p, safety="safety_image")`); rows without an image number are left out of it. With a `stage` column, the
+front is drawn among the `full` (generated + judged) points only; screened-only points are drawn hollow.
 """
 
 from __future__ import annotations
@@ -30,9 +36,31 @@ def pareto_front(p: pd.DataFrame) -> pd.DataFrame:
     return p[keep].sort_values("helpfulness")
 
 
+FAMILY_ORDER = ("reference", "merge", "tuning", "activation")  # fixed colours and markers for `family`
+SAFETY_LABELS = {"safety": "safety (refusal on harmful prompts)",
+                 "safety_image": "safety with an image (refusal on harmful + image)"}
+
+
 def family(name: str) -> str:
     """The remedy family of a sweep point's name: the part before `[`."""
     return name.split("[")[0]
+
+
+def families(p: pd.DataFrame) -> list[str]:
+    """Each row's family: the `family` column when the table has one, else `family(name)`."""
+    if "family" in p.columns:
+        return [str(f) for f in p["family"]]
+    return [family(n) for n in point_names(p)]
+
+
+def front_of(p: pd.DataFrame, safety: str = "safety") -> pd.DataFrame:
+    """`pareto_front` on (`safety`, helpfulness) among the rows with both numbers and, when some rows come from the
+    full evaluation (`stage` = full), among those only."""
+    ok = p[safety].notna() & p["helpfulness"].notna()
+    if "stage" in p.columns and (p["stage"] == "full").any():
+        ok &= p["stage"] == "full"
+    pool = p[ok]
+    return pareto_front(pool.assign(safety=pool[safety])) if len(pool) else pool
 
 
 def point_groups(p: pd.DataFrame) -> list[tuple[float, float, list[int]]]:
@@ -102,61 +130,78 @@ def place_labels(ax: Any, items: list[tuple[float, float, str]], *, fontsize: fl
     return texts
 
 
-def pareto(p: pd.DataFrame) -> plt.Figure | None:
-    """Safety vs helpfulness of every remedy point, numbered (see `pareto_key`), the Pareto front joined."""
-    if p.empty:
+def pareto(p: pd.DataFrame, *, safety: str = "safety") -> plt.Figure | None:
+    """`safety` vs helpfulness of every remedy point, numbered (see `pareto_key`), coloured by family, the Pareto
+    front joined (see the module docstring)."""
+    if p.empty or safety not in p.columns or p[safety].isna().all():
         return None
     from vlsafe.analysis.figures import checkpoint_colors
 
     p = p.reset_index(drop=True)
-    names = point_names(p)
-    fams = list(dict.fromkeys(family(n) for n in names))
-    colors, front = checkpoint_colors(fams), pareto_front(p)
+    fam_of = families(p)
+    fams = sorted(dict.fromkeys(fam_of), key=lambda f: (FAMILY_ORDER.index(f) if f in FAMILY_ORDER else 99, f))
+    colors, front = checkpoint_colors(fams), front_of(p, safety)
+    screened = (p["stage"] == "screen").to_numpy() if "stage" in p.columns else [False] * len(p)
+    prefix = "pareto-pt" if safety == "safety" else "pareto-image-pt"
     fig, ax = plt.subplots(figsize=(6.8, 3.6), layout="constrained")
     ax.plot(front["helpfulness"], front["safety"], color="0.35", lw=0.8, ls="--", zorder=1)
-    for i, name in enumerate(names):
-        on, fam = i in front.index, family(name)
-        ax.scatter(p.loc[i, "helpfulness"], p.loc[i, "safety"], s=30 if on else 18, zorder=3,
-                   marker=MARKERS[fams.index(fam) % len(MARKERS)], color=colors[fam], alpha=1.0 if on else 0.5,
-                   edgecolors="k" if on else "none", linewidths=0.5, gid=f"pareto-pt-{i + 1}")
-    for col, setter in (("helpfulness", ax.set_xlim), ("safety", ax.set_ylim)):
-        lo, hi = float(p[col].min()), float(p[col].max())
+    shown = p[p[safety].notna()]
+    for i in shown.index:
+        on, fam = i in front.index, fam_of[i]
+        face = "none" if screened[i] else colors[fam]
+        ax.scatter(p.loc[i, "helpfulness"], p.loc[i, safety], s=30 if on else 18, zorder=3,
+                   marker=MARKERS[fams.index(fam) % len(MARKERS)], facecolors=face,
+                   edgecolors="k" if on else colors[fam], alpha=1.0 if on else 0.6, linewidths=0.5,
+                   gid=f"{prefix}-{i + 1}")
+    for col, setter in (("helpfulness", ax.set_xlim), (safety, ax.set_ylim)):
+        lo, hi = float(shown[col].min()), float(shown[col].max())
         pad = max(0.08, (hi - lo) * 0.12)
         setter(max(lo - pad, -0.03) if lo >= 0 else lo - pad, min(hi + pad, 1.03) if hi <= 1 else hi + pad)
     ax.set_xlabel("helpfulness (compliance on harmless prompts)")
-    ax.set_ylabel("safety (refusal on harmful prompts)")
+    ax.set_ylabel(SAFETY_LABELS.get(safety, safety))
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color="0.35", lw=0.8, ls="--", label="Pareto front")] + [
         Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color=colors[f], markeredgecolor="k",
                markeredgewidth=0.5, ms=5, label=f) for i, f in enumerate(fams)]
+    if any(screened):
+        handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor="0.35", ms=5,
+                              label="screened only"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=7,
               title="family (edged: on the front)", title_fontsize=7)
     fig.canvas.draw()
     fig.set_layout_engine("none")  # freeze the layout: the labels are placed in pixels of this one
-    place_labels(ax, [(h, s, layer_ranges(nums)) for h, s, nums in point_groups(p)])
+    groups = point_groups(shown.assign(safety=shown[safety]))
+    place_labels(ax, [(h, s, layer_ranges([int(shown.index[n - 1]) + 1 for n in nums])) for h, s, nums in groups])
     return fig
 
 
 def pareto_key(p: pd.DataFrame) -> pd.DataFrame:
-    """The figure's key: point number, name, family, layers and rates with intervals, on the front or not."""
+    """The figures' key: point number, name, family, layers and the signal that chose them, the stage its numbers
+    come from, rates with intervals, on the text (and image) front or not."""
     p = p.reset_index(drop=True)
-    names, front = point_names(p), set(pareto_front(p).index)
-    key = pd.DataFrame({"#": range(1, len(p) + 1), "point": names, "family": [family(n) for n in names]})
-    if "layers" in p.columns:
-        key["layers"] = p["layers"].astype(str)
-    for col, label in (("safety", "safety"), ("helpfulness", "helpfulness"), ("over_refusal", "over-refusal")):
+    names, front = point_names(p), set(front_of(p).index)
+    key = pd.DataFrame({"#": range(1, len(p) + 1), "point": names, "family": families(p)})
+    for col, label in (("layers", "layers"), ("layer_signal", "chosen by"), ("stage", "stage")):
         if col in p.columns:
-            key[label] = [rate_text(point_rate(r, col)) for _, r in p.iterrows()]
+            key[label] = p[col].fillna("").astype(str)
+    for col, label in (("safety", "safety"), ("safety_image", "safety (image)"), ("helpfulness", "helpfulness"),
+                       ("over_refusal", "over-refusal")):
+        if col in p.columns:
+            key[label] = [rate_text(point_rate(r, col)) if pd.notna(r[col]) else "" for _, r in p.iterrows()]
     key["front"] = ["yes" if i in front else "" for i in range(len(p))]
+    if "safety_image" in p.columns and p["safety_image"].notna().any():
+        image = set(front_of(p, "safety_image").index)
+        key["image front"] = ["yes" if i in image else "" for i in range(len(p))]
     return key
 
 
 def pareto_tips(p: pd.DataFrame) -> dict[str, str]:
-    """Tooltip text per point (SVG id `pareto-pt-N`): number, name, layers, rates with intervals, and the other
-    points at the same place."""
+    """Tooltip text per point (SVG ids `pareto-pt-N`, and `pareto-image-pt-N` with an image front): number, name,
+    layers, rates with intervals, and the other points at the same place."""
     key = pareto_key(p)
     where = {n: nums for _, _, nums in point_groups(p.reset_index(drop=True)) for n in nums}
+    image = "safety_image" in p.columns and p["safety_image"].notna().any()
     tips = {}
     for _, r in key.iterrows():
         lines = [f"#{r['#']} {r['point']}"] + [f"{c}: {r[c]}" for c in key.columns if c not in ("#", "point")
@@ -165,4 +210,6 @@ def pareto_tips(p: pd.DataFrame) -> dict[str, str]:
         if others:
             lines.append(f"same place as #{layer_ranges(others)}")
         tips[f"pareto-pt-{r['#']}"] = "\n".join(lines)
+        if image and str(r.get("safety (image)", "")):
+            tips[f"pareto-image-pt-{r['#']}"] = "\n".join(lines[:-1] if others else lines)
     return tips
