@@ -39,6 +39,7 @@ from vlsafe.experiments.sweep_config import (FAMILY, RESTA_KEYS, RESTA_REQUIRED,
                                              load_sweep, resolve_layers)
 from vlsafe.experiments.sweep_eval import (EvalConfig, check_image_set, evaluate_point, mark_pareto, pareto_figure,
                                            reference_answers)
+from vlsafe.experiments.sweep_remedy import preflight_remedy, remedy_model, remedy_under
 from vlsafe.experiments.sweep_stages import staged_rows, stage_of
 from vlsafe.experiments.yamlvars import substitute
 
@@ -56,6 +57,8 @@ def _inputs_of(point: Point, base_dir: Path) -> list[str]:
         return MergePlan.from_dict(c, point.label).with_paths_from(base_dir).inputs()
     if m == "resta":
         return [c.get(k, "") for k in ("sft", "aligned", "unaligned")]
+    if m == "remedy":
+        return [remedy_model(c, point.label)]
     return [c.get("model", "")]
 
 
@@ -69,10 +72,14 @@ def point_key(point: Point, base_dir: Path) -> str:
     """Hash of (name, method, template, values, input content hashes)."""
     from vlsafe.analysis.checkpoints import open_checkpoint
 
-    hashes = [open_checkpoint(local(spec, base_dir)).content_hash() for spec in _inputs_of(point, base_dir)]
+    inputs = [local(spec, base_dir) for spec in _inputs_of(point, base_dir)]
+    hashes = [open_checkpoint(spec).content_hash() for spec in inputs]
     e = point.entry
-    blob = json.dumps({"name": e.name, "method": e.method, "template": e.config, "values": point.values,
-                       "layers": point.layers, "inputs": hashes}, sort_keys=True, default=str)
+    record = {"name": e.name, "method": e.method, "template": e.config, "values": point.values,
+              "layers": point.layers, "inputs": hashes}
+    if e.method == "remedy":  # the vectors' content, not their path
+        record["remedy"] = preflight_remedy(point.config, point.label, base_dir, inputs[0]).key()
+    blob = json.dumps(record, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -81,6 +88,8 @@ def materialise(point: Point, out: Path, base_dir: Path) -> str | None:
     m, c = point.entry.method, point.config
     if m == "checkpoint":
         return local(c if isinstance(c, str) else c["model"], base_dir)
+    if m == "remedy":
+        return local(remedy_model(c, point.label), base_dir)
     if m == "merge":
         from vlsafe.analysis.merging import run_merge
         from vlsafe.analysis.merging.config import MergePlan
@@ -125,6 +134,8 @@ def preflight(point: Point, base_dir: Path) -> None:
         from vlsafe.experiments.tune import TuneConfig
 
         TuneConfig.parse(c, point.label, base_dir).check_layers()
+    elif m == "remedy":
+        preflight_remedy(c, point.label, base_dir, local(remedy_model(c, point.label), base_dir))
 
 
 Hook = Callable[[Point], None]
@@ -148,7 +159,7 @@ def _spec(pdir: Path) -> str:
     return done.get("spec") or str(pdir / "model")
 
 
-def _evaluate(point: Point, pdir: Path, cfg: EvalConfig, refs: list[str] | None) -> dict[str, Any]:
+def _evaluate(point: Point, pdir: Path, cfg: EvalConfig, refs: list[str] | None, base: Path) -> dict[str, Any]:
     """Metrics of a built point, cached in `eval-<evalhash>/metrics.json` (generations too in full mode)."""
     edir = pdir / f"eval-{cfg.key()}"
     if (edir / "metrics.json").is_file():
@@ -157,7 +168,8 @@ def _evaluate(point: Point, pdir: Path, cfg: EvalConfig, refs: list[str] | None)
         shutil.rmtree(edir)
     with atomic_path(edir) as tmp:
         tmp.mkdir()
-        metrics = evaluate_point(_spec(pdir), cfg, refs, out_dir=tmp if cfg.mode == "full" else None)
+        under = remedy_under(point.config, point.label, base) if point.entry.method == "remedy" else None
+        metrics = evaluate_point(_spec(pdir), cfg, refs, out_dir=tmp if cfg.mode == "full" else None, under=under)
         write_json(tmp / "metrics.json", metrics)
     return metrics
 
@@ -204,7 +216,7 @@ def run_point(point: Point, *, out: Path, base: Path, ecfg: Any, refs: Any, befo
     pdir = out / "points" / point.key
     if not (pdir / "done.json").is_file():
         _build_point(point, pdir, base, before)
-    return _row(point, pdir, _evaluate(point, pdir, ecfg, refs), ecfg.helpfulness)
+    return _row(point, pdir, _evaluate(point, pdir, ecfg, refs, base), ecfg.helpfulness)
 
 
 def finished_row(point: Point, *, out: Path, ecfg: Any) -> dict[str, Any] | None:

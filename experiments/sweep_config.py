@@ -8,7 +8,7 @@ inputs:                                    # optional: build tiny random checkpo
 eval: {mode: fast, harmful: harmful-val, borderline: borderline-val, harmless: harmless-val, limit: 32}
 grid:
   - name: restore                          # a label; points are "restore[alpha=0.5,layers=top4]"
-    method: merge                          # merge | tune | resta | checkpoint
+    method: merge                          # merge | tune | resta | checkpoint | remedy
     config:                                # a merge plan / tune config / resta arguments / a checkpoint spec
       merge_method: task_arithmetic
       base_model: ${organism}/lvlm
@@ -51,7 +51,7 @@ from vlsafe.analysis.yamlfile import read_yaml
 from vlsafe.experiments.sweep_eval import EvalConfig
 from vlsafe.experiments.yamlvars import substitute
 
-METHODS = ("merge", "tune", "resta", "checkpoint")
+METHODS = ("merge", "tune", "resta", "checkpoint", "remedy")
 # method → remedy family (pareto.csv `family`); `remedy` (activation-level, evaluated under a context manager,
 # nothing materialised) is listed ahead of the method itself
 FAMILY = {"merge": "merge", "resta": "merge", "tune": "tuning", "remedy": "activation", "checkpoint": "reference"}

@@ -39,7 +39,7 @@ POSITIONS = ("all", "last")
 SHIFT_LABELS = ("harmful", "harmless", "mean")
 DEFAULT_SHIFT_KEY = "refusal_direction"
 
-__all__ = ["KINDS", "POSITIONS", "DirectionSource", "ShiftSource", "RemedySpec", "vectors"]
+__all__ = ["KINDS", "POSITIONS", "DirectionSource", "ShiftSource", "RemedySpec", "vectors", "vector_width"]
 
 
 class DirectionSource(BaseModel):
@@ -275,6 +275,13 @@ def check_model(spec: RemedySpec, lm: Any) -> None:
         raise VlsafeError(f"{spec.source}: layers: {bad[0]} out of range for a {n}-layer model (0..{n - 1})")
     if spec.needs_images and not M.is_lvlm(lm):
         raise VlsafeError(f"{spec.source}: kind {spec.kind!r} acts on image inputs but the model takes no images")
+
+
+def vector_width(spec: RemedySpec) -> int:
+    """The width (last dimension) of the vectors `spec` reads, without a model (for checks before loading one)."""
+    if spec.direction is not None:
+        return int(_table(spec.direction, spec.source)[0].shape[-1])
+    return int(_shift_table(spec.shift, spec.source)[0].shape[-1])
 
 
 def vectors(spec: RemedySpec, lm: Any) -> dict[int, torch.Tensor]:
