@@ -40,12 +40,16 @@ class Sizes:
     tune_limit: int              # prompts per training source of the sweep's targeted LoRA points
     lora_steps: int
     tune_max_length: int
+    remedy_layers: tuple[int, int]  # the fixed block inputs of the sweep's activation remedies (mid, late)
+    patch_signal: str               # the signals.csv column of the causal (patching) targeted points
 
 
 SIZES = {"full": Sizes(probe_n=120, eval_limit=60, max_new_tokens=32, pairs=200, top_k=(3, 6, 10), screen_limit=60,
-                       tune_limit=48, lora_steps=24, tune_max_length=112),
+                       tune_limit=48, lora_steps=24, tune_max_length=112, remedy_layers=(15, 20),
+                       patch_signal="patching_resid_scene"),
          "tiny": Sizes(probe_n=24, eval_limit=6, max_new_tokens=4, pairs=20, top_k=(1, 1, 1), screen_limit=6,
-                       tune_limit=2, lora_steps=1, tune_max_length=384)}
+                       tune_limit=2, lora_steps=1, tune_max_length=384, remedy_layers=(0, 1),
+                       patch_signal="patching_resid")}
 
 
 def _cli(argv: list[str]) -> None:
@@ -129,7 +133,8 @@ def _sweep_vars(org: Path, locate: Path, size: Sizes) -> list[str]:
     pairs = {"organism": org, "locate": locate, "k_small": size.top_k[0], "k_mid": size.top_k[1],
              "k_large": size.top_k[2], "eval_limit": size.eval_limit, "screen_limit": size.screen_limit,
              "max_new_tokens": size.max_new_tokens, "tune_limit": size.tune_limit, "lora_steps": size.lora_steps,
-             "tune_max_length": size.tune_max_length}
+             "tune_max_length": size.tune_max_length, "mid_layer": size.remedy_layers[0],
+             "late_layer": size.remedy_layers[1], "patch_signal": size.patch_signal}
     return [a for k, v in pairs.items() for a in ("--var", f"{k}={v}")]
 
 

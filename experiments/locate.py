@@ -99,8 +99,8 @@ def _run_tables(run_dir: str | Path | None, flag: str, kinds: Sequence[str]) -> 
     return {k: pd.read_csv(found[k]) for k in kinds if k in found}
 
 
-def prepare(pre: str, post: str, *, images: Sequence[str] = (), prompts: str = "harmful-test",
-            harmless: str = "harmless-test", n: int | None = None, seed: int = 0, diff: str | Path | None = None,
+def prepare(pre: str, post: str, *, images: Sequence[str] = (), prompts: str = "harmful-train",
+            harmless: str = "harmless-train", n: int | None = None, seed: int = 0, diff: str | Path | None = None,
             probe: str | Path | None = None) -> LocateInputs:
     """Load and check every input (one-line errors; nothing is written)."""
     from vlsafe.probes.models import is_lvlm, load
@@ -155,7 +155,7 @@ def _shift(inp: LocateInputs, *, seed: int, batch_size: int) -> Any:
 
 
 def run_locate(pre: str, post: str, out_dir: str | Path, *, images: Sequence[str] = (),
-               prompts: str = "harmful-test", harmless: str = "harmless-test", n: int | None = None,
+               prompts: str = "harmful-train", harmless: str = "harmless-train", n: int | None = None,
                layers: Sequence[int] | None = None, kind: str = "first_token", min_gap: float = 0.1,
                n_boot: int = 1000, seed: int = 0, batch_size: int = 8, diff: str | Path | None = None,
                probe: str | Path | None = None, figures: bool = True) -> dict[str, Path]:

@@ -167,13 +167,14 @@ def validate(raw: dict[str, Any], source: str) -> SweepConfig:
 
 
 def resolve_layers(sel: Any, base_dir: Path, where: str) -> list[int] | None:
-    """A layer selection value → sorted layer list (None = all layers)."""
+    """A layer selection value → sorted layer list (None = all layers). Layer numbers may be digit strings (a
+    `--var` value substituted into a list)."""
     if sel is None or sel == "all":
         return None
-    if isinstance(sel, int):
-        return [sel]
-    if isinstance(sel, list) and all(isinstance(i, int) for i in sel):
-        return sorted(set(sel))
+    if isinstance(sel, (int, str)) and str(sel).isdigit():
+        return [int(sel)]
+    if isinstance(sel, list) and all(isinstance(i, int) or (isinstance(i, str) and i.isdigit()) for i in sel):
+        return sorted({int(i) for i in sel})
     if isinstance(sel, dict) and set(sel) == {"range"}:
         s, e = sel["range"]
         return list(range(int(s), int(e)))
@@ -207,6 +208,9 @@ def _top_k(sel: dict[str, Any], base_dir: Path, where: str) -> list[int]:
                  and pd.api.types.is_numeric_dtype(table[c])]
         what = f"no score column '{score}'" if "layer" in table.columns else "no 'layer' column"
         raise VlsafeError(f"{where}: {src}: {what}; valid: {', '.join(map(str, valid)) or '(none)'}")
+    if table[score].isna().all():
+        raise VlsafeError(f"{where}: {src}: column '{score}' is empty at every layer (the signal was not measured; "
+                          "see that run's run.json notes)")
     scores = layer_scores(table.dropna(subset=[score]), score, module=sel.get("module", "all"),
                           checkpoint=sel.get("checkpoint"), position=sel.get("position"))
     return top_k_layers(scores, k=int(sel["top_k"]), largest=bool(sel.get("largest", True)))

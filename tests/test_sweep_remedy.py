@@ -110,3 +110,12 @@ def test_bad_remedy_points_fail_before_anything_is_written(tmp_path: Path, model
     capsys.readouterr()
     assert message in _error(capsys, ["sweep", str(path), "-o", str(tmp_path / "run"), "--quiet"])
     assert not (tmp_path / "run").exists()
+
+
+def test_layer_lists_accept_var_strings() -> None:
+    """`layers: ["${mid_layer}"]` with `--var mid_layer=15` substitutes the string "15"."""
+    from vlsafe.experiments.sweep_config import resolve_layers
+
+    assert resolve_layers(["15", 3], Path("."), "t") == [3, 15] and resolve_layers("7", Path("."), "t") == [7]
+    with pytest.raises(Exception, match="not understood"):
+        resolve_layers(["x"], Path("."), "t")

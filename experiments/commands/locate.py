@@ -19,9 +19,11 @@ def register(app: typer.Typer) -> None:
         image: Annotated[list[str] | None, typer.Option(
             help="Also patch with this image attached (POST must take images): blank, noise:SEED, scene or a "
                  "path; repeatable.")] = None,
-        prompts: Annotated[str, typer.Option(help="Harmful prompt set (patching, shift).")] = "harmful-test",
+        prompts: Annotated[str, typer.Option(
+            help="Harmful prompt set (patching, shift); a -train split by default, because signals.csv may choose "
+                 "a remedy's layers.")] = "harmful-train",
         harmless: Annotated[str, typer.Option(
-            help="Harmless prompt set (refusal direction, shift).")] = "harmless-test",
+            help="Harmless prompt set (refusal direction, shift).")] = "harmless-train",
         n: Annotated[int | None, typer.Option(help="Sample N prompts per set (seeded).")] = None,
         layers: Annotated[str, typer.Option(help="Layers to patch, e.g. 0-5,10 (default: all).")] = "all",
         score: Annotated[str, typer.Option(help="Refusal score: first_token or opening.")] = "first_token",
