@@ -132,3 +132,19 @@ def test_gate_errors(lm):
         with pytest.raises(VlsafeError, match="never run under this gate"):
             gate.fired_for(["A prompt nobody ran"])
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in lm.model.modules())
+
+
+@pytest.mark.parametrize("judge", ["substring-rd", "logit"])
+def test_evaluation_records_gate_fired_per_prompt(lm, judge):
+    from vlsafe.probes.behavior.datasets import PromptRecord, PromptSet
+    from vlsafe.probes.behavior.evaluate import EvalSet, evaluate_model
+
+    layer, action, sites = CASES["inline"]
+    cond = split_condition(lm, layer)
+    ps = PromptSet("mixed", [PromptRecord(f"p{i}", p, label=1) for i, p in enumerate(PROMPTS)])
+    with gated(lm, cond, action(lm), layers=sites) as gate:
+        gens, _ = evaluate_model(lm, [EvalSet(ps)], judge=judge, max_new_tokens=3, batch_size=3, cache=False,
+                                 gate=gate)
+    assert gens["gate_fired"].tolist() == condition_scores(lm, PROMPTS, condition=cond).fired.tolist()
+    plain, _ = evaluate_model(lm, [EvalSet(ps)], judge=judge, max_new_tokens=3, cache=False)
+    assert "gate_fired" not in plain
