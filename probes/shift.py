@@ -115,10 +115,13 @@ def _mean_states(lm: Any, prompts: Sequence[str], images: Any, positions: Any, b
 
 def refusal_direction(lm: Any, harmful: Sequence[str], harmless: Sequence[str], *, positions: Any = "post_instruction",
                       batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-    """Difference in means (harmful − harmless), text only, at `resid_pre`: `[L, P, d]` fp64."""
-    h = _mean_states(lm, harmful, None, positions, batch_size, progress)[0].mean(0)
-    b = _mean_states(lm, harmless, None, positions, batch_size, progress)[0].mean(0)
-    return h - b
+    """Difference in means (harmful − harmless), text only, at `resid_pre`: `[L, P, d]` fp64
+    (`vlsafe.probes.directions.mean_diff` of the two sets' activations)."""
+    from vlsafe.probes.directions import mean_diff
+
+    acts = [capture(lm, list(ps), hooks="resid_pre", positions=positions, batch_size=batch_size, progress=progress)
+            for ps in (harmful, harmless)]
+    return mean_diff(*acts)
 
 
 def image_shift(lm: Any, prompts: Mapping[str, Sequence[str]], conditions: Sequence[Condition], *,

@@ -109,3 +109,27 @@ def test_bad_labelled_inputs_write_nothing(tmp_path: Path, capsys: pytest.Captur
                               "-o", str(out / "j.csv")])
         assert "prompt column 'prompt' has 6 values for 7 responses" in err
     assert not out.exists()
+
+
+def test_get_judge_refuses_another_judges_calibration(tmp_path: Path) -> None:
+    """The check lives in get_judge (not only in the CLI): a notebook user gets the same one-line error."""
+    from vlsafe.analysis.errors import VlsafeError
+
+    cal = measure("substring-rd", [1, 0, 1], [1, 0, 0], source="x.csv")
+    path = cal.save(tmp_path / "cal.json")
+    assert get_judge("substring-rd", calibration=path).calibration == cal
+    for given in (path, cal):
+        with pytest.raises(VlsafeError, match="calibration of judge 'substring-rd', not of 'vlsafe'"):
+            get_judge("default", calibration=given)
+
+
+@pytest.mark.parametrize("mode", [[], ["--labels", "human"], ["--compare", "default,substring-rd"]])
+def test_judge_cli_parses_its_input_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: list[str]) -> None:
+    import vlsafe.probes.behavior.judges as J
+
+    calls: list[Path] = []
+    real = J.read_judge_input
+    monkeypatch.setattr(J, "read_judge_input", lambda p: calls.append(Path(p)) or real(p))
+    src = _labelled(tmp_path)
+    assert main(["judge", str(src), "--column", "response", *mode, "-o", str(tmp_path / "o.csv")]) == 0
+    assert calls == [src]

@@ -84,6 +84,10 @@ def test_tables_figures_and_run_json(replicate):
     assert (rec["kind"], rec["tables"]) == ("replicate", {"replicates": "replicates.csv",
                                                           "replicate_summary": "summary.csv"})
     assert sorted(rec["combos"]) == sorted(c.id for c in plan.combos)
+    for c in plan.combos:  # each combination's run.json is the organism's record (checkpoint hashes included)
+        crec = json.loads((Path(c.dir) / "run.json").read_text())
+        assert crec["kind"] == "organism" and crec["replicate"]["combo"] == c.id
+        assert {"llm-aligned", "lvlm"} <= set(crec["checkpoints"]), sorted(crec["checkpoints"])
     assert (root / "figures" / "refusal_steps.png").stat().st_size > 0
     assert (root / "figures" / "drop_alignment_strength.png").stat().st_size > 0
 

@@ -48,11 +48,9 @@ def _csv_row_of(data: bytes, pos: int, delimiter: str) -> int | None:
     return max(len(rows) - 1, 1) if rows else None
 
 
-def check_responses(path: Path, column: str, allow_empty: bool) -> None:
-    """Column present (else list the available ones), file not empty, no empty responses unless allowed."""
-    from vlsafe.probes.behavior.judges import read_judge_input
-
-    df = read_judge_input(path)
+def check_responses(df: Any, path: Path, column: str, allow_empty: bool) -> None:
+    """Column present (else list the available ones), file not empty, no empty responses unless allowed
+    (`df` is the table read from `path`)."""
     if column not in df.columns:
         raise VlsafeError(f"{path}: no column {column!r}; available columns: {', '.join(map(str, df.columns))}")
     if df.empty:
@@ -91,26 +89,27 @@ def register(app: typer.Typer) -> None:
         """Judge each response in FILE as refusal (1) or compliance (0) and write OUT.csv; with --labels also the
         agreement report and the judge's calibration; with --compare one agreement table between judges."""
         from vlsafe.probes.behavior.agreement import read_labelled
+        from vlsafe.probes.behavior.judges import read_judge_input
 
         check_utf8(file)
-        check_responses(file, column, allow_empty)
-        read_labelled(file, column, labels, prompt_column)  # labels 0/1, prompts complete: before anything runs
+        df = read_judge_input(file)  # read once; every check below runs before anything is judged or written
+        check_responses(df, file, column, allow_empty)
+        read_labelled(df, column, labels, prompt_column, where=str(file))  # labels 0/1, prompts complete
         if compare is not None:
-            _compare(file, column, out, compare, labels, prompt_column)
+            _compare(df, file, column, out, compare, labels, prompt_column)
         elif labels is not None:
-            _calibrate(file, column, out, judge_name, labels, prompt_column, category_column)
+            _calibrate(df, file, column, out, judge_name, labels, prompt_column, category_column)
         else:
-            _judge(file, column, out, judge_name, prompt_column, calibration)
+            _judge(df, file, column, out, judge_name, prompt_column, calibration)
 
 
-def _judge(file: Path, column: str, out: Path, judge_name: str, prompt_column: str | None,
+def _judge(df: Any, file: Path, column: str, out: Path, judge_name: str, prompt_column: str | None,
            calibration: Path | None) -> None:
-    from vlsafe.probes.behavior.judges import get_judge, judge_file
+    from vlsafe.probes.behavior.judges import _write_atomic, get_judge, judge_table
 
-    j = get_judge(judge_name, calibration=calibration)
-    if calibration is not None and j.calibration.judge != j.name:
-        raise VlsafeError(f"{calibration}: calibration of judge {j.calibration.judge!r}, not of {j.name!r}")
-    df = judge_file(file, column, j, out, prompt_column=prompt_column)
+    j = get_judge(judge_name, calibration=calibration)  # refuses another judge's calibration
+    df = judge_table(df, column, j, prompt_column=prompt_column, where=str(file))
+    _write_atomic(df, out)
     n, refused = len(df), int(df["refused"].sum())
     typer.echo(f"{file}: {refused}/{n} refused ({refused / n:.3f}) by {j.name} → {out}")
     if j.calibration is not None:
@@ -126,14 +125,14 @@ def corrected_line(k: int, n: int, cal: Any) -> str:
             f"{cal.n_pos}, specificity {cal.specificity:.3f} of {cal.n_neg}, on {cal.source or 'given labels'})")
 
 
-def _calibrate(file: Path, column: str, out: Path, judge_name: str, labels: str, prompt_column: str | None,
+def _calibrate(df: Any, file: Path, column: str, out: Path, judge_name: str, labels: str, prompt_column: str | None,
                category_column: str | None) -> None:
     from vlsafe.probes.behavior.agreement import calibrate_file
     from vlsafe.probes.behavior.judges import _write_atomic, get_judge
 
     j = get_judge(judge_name)
-    judged, report, cal = calibrate_file(file, column=column, labels=labels, judge=j, prompt_column=prompt_column,
-                                         category_column=category_column)
+    judged, report, cal = calibrate_file(df, column=column, labels=labels, judge=j, prompt_column=prompt_column,
+                                         category_column=category_column, where=str(file))
     rep_path, cal_path = out.with_name(out.stem + ".agreement.csv"), out.with_name(out.stem + ".calibration.json")
     _write_atomic(judged, out)
     _write_atomic(report, rep_path)
@@ -142,7 +141,7 @@ def _calibrate(file: Path, column: str, out: Path, judge_name: str, labels: str,
     typer.echo(f"wrote {out}, {rep_path} and {cal_path} (use --calibration {cal_path} in later runs)")
 
 
-def _compare(file: Path, column: str, out: Path, compare: str, labels: str | None,
+def _compare(df: Any, file: Path, column: str, out: Path, compare: str, labels: str | None,
              prompt_column: str | None) -> None:
     from vlsafe.probes.behavior.agreement import compare_file
     from vlsafe.probes.behavior.judges import _write_atomic, get_judge
@@ -150,8 +149,8 @@ def _compare(file: Path, column: str, out: Path, compare: str, labels: str | Non
     names = [n.strip() for n in compare.split(",") if n.strip()]
     if len(names) < 2 and labels is None:
         raise VlsafeError(f"--compare {compare!r}: give at least two judges (or one and --labels)")
-    table = compare_file(file, column=column, judges=[get_judge(n) for n in names], labels=labels,
-                         prompt_column=prompt_column)
+    table = compare_file(df, column=column, judges=[get_judge(n) for n in names], labels=labels,
+                         prompt_column=prompt_column, where=str(file))
     _write_atomic(table, out)
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     typer.echo(f"wrote {out}")

@@ -19,16 +19,6 @@ def _plan_printer() -> Any:
     return show
 
 
-def _checkpoints(out: Path) -> dict[str, Any]:
-    from vlsafe.analysis.checkpoints import open_checkpoint
-
-    found = {}
-    for d in sorted(out.iterdir()):
-        if (d / "stage.json").is_file() and (d / "config.json").is_file():
-            found[d.name] = open_checkpoint(d)
-    return found
-
-
 def register(app: typer.Typer) -> None:
     @app.command()
     def organism(
@@ -41,8 +31,7 @@ def register(app: typer.Typer) -> None:
         progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     ) -> None:
         """Build the safety-aligned LLM and its LLaVA adaptation (resumable stages), then evaluate them all."""
-        from vlsafe.analysis.runinfo import write_run_json
-        from vlsafe.experiments.organism.api import BENCH_CSV, STAGE_NAMES, build_organism
+        from vlsafe.experiments.organism.api import BENCH_CSV, STAGE_NAMES, build_organism, write_organism_run_json
         from vlsafe.experiments.organism.config import load_config
         from vlsafe.experiments.organism.metrics import summary_table
 
@@ -63,10 +52,7 @@ def register(app: typer.Typer) -> None:
         for r in results:
             if r.status == "built":
                 typer.echo(f"[organism] {r.stage:<32} {r.seconds / 60:6.1f} min")
-        tables = {kind: f for kind, f in (("organism_metrics", "metrics.csv"), ("stage_times", "stage_times.csv"))
-                  if (out / f).is_file()}
-        write_run_json(out, kind="organism", tables=tables, config=cfg.model_dump(), checkpoints=_checkpoints(out),
-                       seed=cfg.seed, extra={"stages": [r.__dict__ for r in results]})
+        write_organism_run_json(out, cfg, results)
         if metrics is not None:
             typer.echo(summary_table(metrics).to_string())
         typer.echo(f"[organism] wrote {out}")

@@ -14,7 +14,7 @@ from vlsafe.experiments.organism.config import OrganismConfig, load_config
 from vlsafe.experiments.organism.metrics import estimate_seconds, run_metrics
 from vlsafe.experiments.organism.stages import specs
 
-__all__ = ["build_organism", "load_config", "STAGE_NAMES"]
+__all__ = ["build_organism", "load_config", "organism_checkpoints", "write_organism_run_json", "STAGE_NAMES"]
 STAGE_NAMES = tuple(s.name for s in specs()) + ("metrics",)
 BENCH_CSV = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "organism.csv"
 
@@ -50,3 +50,25 @@ def build_organism(cfg: OrganismConfig, out_dir: str | os.PathLike, *, only: str
         return results, metrics
     finally:
         torch.set_num_threads(old_threads)
+
+
+def organism_checkpoints(out: str | os.PathLike) -> dict[str, Any]:
+    """Every built stage checkpoint under `out` (a folder with `stage.json` and `config.json`), opened by name."""
+    from vlsafe.analysis.checkpoints import open_checkpoint
+
+    return {d.name: open_checkpoint(d) for d in sorted(Path(out).iterdir())
+            if (d / "stage.json").is_file() and (d / "config.json").is_file()}
+
+
+def write_organism_run_json(out: str | os.PathLike, cfg: OrganismConfig, results: list[StageResult], *,
+                            extra: dict[str, Any] | None = None) -> Path:
+    """The organism's `run.json`: its tables (those written), resolved config, checkpoint hashes, seed and the
+    stage results (plus `extra`); the same record for `vlsafe organism` and each `vlsafe replicate` combination."""
+    from vlsafe.analysis.runinfo import write_run_json
+
+    root = Path(out)
+    tables = {kind: f for kind, f in (("organism_metrics", "metrics.csv"), ("stage_times", "stage_times.csv"))
+              if (root / f).is_file()}
+    return write_run_json(root, kind="organism", tables=tables, config=cfg.model_dump(),
+                          checkpoints=organism_checkpoints(root), seed=cfg.seed,
+                          extra={"stages": [r.__dict__ for r in results], **(extra or {})})

@@ -43,10 +43,11 @@ def steps_figure(rep: pd.DataFrame) -> Figure | None:
     return fig
 
 
-def drop_figure(rep: pd.DataFrame, key: str, *, checkpoint: str = "lvlm") -> Figure | None:
+def drop_figure(rep: pd.DataFrame, key: str, *, checkpoint: str = "lvlm", table: pd.DataFrame | None = None
+                ) -> Figure | None:
     """Drop llm-aligned → `checkpoint` (text and with image) against the values of `key`; the other varied keys'
-    combinations are separate series. None when the table has no such drops."""
-    d = drops(rep)
+    combinations are separate series (`table`: `drops(rep)` when already computed). None without such drops."""
+    d = drops(rep) if table is None else table
     d = d[d.checkpoint == checkpoint]
     if d.empty:
         return None
@@ -82,8 +83,9 @@ def write_figures(rep: pd.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
     fig = steps_figure(rep)
     if fig is not None:
         written += save_figure(fig, out_dir, "refusal_steps")
+    d = drops(rep)
     for key in varied_keys(rep):
-        fig = drop_figure(rep, key)
+        fig = drop_figure(rep, key, table=d)
         if fig is not None:
             written += save_figure(fig, out_dir, f"drop_{key.replace('.', '_')}")
     return written

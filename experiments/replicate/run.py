@@ -39,18 +39,15 @@ def build_combo(combo: Combo, *, hook: ComboHook | None = None, progress: bool =
 
     Module level, so a Ray worker imports it; `hook` (local runs only) is told each stage before it is built.
     """
-    from vlsafe.analysis.runinfo import write_run_json
-    from vlsafe.experiments.organism.api import build_organism
+    from vlsafe.experiments.organism.api import build_organism, write_organism_run_json
 
     cfg = combo.load()
     root = Path(combo.dir)
     root.mkdir(parents=True, exist_ok=True)
     stage_hook = None if hook is None else (lambda stage: hook(combo.id, stage))
     results, _ = build_organism(cfg, root, hook=stage_hook, progress=progress)
-    write_run_json(root, kind="organism", tables={"organism_metrics": "metrics.csv", "stage_times": "stage_times.csv"},
-                   config=cfg.model_dump(), seed=cfg.seed,
-                   extra={"stages": [r.__dict__ for r in results],
-                          "replicate": {"combo": combo.id, "recipe": combo.recipe, "values": dict(combo.values)}})
+    write_organism_run_json(root, cfg, results, extra={"replicate": {"combo": combo.id, "recipe": combo.recipe,
+                                                                    "values": dict(combo.values)}})
     return combo.dir
 
 

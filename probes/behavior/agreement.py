@@ -89,14 +89,21 @@ def compare_table(verdicts: dict[str, Sequence[int]], labels: Sequence[int] | No
 
 # ---------------------------------------------------------------- files
 
-def read_labelled(path: Path, column: str, labels: str | None, prompt_column: str | None
-          ) -> tuple[pd.DataFrame, list[str], list[int] | None, list[str] | None]:
-    """(table, responses, 0/1 labels or None, prompts or None) of a judge input file; every problem (a missing
-    column, a label that is not 0/1, a prompt column with fewer values than responses) is a one-line error raised
-    before anything is judged or written."""
+def _table(source: str | Path | pd.DataFrame, where: str | None) -> tuple[pd.DataFrame, str]:
+    """(table, its name for errors) of a judge input given as a path or as an already-read table."""
     from vlsafe.probes.behavior.judges import read_judge_input
 
-    df = read_judge_input(path)
+    if isinstance(source, pd.DataFrame):
+        return source, where or "table"
+    return read_judge_input(source), where or str(source)
+
+
+def read_labelled(source: str | Path | pd.DataFrame, column: str, labels: str | None, prompt_column: str | None, *,
+                  where: str | None = None) -> tuple[pd.DataFrame, list[str], list[int] | None, list[str] | None]:
+    """(table, responses, 0/1 labels or None, prompts or None) of a judge input (a file, or the table read from
+    `where`); every problem (a missing column, a label that is not 0/1, a prompt column with fewer values than
+    responses) is a one-line error raised before anything is judged or written."""
+    df, path = _table(source, where)
     for col in [column, labels, prompt_column]:
         if col is not None and col not in df.columns:
             raise VlsafeError(f"{path}: no column {col!r}; available columns: {', '.join(map(str, df.columns))}")
@@ -122,27 +129,32 @@ def _categories(df: pd.DataFrame, category_column: str | None) -> list[Any] | No
     return df[col].tolist() if col else None
 
 
-def calibrate_file(path: str | Path, *, column: str, labels: str, judge: Any, prompt_column: str | None = None,
-                   category_column: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, Any]:
-    """Judge ``column`` of a labelled file with ``judge`` (a ``Judge``): (judged rows, agreement report,
-    ``JudgeCalibration``). Nothing is written; the caller writes the three."""
-    from vlsafe.probes.behavior.calibration import measure
+def calibrate_file(source: str | Path | pd.DataFrame, *, column: str, labels: str, judge: Any,
+                   prompt_column: str | None = None, category_column: str | None = None,
+                   where: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, Any]:
+    """Judge ``column`` of a labelled file (or the table read from ``where``) with ``judge`` (a ``Judge``):
+    (judged rows, agreement report, ``JudgeCalibration`` from the report's overall confusion counts).
+    Nothing is written; the caller writes the three."""
+    from vlsafe.probes.behavior.calibration import JudgeCalibration
+    from vlsafe.probes.behavior.judges import judge_table
 
-    p = Path(path)
-    df, responses, y, prompts = read_labelled(p, column, labels, prompt_column)
+    df, name = _table(source, where)
+    df, _, y, _ = read_labelled(df, column, labels, prompt_column, where=name)
     cats = _categories(df, category_column)
-    results = judge.judge(responses, prompts)
-    pred = [int(r.refused) for r in results]
-    judged = df.assign(refused=pred, judge_score=[r.score for r in results], judge=judge.name)
-    report = agreement_report(pred, y, judge=judge.name, categories=cats)
-    return judged, report, measure(judge.name, pred, y, source=p.as_posix())
+    judged = judge_table(df, column, judge, prompt_column=prompt_column, where=name)
+    report = agreement_report(judged["refused"].tolist(), y, judge=judge.name, categories=cats)
+    r = report.iloc[0]
+    cal = JudgeCalibration(judge=judge.name, tp=int(r.tp), n_pos=int(r.tp + r.fn), tn=int(r.tn),
+                           n_neg=int(r.tn + r.fp), source=Path(name).as_posix())
+    return judged, report, cal
 
 
-def compare_file(path: str | Path, *, column: str, judges: Sequence[Any], labels: str | None = None,
-                 prompt_column: str | None = None) -> pd.DataFrame:
-    """One agreement table (``compare_table``) of ``judges`` (``Judge`` objects) on ``column`` of a file, with the
-    file's ``labels`` column when given. Nothing is written."""
-    df, responses, y, prompts = read_labelled(Path(path), column, labels, prompt_column)
+def compare_file(source: str | Path | pd.DataFrame, *, column: str, judges: Sequence[Any], labels: str | None = None,
+                 prompt_column: str | None = None, where: str | None = None) -> pd.DataFrame:
+    """One agreement table (``compare_table``) of ``judges`` (``Judge`` objects) on ``column`` of a file (or the
+    table read from ``where``), with its ``labels`` column when given. Nothing is written."""
+    df, name = _table(source, where)
+    _, responses, y, prompts = read_labelled(df, column, labels, prompt_column, where=name)
     names = [j.name for j in judges]
     if len(set(names)) != len(names):
         raise VlsafeError(f"--compare: judge given twice ({', '.join(names)})")

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from vlsafe.probes.behavior.judge_base import Judge, JudgeResult
 from vlsafe.probes.behavior.judge_substring import SUBSTRING_LISTS, SubstringJudge
 
-__all__ = ["Judge", "JudgeResult", "get_judge", "list_judges", "judge_file", "read_judge_input", "DEFAULT_JUDGE"]
+__all__ = ["Judge", "JudgeResult", "get_judge", "list_judges", "judge_file", "judge_table", "read_judge_input", "DEFAULT_JUDGE"]
 
 DEFAULT_JUDGE = "vlsafe"
 
@@ -105,11 +105,18 @@ def get_judge(name: str = DEFAULT_JUDGE, **kw: Any) -> Judge:
 
 
 def _calibration(given: Any, judge_name: str) -> Any:
+    """The shipped calibration of `judge_name` when `given` is None, else `given` (a record or a JSON path),
+    refused with a one-line error when it was measured for another judge."""
+    from vlsafe.analysis.errors import VlsafeError
     from vlsafe.probes.behavior.calibration import JudgeCalibration, load_calibration, shipped_calibration
 
     if given is None:
         return shipped_calibration(judge_name)
-    return given if isinstance(given, JudgeCalibration) else load_calibration(given)
+    cal = given if isinstance(given, JudgeCalibration) else load_calibration(given)
+    if cal.judge != judge_name:
+        where = "calibration" if isinstance(given, JudgeCalibration) else str(given)
+        raise VlsafeError(f"{where}: calibration of judge {cal.judge!r}, not of {judge_name!r}")
+    return cal
 
 
 # ---------------------------------------------------------------- files
@@ -152,6 +159,22 @@ def _write_atomic(df: "Any", out: Path) -> None:
         raise
 
 
+def judge_table(df: "Any", column: str, judge: Judge, *, prompt_column: str | None = None,
+                where: str = "judge") -> "Any":
+    """A copy of ``df`` with ``refused`` (0/1), ``judge_score`` and ``judge`` from ``judge`` on ``column`` (and the
+    prompts of ``prompt_column`` for judges that read them); one-line error naming ``where`` for a missing column."""
+    from vlsafe.analysis.errors import VlsafeError
+
+    for col in [column] + ([prompt_column] if prompt_column else []):
+        if col not in df.columns:
+            raise VlsafeError(f"{where} has no column {col!r}; available columns: {', '.join(map(str, df.columns))}")
+    responses = ["" if v is None or v != v else str(v) for v in df[column].tolist()]
+    prompts = [str(v) for v in df[prompt_column].tolist()] if prompt_column else None
+    results = judge.judge(responses, prompts)
+    return df.assign(refused=[int(r.refused) for r in results], judge_score=[r.score for r in results],
+                     judge=judge.name)
+
+
 def judge_file(path: str | Path, column: str = "response", judge_name: "str | Judge" = DEFAULT_JUDGE,
                out_path: str | Path | None = None, prompt_column: str | None = None, **judge_kw: Any) -> "Any":
     """Judge ``column`` of a CSV/JSONL file; add ``refused`` (0/1), ``judge_score`` and ``judge``; write atomically.
@@ -159,21 +182,10 @@ def judge_file(path: str | Path, column: str = "response", judge_name: "str | Ju
     ``out_path`` defaults to ``<stem>.judged.csv`` next to the input. ``prompt_column`` (optional) is passed to
     judges that use prompts (classifiers). ``judge_name`` may also be a ``Judge``. Returns the DataFrame written.
     """
-    from vlsafe.analysis.errors import VlsafeError
-
     p = Path(path)
     df = read_judge_input(p)
-    for col in [column] + ([prompt_column] if prompt_column else []):
-        if col not in df.columns:
-            raise VlsafeError(f"judge: {p} has no column {col!r}; available columns: {', '.join(map(str, df.columns))}")
     judge = judge_name if isinstance(judge_name, Judge) else get_judge(judge_name, **judge_kw)
-    responses = ["" if v is None or v != v else str(v) for v in df[column].tolist()]
-    prompts = [str(v) for v in df[prompt_column].tolist()] if prompt_column else None
-    results = judge.judge(responses, prompts)
-    df = df.copy()
-    df["refused"] = [int(r.refused) for r in results]
-    df["judge_score"] = [r.score for r in results]
-    df["judge"] = judge.name
+    df = judge_table(df, column, judge, prompt_column=prompt_column, where=f"judge: {p}")
     out = Path(out_path) if out_path is not None else p.with_name(p.stem + ".judged.csv")
     _write_atomic(df, out)
     return df
