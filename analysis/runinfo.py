@@ -146,10 +146,10 @@ def write_run_json(run_dir: str | os.PathLike, *, kind: str, tables: Mapping[str
     """Write `run_dir/run.json`; call it after the tables are written.
 
     `kind` is one lowercase word naming the command (`diff`, `probe`, `eval`, `merge`, `tune`, `sweep`,
-    `organism`, `safelora`, `resta`, `demo`, ...); `tables` maps each table kind the run wrote (a key of
-    `TABLE_KINDS`) to its file, relative to `run_dir` (`{}` when it wrote none). `command` is the human-readable
-    command recorded alongside (default: `kind`). `checkpoints` maps a label to a `Checkpoint` (hashed) or any
-    JSON value. `extra` adds top-level keys; it may not replace the record's own.
+    `organism`, `safelora`, `resta`, `export_remedy`, `demo`, ...); `tables` maps each table kind the run
+    wrote (a key of `TABLE_KINDS`) to its file, relative to `run_dir` (`{}` when it wrote none). `command` is
+    the human-readable command recorded alongside (default: `kind`). `checkpoints` maps a label to a
+    `Checkpoint` (hashed) or any JSON value. `extra` adds top-level keys; it may not replace the record's own.
     """
     checked = check_tables(run_dir, kind, tables)
     ckpts: dict[str, Any] = {}

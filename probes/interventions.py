@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -80,15 +80,22 @@ def _hooks(handles: list[Any]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def ablate_direction(model: Any, r: torch.Tensor) -> Iterator[None]:
-    """Project `r̂` out of every block input, attention output and MLP output, at all layers and positions.
+def ablate_direction(model: Any, r: torch.Tensor, *, layers: Sequence[int] | None = None) -> Iterator[None]:
+    """Project `r̂` out of every block input, attention output and MLP output, at all positions.
 
-    `model` is a transformers model or a `LoadedModel`; `r` a `[d]` vector (its norm is irrelevant).
+    `model` is a transformers model or a `LoadedModel`; `r` a `[d]` vector (its norm is irrelevant); `layers`
+    restricts the hooks to those blocks (default: all).
     """
     u = _unit(r, M.hidden_size(model))
     ablate = lambda x: _project_out(x, u)  # noqa: E731
+    blocks = M.blocks(model)
+    if layers is not None:
+        bad = [ℓ for ℓ in layers if not 0 <= ℓ < len(blocks)]
+        if bad:
+            raise VlsafeError(f"layer {bad[0]} out of range for a {len(blocks)}-layer model")
+        blocks = [b for b in blocks if b.index in set(layers)]
     handles = []
-    for block in M.blocks(model):
+    for block in blocks:
         handles.append(block.module.register_forward_pre_hook(
             lambda _m, a, k: _edit_input(a, k, ablate), with_kwargs=True))
         for sub in (block.attn, block.mlp):

@@ -33,6 +33,8 @@ _EXPORTS: dict[str, str] = {
     "generate": "vlsafe.probes.behavior.generate",
     "get_judge": "vlsafe.probes.behavior.judges",
     "evaluate": "vlsafe.probes.behavior.evaluate",
+    "RemedySpec": "vlsafe.probes.remedy_spec",
+    "apply_remedy": "vlsafe.probes.remedies",
 }
 # public names that are another name in their module
 _ALIASES = {"diff": "diff_checkpoints", "merge": "run_merge"}
@@ -53,6 +55,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from vlsafe.probes.directions import mean_diff
     from vlsafe.probes.linear import probe_layers
     from vlsafe.probes.models import load
+    from vlsafe.probes.remedies import apply_remedy
+    from vlsafe.probes.remedy_spec import RemedySpec
 
 
 def __getattr__(name: str) -> Any:
