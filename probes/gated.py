@@ -15,44 +15,45 @@ prefill itself; otherwise a forward that stops after the condition layer runs fi
 Forwards nested inside a prefill (the text-only pass of `project`, the gate's own pass) run with the action held
 back on every row. The action must edit its sites out of place (all vlsafe remedies do).
 
->>> with gated(lm, Condition.load("cond.json"), steer(lm, r, layers=[20]), layers=[20]) as gate:
+As a remedy spec (`kind: gated`, read by `RemedySpec.from_yaml` / `RemedySpec.parse`, run by `apply_remedy`, which
+then yields the `Gate`; files relative to the YAML's folder):
+
+    kind: gated
+    condition: {file: cond.json}        # written by Condition.save; `threshold: X` overrides the file's
+    action: {kind: steer, layers: [20], alpha: 1.0, direction: {file: directions.safetensors, key: llm-aligned}}
+
+>>> with apply_remedy(lm, RemedySpec.from_yaml("gated.yaml")) as gate:
 ...     texts = generate(lm, prompts, cache=False)
 ...     fired = gate.fired_for(prompts)           # what the gate decided for each prompt
+>>> with gated(lm, Condition.load("cond.json"), steer(lm, r, layers=[20]), layers=[20]) as gate: ...
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any, ContextManager, Iterator, Mapping, Sequence
+import json
+import os
+from pathlib import Path
+from typing import Any, ContextManager, Iterator, Literal, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator
 
 from vlsafe.analysis.errors import VlsafeError
 from vlsafe.probes import models as M
+from vlsafe.probes import remedy_spec as RS
 from vlsafe.probes.backends import first
 from vlsafe.probes.gate import Condition
 from vlsafe.probes.interventions import _edit_first, _edit_input, _hooks
+from vlsafe.probes.remedies import _is_prefill
+from vlsafe.probes.remedy_spec import RemedySpec
 
-__all__ = ["Gate", "gated"]
+__all__ = ["Gate", "gated", "GatedSpec", "ConditionSource", "apply_gated"]
 
 
 class _StopPass(Exception):
     """Ends the gate's own forward once the condition layer has been read."""
-
-
-def _is_prefill(kwargs: Mapping[str, Any]) -> bool:
-    """A new prompt, unless the forward continues a KV cache that already holds tokens."""
-    pos = kwargs.get("cache_position")
-    if isinstance(pos, torch.Tensor) and pos.numel() and int(pos.reshape(-1)[0]) > 0:
-        return False
-    for key in ("cache", "past_key_values"):
-        c = kwargs.get(key)
-        if c is not None and hasattr(c, "get_seq_length") and int(c.get_seq_length()) > 0:
-            return False
-        if isinstance(c, (tuple, list)) and len(c) > 0:
-            return False
-    return True
 
 
 def _key(ids: torch.Tensor) -> str:
@@ -118,7 +119,8 @@ class Gate:
 
     # ---- the condition layer -----------------------------------------------------------------------------
     def _read(self, _m: Any, args: tuple, kwargs: dict) -> None:
-        reading = self._own_pass if not self.inline else (self._depth == 1 and self.fired is None)
+        # the prefill itself (inline), or the gate's own pass (depth 2) — never a forward nested deeper
+        reading = (self._own_pass and self._depth == 2) if not self.inline else (self._depth == 1 and self.fired is None)
         if not reading or self._pending is None:
             return None
         h = args[0] if args else kwargs["hidden_states"]
@@ -226,4 +228,109 @@ def gated(lm: Any, condition: Condition, action: ContextManager[Any], *, layers:
     `condition` fires; `layers` are the action's blocks (its sites). Yields the `Gate`."""
     gate = Gate(lm, condition, layers)
     with action, gate.hooks():
+        yield gate
+
+
+# ---- the remedy spec: kind gated ---------------------------------------------------------------------------------
+
+class ConditionSource(BaseModel):
+    """The gate's condition: a file written by `Condition.save`; `threshold` (optional) overrides the file's."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    threshold: float | None = None
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _number(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, str):  # PyYAML reads `1e-3` (no dot) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                raise ValueError(f"must be a number, got {v!r}") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise ValueError(f"must be a number, got {v!r}")
+        return v
+
+
+class GatedSpec(BaseModel):
+    """`kind: gated`: `action` (a steer, calibrate, project or ablate spec) applied where `condition` fires.
+
+        kind: gated
+        condition: {file: runs/gate/cond.json}          # Condition.save output; threshold: X overrides
+        action: {kind: steer, layers: [20], alpha: 1.0, direction: {file: runs/probe/directions.safetensors}}
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["gated"]
+    condition: ConditionSource
+    action: RemedySpec
+    checkpoint: str | None = None
+    _source: str = PrivateAttr(default="remedy spec")
+
+    @classmethod
+    def parse(cls, raw: Any, source: str = "remedy spec", base_dir: str | os.PathLike | None = None) -> "GatedSpec":
+        """Validate a mapping; the condition and the action's vector files are relative to `base_dir`."""
+        if not isinstance(raw, dict):
+            raise VlsafeError(f"{source}: a remedy spec must be a mapping, got {type(raw).__name__}")
+        raw = dict(raw)
+        if base_dir is not None:
+            if isinstance(raw.get("condition"), dict) and isinstance(raw["condition"].get("file"), str):
+                raw["condition"] = {**raw["condition"], "file": str(Path(base_dir) / raw["condition"]["file"])}
+            if isinstance(raw.get("action"), dict):
+                raw["action"] = RS._rebase(raw["action"], base_dir)
+        spec = RS.validated(cls, raw, source)
+        spec._source = source
+        spec.action._source = f"{source} (action)"
+        return spec
+
+    @property
+    def source(self) -> str:
+        """Where the spec came from, for error messages."""
+        return self._source
+
+    @property
+    def layers(self) -> list[int]:
+        """The action's layers."""
+        return self.action.layers
+
+    @property
+    def alpha(self) -> float:
+        return self.action.alpha
+
+    @property
+    def positions(self) -> str:
+        return self.action.positions
+
+    @property
+    def needs_images(self) -> bool:
+        """As the action."""
+        return self.action.needs_images
+
+    def load_condition(self) -> Condition:
+        """The condition file, validated (errors name it), with the threshold override applied."""
+        cond = Condition.load(self.condition.file)
+        return cond if self.condition.threshold is None else cond.with_threshold(self.condition.threshold)
+
+    def key(self) -> str:
+        """A content hash of the condition (its files and threshold override) and of the action's key."""
+        p = Path(self.condition.file)
+        if not p.is_file():
+            raise VlsafeError(f"{self.source}: condition file {p} does not exist")
+        w = p.parent / str(json.loads(p.read_text()).get("weights") or p.with_suffix(".safetensors").name)
+        parts = [RS._file_hash(p, self.source), RS._file_hash(w, self.source), str(self.condition.threshold),
+                 self.action.key()]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def apply_gated(lm: Any, spec: GatedSpec) -> Iterator[Gate]:
+    """`apply_remedy` for a `GatedSpec`: condition and action checked against `lm` before any hook; yields the Gate."""
+    from vlsafe.probes.remedies import apply_remedy
+
+    cond = spec.load_condition()
+    RS.check_model(spec.action, lm)
+    with gated(lm, cond, apply_remedy(lm, spec.action), layers=spec.action.layers) as gate:
         yield gate
