@@ -18,7 +18,7 @@ batches generated plainly, under `steer` (the difference-in-means direction of h
 the train splits, threshold on harmless-val), interleaved `--repeats` times, fastest kept; `ratio_to_plain` is the
 time over plain generation's (goals: steer ≤ 1.15, gated ≤ 1.2). `same_outputs` of the gated row checks that each
 prompt got the steered answer exactly when the gate fired and the plain one otherwise; `gate_fire_rate` says how
-often it fired.
+often it fired. `--remedies-only` writes `benchmarks/results/generate_remedies.csv`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from vlsafe.probes.behavior.generate import generate  # noqa: E402
 from vlsafe.probes.models import load  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "generate.csv"
+OUT_REMEDIES = OUT.with_name("generate_remedies.csv")  # --remedies-only
 
 
 def _timed(fn, device="cpu"):
@@ -128,13 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vllm", action="store_true", help="also time the vLLM engine (needs vlsafe[vllm] and a GPU)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (1 avoids OpenMP oversubscription on a busy shared CPU)")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=None, help=f"CSV (default {OUT.name}; {OUT_REMEDIES.name} with "
+                    "--remedies-only)")
     ap.add_argument("--condition-layer", type=int, default=None, help="gate condition layer (default: L // 2)")
     ap.add_argument("--remedy-layer", type=int, default=None, help="steering layer (default: 2L // 3)")
     ap.add_argument("--alpha", type=float, default=4.0, help="steering strength (× the unit direction)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the remedy rows (fastest kept)")
     ap.add_argument("--remedies-only", action="store_true", help="only the remedy rows (plain, steer, gated)")
     args = ap.parse_args(argv)
+    args.out = args.out or (OUT_REMEDIES if args.remedies_only else OUT)
     if args.threads:
         torch.set_num_threads(args.threads)
 
