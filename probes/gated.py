@@ -298,10 +298,12 @@ class GatedSpec(BaseModel):
 
     @property
     def alpha(self) -> float:
+        """The action's strength."""
         return self.action.alpha
 
     @property
     def positions(self) -> str:
+        """The action's positions (`all` or `last`)."""
         return self.action.positions
 
     @property
