@@ -32,7 +32,8 @@ from vlsafe.probes.stacking import positions_of, stack_activations
 COLUMNS = ["layer", "position", "probe_accuracy", "probe_auroc", "control_accuracy", "control_auroc", "d_prime", "n"]
 
 
-def _classifier(C: float, max_iter: int) -> Any:
+def classifier(C: float = 1.0, max_iter: int = 1000) -> Any:
+    """The probe pipeline every vlsafe linear probe uses: `StandardScaler` → `LogisticRegression(C, max_iter)`."""
     return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
 
 
@@ -64,7 +65,7 @@ def d_prime(x: np.ndarray, y: np.ndarray) -> float:
 def _cv(x: np.ndarray, y: np.ndarray, cv: StratifiedKFold, C: float, max_iter: int) -> tuple[float, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        res = cross_validate(_classifier(C, max_iter), x, y, cv=cv, scoring=("accuracy", "roc_auc"))
+        res = cross_validate(classifier(C, max_iter), x, y, cv=cv, scoring=("accuracy", "roc_auc"))
     return float(res["test_accuracy"].mean()), float(res["test_roc_auc"].mean())
 
 
@@ -137,7 +138,7 @@ def probe_transfer(train_acts: Any, train_labels: Sequence[Any], test_acts: Any,
     rows = []
     for p in range(xa.shape[2]):
         for i, layer in enumerate(lays):
-            clf = _classifier(C, max_iter)
+            clf = classifier(C, max_iter)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 clf.fit(xa[:, i, p].to(torch.float64).numpy(), ya)

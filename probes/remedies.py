@@ -240,8 +240,16 @@ def project(lm: Any, direction: Vectors, *, layers: Sequence[int], alpha: float 
 
 
 @contextlib.contextmanager
-def apply_remedy(lm: Any, spec: RemedySpec) -> Iterator[None]:
-    """Run every forward of `lm` inside the block under the remedy `spec` (validated against `lm` first)."""
+def apply_remedy(lm: Any, spec: RemedySpec) -> Iterator[Any]:
+    """Run every forward of `lm` inside the block under the remedy `spec` (validated against `lm` first).
+
+    Yields None, or for a `kind: gated` spec the `vlsafe.probes.gated.Gate` (its per-prompt decisions)."""
+    if spec.kind == "gated":
+        from vlsafe.probes.gated import apply_gated
+
+        with apply_gated(lm, spec) as gate:
+            yield gate
+        return
     vecs = vectors(spec, lm)
     if spec.kind == "ablate":
         with contextlib.ExitStack() as stack:
@@ -258,13 +266,14 @@ def evaluate_remedy(lm: Any, spec: RemedySpec, sets: Sequence[Any], *, checkpoin
     """`evaluate_model(lm, sets, **kwargs)` under the remedy (generations bypass the cache: hooks are present).
 
     `checkpoint` labels the rows (default `remedy-<spec.key()>`). `answer_loglik` sets score prompt + answer in
-    one forward, whose last position is not the prompt's: refused for `project` and for `positions: last`."""
+    one forward, whose last position is not the prompt's: refused for `project`, `gated` and `positions: last`.
+    Under a gated spec the generations gain `gate_fired`."""
     from vlsafe.probes.behavior.evaluate import evaluate_model
 
-    if spec.kind == "project" or spec.positions == "last":
+    if spec.kind in ("project", "gated") or spec.positions == "last":
         bad = [getattr(es.prompts, "name", "?") for es in sets if es.metric == "answer_loglik"]
         if bad:
             raise VlsafeError(f"{spec.source}: {spec.kind} (positions {spec.positions}) cannot score answer_loglik "
                               f"set {bad[0]!r}: its forward holds the answer after the prompt")
-    with apply_remedy(lm, spec):
-        return evaluate_model(lm, sets, checkpoint=checkpoint or f"remedy-{spec.key()}", **kwargs)
+    with apply_remedy(lm, spec) as gate:
+        return evaluate_model(lm, sets, checkpoint=checkpoint or f"remedy-{spec.key()}", gate=gate, **kwargs)

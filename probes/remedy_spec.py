@@ -17,6 +17,8 @@ Vector files: a `directions.safetensors` (`vlsafe probe`; `key` = its checkpoint
 file with one `[d]`, `[L, d]` or `[L, P, d]` tensor (or several, one named by `key`). `direction.layer: null`
 takes the direction of the layer the remedy acts on; an int takes that layer's direction for every remedy layer.
 `vectors(spec, lm)` resolves them into one fp64 `[d]` vector per remedy layer, checked against the model.
+`kind: gated` (a condition file and one of the specs above as its `action`) parses to
+`vlsafe.probes.gated.GatedSpec`.
 """
 
 from __future__ import annotations
@@ -116,19 +118,16 @@ class RemedySpec(BaseModel):
 
     @classmethod
     def parse(cls, raw: Any, source: str = "remedy spec", base_dir: str | os.PathLike | None = None) -> "RemedySpec":
-        """Validate a mapping; relative vector files are taken relative to `base_dir` (default: as given)."""
+        """Validate a mapping; relative vector files are taken relative to `base_dir` (default: as given).
+
+        `kind: gated` returns a `vlsafe.probes.gated.GatedSpec` (a condition and an action spec)."""
         if not isinstance(raw, dict):
             raise VlsafeError(f"{source}: a remedy spec must be a mapping, got {type(raw).__name__}")
-        raw = _rebase(raw, base_dir)
-        try:
-            spec = cls.model_validate(raw)
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"]) or "spec"
-            msg = err["msg"].removeprefix("Value error, ")
-            hint = f"; valid: {', '.join(cls.model_fields)}" if err["type"] == "extra_forbidden" and \
-                len(err["loc"]) == 1 else ""
-            raise VlsafeError(f"{source}: {loc}: {msg}{hint}") from None
+        if raw.get("kind") == "gated":
+            from vlsafe.probes.gated import GatedSpec
+
+            return GatedSpec.parse(raw, source, base_dir)  # type: ignore[return-value]
+        spec = validated(cls, _rebase(raw, base_dir), source)
         spec._source = source
         return spec
 
@@ -156,6 +155,19 @@ class RemedySpec(BaseModel):
         src = d.get("direction") or d.get("shift")
         src["file"] = _file_hash(Path(src["file"]), self.source)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def validated(model: Any, raw: dict[str, Any], source: str) -> Any:
+    """`model.model_validate(raw)` with the first error as one line naming `source` and the key."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "spec"
+        msg = err["msg"].removeprefix("Value error, ")
+        hint = f"; valid: {', '.join(model.model_fields)}" if err["type"] == "extra_forbidden" and \
+            len(err["loc"]) == 1 else ""
+        raise VlsafeError(f"{source}: {loc}: {msg}{hint}") from None
 
 
 def _rebase(raw: dict[str, Any], base_dir: str | os.PathLike | None) -> dict[str, Any]:

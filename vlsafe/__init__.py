@@ -35,6 +35,8 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "vlsafe.probes.behavior.evaluate",
     "RemedySpec": "vlsafe.probes.remedy_spec",
     "apply_remedy": "vlsafe.probes.remedies",
+    "Condition": "vlsafe.probes.gate",
+    "fit_condition": "vlsafe.probes.gate",
 }
 # public names that are another name in their module
 _ALIASES = {"diff": "diff_checkpoints", "merge": "run_merge"}
@@ -53,6 +55,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from vlsafe.probes.behavior.judges import get_judge
     from vlsafe.probes.capture import capture
     from vlsafe.probes.directions import mean_diff
+    from vlsafe.probes.gate import Condition, fit_condition
     from vlsafe.probes.linear import probe_layers
     from vlsafe.probes.models import load
     from vlsafe.probes.remedies import apply_remedy

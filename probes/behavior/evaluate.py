@@ -91,13 +91,15 @@ class EvalSet:
 def evaluate_model(lm: Any, sets: Sequence[EvalSet], *, checkpoint: str = "model", judge: Any = "default",
                    threshold: float = 0.0, openings: Sequence[str] | None = None, max_new_tokens: int = 64,
                    batch_size: int = 16, seed: int = 0, cache: bool | str | Path = True, precision: str = "fp32",
-                   progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   progress: bool = False, gate: Any = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluate one loaded model on every set; return (generations, tidy rows), both in the order of `sets`.
 
     `judge`: a judge name or `Judge` for generated answers, or one of `LOGIT_JUDGES` (refused ⇔ the prompt's
     log-odds refusal score > `threshold`, scoring `openings`). The generations frame has `GENERATION_COLUMNS` plus
     `metric` and `correct` (accuracy sets); `image` is each prompt's spec (the set's label for in-memory images).
     Generation settings (`max_new_tokens`, `batch_size`, `seed`, `cache`, `precision`) go to `generate`.
+    `gate`: the `vlsafe.probes.gated.Gate` of a gated remedy the model runs under; the generations frame then
+    gains `gate_fired` (whether the gate's condition fired on each prompt).
     """
     if not sets:
         raise VlsafeError(f"{checkpoint}: no prompt sets to evaluate")
@@ -110,6 +112,8 @@ def evaluate_model(lm: Any, sets: Sequence[EvalSet], *, checkpoint: str = "model
             continue
         frame, mode = _outcomes(lm, es, scorer, {**gen_kw, "max_new_tokens": es.max_new_tokens or max_new_tokens})
         frame.insert(0, "checkpoint", checkpoint)
+        if gate is not None:  # right after the set's forwards: decisions are looked up by prompt tokens
+            frame["gate_fired"] = gate.fired_for(es.prompts, images=es.images)
         frames.append(frame)
         rows.append(_rows(frame, es, checkpoint, mode, getattr(scorer, "calibration", None)))
     empty = pd.DataFrame(columns=[*GENERATION_COLUMNS, "metric", "correct"])
