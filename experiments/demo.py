@@ -40,7 +40,8 @@ class Sizes:
     tune_limit: int              # prompts per training source of the sweep's targeted LoRA points
     lora_steps: int
     tune_max_length: int
-    remedy_layers: tuple[int, int]  # the fixed block inputs of the sweep's activation remedies (mid, late)
+    remedy_layers: tuple[int, int]  # the fixed block inputs of the sweep's activation remedies (mid, late; not 0,
+                                    # where the last prompt tokens' states do not depend on the prompt)
     patch_signal: str               # the signals.csv column of the causal (patching) targeted points
 
 
@@ -48,7 +49,7 @@ SIZES = {"full": Sizes(probe_n=120, eval_limit=60, max_new_tokens=32, pairs=200,
                        tune_limit=48, lora_steps=24, tune_max_length=112, remedy_layers=(15, 20),
                        patch_signal="patching_resid_scene"),
          "tiny": Sizes(probe_n=24, eval_limit=6, max_new_tokens=4, pairs=20, top_k=(1, 1, 1), screen_limit=6,
-                       tune_limit=2, lora_steps=1, tune_max_length=384, remedy_layers=(0, 1),
+                       tune_limit=2, lora_steps=1, tune_max_length=384, remedy_layers=(1, 1),
                        patch_signal="patching_resid")}
 
 

@@ -153,11 +153,11 @@ def check_image_set(cfg: EvalConfig) -> None:
         raise VlsafeError(f"eval.harmful_image '{cfg.harmful_image}' has no image prompts (add +blank or +scene)")
 
 
-def evaluate_loaded(lm: Any, cfg: EvalConfig, refs: list[str] | None = None, *, checkpoint: str = "point"
-                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def evaluate_loaded(lm: Any, cfg: EvalConfig, refs: list[str] | None = None, *, checkpoint: str = "point",
+                    gate: Any = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(generations, tidy rows) of `vlsafe.probes.behavior.evaluate.evaluate_model` on the point's sets (the image
     harmful set only for a model that takes images): the logit judge `logit-<score_kind>` at `threshold` in fast
-    mode, generation judged by `judge` in full mode."""
+    mode, generation judged by `judge` in full mode. `gate` (a gated remedy's `Gate`) adds `gate_fired`."""
     from vlsafe.probes.behavior.evaluate import evaluate_model
     from vlsafe.probes.models import is_lvlm
 
@@ -166,11 +166,13 @@ def evaluate_loaded(lm: Any, cfg: EvalConfig, refs: list[str] | None = None, *, 
     judge = f"logit-{cfg.score_kind}" if cfg.mode == "fast" else cfg.judge
     sets = eval_sets(cfg, refs, images=bool(cfg.harmful_image) and is_lvlm(lm))
     return evaluate_model(lm, sets, checkpoint=checkpoint, judge=judge, threshold=cfg.threshold,
-                          openings=cfg.openings, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                          openings=cfg.openings, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                          gate=gate)
 
 
 def _write_generations(gens: pd.DataFrame, out_dir: Path) -> None:
     cols = ["prompt_set", "id", "prompt", "image", "response", "refused", "judge_score"]
+    cols += ["gate_fired"] if "gate_fired" in gens.columns else []
     with (out_dir / "generations.jsonl").open("a") as fh:
         fh.writelines(json.dumps({c: _plain(row[c]) for c in cols}) + "\n" for _, row in gens.iterrows())
 
@@ -184,18 +186,24 @@ def evaluate_point(spec: str, cfg: EvalConfig, refs: list[str] | None = None,
     """`{safety, safety_ci_low, …, over_refusal…, helpfulness…, n_*}` for checkpoint `spec` (the overall rows of
     `evaluate_loaded`); with `cfg.harmful_image`, `safety_image…` too (NaN and `n_harmful_image = 0` for a model
     that takes no images). In full mode the judged generations are appended to `out_dir/generations.jsonl`.
-    `under(lm)`, when given, returns a context manager the evaluation runs inside (an activation-level remedy)."""
+    `under(lm)`, when given, returns a context manager the evaluation runs inside (an activation-level remedy); when
+    it yields a gate (a gated remedy), `fired_<set>` is the share of each set's prompts on which it fired."""
     from vlsafe.probes.models import load
 
     lm = load(spec)
-    with under(lm) if under is not None else contextlib.nullcontext():
-        gens, rows = evaluate_loaded(lm, cfg, refs, checkpoint=spec)
+    with under(lm) if under is not None else contextlib.nullcontext() as gate:
+        gens, rows = evaluate_loaded(lm, cfg, refs, checkpoint=spec, gate=gate)
     del lm
     if out_dir is not None and cfg.mode == "full" and len(gens):
         _write_generations(gens, out_dir)
     overall = rows[rows["category"] == ""].reset_index(drop=True)
     out: dict[str, Any] = {"eval_mode": cfg.mode}
     channels = list(CHANNELS.items()) + ([IMAGE_CHANNEL] if cfg.harmful_image else [])
+    if "gate_fired" in gens.columns:
+        names = [cfg.harmful, cfg.borderline, cfg.harmless] + ([cfg.harmful_image] if cfg.harmful_image else [])
+        fired = gens.groupby("prompt_set")["gate_fired"].mean()
+        out.update({f"fired_{which}": float(fired.get(_prompt_set(n, cfg.limit).name, np.nan))
+                    for (_, which), n in zip(channels, names)})
     for i, (channel, which) in enumerate(channels):
         if i >= len(overall):  # the image set of a text-only model
             out.update({channel: np.nan, f"{channel}_ci_low": np.nan, f"{channel}_ci_high": np.nan,

@@ -15,7 +15,9 @@
 
 `layers` (varied or in the template) are the remedy's layers; `all` or none means every layer. Relative vector
 paths resolve next to the sweep config. A point's hash includes the content of the vectors it reads
-(`RemedySpec.key`), so a new `vlsafe locate` run is a new point.
+(`RemedySpec.key`), so a new `vlsafe locate` run is a new point. A gated remedy (`kind: gated`, a pre-fitted
+`condition: {file: cond.json}` and an `action:`) takes the varied `layers` as its action's layers; its points
+gain `fired_<set>` (the share of each set's prompts on which the condition fired).
 """
 
 from __future__ import annotations
@@ -41,8 +43,13 @@ def remedy_spec(config: Any, label: str, base_dir: Path, num_layers: int) -> Any
 
     remedy_model(config, label)
     raw = {k: v for k, v in config.items() if k != "model"}
-    if raw.get("layers") in (None, "all"):
-        raw["layers"] = list(range(num_layers))
+    inner = raw
+    if raw.get("kind") == "gated":  # the layers are the action's
+        inner = raw["action"] = dict(raw.get("action") or {})
+        if "layers" in raw:
+            inner["layers"] = raw.pop("layers")
+    if inner.get("layers") in (None, "all"):
+        inner["layers"] = list(range(num_layers))
     return RemedySpec.parse(raw, source=label, base_dir=base_dir)
 
 
@@ -59,15 +66,30 @@ def preflight_remedy(config: Any, label: str, base_dir: Path, model: str) -> Any
 
     ck = _checkpoint(model)
     spec = remedy_spec(config, label, base_dir, ck.num_layers)
-    bad = [i for i in spec.layers if not 0 <= i < ck.num_layers]
+    if spec.kind == "gated":
+        _check_condition(spec, label, model, ck)
+    act = spec.action if spec.kind == "gated" else spec
+    bad = [i for i in act.layers if not 0 <= i < ck.num_layers]
     if bad:
         raise VlsafeError(f"{label}: layers: {bad[0]} out of range for {model} ({ck.num_layers} layers)")
-    if spec.needs_images and not any(c.startswith("vision.") for c in ck.raw_to_canonical.values()):
-        raise VlsafeError(f"{label}: kind {spec.kind!r} acts on image inputs but {model} takes no images")
-    width = vector_width(spec)
+    if act.needs_images and not any(c.startswith("vision.") for c in ck.raw_to_canonical.values()):
+        raise VlsafeError(f"{label}: kind {act.kind!r} acts on image inputs but {model} takes no images")
+    width = vector_width(act)
     if width != ck.hidden_size:
         raise VlsafeError(f"{label}: the remedy's vectors have width {width}, {model} has hidden size {ck.hidden_size}")
     return spec
+
+
+def _check_condition(spec: Any, label: str, model: str, ck: Any) -> None:
+    """A gated point's condition file fits the checkpoint (its layer and width)."""
+    from vlsafe.probes.gate import Condition
+
+    cond = Condition.load(spec.condition.file)
+    if not 0 <= cond.layer < ck.num_layers:
+        raise VlsafeError(f"{label}: condition layer {cond.layer} out of range for {model} ({ck.num_layers} layers)")
+    if cond.hidden_size != ck.hidden_size:
+        raise VlsafeError(f"{label}: condition {spec.condition.file} has width {cond.hidden_size}, {model} has "
+                          f"hidden size {ck.hidden_size}")
 
 
 def remedy_under(config: Any, label: str, base_dir: Path) -> Callable[[Any], Any]:

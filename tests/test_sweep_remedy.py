@@ -119,3 +119,30 @@ def test_layer_lists_accept_var_strings() -> None:
     assert resolve_layers(["15", 3], Path("."), "t") == [3, 15] and resolve_layers("7", Path("."), "t") == [7]
     with pytest.raises(Exception, match="not understood"):
         resolve_layers(["x"], Path("."), "t")
+
+
+def test_gated_points_never_is_the_checkpoint_always_is_the_action(tmp_path: Path, model: Path) -> None:
+    """A gated steer whose condition never fires reproduces the plain row, one that always fires the ungated steer;
+    `fired_<set>` says so; the condition's threshold override is a sweep variable."""
+    from vlsafe.probes.gate import Condition
+
+    direction = _refusal_direction(model, tmp_path / "r.safetensors")
+    Condition(kind="direction", layer=1, weight=torch.ones(64, dtype=torch.float64), threshold=0.0).save(
+        tmp_path / "cond.json")
+    steer = {"kind": "steer", "alpha": 1000.0, "direction": {"file": "r.safetensors"}}
+    d = {"eval": {**EVAL, "threshold": _threshold(model, direction)},
+         "grid": [{"name": "plain", "method": "checkpoint", "config": str(model)},
+                  {"name": "steer", "method": "remedy", "config": {"model": str(model), **steer, "layers": [1]}},
+                  {"name": "gated", "method": "remedy",
+                   "config": {"model": str(model), "kind": "gated", "action": steer,
+                              "condition": {"file": "cond.json", "threshold": "${t}"}},
+                   "vary": {"t": [float("inf"), float("-inf")], "layers": [[1]]}}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+    cfg, base = load_sweep(tmp_path / "s.yaml")
+    table = run_sweep(cfg, tmp_path / "run", base_dir=base, progress=False).set_index("point")
+    never, always = table.loc["gated[t=inf,layers=L1]"], table.loc["gated[t=-inf,layers=L1]"]
+    assert [never[c] for c in CHANNELS] == [table.loc["plain", c] for c in CHANNELS]
+    assert [always[c] for c in CHANNELS] == [table.loc["steer", c] for c in CHANNELS] == [1.0, 1.0, 0.0]
+    fired = [c for c in table.columns if c.startswith("fired_")]
+    assert fired and (never[fired] == 0).all() and (always[fired] == 1).all()
+    assert table.loc["plain", fired].isna().all()
