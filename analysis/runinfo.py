@@ -56,6 +56,7 @@ TABLE_KINDS: dict[str, str] = {
     "shift": "vlsafe locate: image-induced shift per condition, label, layer and position (shift.csv)",
     "signals": "vlsafe locate: every localisation signal per layer (signals.csv)",
     "signals_corr": "vlsafe locate: Spearman correlations between signals (signals_corr.csv)",
+    "conditions": "vlsafe gate: fitted gate conditions per layer, thresholds and val rates (conditions.csv)",
 }
 _WORD = re.compile(r"[a-z][a-z0-9_]*")
 

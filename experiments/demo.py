@@ -130,8 +130,9 @@ def _steps(org: Path) -> list[Path]:
 
 def _sweep_vars(org: Path, locate: Path, size: Sizes) -> list[str]:
     """`--var` options of the remedies sweep: the organism, the locate run whose signals.csv aims the targeted
-    points, and the profile's sizes."""
-    pairs = {"organism": org, "locate": locate, "k_small": size.top_k[0], "k_mid": size.top_k[1],
+    points (and whose vectors the activation remedies read), the gate conditions next to it, and the sizes."""
+    pairs = {"organism": org, "locate": locate, "gates": locate.parent / "gate", "k_small": size.top_k[0],
+             "k_mid": size.top_k[1],
              "k_large": size.top_k[2], "eval_limit": size.eval_limit, "screen_limit": size.screen_limit,
              "max_new_tokens": size.max_new_tokens, "tune_limit": size.tune_limit, "lora_steps": size.lora_steps,
              "tune_max_length": size.tune_max_length, "mid_layer": size.remedy_layers[0],
@@ -164,6 +165,9 @@ def run_demo(out: str | Path = "runs/demo", *, profile: str = "full", echo: Call
     st.run("locate", ["locate", str(ck["llm-aligned"]), str(ck["lvlm"]), "--image", "scene", "--n",
                       str(size.eval_limit), "--diff", str(out / "diff"), "--probe", str(out / "probe"),
                       "-o", str(out / "locate")], out / "locate", [ck["llm-aligned"], ck["lvlm"]])
+    st.run("gate", ["gate", str(ck["lvlm"]), *(a for ℓ in dict.fromkeys(size.remedy_layers)
+                                                for a in ("--layer", str(ℓ))), "-o", str(out / "gate")],
+           out / "gate", [ck["lvlm"]])
     gen = ["--limit", str(size.eval_limit), "--max-new-tokens", str(size.max_new_tokens)]
     st.run("eval", ["eval", *map(str, every), "--prompts", "harmful-test", "--prompts", "borderline-test",
                     "--prompts", "harmless-test", *gen, "-o", str(out / "eval")], out / "eval", every)

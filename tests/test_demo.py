@@ -49,7 +49,7 @@ def test_tiny_demo_fills_every_report_section(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["demo", "--profile", "tiny", "-o", str(out)]) == 0
     log = capsys.readouterr().out
-    for stage in ("diff", "taskvec", "probe", "eval", "eval-img"):
+    for stage in ("diff", "taskvec", "probe", "locate", "gate", "eval", "eval-img"):
         assert re.search(rf"\[demo\] {re.escape(stage)}\s+cached", log), stage
 
 
