@@ -133,7 +133,7 @@ def _patching(inp: LocateInputs, *, layers: Sequence[int] | None, kind: str, min
         cond = None if spec is None else resolve_images(spec, len(inp.harmful), size=_image_size(inp.target),
                                                         seed=seed)
         res = patch(inp.source, inp.target, inp.harmful, images=None if cond is None else cond.images,
-                    image=spec or "none", layers=layers, kind=kind, batch_size=batch_size)
+                    image=spec or "none", layers=layers, kind=kind, batch_size=batch_size, progress=True)
         frames.append(res.table(min_gap=min_gap, n_boot=n_boot, seed=seed))
         notes += [f"patching ({spec or 'text'}): {m}" for m in res.notes]
     return pd.concat(frames, ignore_index=True), notes

@@ -263,10 +263,13 @@ def check_pair(source: Any, target: Any) -> None:
 def patch(source: Any, target: Any, prompts: Sequence[str], *, images: Sequence[Any] | None = None,
           image: str = "none", layers: Sequence[int] | None = None, components: Sequence[str] = COMPONENTS,
           directions: Sequence[str] = DIRECTIONS, kind: str = "first_token", openings: Sequence[str] | None = None,
-          batch_size: int = 8) -> PatchResult:
+          batch_size: int = 8, progress: bool = False) -> PatchResult:
     """Patch every (layer, component) in both `directions` over `prompts`; see the module docstring.
 
-    `images` (one PIL image per prompt) go to each model that takes images; `image` labels the condition."""
+    `images` (one PIL image per prompt) go to each model that takes images; `image` labels the condition;
+    `progress` shows a bar over the patched forwards."""
+    from tqdm.auto import tqdm
+
     prompts = list(prompts)
     if not prompts:
         raise VlsafeError("patching: empty prompt set")
@@ -286,6 +289,8 @@ def patch(source: Any, target: Any, prompts: Sequence[str], *, images: Sequence[
     scores: dict[str, list[torch.Tensor]] = {"source": [], "target": []}
     patched: dict[tuple[str, int, str], list[torch.Tensor]] = {}
     unmatched: list[int] = []
+    bar = tqdm(total=-(-len(prompts) // batch_size) * len(sites) * len(directions), unit="forward",
+               desc=f"patching ({image})", disable=not progress, leave=False)
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s:s + batch_size]
         enc = {lab: T.encode(lm, chunk, None if imgs[lab] is None else list(imgs[lab])[s:s + batch_size])
@@ -303,6 +308,8 @@ def patch(source: Any, target: Any, prompts: Sequence[str], *, images: Sequence[
             for d in directions:
                 base, donor = ("target", "source") if d == "restore" else ("source", "target")
                 patched.setdefault((d, *site), []).append(_patched(side[base], site, acts[donor][site], kind))
+                bar.update()
+    bar.close()
     cat = lambda xs: torch.cat(xs).numpy()  # noqa: E731
     notes = [f"positions: {POSITIONS_NOTE}"]
     if any(unmatched):
