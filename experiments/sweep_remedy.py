@@ -13,8 +13,8 @@
     layers: [[20], {top_k: 3, from: "${locate}/signals.csv", score: patching_resid_scene}]
 ```
 
-`layers` (varied or in the template) are the remedy's layers; `all` or none means every layer. Relative vector
-paths resolve next to the sweep config. A point's hash includes the content of the vectors it reads
+`layers` (varied or in the template) are the remedy's layers; `all` or none means every layer. A relative vector
+path is taken from the working folder when it exists there, else next to the sweep config (as checkpoints are). A point's hash includes the content of the vectors it reads
 (`RemedySpec.key`), so a new `vlsafe locate` run is a new point. A gated remedy (`kind: gated`, a pre-fitted
 `condition: {file: cond.json}` and an `action:`) takes the varied `layers` as its action's layers; its points
 gain `fired_<set>` (the share of each set's prompts on which the condition fired).
@@ -42,7 +42,7 @@ def remedy_spec(config: Any, label: str, base_dir: Path, num_layers: int) -> Any
     from vlsafe.probes.remedy_spec import RemedySpec
 
     remedy_model(config, label)
-    raw = {k: v for k, v in config.items() if k != "model"}
+    raw = _found_files({k: v for k, v in config.items() if k != "model"})
     inner = raw
     if raw.get("kind") == "gated":  # the layers are the action's
         inner = raw["action"] = dict(raw.get("action") or {})
@@ -51,6 +51,15 @@ def remedy_spec(config: Any, label: str, base_dir: Path, num_layers: int) -> Any
     if inner.get("layers") in (None, "all"):
         inner["layers"] = list(range(num_layers))
     return RemedySpec.parse(raw, source=label, base_dir=base_dir)
+
+
+def _found_files(d: Any) -> Any:
+    """`d` with every `file:` that exists from the working folder made absolute (as checkpoint paths are:
+    `sweep.local`); other relative files resolve next to the sweep config."""
+    if isinstance(d, dict):
+        return {k: (str(Path(v).resolve()) if k == "file" and isinstance(v, str) and Path(v).exists()
+                    else _found_files(v)) for k, v in d.items()}
+    return d
 
 
 def _checkpoint(spec: str) -> Any:

@@ -146,3 +146,19 @@ def test_gated_points_never_is_the_checkpoint_always_is_the_action(tmp_path: Pat
     fired = [c for c in table.columns if c.startswith("fired_")]
     assert fired and (never[fired] == 0).all() and (always[fired] == 1).all()
     assert table.loc["plain", fired].isna().all()
+
+
+def test_vector_paths_resolve_from_the_working_folder_first(tmp_path: Path, model: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--var locate=runs/x` is relative to where vlsafe runs, like checkpoint paths; else next to the config."""
+    from vlsafe.experiments.sweep_remedy import remedy_spec
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "work").mkdir()
+    _refusal_direction(model, tmp_path / "work" / "r.safetensors")
+    _refusal_direction(model, tmp_path / "cfg" / "here.safetensors")
+    monkeypatch.chdir(tmp_path / "work")
+    config = {"model": str(model), "kind": "steer", "direction": {"file": "r.safetensors"}, "layers": [1]}
+    assert remedy_spec(config, "p", tmp_path / "cfg", 2).direction.file == str(tmp_path / "work" / "r.safetensors")
+    config["direction"]["file"] = "here.safetensors"
+    assert remedy_spec(config, "p", tmp_path / "cfg", 2).direction.file == str(tmp_path / "cfg" / "here.safetensors")
