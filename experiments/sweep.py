@@ -205,9 +205,16 @@ def _check_out(out: Path, resume: bool) -> None:
 def _row(point: Point, pdir: Path, metrics: dict[str, Any], helpfulness: str) -> dict[str, Any]:
     params = {k: v for k, v in point.values.items() if k != "layers"}
     return {"point": point.label, "hash": point.key, "method": point.entry.method,
-            "family": FAMILY[point.entry.method], "params": json.dumps(params, sort_keys=True, default=str),
+            "family": _family(point), "params": json.dumps(params, sort_keys=True, default=str),
             "layers": "all" if point.layers is None else " ".join(map(str, point.layers)),
             "layer_signal": point.layer_signal, **metrics, "helpfulness_kind": helpfulness, "model": _spec(pdir)}
+
+
+def _family(point: Point) -> str:
+    """`FAMILY` of the method; a gated remedy is its own family (`gated`: its own colour and marker)."""
+    c = point.config
+    gated = point.entry.method == "remedy" and isinstance(c, dict) and c.get("kind") == "gated"
+    return "gated" if gated else FAMILY[point.entry.method]
 
 
 def run_point(point: Point, *, out: Path, base: Path, ecfg: Any, refs: Any, before: Hook | None = None

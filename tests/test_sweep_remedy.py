@@ -143,6 +143,7 @@ def test_gated_points_never_is_the_checkpoint_always_is_the_action(tmp_path: Pat
     never, always = table.loc["gated[t=inf,layers=L1]"], table.loc["gated[t=-inf,layers=L1]"]
     assert [never[c] for c in CHANNELS] == [table.loc["plain", c] for c in CHANNELS]
     assert [always[c] for c in CHANNELS] == [table.loc["steer", c] for c in CHANNELS] == [1.0, 1.0, 0.0]
+    assert (never["family"], table.loc["steer", "family"]) == ("gated", "activation")
     fired = [c for c in table.columns if c.startswith("fired_")]
     assert fired and (never[fired] == 0).all() and (always[fired] == 1).all()
     assert table.loc["plain", fired].isna().all()

@@ -8,7 +8,7 @@ placed away from its point. Labels are SVG groups with ids `label-N`, so a check
 the HTML each point is an SVG group with id
 `pareto-pt-N` (`pareto-image-pt-N` in the image front), for the tooltips of `pareto_tips`.
 
-Families: the table's `family` column (merge, tuning, activation, reference; `vlsafe sweep` writes it) when present,
+Families: the table's `family` column (merge, tuning, activation, gated, reference; `vlsafe sweep` writes it) when present,
 else the name before `[`. A sweep with an image harmful set has a second front, `safety_image` vs helpfulness
 (`pareto(p, safety="safety_image")`); rows without an image number are left out of it. With a `stage` column, the
 front is drawn among the `full` (generated + judged) points only; screened-only points are drawn hollow.
@@ -36,7 +36,7 @@ def pareto_front(p: pd.DataFrame) -> pd.DataFrame:
     return p[keep].sort_values("helpfulness")
 
 
-FAMILY_ORDER = ("reference", "merge", "tuning", "activation")  # fixed colours and markers for `family`
+FAMILY_ORDER = ("reference", "merge", "tuning", "activation", "gated")  # fixed colours and markers for `family`
 SAFETY_LABELS = {"safety": "safety (refusal on harmful prompts)",
                  "safety_image": "safety with an image (refusal on harmful + image)"}
 
