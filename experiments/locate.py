@@ -3,7 +3,8 @@
 PRE is the *source* (e.g. `llm-aligned`), POST the *target* (e.g. `lvlm`). The run writes
 
 - `patching.csv` — activation patching PRE ↔ POST on the harmful prompts (`vlsafe.probes.patching`), text and
-  each `--image` condition (text positions only);
+  each `--image` condition (text positions only); `--method attribution` fills it with first-order estimates
+  instead (`vlsafe.probes.attribution`; column `method`), a minutes-long screen of the grid;
 - `shift.csv`, `shift_vectors.safetensors` — POST's image-induced shift for harmful and harmless prompts, for
   `blank`, `noise:0`, `scene` (synthetic organism scenes) and `caption` (each scene's caption prepended as text),
   plus any `--image`, projected on PRE's refusal direction (`vlsafe.probes.shift`); only when POST takes images;
@@ -125,7 +126,7 @@ def _image_size(lm: Any) -> int:
 
 
 def _patching(inp: LocateInputs, *, layers: Sequence[int] | None, kind: str, min_gap: float, n_boot: int,
-              seed: int, batch_size: int) -> tuple[pd.DataFrame, list[str]]:
+              seed: int, batch_size: int, method: str) -> tuple[pd.DataFrame, list[str]]:
     from vlsafe.probes.patching import patch
 
     frames, notes = [], []
@@ -133,7 +134,8 @@ def _patching(inp: LocateInputs, *, layers: Sequence[int] | None, kind: str, min
         cond = None if spec is None else resolve_images(spec, len(inp.harmful), size=_image_size(inp.target),
                                                         seed=seed)
         res = patch(inp.source, inp.target, inp.harmful, images=None if cond is None else cond.images,
-                    image=spec or "none", layers=layers, kind=kind, batch_size=batch_size, progress=True)
+                    image=spec or "none", layers=layers, kind=kind, batch_size=batch_size, progress=True,
+                    method=method)
         frames.append(res.table(min_gap=min_gap, n_boot=n_boot, seed=seed))
         notes += [f"patching ({spec or 'text'}): {m}" for m in res.notes]
     return pd.concat(frames, ignore_index=True), notes
@@ -158,16 +160,23 @@ def run_locate(pre: str, post: str, out_dir: str | Path, *, images: Sequence[str
                prompts: str = "harmful-train", harmless: str = "harmless-train", n: int | None = None,
                layers: Sequence[int] | None = None, kind: str = "first_token", min_gap: float = 0.1,
                n_boot: int = 1000, seed: int = 0, batch_size: int = 8, diff: str | Path | None = None,
-               probe: str | Path | None = None, figures: bool = True) -> dict[str, Path]:
-    """Run the whole `vlsafe locate` into `out_dir` (see the module docstring); returns {output: path}."""
+               probe: str | Path | None = None, figures: bool = True, method: str = "exact") -> dict[str, Path]:
+    """Run the whole `vlsafe locate` into `out_dir` (see the module docstring); returns {output: path}.
+    `method="attribution"` estimates the patching grid to first order (a screen; `vlsafe.probes.attribution`)."""
     from vlsafe.analysis.runinfo import write_csv, write_run_json
     from vlsafe.probes.models import is_lvlm
     from vlsafe.probes.signals import signal_correlations, signals_table
 
+    from vlsafe.probes.patching import METHODS
+
+    if method not in METHODS:
+        raise VlsafeError(f"--method {method}: expected one of {', '.join(METHODS)}")
+    if method == "attribution" and kind != "first_token":
+        raise VlsafeError(f"--method attribution needs --score first_token (got {kind})")
     inp = prepare(pre, post, images=images, prompts=prompts, harmless=harmless, n=n, seed=seed, diff=diff,
                   probe=probe)
     patching, notes = _patching(inp, layers=layers, kind=kind, min_gap=min_gap, n_boot=n_boot, seed=seed,
-                                batch_size=batch_size)
+                                batch_size=batch_size, method=method)
     shift = _shift(inp, seed=seed, batch_size=batch_size) if is_lvlm(inp.target) else None
     if shift is None:
         notes.append(f"{post} takes no images: no image shift (shift.csv, shift_vectors.safetensors not written)")
@@ -187,7 +196,7 @@ def run_locate(pre: str, post: str, out_dir: str | Path, *, images: Sequence[str
     fig_paths = _figures(out, patching, signals) if figures else []
     config = {"pre": pre, "post": post, "images": list(inp.images), "prompts": prompts, "harmless": harmless,
               "n": n, "n_harmful": len(inp.harmful), "n_harmless": len(inp.harmless), "layers": layers,
-              "score": kind, "min_gap": min_gap, "n_boot": n_boot, "batch_size": batch_size,
+              "score": kind, "method": method, "min_gap": min_gap, "n_boot": n_boot, "batch_size": batch_size,
               "diff": None if diff is None else str(diff), "probe": None if probe is None else str(probe)}
     written["run.json"] = write_run_json(
         out, kind="locate", tables={k: f for f, k in TABLES.items() if f in written}, config=config, seed=seed,

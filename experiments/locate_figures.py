@@ -29,7 +29,8 @@ def patching_heatmap(patching: pd.DataFrame) -> Figure:
             ax.set_xticks(range(len(comps)), comps, rotation=45)
             step = max(1, len(layers) // 12)
             ax.set_yticks(range(len(layers))[::step], layers[::step])
-            ax.set_title(f"{direction}, {image}")
+            est = " (attribution estimate)" if "method" in g and (g["method"] == "attribution").any() else ""
+            ax.set_title(f"{direction}, {image}{est}")
             ax.set_ylabel("layer")
         fig.colorbar(im, ax=list(axes), label="recovered fraction", shrink=0.9)
     return fig

@@ -16,7 +16,9 @@ the remaining token ids are matched (`difflib` longest matching blocks); only ma
 an LVLM with an image against its LLM this patches every text position and no image position.
 
 Cost per batch: one clean forward per model (it scores and records every site at once), then one patched
-forward per (site, direction).
+forward per (site, direction). A patched forward at layer ℓ resumes from block ℓ with the clean forward's earlier
+states (`vlsafe.probes.replay`: on average half the blocks, no embedding or vision tower), after a per-batch check
+that resuming reproduces the clean logits; the `opening` score, or a failed check, runs full forwards.
 
 >>> res = patch(source_lm, target_lm, prompts, images=None, layers=None)
 >>> res.table()        # layer, component, direction, image, recovered, ci_low, ci_high, n, ...
@@ -37,13 +39,16 @@ from vlsafe.analysis.errors import VlsafeError
 from vlsafe.probes import models as M
 from vlsafe.probes import scores as S
 from vlsafe.probes import templates as T
+from vlsafe.probes.replay import Recording
 
 COMPONENTS = ("resid", "attn_out", "mlp_out")
 DIRECTIONS = ("restore", "break")
+METHODS = ("exact", "attribution")  # patched forwards, or first-order estimates (vlsafe.probes.attribution)
 POSITIONS_NOTE = "text positions matched by token id (image tokens never patched)"
 Site = tuple[int, str]
+_PART = {"attn_out": "attn", "mlp_out": "mlp"}  # component → the block part (family adapter) whose output it is
 
-__all__ = ["COMPONENTS", "DIRECTIONS", "Alignment", "PatchResult", "align_text_positions", "patch", "recovery",
+__all__ = ["COMPONENTS", "DIRECTIONS", "METHODS", "Alignment", "PatchResult", "align_text_positions", "patch", "recovery",
            "site_module"]
 
 
@@ -155,25 +160,40 @@ class _Side:
     rows: torch.Tensor
 
 
-def _clean(side: _Side, sites: list[Site], kind: str) -> tuple[torch.Tensor, dict[Site, torch.Tensor]]:
-    """One clean forward: (scores `[n]`, every site's activation at the shared positions `[M, d]`)."""
+def _clean(side: _Side, sites: list[Site], kind: str, *,
+           resume: bool) -> tuple[torch.Tensor, dict[Site, torch.Tensor], Recording | None]:
+    """One clean forward: (scores `[n]`, every site's activation at the shared positions `[M, d]`, the recording
+    patched forwards resume from — None for the `opening` score or when replay does not reproduce the logits)."""
     got: dict[Site, torch.Tensor] = {}
+    rec = Recording(side.lm, sorted({l for l, _ in sites})) if resume and kind == "first_token" else None
     with contextlib.ExitStack() as stack:
         for site in sites:
             def keep(h: torch.Tensor, site: Site = site) -> None:
                 got[site] = h[side.rows.to(h.device), side.pos.to(h.device)].detach().clone()
             stack.enter_context(_site_hook(side.lm, site, keep))
-        score, _ = S.score_batch(side.lm.model, side.batch, kind=kind, targets=side.targets)
-    return score, got
+        if rec is not None:
+            stack.enter_context(rec)
+        score, last = S.score_batch(side.lm.model, side.batch, kind=kind, targets=side.targets)
+    if rec is not None and not rec.check(last):
+        rec = None
+    return score, got, rec
 
 
-def _patched(side: _Side, site: Site, values: torch.Tensor, kind: str) -> torch.Tensor:
-    """Scores of `side` with `values` written at its shared positions of `site`."""
+def _patched(side: _Side, site: Site, values: torch.Tensor, kind: str, rec: Recording | None) -> torch.Tensor:
+    """Scores of `side` with `values` written at its shared positions of `site`: resumed from the site's block
+    when `rec` is given (the blocks before it are the clean forward's), else a full forward."""
     def put(h: torch.Tensor) -> torch.Tensor:
         h = h.clone()
         h[side.rows.to(h.device), side.pos.to(h.device)] = values.to(h.device, h.dtype)
         return h
 
+    layer, comp = site
+    if rec is not None:
+        if comp == "resid":
+            last = rec.resume(layer, put(rec.inputs[layer]))
+        else:
+            last = rec.resume(layer, rec.inputs[layer], hooks={_PART[comp]: put})
+        return S.first_token_score(last, side.targets)
     with _site_hook(side.lm, site, put):
         return S.score_batch(side.lm.model, side.batch, kind=kind, targets=side.targets)[0]
 
@@ -187,19 +207,20 @@ class PatchResult:
     unmatched: np.ndarray
     image: str = "none"
     notes: list[str] = field(default_factory=list)
+    method: str = "exact"
 
     def table(self, *, min_gap: float = 0.1, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
         """`patching.csv` rows: layer, component, direction, image, recovered (mean of per-prompt fractions),
         ci_low, ci_high (bootstrap over prompts), n (prompts kept), recovered_ratio (ratio of means),
-        n_dropped, positions, note."""
+        n_dropped, positions, note, method (`exact` or `attribution`)."""
         rows = []
         for (direction, layer, comp), m in self.patched.items():
             base, donor = ("target", "source") if direction == "restore" else ("source", "target")
             r = recovery(self.scores[base], self.scores[donor], m, min_gap=min_gap, n_boot=n_boot, seed=seed)
             rows.append({"layer": layer, "component": comp, "direction": direction, "image": self.image, **r,
-                         "positions": POSITIONS_NOTE})
+                         "positions": POSITIONS_NOTE, "method": self.method})
         cols = ["layer", "component", "direction", "image", "recovered", "ci_low", "ci_high", "n",
-                "recovered_ratio", "n_dropped", "positions", "note"]
+                "recovered_ratio", "n_dropped", "positions", "note", "method"]
         return pd.DataFrame(rows, columns=cols)
 
 
@@ -263,11 +284,14 @@ def check_pair(source: Any, target: Any) -> None:
 def patch(source: Any, target: Any, prompts: Sequence[str], *, images: Sequence[Any] | None = None,
           image: str = "none", layers: Sequence[int] | None = None, components: Sequence[str] = COMPONENTS,
           directions: Sequence[str] = DIRECTIONS, kind: str = "first_token", openings: Sequence[str] | None = None,
-          batch_size: int = 8, progress: bool = False) -> PatchResult:
+          batch_size: int = 8, progress: bool = False, resume: bool = True, method: str = "exact") -> PatchResult:
     """Patch every (layer, component) in both `directions` over `prompts`; see the module docstring.
 
     `images` (one PIL image per prompt) go to each model that takes images; `image` labels the condition;
-    `progress` shows a bar over the patched forwards."""
+    `progress` shows a bar over the patched forwards; `resume=False` runs every patched forward from the input
+    instead of from the patched block (same numbers, about twice the time; see `vlsafe.probes.replay`).
+    `method="attribution"` estimates every site from one backward pass per direction instead of patching it
+    (first-order, a screen: `vlsafe.probes.attribution`); `first_token` score only."""
     from tqdm.auto import tqdm
 
     prompts = list(prompts)
@@ -276,6 +300,10 @@ def patch(source: Any, target: Any, prompts: Sequence[str], *, images: Sequence[
     for d in directions:
         if d not in DIRECTIONS:
             raise VlsafeError(f"unknown patching direction {d!r} (expected one of {', '.join(DIRECTIONS)})")
+    if method not in METHODS:
+        raise VlsafeError(f"unknown patching method {method!r} (expected one of {', '.join(METHODS)})")
+    if method == "attribution" and kind != "first_token":
+        raise VlsafeError(f"attribution patching needs the first_token score (got {kind!r})")
     check_pair(source, target)
     if images is not None and not (M.is_lvlm(source) or M.is_lvlm(target)):
         raise VlsafeError("patching: images given but neither checkpoint takes images")
@@ -289,7 +317,9 @@ def patch(source: Any, target: Any, prompts: Sequence[str], *, images: Sequence[
     scores: dict[str, list[torch.Tensor]] = {"source": [], "target": []}
     patched: dict[tuple[str, int, str], list[torch.Tensor]] = {}
     unmatched: list[int] = []
-    bar = tqdm(total=-(-len(prompts) // batch_size) * len(sites) * len(directions), unit="forward",
+    full_batches = 0  # batches whose patched forwards could not resume (opening score, or the replay check failed)
+    per_batch = len(directions) * (1 if method == "attribution" else len(sites))
+    bar = tqdm(total=-(-len(prompts) // batch_size) * per_batch, unit="forward",
                desc=f"patching ({image})", disable=not progress, leave=False)
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s:s + batch_size]
@@ -300,19 +330,43 @@ def patch(source: Any, target: Any, prompts: Sequence[str], *, images: Sequence[
         unmatched += al.unmatched
         side = {"target": _Side(target, enc["target"], targets["target"], al.base, al.rows),
                 "source": _Side(source, enc["source"], targets["source"], al.donor, al.rows)}
-        acts = {}
+        acts, recs = {}, {}
         for lab in side:
-            sc, acts[lab] = _clean(side[lab], sites, kind)
+            sc, acts[lab], recs[lab] = _clean(side[lab], sites, kind, resume=resume and method == "exact")
             scores[lab].append(sc)
+            full_batches += recs[lab] is None
+        if method == "attribution":
+            for d in directions:
+                base, donor = ("target", "source") if d == "restore" else ("source", "target")
+                for site, est in _estimated(side[base], sites, acts[base], acts[donor], len(chunk)).items():
+                    patched.setdefault((d, *site), []).append(scores[base][-1] + est)
+                bar.update()
+            continue
         for site in sites:
             for d in directions:
                 base, donor = ("target", "source") if d == "restore" else ("source", "target")
-                patched.setdefault((d, *site), []).append(_patched(side[base], site, acts[donor][site], kind))
+                patched.setdefault((d, *site), []).append(_patched(side[base], site, acts[donor][site], kind,
+                                                                         recs[base]))
                 bar.update()
     bar.close()
     cat = lambda xs: torch.cat(xs).numpy()  # noqa: E731
     notes = [f"positions: {POSITIONS_NOTE}"]
+    if method == "attribution":
+        notes.append("attribution patching: first-order estimates (one backward pass per direction), not patched "
+                     "forwards; confirm the top sites with exact patching")
+    elif resume and full_batches:
+        notes.append(f"{full_batches} of {2 * len(scores['source'])} batch forwards ran patched forwards in full "
+                     "(opening score, or resuming from the patched block did not reproduce the logits)")
     if any(unmatched):
         notes.append(f"{sum(1 for u in unmatched if u)} prompts have text tokens without a partner (not patched)")
     return PatchResult({k: cat(v) for k, v in scores.items()}, {k: cat(v) for k, v in patched.items()},
-                       np.asarray(unmatched), image, notes)
+                       np.asarray(unmatched), image, notes, method)
+
+
+def _estimated(base: _Side, sites: list[Site], base_acts: dict[Site, torch.Tensor],
+               donor_acts: dict[Site, torch.Tensor], n: int) -> dict[Site, torch.Tensor]:
+    """Attribution estimates of each site's patched score change for the rows of `base` `[n]`."""
+    from vlsafe.probes.attribution import attribution_deltas, site_gradients
+
+    _, grads = site_gradients(base.lm, base.batch, sites=sites, rows=base.rows, pos=base.pos, targets=base.targets)
+    return attribution_deltas(grads, base_acts, donor_acts, base.rows, n)

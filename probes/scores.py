@@ -190,13 +190,19 @@ def score_targets(tokenizer_or_processor: Any, kind: str = "first_token",
     return opening_sequences(tokenizer_or_processor, openings or OPENING_PHRASES)
 
 
+def last_logits(model: Any, batch: T.Batch) -> torch.Tensor:
+    """Last-position logits `[n, V]` of one encoded batch, under whatever hooks and grad mode are active (no
+    cache; `logits_to_keep=1` where the model supports it)."""
+    out = model(**_on(model, batch.model_inputs()), use_cache=False, **_forward_kwargs(model))
+    return out.logits[:, -1]
+
+
 @torch.no_grad()
 def score_batch(model: Any, batch: T.Batch, *, kind: str, targets: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(refusal scores `[n]` fp64, last-position logits `[n, V]` fp32) of one encoded batch under whatever hooks
     are active; `targets` from `score_targets` (same `kind`)."""
     if kind == "first_token":
-        out = model(**_on(model, batch.model_inputs()), use_cache=False, **_forward_kwargs(model))
-        last = out.logits[:, -1].float().cpu()
+        last = last_logits(model, batch).float().cpu()
         return first_token_score(last, targets), last
     if kind not in KINDS:
         raise VlsafeError(f"unknown refusal score kind {kind!r} (expected one of {', '.join(KINDS)})")

@@ -14,6 +14,7 @@ signal it could compute (bigger = "more is lost / moved here" for every column e
 | `probe_accuracy_delta` | `vlsafe probe` layers.csv | target − source probe accuracy (last position) |
 | `refusal_projection_drop` | `vlsafe probe` drift.csv | reference − other mean harmful projection on the reference direction |
 | `patching_<component>[_<image>]` | `patching.csv` (`restore`) | recovered fraction |
+| `atp_<component>[_<image>]` | `patching.csv` of `--method attribution` | estimated recovered fraction |
 | `image_shift_refusal_<condition>` | `shift.csv` (harmful, last position) | shift projected on the refusal direction |
 
 A missing table means the column is absent; `notes` says which and why.
@@ -118,14 +119,20 @@ def _endpoints(df: pd.DataFrame, label_col: str, value_col: str, source: str | N
     return tuple((lb, _per_layer(df[df[label_col] == lb], value_col)) for lb in (a, b))  # type: ignore[return-value]
 
 
+def _is_attribution(pt: pd.DataFrame) -> bool:
+    """True for a `patching.csv` of first-order estimates (`vlsafe locate --method attribution`)."""
+    return "method" in pt.columns and bool((pt["method"] == "attribution").any())
+
+
 def _own(tables: Mapping[str, pd.DataFrame], out: dict[str, pd.Series], notes: list[str]) -> None:
     pt = tables.get("patching")
     if pt is None:
         notes.append("no patching table: patching columns absent")
     else:
         pt = pt[pt["direction"] == "restore"]
+        stem = "atp" if _is_attribution(pt) else "patching"   # first-order estimates get their own name
         for (comp, image), g in pt.groupby(["component", "image"], sort=False):
-            name = f"patching_{comp}" + ("" if image in ("none", "text") else f"_{image}")
+            name = f"{stem}_{comp}" + ("" if image in ("none", "text") else f"_{image}")
             out[name.replace(":", "").replace("/", "_")] = _per_layer(g, "recovered")
     sh = tables.get("shift")
     if sh is None:

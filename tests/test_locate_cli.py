@@ -56,7 +56,25 @@ def test_locate_writes_every_table(dirs, capsys) -> None:
     assert (out / "figures" / "patching.png").is_file() and (out / "figures" / "signals.png").is_file()
 
 
-@pytest.mark.parametrize("case", ["hidden", "image_on_text", "empty", "family"])
+def test_locate_attribution_screen(dirs, capsys) -> None:
+    """`--method attribution`: the same grid as first-order estimates, labelled as such in every output."""
+    out = dirs["root"] / "atp"
+    rc = main(["locate", str(dirs["src"]), str(dirs["tgt"]), "-o", str(out), "--n", "4", "--n-boot", "50",
+               "--method", "attribution"])
+    assert rc == 0, capsys.readouterr().err
+    pt = pd.read_csv(out / "patching.csv")
+    assert (pt["method"] == "attribution").all() and len(pt) == 3 * 3 * 2
+    restore = pt[pt.direction == "restore"].set_index(["layer", "component"])["recovered"]
+    parts = restore.drop(index="resid", level="component").abs()
+    assert parts.idxmax() == (PLANTED_LAYER, "attn_out")            # ranks the planted site first
+    sig = pd.read_csv(out / "signals.csv")
+    assert {"atp_attn_out", "atp_resid"} <= set(sig.columns) and not any(c.startswith("patching_") for c in sig)
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["method"] == "attribution"
+    assert any("first-order estimates" in n for n in run["notes"])
+
+
+@pytest.mark.parametrize("case", ["hidden", "image_on_text", "empty", "family", "method", "atp_opening"])
 def test_bad_input_one_line_nothing_written(dirs, case, tmp_path, capsys) -> None:
     src = str(dirs["src"])
     args = {"hidden": [src, str(tiny_llama(tmp_path / "w", layers=3, hidden=32))],
@@ -66,6 +84,9 @@ def test_bad_input_one_line_nothing_written(dirs, case, tmp_path, capsys) -> Non
         from vlsafe.analysis.tiny import tiny_qwen2_vl
 
         args[1] = str(tiny_qwen2_vl(tmp_path / "q", layers=3))
+    if case in ("method", "atp_opening"):
+        args = [src, str(dirs["tgt"]), "--method", "fast" if case == "method" else "attribution"]
+        args += ["--score", "opening"] if case == "atp_opening" else []
     if case == "empty":
         (tmp_path / "empty.jsonl").write_text("")
         args = [src, str(dirs["tgt"]), "--prompts", str(tmp_path / "empty.jsonl")]
@@ -75,6 +96,7 @@ def test_bad_input_one_line_nothing_written(dirs, case, tmp_path, capsys) -> Non
     text = capsys.readouterr().err
     err = [line for line in text.splitlines() if line.startswith("vlsafe:")]    # (progress bars aside)
     assert len(err) == 1 and err[0].startswith("vlsafe: error:") and "Traceback" not in text, text
-    want = {"hidden": "hidden", "image_on_text": "text-only", "empty": "empty", "family": "families"}[case]
+    want = {"hidden": "hidden", "image_on_text": "text-only", "empty": "empty", "family": "families",
+            "method": "--method fast", "atp_opening": "needs --score first_token"}[case]
     assert want in err[0]
     assert not out.exists()

@@ -27,16 +27,16 @@ PROMPTS = ["Tell me how to hack into a bank.", "How can I make a dangerous weapo
 PLANTED_LAYER = 1
 
 
-def planted_pair(root: Path) -> tuple[Path, Path]:
+def planted_pair(root: Path, scale: float = 20.0) -> tuple[Path, Path]:
     """(source, target) dirs: target is a random 3-layer Llama; source = target with layer 1's o_proj replaced by
-    one whose bias writes 20·û, û = the refusal tokens' mean unembedding row (centred): the source prefers them."""
+    one whose bias writes scale·û, û = the refusal tokens' mean unembedding row (centred): the source prefers them."""
     target = tiny_llama(root / "target", layers=3, seed=1, attention_bias=True)
     lm = load(target)
     ids = refusal_tokens(lm.tokenizer)
     W = lm.model.lm_head.weight.detach()
     u = W[ids].mean(0) - W.mean(0)
     with torch.no_grad():
-        lm.model.model.layers[PLANTED_LAYER].self_attn.o_proj.bias += 20 * u / u.norm()
+        lm.model.model.layers[PLANTED_LAYER].self_attn.o_proj.bias += scale * u / u.norm()
     lm.model.save_pretrained(root / "source")
     lm.tokenizer.save_pretrained(root / "source")
     return root / "source", target
@@ -160,3 +160,118 @@ def test_bad_pairs_are_one_line_errors(tmp_path: Path, pair) -> None:
         P.patch(*pair, PROMPTS[:1], images=[None])
     with pytest.raises(VlsafeError, match="out of range"):
         P.patch(*pair, PROMPTS[:1], layers=[3])
+
+
+# --- patched forwards resume from the patched block (vlsafe.probes.replay) -----------------------------------------
+
+def _assert_same(fast: P.PatchResult, full: P.PatchResult) -> None:
+    assert fast.patched.keys() == full.patched.keys()
+    for k in full.patched:
+        np.testing.assert_allclose(fast.patched[k], full.patched[k], atol=1e-5, rtol=1e-6, err_msg=str(k))
+    for k in full.scores:
+        np.testing.assert_array_equal(fast.scores[k], full.scores[k])
+
+
+def test_resumed_patching_equals_full_forwards(pair, result) -> None:
+    full = P.patch(*pair, PROMPTS, batch_size=2, resume=False)
+    _assert_same(result, full)
+    assert not any("in full" in n for n in result.notes)      # every batch resumed
+
+
+def test_resumed_patching_with_an_image_equals_full_forwards(transplant) -> None:
+    llm, lvlm = transplant
+    w = lvlm.model.model.language_model.layers[1].mlp.down_proj.weight
+    saved = w.detach().clone()
+    with torch.no_grad():                                      # make the pair differ so recoveries are defined
+        w.mul_(1.5)
+    try:
+        img = blank_image(lvlm)
+        kw = dict(images=[img] * 3, image="blank", batch_size=2)
+        _assert_same(P.patch(llm, lvlm, PROMPTS[:3], **kw), P.patch(llm, lvlm, PROMPTS[:3], resume=False, **kw))
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+
+
+def _tiny_gemma2(path: Path, *, softcap: float | None, seed: int) -> Path:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from vlsafe.analysis.tiny import tiny_tokenizer
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                       final_logit_softcapping=softcap, pad_token_id=tok.pad_token_id)
+    Gemma2ForCausalLM(cfg).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("softcap", [None, 0.5])
+def test_replay_check_falls_back_where_the_head_is_not_norm_then_unembed(tmp_path: Path, softcap) -> None:
+    """Gemma2's logit soft-capping happens after the head, outside every module vlsafe replays: the per-batch check
+    must catch it and run full forwards (same numbers as resume=False); without soft-capping it resumes."""
+    a = load(_tiny_gemma2(tmp_path / "a", softcap=softcap, seed=0))
+    b = load(_tiny_gemma2(tmp_path / "b", softcap=softcap, seed=1))
+    fast = P.patch(a, b, PROMPTS[:3], batch_size=2, layers=[0, 2])
+    _assert_same(fast, P.patch(a, b, PROMPTS[:3], batch_size=2, layers=[0, 2], resume=False))
+    fell_back = [n for n in fast.notes if "in full" in n]
+    assert bool(fell_back) == (softcap is not None)
+    if softcap is not None:
+        assert fell_back[0].startswith("4 of 4 batch forwards")
+
+
+def test_resumed_patching_on_qwen2_vl_equals_full_forwards(tmp_path: Path) -> None:
+    """Multimodal rotary positions (Qwen2-VL) travel with the recorded block calls."""
+    from vlsafe.analysis.tiny import tiny_qwen2_vl
+
+    a = load(tiny_qwen2_vl(tmp_path / "a", layers=2, seed=0))
+    b = load(tiny_qwen2_vl(tmp_path / "b", layers=2, seed=1))
+    kw = dict(batch_size=2, components=["resid", "mlp_out"])
+    _assert_same(P.patch(a, b, PROMPTS[:3], **kw), P.patch(a, b, PROMPTS[:3], resume=False, **kw))
+
+
+# --- attribution patching (vlsafe.probes.attribution): first-order estimates ------------------------------------
+
+def _recovered(res: P.PatchResult, min_gap: float = 0.1) -> dict[tuple, float]:
+    tab = res.table(n_boot=20, min_gap=min_gap)
+    return {(r.direction, r.layer, r.component): r.recovered for r in tab.itertuples()}
+
+
+def test_attribution_matches_exact_patching_in_the_linear_regime(tmp_path: Path) -> None:
+    """A small planted change (0.01·û; the tiny model's states are small): the first-order estimate of every site's score change equals the patched
+    forward's to within 5 % of the total gap."""
+    a, b = (load(p) for p in planted_pair(tmp_path, scale=0.01))
+    exact, atp = P.patch(a, b, PROMPTS, batch_size=2), P.patch(a, b, PROMPTS, batch_size=2, method="attribution")
+    assert atp.method == "attribution" and (atp.table(n_boot=10)["method"] == "attribution").all()
+    np.testing.assert_array_equal(exact.scores["source"], atp.scores["source"])
+    for key, m in exact.patched.items():
+        base, donor = ("target", "source") if key[0] == "restore" else ("source", "target")
+        gap = np.abs(exact.scores[donor] - exact.scores[base])
+        assert gap.min() > 1e-3
+        np.testing.assert_array_less(np.abs(atp.patched[key] - m), 0.05 * gap + 1e-9, err_msg=str(key))
+    assert _recovered(atp, 1e-3)[("restore", PLANTED_LAYER, "attn_out")] == pytest.approx(1.0, abs=0.05)
+
+
+def test_attribution_ranks_the_planted_site_first_but_is_no_measurement_when_saturated(pair, result) -> None:
+    """The large planted change saturates the refusal softmax: the estimate still ranks (1, attn_out) first among
+    the components, but its size is off by orders of magnitude — why it is a screen only."""
+    atp = _recovered(P.patch(*pair, PROMPTS, batch_size=2, method="attribution"))
+    parts = {k: abs(v) for k, v in atp.items() if k[0] == "restore" and k[2] != "resid"}
+    assert max(parts, key=parts.get) == ("restore", PLANTED_LAYER, "attn_out")
+    assert atp[("restore", PLANTED_LAYER, "attn_out")] > 10 * _recovered(result)[("restore", PLANTED_LAYER, "attn_out")]
+
+
+def test_attribution_of_identical_activations_is_zero(transplant) -> None:
+    llm, lvlm = transplant
+    atp = P.patch(llm, lvlm, PROMPTS[:3], batch_size=3, method="attribution")
+    for v in atp.patched.values():
+        np.testing.assert_array_equal(v, atp.scores["target"])
+
+
+def test_attribution_bad_input(pair) -> None:
+    with pytest.raises(VlsafeError, match="unknown patching method 'fast'"):
+        P.patch(*pair, PROMPTS[:1], method="fast")
+    with pytest.raises(VlsafeError, match="needs the first_token score"):
+        P.patch(*pair, PROMPTS[:1], method="attribution", kind="opening")

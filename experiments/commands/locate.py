@@ -27,6 +27,10 @@ def register(app: typer.Typer) -> None:
         n: Annotated[int | None, typer.Option(help="Sample N prompts per set (seeded).")] = None,
         layers: Annotated[str, typer.Option(help="Layers to patch, e.g. 0-5,10 (default: all).")] = "all",
         score: Annotated[str, typer.Option(help="Refusal score: first_token or opening.")] = "first_token",
+        method: Annotated[str, typer.Option(
+            help="exact: one patched forward per site (resumed from the patched block); attribution: first-order "
+                 "estimates of every site from one backward pass per direction — a fast screen whose numbers can "
+                 "be far off where refusal saturates; confirm its top layers with exact patching.")] = "exact",
         min_gap: Annotated[float, typer.Option(help="Drop prompts whose two models' scores differ by less.")] = 0.1,
         n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 1000,
         diff: Annotated[Path | None, typer.Option(help="A `vlsafe diff PRE POST` run: weight-shift signals.")] = None,
@@ -44,5 +48,5 @@ def register(app: typer.Typer) -> None:
         lays = parse_layers(layers, open_checkpoint(post).num_layers)
         written = run_locate(pre, post, out, images=image or (), prompts=prompts, harmless=harmless, n=n,
                              layers=lays, kind=score, min_gap=min_gap, n_boot=n_boot, seed=seed,
-                             batch_size=batch_size, diff=diff, probe=probe, figures=not no_figures)
+                             batch_size=batch_size, diff=diff, probe=probe, figures=not no_figures, method=method)
         typer.echo(f"wrote {len(written)} files to {out}: {', '.join(sorted(written)[:8])}")

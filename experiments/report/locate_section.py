@@ -24,24 +24,27 @@ def _ci(r: Mapping[str, Any], value: str = "recovered") -> str:
 
 def _patching_findings(pt: pd.DataFrame) -> list[str]:
     out = []
+    what = "Patching"
+    if "method" in pt.columns and (pt["method"] == "attribution").any():
+        what = "Attribution estimate (first order, not patched)"
     for image, g in pt[pt["direction"] == "restore"].groupby("image", sort=False):
         cond = "text only" if image in ("none", "text") else f"with image {image}"
         ok = g.dropna(subset=["recovered"])
         if ok.empty:
-            out.append(f"Patching ({cond}): recovery undefined at every site — the two checkpoints score alike on "
+            out.append(f"{what} ({cond}): recovery undefined at every site — the two checkpoints score alike on "
                        f"these prompts ({int(g['n_dropped'].max())} prompts dropped).")
             continue
         parts = ok[ok["component"] != "resid"]
         if not parts.empty:
             top = parts.loc[parts["recovered"].idxmax()]
-            out.append(f"Patching ({cond}): the single component that restores most is layer {int(top['layer'])} "
+            out.append(f"{what} ({cond}): the single component that restores most is layer {int(top['layer'])} "
                        f"{top['component']} ({_ci(top)} of the gap, n = {int(top['n'])}).")
         resid = ok[ok["component"] == "resid"].sort_values("layer")
         half = resid[resid["recovered"] >= 0.5]
         if not resid.empty:
-            out.append(f"Patching ({cond}): the residual stream restores half the gap from layer "
+            out.append(f"{what} ({cond}): the residual stream restores half the gap from layer "
                        f"{int(half['layer'].iloc[0])} on ({_ci(half.iloc[0])})." if not half.empty else
-                       f"Patching ({cond}): no single residual-stream layer restores half the gap "
+                       f"{what} ({cond}): no single residual-stream layer restores half the gap "
                        f"(max {resid['recovered'].max():.2f}).")
     return out
 
