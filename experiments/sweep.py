@@ -8,7 +8,10 @@ rule in `vlsafe.experiments.sweep_stages`.
 `pareto.csv`: point, hash, method, family (merge, tuning, activation, reference), params, layers, layer_signal (the
 signal that chose the layers), stage (`full`: generate + judge; `screen`: logit score), safety, over_refusal,
 helpfulness (each with `_ci_low/_ci_high`), safety_image (+ interval; NaN for text-only models or without
-`eval.harmful_image`), n_* per set, is_pareto (and is_pareto_image), model. With full points present, the fronts
+`eval.harmful_image`), n_* per set, model, kept_by (two-stage: why a point was or was not evaluated in full:
+`reference`, `front`, `cap-rank N`, `dominated`, `over cap (rank N)`), screen_* (two-stage: the screened numbers
+of a point evaluated in full, e.g. screen_safety, screen_helpfulness; NaN otherwise; see
+`vlsafe.experiments.sweep_stages`), is_pareto (and is_pareto_image). With full points present, the fronts
 are computed among them only. Figures: `figures/pareto.{png,pdf}` and, with an image set, `pareto_image.{png,pdf}`.
 
 A new method plugs in through `sweep_config.METHODS`/`FAMILY`, `_inputs_of`, `materialise` (return the base

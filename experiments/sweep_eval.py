@@ -8,10 +8,11 @@ Every point goes through the one evaluation, `vlsafe.probes.behavior.evaluate.ev
 - `mode: full` — greedy generation (`vlsafe.probes.behavior.generate`) judged by a refusal judge
   (`vlsafe.probes.behavior.judges.get_judge`): the numbers to report.
 - `mode: two-stage` — every point is screened in fast mode (settings under `screen:`; a screening score only,
-  never a number to report), then the points on or near the screened front (`keep: {margin}`, see
-  `vlsafe.experiments.sweep_stages`) and every `checkpoint` reference get the full evaluation. Each stage is
-  cached per point under its own eval key (`stage_config`), so a `fast` sweep with the same settings, a rerun
-  or a resumed run reuses it.
+  never a number to report), then the points on or near the screened front (`keep: {margin, max_points}`: at
+  most `max_points` of them, ranked by Pareto layer; see `vlsafe.experiments.sweep_stages`) and every `checkpoint`
+  reference get the full evaluation. Each stage is cached per point under its own eval key (`stage_config`, which
+  drops `screen` and `keep`), so a `fast` sweep with the same settings, a rerun, a resumed run or a rerun with
+  another `keep` reuses it.
 
 safety = refusal rate on the harmful set; safety_image = refusal rate on `harmful_image` (the harmful prompts with an
 image, e.g. `harmful-val+blank`; optional; NaN for a model that takes no images); over_refusal = refusal rate on the
@@ -32,7 +33,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vlsafe.analysis.errors import VlsafeError
 
@@ -53,10 +54,20 @@ class ScreenSettings(BaseModel):
 
 class KeepSettings(BaseModel):
     """Which screened points get the full evaluation: those no point beats by more than `margin` in both safety
-    and helpfulness (screened numbers; see `vlsafe.experiments.sweep_stages.keep_near_front`)."""
+    and helpfulness (screened numbers; see `vlsafe.experiments.sweep_stages.keep_near_front`), and of those at
+    most `max_points` (None: no cap), the first by Pareto layer (`vlsafe.experiments.sweep_stages.cap_ranks`).
+    `checkpoint` references are always evaluated in full and do not count toward `max_points`."""
 
     model_config = ConfigDict(extra="forbid")
     margin: float = Field(0.05, ge=0)
+    max_points: int | None = Field(None, ge=1)
+
+    @field_validator("max_points", mode="before")
+    @classmethod
+    def _whole(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # pydantic would read true as 1
+            raise ValueError(f"must be a whole number of points (at least 1), got {v}")
+        return v
 
 
 class EvalConfig(BaseModel):

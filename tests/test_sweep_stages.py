@@ -1,5 +1,6 @@
 """Sweeps aimed by the diagnosis: layers from any locate signal, targeted SFT/LoRA points, the two-stage
-evaluation (planted keep-rule guarantee, resume), the image harmful set, families and bad input."""
+evaluation (planted keep-rule guarantee, the cap's rank, screened columns, resume, cache keys), the image harmful
+set, families and bad input."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from vlsafe.experiments.cli import main
 from vlsafe.experiments.sweep import load_sweep, resolve_layers, run_sweep
 from vlsafe.experiments.sweep_config import layer_signal
 from vlsafe.experiments.sweep_eval import EvalConfig, mark_pareto
-from vlsafe.experiments.sweep_stages import keep_near_front, screen_keep
+from vlsafe.experiments.sweep_stages import keep_near_front, keep_reasons, screen_keep
 
 INPUTS = {"adapted": {"tiny": "llama", "seed": 0}, "aligned": {"tiny": "llama", "seed": 1}}
 MERGE = {"merge_method": "task_arithmetic", "base_model": "${adapted}",
@@ -133,10 +134,115 @@ def test_screen_keeps_references_and_image_front_points() -> None:
     assert screen_keep(df.drop(columns="safety_image"), margin=0.05).tolist() == [True, True, False, False]
 
 
+# ---- two-stage: the cap ------------------------------------------------------------------------------------------
+def _layers_by_peeling(s: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Pareto layers of the true numbers by peeling `mark_pareto`'s front (inf where a number is missing)."""
+    layer, left, k = np.full(s.size, np.inf), ~(np.isnan(s) | np.isnan(h)), 1
+    while left.any():
+        idx = np.flatnonzero(left)
+        front = idx[list(_true_front(s[idx], h[idx]))]
+        layer[front], left[front], k = k, False, k + 1
+    return layer
+
+
+def _planted_grid(seed: int, image: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(true, screened) numbers of 40 points on a coarse grid (ties in both coordinates) and 3 references; the
+    screen is an exactly monotone map of the truth (s³, √h; the image safety ∛s)."""
+    rng = np.random.default_rng(seed)
+    n = 43
+    true = pd.DataFrame({"method": ["checkpoint"] * 3 + ["merge"] * (n - 3),
+                         "safety": rng.integers(0, 11, n) / 10, "helpfulness": rng.integers(0, 11, n) / 10})
+    if image:
+        true["safety_image"] = np.where(rng.uniform(size=n) < 0.2, np.nan, rng.integers(0, 11, n) / 10)
+    screened = true.assign(safety=true["safety"] ** 3, helpfulness=np.sqrt(true["helpfulness"]))
+    if image:
+        screened["safety_image"] = np.cbrt(true["safety_image"])
+    return true, screened
+
+
+def _expected_rank(true: pd.DataFrame, candidates: np.ndarray) -> list[int]:
+    """The documented rank, from the true numbers (same order as the monotone screen's): Pareto layer (text, or
+    image when smaller), then higher safety, then row order."""
+    s, h = true["safety"].to_numpy(float), true["helpfulness"].to_numpy(float)
+    layer = _layers_by_peeling(s, h)
+    if "safety_image" in true.columns:
+        layer = np.minimum(layer, _layers_by_peeling(true["safety_image"].to_numpy(float), h))
+    return sorted(np.flatnonzero(candidates), key=lambda i: (layer[i], -s[i], i))
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_cap_keeps_exactly_the_top_k_by_layer_then_safety_then_order(image: bool) -> None:
+    for seed in range(6):
+        true, screened = _planted_grid(seed, image)
+        ref = (true["method"] == "checkpoint").to_numpy()
+        near = screen_keep(screened, margin=0.3) & ~ref           # the uncapped rule's picks (references apart)
+        order = _expected_rank(true, near)
+        assert len(order) > 8
+        for k in (1, 2, 5, len(order) - 1, len(order), len(order) + 3):
+            why = keep_reasons(screened, margin=0.3, max_points=k)
+            keep = screen_keep(screened, margin=0.3, max_points=k)
+            assert set(np.flatnonzero(keep & ~ref)) == set(order[:k]), (seed, k)
+            assert [why[i] for i in order] == [f"cap-rank {n}" if n <= k else f"over cap (rank {n})"
+                                               for n in range(1, len(order) + 1)], (seed, k)
+            assert keep[ref].all() and all(why[i] == "reference" for i in np.flatnonzero(ref))
+            assert all(why[i] == "dominated" for i in np.flatnonzero(~near & ~ref))
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_cap_at_least_the_front_size_keeps_every_full_front_point(image: bool) -> None:
+    for seed in range(10):
+        true, screened = _planted_grid(seed, image)
+        ref = (true["method"] == "checkpoint").to_numpy()
+        front = _true_front(true["safety"].to_numpy(), true["helpfulness"].to_numpy())
+        if image:
+            has = np.flatnonzero(true["safety_image"].notna())
+            front |= set(has[list(_true_front(true["safety_image"].to_numpy()[has],
+                                               true["helpfulness"].to_numpy()[has]))])
+        k = len(front - set(np.flatnonzero(ref)))                 # the non-reference points on the full front
+        for cap in (k, k + 4):
+            keep = screen_keep(screened, margin=0.0, max_points=cap)
+            assert front <= set(np.flatnonzero(keep)), (seed, cap)
+        if k > 1:  # one less: front points only, one of them over the cap
+            kept = set(np.flatnonzero(screen_keep(screened, margin=0.0, max_points=k - 1) & ~ref))
+            assert kept <= front and len(kept) == k - 1
+
+
+def test_references_always_kept_not_counted_and_ranked_against() -> None:
+    df = pd.DataFrame({"point": ["ref-good", "a", "b", "c", "ref-bad", "d"],
+                       "method": ["checkpoint", "merge", "merge", "merge", "checkpoint", "tune"],
+                       "safety": [0.9, 0.8, 0.1, 0.5, 0.0, 0.95], "helpfulness": [0.9, 0.8, 0.95, 0.5, 0.0, 0.2]})
+    # a is the safer of a and b, but the reference dominates it: layer 2, behind b (and d) on layer 1
+    assert keep_reasons(df, margin=1.0, max_points=2) == ["reference", "over cap (rank 3)", "cap-rank 2",
+                                                          "over cap (rank 4)", "reference", "cap-rank 1"]
+    assert keep_reasons(df, margin=0.05, max_points=1) == ["reference", "dominated", "over cap (rank 2)",
+                                                           "dominated", "reference", "cap-rank 1"]
+    assert keep_reasons(df, margin=0.05) == ["reference", "dominated", "front", "dominated", "reference", "front"]
+    assert screen_keep(df, margin=1.0, max_points=1).tolist() == [True, False, False, False, True, True]
+
+
+def test_keep_never_changes_a_stage_eval_key() -> None:
+    """The screen and the full stage are cached per point under their eval keys: `keep` (margin, cap) is not in them,
+    so changing it reuses every cached evaluation; the stage keys are those of the plain fast / full configs."""
+    base = {"mode": "two-stage", "limit": 8, "screen": {"limit": 4}}
+    keys = {json.dumps(keep): (EvalConfig(**base, **keep).stage_config("screen").key(),
+                               EvalConfig(**base, **keep).stage_config("full").key())
+            for keep in ({}, {"keep": {"margin": 0.05}}, {"keep": {"margin": 0.2, "max_points": 3}},
+                         {"keep": {"max_points": 1}})}
+    assert len(set(keys.values())) == 1
+    screen, full = next(iter(keys.values()))
+    assert screen == EvalConfig(mode="fast", limit=4).key() and full == EvalConfig(mode="full", limit=8).key()
+    assert screen != full
+
+
 # ---- two-stage: a planted sweep --------------------------------------------------------------------------------------
 ALPHAS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 TRUE = {0.0: (0.10, 0.95), 0.2: (0.30, 0.90), 0.4: (0.20, 0.40), 0.6: (0.60, 0.80), 0.8: (0.45, 0.40),
         1.0: (0.80, 0.30)}   # (safety, helpfulness) the full evaluation finds, per alpha; the reference: (0.2, 0.2)
+
+
+def _screened(s: float, h: float) -> tuple[float, float]:
+    """The planted screen: monotone in the truth, error < margin / 2 = 0.05."""
+    return s ** 2 + 0.04 * np.sin(17 * s), h / 2 + 0.04 * np.cos(11 * h)
 
 
 def _planted(calls: list[tuple[str, str]]):
@@ -144,8 +250,8 @@ def _planted(calls: list[tuple[str, str]]):
         pj = Path(spec).parent / "point.json"
         alpha = json.loads(pj.read_text())["values"]["alpha"] if pj.is_file() else None
         s, h = TRUE[alpha] if alpha is not None else (0.2, 0.2)
-        if cfg.mode == "fast":                      # monotone in the truth, error < margin / 2 = 0.05
-            s, h = s ** 2 + 0.04 * np.sin(17 * s), h / 2 + 0.04 * np.cos(11 * h)
+        if cfg.mode == "fast":
+            s, h = _screened(s, h)
         calls.append((cfg.mode, str(alpha)))
         return {"eval_mode": cfg.mode, "n_harmful": 4, "n_borderline": 4, "n_harmless": 4,
                 **{f"{c}{x}": v for c, v in (("safety", s), ("helpfulness", h), ("over_refusal", 0.1))
@@ -175,10 +281,77 @@ def test_two_stage_sweep_screens_then_judges_the_front_and_resumes(tmp_path: Pat
         assert (r["safety"], r["helpfulness"]) == pytest.approx(TRUE[json.loads(r["params"])["alpha"]])
     assert set(table.loc[table["is_pareto"], "point"]) == on_front          # the front among full points only
     assert not table.loc[table["stage"] == "screen", "is_pareto"].any()
+    # why each point was (not) judged, and the screen's numbers of the judged points beside the full ones
+    assert dict(zip(table["point"], table["kept_by"])) == {
+        "ref": "reference", "m[alpha=0.4]": "dominated", **{f"m[alpha={a}]": "front" for a in ALPHAS if a != 0.4}}
+    csv = pd.read_csv(tmp_path / "run" / "pareto.csv")
+    for frame in (table, csv):
+        for _, r in frame.iterrows():
+            alpha = json.loads(r["params"]).get("alpha")
+            s, h = TRUE[alpha] if alpha is not None else (0.2, 0.2)
+            if r["stage"] == "full":
+                assert (r["screen_safety"], r["screen_helpfulness"]) == pytest.approx(_screened(s, h))
+                assert r["screen_safety_ci_low"] == pytest.approx(r["screen_safety"] - 0.05)
+                assert (r["screen_over_refusal"], r["screen_n_harmful"]) == (pytest.approx(0.1), 4)
+            else:
+                assert (r["safety"], r["helpfulness"]) == pytest.approx(_screened(s, h))
+                assert r.filter(like="screen_").isna().all() and len(r.filter(like="screen_")) >= 10
     # resume: every stage's evaluation is cached per point, nothing is evaluated again
     calls.clear()
     again = run_sweep(cfg, tmp_path / "run", base_dir=base, resume=True, progress=False)
     assert calls == [] and again[["point", "stage", "safety"]].equals(table[["point", "stage", "safety"]])
+
+
+def test_capped_two_stage_judges_the_top_ranked_and_a_new_cap_reuses_every_cached_evaluation(
+        tmp_path: Path, monkeypatch) -> None:
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(sweep_mod, "evaluate_point", _planted(calls))
+    d = {"inputs": INPUTS,
+         "eval": {"mode": "two-stage", "limit": 2, "screen": {"limit": 2}, "keep": {"margin": 0.1, "max_points": 2}},
+         "grid": [{"name": "ref", "method": "checkpoint", "config": "${adapted}"},
+                  {"name": "m", "method": "merge", "config": MERGE, "vary": {"alpha": ALPHAS}}]}
+
+    def sweep(max_points: int | None) -> pd.DataFrame:
+        d["eval"]["keep"] = {"margin": 0.1, **({"max_points": max_points} if max_points else {})}
+        cfg, base = load_sweep(_write(tmp_path, d))
+        return run_sweep(cfg, tmp_path / "run", base_dir=base, resume=True, progress=False)
+
+    # screened layers: 1.0, 0.6, 0.2, 0.0 on the front (by screened safety), then 0.8; 0.4 dominated
+    table = sweep(2)
+    assert dict(zip(table["point"], table["kept_by"])) == {
+        "ref": "reference", "m[alpha=1.0]": "cap-rank 1", "m[alpha=0.6]": "cap-rank 2",
+        "m[alpha=0.2]": "over cap (rank 3)", "m[alpha=0.0]": "over cap (rank 4)", "m[alpha=0.8]": "over cap (rank 5)",
+        "m[alpha=0.4]": "dominated"}
+    judged = set(table.loc[table["stage"] == "full", "point"])
+    assert judged == {"ref", "m[alpha=1.0]", "m[alpha=0.6]"}
+    assert sorted(c for c in calls if c[0] == "full") == [("full", "0.6"), ("full", "1.0"), ("full", "None")]
+    assert table.loc[table["stage"] == "full", "screen_safety"].notna().all()
+    assert table.loc[table["stage"] == "screen", "screen_safety"].isna().all()
+    # a cap of the full front's size (4 non-reference points) judges all of it; only the new points are evaluated
+    calls.clear()
+    table = sweep(4)
+    assert sorted(calls) == [("full", "0.0"), ("full", "0.2")]
+    true = mark_pareto(pd.DataFrame([{"point": f"m[alpha={a}]", "safety": v[0], "helpfulness": v[1]}
+                                     for a, v in TRUE.items()]))
+    on_front = set(true.loc[true["is_pareto"], "point"])
+    assert len(on_front) == 4 and on_front <= set(table.loc[table["stage"] == "full", "point"])
+    assert set(table.loc[table["is_pareto"], "point"]) == on_front
+    # no cap: the one remaining near-front point; every earlier evaluation reused
+    calls.clear()
+    table = sweep(None)
+    assert calls == [("full", "0.8")] and table.loc[table["point"] == "m[alpha=0.8]", "kept_by"].item() == "front"
+
+
+def test_single_stage_rows_carry_empty_screen_columns(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sweep_mod, "evaluate_point", _planted([]))
+    d = {"inputs": INPUTS, "eval": {"mode": "full", "limit": 2},
+         "grid": [{"name": "m", "method": "merge", "config": MERGE, "vary": {"alpha": [0.2, 0.6]}}]}
+    cfg, base = load_sweep(_write(tmp_path, d))
+    run_sweep(cfg, tmp_path / "run", base_dir=base, progress=False)
+    csv = pd.read_csv(tmp_path / "run" / "pareto.csv")
+    screen = [c for c in csv.columns if c.startswith("screen_")]
+    assert {"screen_safety", "screen_helpfulness", "screen_over_refusal", "screen_safety_ci_high"} <= set(screen)
+    assert csv[screen].isna().all().all() and csv["kept_by"].isna().all() and (csv["stage"] == "full").all()
 
 
 # ---- the image harmful set -------------------------------------------------------------------------------------------
@@ -207,6 +380,12 @@ def test_four_sets_image_column_for_the_lvlm_nan_for_the_llm(tmp_path: Path) -> 
 @pytest.mark.parametrize("patch, message", [
     ({"screen": {"limit": 2}}, "screen/keep belong to mode 'two-stage'"),
     ({"mode": "two-stage", "keep": {"margin": -0.1}}, "eval.keep.margin"),
+    ({"mode": "two-stage", "keep": {"max_points": 0}}, "eval.keep.max_points: Input should be greater than or equal "
+                                                       "to 1$"),
+    ({"mode": "two-stage", "keep": {"max_points": 2.5}}, "eval.keep.max_points: Input should be a valid integer"),
+    ({"mode": "two-stage", "keep": {"max_points": "many"}}, "eval.keep.max_points: Input should be a valid integer"),
+    ({"mode": "two-stage", "keep": {"max_points": True}}, "eval.keep.max_points: must be a whole number"),
+    ({"keep": {"max_points": 3}}, "screen/keep belong to mode 'two-stage'"),
     ({"mode": "two-stage", "screen": {"limt": 2}}, "eval.screen.limt"),
     ({"harmful_image": "harmful-val"}, "eval.harmful_image 'harmful-val' has no image prompts"),
 ])
