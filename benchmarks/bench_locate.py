@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="patch only the first K layers (ratio vs 3K + 2)")
     ap.add_argument("--also-full", action="store_true", help="also time patch(..., resume=False)")
     ap.add_argument("--atp", action="store_true", help="also time attribution patching and its agreement")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain-forward baseline (implies --atp)")
     ap.add_argument("--out", default="benchmarks/results/locate.csv")
     args = ap.parse_args()
     source, target = M.load(args.model), perturbed(args.model)
@@ -80,6 +81,9 @@ def main() -> None:
                                 batch_size=args.batch_size, resume=resume)
         timed[resume] = (time.perf_counter() - t, time.process_time() - c)
         print(f"patch (resume={resume}) {timed[resume][0]:.1f} s ({timed[resume][1]:.1f} s CPU)", flush=True)
+    if args.no_plain:                         # only the attribution agreement is wanted
+        atp_row(source, target, prompts, L, args, results[True], timed[True][0])
+        return
     t_plain, c_plain = plain_forwards(target, prompts, args.batch_size, 3 * L + 2)
     print(f"(3L+2) plain forwards {t_plain:.1f} s ({c_plain:.1f} s CPU)")
     rows = [{"model": args.model, "n": args.n, "batch_size": args.batch_size, "layers": L, "components": 3,

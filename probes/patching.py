@@ -48,8 +48,8 @@ POSITIONS_NOTE = "text positions matched by token id (image tokens never patched
 Site = tuple[int, str]
 _PART = {"attn_out": "attn", "mlp_out": "mlp"}  # component → the block part (family adapter) whose output it is
 
-__all__ = ["COMPONENTS", "DIRECTIONS", "METHODS", "Alignment", "PatchResult", "align_text_positions", "patch", "recovery",
-           "site_module"]
+__all__ = ["COMPONENTS", "DIRECTIONS", "METHODS", "Alignment", "PatchResult", "align_text_positions", "patch",
+           "recovery", "site_module"]
 
 
 @dataclass

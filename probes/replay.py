@@ -12,6 +12,8 @@ compares the result with the clean forward's logits; a family whose top level do
 after the last block (logit soft-capping, scaling) or changes the hidden state between blocks fails the check,
 and callers fall back to full forwards.
 
+Memory: the recorded block inputs, `len(layers) × n × T × d` floats of the model's dtype per recording.
+
 >>> with Recording(lm, layers=[3, 7]) as rec:
 ...     out = lm.model(**inputs, use_cache=False)
 >>> logits = rec.resume(7, rec.inputs[7] + delta)        # last-position logits [n, V], as the full forward's
