@@ -45,7 +45,8 @@ from vlsafe.probes.capture import capture
 from vlsafe.probes.directions import mean_diff
 from vlsafe.probes.linear import classifier
 
-__all__ = ["Condition", "GateScores", "fit_condition", "condition_scores", "choose_threshold", "FORMAT", "KINDS"]
+__all__ = ["Condition", "GateScores", "fit_condition", "condition_scores", "choose_threshold", "prompt_set", "FORMAT",
+           "KINDS"]
 
 FORMAT = "vlsafe.condition/1"
 KINDS = ("direction", "probe")
@@ -274,7 +275,7 @@ def _fpr(max_fpr: Any) -> float:
     return v
 
 
-def _prompt_set(x: Any, role: str) -> tuple[Any, str]:
+def prompt_set(x: Any, role: str) -> tuple[Any, str]:
     """(capture input, name) of a set given by name/spec, `PromptSet` or list of strings; refuses -test splits."""
     if isinstance(x, (str, os.PathLike)):
         from vlsafe.probes.behavior.datasets import load_prompts
@@ -329,7 +330,7 @@ def fit_condition(lm: Any, *, layer: int, kind: str = "probe", harmful_train: An
     roles = {"harmful_train": harmful_train, "harmless_train": harmless_train, "harmless_val": harmless_val}
     if harmful_val is not None:
         roles["harmful_val"] = harmful_val
-    sets = {role: _prompt_set(x, role) for role, x in roles.items()}
+    sets = {role: prompt_set(x, role) for role, x in roles.items()}
     opts = dict(layer=layer, position=position, batch_size=batch_size, chat=chat, system=system, progress=progress)
     states = {role: _states(lm, data, **opts) for role, (data, _) in sets.items()}
     w, b = _fit_weights(kind, states["harmful_train"], states["harmless_train"], C=C, max_iter=max_iter)

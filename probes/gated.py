@@ -45,8 +45,8 @@ from vlsafe.probes import models as M
 from vlsafe.probes import remedy_spec as RS
 from vlsafe.probes.backends import first
 from vlsafe.probes.gate import Condition
-from vlsafe.probes.interventions import _edit_first, _edit_input, _hooks
-from vlsafe.probes.remedies import _is_prefill
+from vlsafe.probes.interventions import edit_first, edit_input, removing_hooks
+from vlsafe.probes.remedies import is_prefill
 from vlsafe.probes.remedy_spec import RemedySpec
 
 __all__ = ["Gate", "gated", "GatedSpec", "ConditionSource", "apply_gated"]
@@ -88,7 +88,7 @@ class Gate:
         if self._depth > 1:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if not _is_prefill(kwargs):
+        if not is_prefill(kwargs):
             if self.fired is None or (ids is not None and ids.shape[0] != self.fired.shape[0]):
                 raise VlsafeError("gated: a cached continuation without its prompt's forward")
             return None
@@ -109,7 +109,7 @@ class Gate:
         kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
         self._own_pass = True
         try:
-            M._unwrap(self.lm.model)(*args, **{**kw, "use_cache": False})
+            M.unwrap(self.lm.model)(*args, **{**kw, "use_cache": False})
         except _StopPass:
             pass
         finally:
@@ -158,7 +158,7 @@ class Gate:
 
     def _restore_input(self, layer: int) -> Any:
         def hook(_m: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            return _edit_input(args, kwargs, lambda h: self._merge(("in", layer), h))
+            return edit_input(args, kwargs, lambda h: self._merge(("in", layer), h))
         return hook
 
     def _save_output(self, site: tuple[str, int]) -> Any:
@@ -168,13 +168,13 @@ class Gate:
 
     def _restore_output(self, site: tuple[str, int]) -> Any:
         def hook(_m: Any, _a: Any, output: Any) -> Any:
-            return _edit_first(output, lambda o: self._merge(site, o))
+            return edit_first(output, lambda o: self._merge(site, o))
         return hook
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator["Gate"]:
         """Register the gate's hooks (after the action's); removed on exit, even on error."""
-        model = M._unwrap(self.lm.model)
+        model = M.unwrap(self.lm.model)
         handles = [model.register_forward_pre_hook(self._enter, with_kwargs=True, prepend=True),
                    model.register_forward_hook(self._leave, with_kwargs=True, always_call=True)]
         try:
@@ -191,7 +191,7 @@ class Gate:
             for h in handles:
                 h.remove()
             raise
-        with _hooks(handles):
+        with removing_hooks(handles):
             yield self
 
     # ---- records -----------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from vlsafe.analysis.placement import offloaded
 from vlsafe.analysis.runinfo import atomic_path
 from vlsafe.probes import models as M
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def _unit(r: torch.Tensor, d: int) -> torch.Tensor:
@@ -52,7 +52,7 @@ def _project_out(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return x - (x @ u).unsqueeze(-1) * u
 
 
-def _edit_first(output: Any, fn: Any) -> Any:
+def edit_first(output: Any, fn: Any) -> Any:
     """Apply `fn` to a module output that is a tensor or a tuple whose first item is the hidden state."""
     if isinstance(output, torch.Tensor):
         return fn(output)
@@ -61,7 +61,7 @@ def _edit_first(output: Any, fn: Any) -> Any:
     raise VlsafeError(f"cannot intervene on a module output of type {type(output).__name__}")
 
 
-def _edit_input(args: tuple, kwargs: dict, fn: Any) -> tuple[tuple, dict]:
+def edit_input(args: tuple, kwargs: dict, fn: Any) -> tuple[tuple, dict]:
     """Apply `fn` to a block's hidden-state input, positional or `hidden_states=` keyword."""
     if args:
         return (fn(args[0]),) + tuple(args[1:]), kwargs
@@ -71,7 +71,8 @@ def _edit_input(args: tuple, kwargs: dict, fn: Any) -> tuple[tuple, dict]:
 
 
 @contextlib.contextmanager
-def _hooks(handles: list[Any]) -> Iterator[None]:
+def removing_hooks(handles: list[Any]) -> Iterator[None]:
+    """Remove the given hook handles when the block exits (however it exits)."""
     try:
         yield
     finally:
@@ -97,10 +98,10 @@ def ablate_direction(model: Any, r: torch.Tensor, *, layers: Sequence[int] | Non
     handles = []
     for block in blocks:
         handles.append(block.module.register_forward_pre_hook(
-            lambda _m, a, k: _edit_input(a, k, ablate), with_kwargs=True))
+            lambda _m, a, k: edit_input(a, k, ablate), with_kwargs=True))
         for sub in (block.attn, block.mlp):
-            handles.append(sub.register_forward_hook(lambda _m, _a, out: _edit_first(out, ablate)))
-    with _hooks(handles):
+            handles.append(sub.register_forward_hook(lambda _m, _a, out: edit_first(out, ablate)))
+    with removing_hooks(handles):
         yield
 
 
@@ -116,8 +117,8 @@ def add_direction(model: Any, r: torch.Tensor, layer: int, *, coeff: float = 1.0
         raise VlsafeError(f"direction has {vec.numel()} entries but the model's hidden size is {d}")
     vec = vec.to(torch.float64) * float(coeff)
     add = lambda x: x + vec.to(device=x.device, dtype=x.dtype)  # noqa: E731
-    handle = blocks[layer].register_forward_pre_hook(lambda _m, a, k: _edit_input(a, k, add), with_kwargs=True)
-    with _hooks([handle]):
+    handle = blocks[layer].register_forward_pre_hook(lambda _m, a, k: edit_input(a, k, add), with_kwargs=True)
+    with removing_hooks([handle]):
         yield
 
 
@@ -141,7 +142,7 @@ def _orth_rows(emb: nn.Module, u: torch.Tensor) -> None:
     e.copy_((e64 - torch.outer(e64 @ u, u)).to(e.dtype))
 
 
-def _untie(model: nn.Module) -> bool:
+def untie_head(model: nn.Module) -> bool:
     """Give the head its own copy of a tied embedding matrix; returns True when it was tied."""
     head, emb = M.lm_head(model), M.embed_tokens(model)
     if head.weight is not emb.weight and head.weight.data_ptr() != emb.weight.data_ptr():
@@ -159,13 +160,13 @@ def orthogonalize_model(model: Any, r: torch.Tensor, *, projector: bool = True) 
 
     `projector=False` leaves an LVLM's projector alone (then image tokens still carry `r̂`; for analysis only).
     """
-    model = M._unwrap(model)
+    model = M.unwrap(model)
     u = _unit(r, M.hidden_size(model))
     away = offloaded(model)
     if away:
         raise VlsafeError(f"cannot orthogonalise in place: {len(away)} weights are offloaded by the device map "
                           f"(e.g. {away[0]}); load without disk/CPU offload, or call orthogonalize_weights(spec, ...)")
-    edited = ["lm_head (untied)"] if _untie(model) else []
+    edited = ["lm_head (untied)"] if untie_head(model) else []
     emb = M.embed_tokens(model)
     _orth_rows(emb, u.to(emb.weight.device))
     edited.append("embed")
@@ -197,7 +198,7 @@ def orthogonalize_weights(checkpoint_or_model: str | os.PathLike | Checkpoint | 
         lm = checkpoint_or_model
     else:
         lm = M.load(checkpoint_or_model, dtype="float32")
-        lm.model.to(_SAFETENSORS_DTYPES.get(lm.checkpoint.dtype, torch.float32))
+        lm.model.to(SAFETENSORS_DTYPES.get(lm.checkpoint.dtype, torch.float32))
     orthogonalize_model(lm.model, r)
     with atomic_path(out_dir) as tmp:
         lm.model.save_pretrained(tmp)

@@ -24,7 +24,7 @@ from vlsafe.analysis.adapters import Adapter, Block, adapter
 from vlsafe.analysis.checkpoints import Checkpoint, LoadedModel, open_checkpoint
 
 __all__ = ["load", "adapter", "Adapter", "Block", "language_model", "decoder_layers", "blocks", "block",
-           "attention", "mlp", "embed_tokens", "final_norm", "lm_head", "num_layers", "hidden_size", "is_lvlm"]
+           "attention", "mlp", "embed_tokens", "final_norm", "lm_head", "num_layers", "hidden_size", "is_lvlm", "unwrap"]
 
 
 def load(spec_or_checkpoint: str | os.PathLike | Checkpoint | LoadedModel, *, dtype: str | torch.dtype = "float32",
@@ -39,7 +39,7 @@ def load(spec_or_checkpoint: str | os.PathLike | Checkpoint | LoadedModel, *, dt
     return ckpt.load_model(dtype=dtype, device=device, attn_implementation=attn_implementation)
 
 
-def _unwrap(model: Any) -> nn.Module:
+def unwrap(model: Any) -> nn.Module:
     """The transformers model of a `LoadedModel` (or the model itself)."""
     return adapter(model).model
 

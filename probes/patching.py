@@ -49,7 +49,7 @@ Site = tuple[int, str]
 _PART = {"attn_out": "attn", "mlp_out": "mlp"}  # component → the block part (family adapter) whose output it is
 
 __all__ = ["COMPONENTS", "DIRECTIONS", "METHODS", "Alignment", "PatchResult", "align_text_positions", "patch",
-           "recovery", "site_module"]
+           "recovery", "site_module", "image_token_ids"]
 
 
 @dataclass
@@ -62,12 +62,12 @@ class Alignment:
     unmatched: list[int]  # per row: text tokens of the base with no partner in the donor
 
 
-def _image_ids(lm: Any) -> set[int]:
+def image_token_ids(lm: Any) -> set[int]:
     """Token ids that stand for image content in `lm`'s inputs (empty for a text-only model)."""
     cfg = getattr(lm.model, "config", None)
     ids = {getattr(cfg, k, None) for k in ("image_token_id", "image_token_index")}
     if M.is_lvlm(lm):
-        tok = T._tokenizer(lm.processor)
+        tok = T.tokenizer_of(lm.processor)
         got = tok.convert_tokens_to_ids(T.image_token(lm.processor))
         ids.add(got if got != getattr(tok, "unk_token_id", None) else None)
     return {int(i) for i in ids if isinstance(i, int)}
@@ -325,8 +325,8 @@ def patch(source: Any, target: Any, prompts: Sequence[str], *, images: Sequence[
         chunk = prompts[s:s + batch_size]
         enc = {lab: T.encode(lm, chunk, None if imgs[lab] is None else list(imgs[lab])[s:s + batch_size])
                for lab, lm in (("source", source), ("target", target))}
-        al = align_text_positions(enc["target"], enc["source"], base_skip=_image_ids(target),
-                                  donor_skip=_image_ids(source))
+        al = align_text_positions(enc["target"], enc["source"], base_skip=image_token_ids(target),
+                                  donor_skip=image_token_ids(source))
         unmatched += al.unmatched
         side = {"target": _Side(target, enc["target"], targets["target"], al.base, al.rows),
                 "source": _Side(source, enc["source"], targets["source"], al.donor, al.rows)}

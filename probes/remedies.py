@@ -29,10 +29,10 @@ import torch
 
 from vlsafe.analysis.errors import VlsafeError
 from vlsafe.probes import models as M
-from vlsafe.probes.interventions import _edit_input, _hooks, ablate_direction
+from vlsafe.probes.interventions import edit_input, removing_hooks, ablate_direction
 from vlsafe.probes.remedy_spec import RemedySpec, vectors
 
-__all__ = ["apply_remedy", "evaluate_remedy", "steer", "calibrate", "project", "RemedySpec"]
+__all__ = ["apply_remedy", "evaluate_remedy", "steer", "calibrate", "project", "RemedySpec", "is_prefill"]
 
 Vectors = torch.Tensor | Mapping[int, torch.Tensor]
 
@@ -48,7 +48,8 @@ class _State:
         self.coef: dict[int, torch.Tensor] = {}        # layer → [B] fp64 (Δ·r̂) per row, set at prefill
 
 
-def _is_prefill(kwargs: Mapping[str, Any]) -> bool:
+def is_prefill(kwargs: Mapping[str, Any]) -> bool:
+    """True for a forward over the prompt (no cache position past 0), False for a cached decoding step."""
     pos = kwargs.get("cache_position")
     if isinstance(pos, torch.Tensor) and pos.numel() and int(pos.reshape(-1)[0]) > 0:
         return False
@@ -64,10 +65,10 @@ def _is_prefill(kwargs: Mapping[str, Any]) -> bool:
     return True
 
 
-def _image_ids(lm: Any) -> torch.Tensor:
-    from vlsafe.probes.patching import _image_ids as ids
+def _image_id_tensor(lm: Any) -> torch.Tensor:
+    from vlsafe.probes.patching import image_token_ids
 
-    return torch.tensor(sorted(ids(lm)), dtype=torch.long)
+    return torch.tensor(sorted(image_token_ids(lm)), dtype=torch.long)
 
 
 def _text_only(ids: torch.Tensor, mask: torch.Tensor, image_ids: torch.Tensor, pad: int) -> dict[str, torch.Tensor]:
@@ -89,7 +90,7 @@ class _Remedy:
     def __init__(self, lm: Any, kind: str, vecs: dict[int, torch.Tensor], alpha: float, positions: str) -> None:
         self.lm, self.kind, self.vecs, self.alpha, self.positions = lm, kind, vecs, float(alpha), positions
         self.st = _State()
-        self.image_ids = _image_ids(lm) if kind != "steer" else None
+        self.image_ids = _image_id_tensor(lm) if kind != "steer" else None
         pad = getattr(lm.tokenizer, "pad_token_id", None)
         self.pad = int(pad) if pad is not None else 0
 
@@ -99,7 +100,7 @@ class _Remedy:
         st = self.st
         if st.busy:
             return None
-        st.prefill = _is_prefill(kwargs)
+        st.prefill = is_prefill(kwargs)
         if self.kind == "steer":
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -140,7 +141,7 @@ class _Remedy:
                     h = args[0] if args else kwargs["hidden_states"]
                     self.st.text[layer] = h[:, -1].detach().to(torch.float64).cpu()
                 return None
-            return _edit_input(args, kwargs, lambda h: self._edit(layer, h))
+            return edit_input(args, kwargs, lambda h: self._edit(layer, h))
         return hook
 
     def _delta(self, layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -172,7 +173,7 @@ class _Remedy:
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
-        handles = [M._unwrap(self.lm.model).register_forward_pre_hook(self.on_forward, with_kwargs=True,
+        handles = [M.unwrap(self.lm.model).register_forward_pre_hook(self.on_forward, with_kwargs=True,
                                                                         prepend=True)]
         try:
             blocks = M.decoder_layers(self.lm.model)
@@ -182,7 +183,7 @@ class _Remedy:
             for h in handles:
                 h.remove()
             raise
-        with _hooks(handles):
+        with removing_hooks(handles):
             yield
 
 

@@ -23,7 +23,7 @@ from vlsafe.analysis.checkpoints import Checkpoint, LoadedModel
 from vlsafe.analysis.errors import VlsafeError
 from vlsafe.analysis.runinfo import atomic_path, write_run_json
 from vlsafe.probes import models as M
-from vlsafe.probes.interventions import _SAFETENSORS_DTYPES, _untie
+from vlsafe.probes.interventions import SAFETENSORS_DTYPES, untie_head
 from vlsafe.probes.remedy_spec import RemedySpec, vectors
 
 RUN_KIND = "export_remedy"
@@ -67,7 +67,7 @@ def _add_bias(lin: nn.Module | None, v: torch.Tensor, what: str) -> None:
 def fold_steering(model: Any, shifts: Mapping[int, torch.Tensor]) -> list[str]:
     """Fold `h ← h + shifts[ℓ]` at block ℓ's input (every position) into `model`'s biases, in place; returns
     what was edited. `model` is a transformers model or a `LoadedModel`."""
-    model = M._unwrap(model)
+    model = M.unwrap(model)
     blocks = M.blocks(model)
     edited: list[str] = []
     if any(ℓ > 0 for ℓ in shifts):
@@ -82,7 +82,7 @@ def fold_steering(model: Any, shifts: Mapping[int, torch.Tensor]) -> list[str]:
             _add_bias(blocks[ℓ - 1].mlp_out, v, f"layer {ℓ - 1} MLP output projection")
             edited.append(f"layer {ℓ - 1} mlp_out bias")
             continue
-        if _untie(model):
+        if untie_head(model):
             edited.append("lm_head (untied)")
         emb = M.embed_tokens(model).weight.data
         emb.copy_((emb.to(torch.float64) + v.to(emb.device)).to(emb.dtype))
@@ -108,7 +108,7 @@ def export_remedy(spec: RemedySpec, out_dir: str | os.PathLike, *,
         lm = ckpt
     else:
         lm = M.load(ckpt, dtype="float32")
-        lm.model.to(_SAFETENSORS_DTYPES.get(lm.checkpoint.dtype, torch.float32))
+        lm.model.to(SAFETENSORS_DTYPES.get(lm.checkpoint.dtype, torch.float32))
     shifts = {ℓ: spec.alpha * v for ℓ, v in vectors(spec, lm).items()}
     edited = fold_steering(lm.model, shifts)
     with atomic_path(out_dir) as tmp:

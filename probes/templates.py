@@ -25,7 +25,8 @@ from vlsafe.analysis.errors import VlsafeError
 _PROBES = ("Alpha beta gamma x", "The number is 7", "Why?")
 
 
-def _tokenizer(tok_or_proc: Any) -> Any:
+def tokenizer_of(tok_or_proc: Any) -> Any:
+    """The tokenizer of a processor (or the tokenizer itself)."""
     return getattr(tok_or_proc, "tokenizer", None) or tok_or_proc
 
 
@@ -35,7 +36,7 @@ def _is_processor(tok_or_proc: Any) -> bool:
 
 def image_token(tok_or_proc: Any) -> str:
     """The image placeholder string of a processor/tokenizer (`<image>` when none is declared)."""
-    for obj in (tok_or_proc, _tokenizer(tok_or_proc)):
+    for obj in (tok_or_proc, tokenizer_of(tok_or_proc)):
         tok = getattr(obj, "image_token", None)
         if isinstance(tok, str) and tok:
             return tok
@@ -56,7 +57,7 @@ def format_chat(tokenizer_or_processor: Any, prompt: str, *, image: bool = False
         text = tokenizer_or_processor.apply_chat_template(messages + [{"role": "user", "content": parts}],
                                                           add_generation_prompt=True, tokenize=False)
     else:
-        tok = _tokenizer(tokenizer_or_processor)
+        tok = tokenizer_of(tokenizer_or_processor)
         if not getattr(tok, "chat_template", None):
             raise VlsafeError(f"{getattr(tok, 'name_or_path', type(tok).__name__)}: tokenizer has no chat template; "
                               "format prompts yourself or pass chat=False")
@@ -74,7 +75,7 @@ def post_instruction_tokens(tokenizer: Any) -> list[int]:
     Derived by formatting several probe messages with different endings and taking the longest common
     suffix of their token ids; never hard-coded.
     """
-    tok = _tokenizer(tokenizer)
+    tok = tokenizer_of(tokenizer)
     seqs = [tok(format_chat(tokenizer, p), add_special_tokens=False)["input_ids"] for p in _PROBES]
     n = 0
     while all(len(s) > n for s in seqs) and len({s[-1 - n] for s in seqs}) == 1:
@@ -166,7 +167,7 @@ def encode(lm: Any, prompts: Sequence[str], images: Sequence[Any] | None = None,
         raise VlsafeError(f"{_name(lm)}: images given but the model has no image processor (text-only model?)")
     fmt = processor if processor is not None else lm.tokenizer
     texts = _texts(fmt, prompts, images, chat, system)
-    tok = _tokenizer(fmt)
+    tok = tokenizer_of(fmt)
     with _left_padding(tok):
         if given:
             enc = dict(processor(text=texts, images=given, padding=True, return_tensors="pt",

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from vlsafe.probes import models as M
-from vlsafe.probes.patching import _image_ids
+from vlsafe.probes.patching import image_token_ids
 from vlsafe.probes.remedy_spec import RemedySpec
 from vlsafe.probes.shift import ShiftResult
 
@@ -48,7 +48,7 @@ def _logits(lm, batch) -> torch.Tensor:
 @contextlib.contextmanager
 def _plant(lm, layer: int, shift: torch.Tensor):
     """Add `shift` at block `layer`'s input on rows holding image tokens (rows found at the model's forward)."""
-    ids, rows = torch.tensor(sorted(_image_ids(lm))), {}
+    ids, rows = torch.tensor(sorted(image_token_ids(lm))), {}
 
     def top(_m, args, kwargs):
         rows["r"] = torch.isin(kwargs["input_ids"], ids).any(-1)

@@ -131,9 +131,9 @@ def test_lvlm_llm_alignment_by_text_tokens(transplant) -> None:
     img = blank_image(lvlm)
     base = encode(lvlm, PROMPTS[:3], [img] * 3)
     donor = encode(llm, PROMPTS[:3])
-    image_ids = P._image_ids(lvlm)
+    image_ids = P.image_token_ids(lvlm)
     assert image_ids and bool(torch.isin(base.input_ids, torch.tensor(sorted(image_ids))).any())
-    al = P.align_text_positions(base, donor, base_skip=image_ids, donor_skip=P._image_ids(llm))
+    al = P.align_text_positions(base, donor, base_skip=image_ids, donor_skip=P.image_token_ids(llm))
     assert al.unmatched == [0, 0, 0]
     torch.testing.assert_close(base.input_ids[al.rows, al.base], donor.input_ids[al.rows, al.donor])
     assert not torch.isin(base.input_ids[al.rows, al.base], torch.tensor(sorted(image_ids))).any()

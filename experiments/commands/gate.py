@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         from vlsafe.analysis.checkpoints import open_checkpoint
         from vlsafe.analysis.errors import VlsafeError
         from vlsafe.analysis.runinfo import atomic_path, write_csv, write_run_json
-        from vlsafe.probes.gate import _prompt_set, fit_condition
+        from vlsafe.probes.gate import prompt_set, fit_condition
         from vlsafe.probes.models import load
 
         n = open_checkpoint(checkpoint).num_layers  # every check before the model loads
@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
             raise VlsafeError(f"--layer {bad[0]}: out of range for {checkpoint} (layers 0..{n - 1})")
         for role, name in (("--harmful-train", harmful_train), ("--harmless-train", harmless_train),
                            ("--harmless-val", harmless_val), ("--harmful-val", harmful_val)):
-            _prompt_set(name, role)
+            prompt_set(name, role)
         lm = load(checkpoint)
         conds = [fit_condition(lm, layer=ℓ, kind=kind, harmful_train=harmful_train, harmless_train=harmless_train,
                                harmless_val=harmless_val, harmful_val=harmful_val, max_fpr=max_fpr,

@@ -105,11 +105,11 @@ def register(app: typer.Typer) -> None:
 
 def _judge(df: Any, file: Path, column: str, out: Path, judge_name: str, prompt_column: str | None,
            calibration: Path | None) -> None:
-    from vlsafe.probes.behavior.judges import _write_atomic, get_judge, judge_table
+    from vlsafe.probes.behavior.judges import write_table_atomic, get_judge, judge_table
 
     j = get_judge(judge_name, calibration=calibration)  # refuses another judge's calibration
     df = judge_table(df, column, j, prompt_column=prompt_column, where=str(file))
-    _write_atomic(df, out)
+    write_table_atomic(df, out)
     n, refused = len(df), int(df["refused"].sum())
     typer.echo(f"{file}: {refused}/{n} refused ({refused / n:.3f}) by {j.name} → {out}")
     if j.calibration is not None:
@@ -128,14 +128,14 @@ def corrected_line(k: int, n: int, cal: Any) -> str:
 def _calibrate(df: Any, file: Path, column: str, out: Path, judge_name: str, labels: str, prompt_column: str | None,
                category_column: str | None) -> None:
     from vlsafe.probes.behavior.agreement import calibrate_file
-    from vlsafe.probes.behavior.judges import _write_atomic, get_judge
+    from vlsafe.probes.behavior.judges import write_table_atomic, get_judge
 
     j = get_judge(judge_name)
     judged, report, cal = calibrate_file(df, column=column, labels=labels, judge=j, prompt_column=prompt_column,
                                          category_column=category_column, where=str(file))
     rep_path, cal_path = out.with_name(out.stem + ".agreement.csv"), out.with_name(out.stem + ".calibration.json")
-    _write_atomic(judged, out)
-    _write_atomic(report, rep_path)
+    write_table_atomic(judged, out)
+    write_table_atomic(report, rep_path)
     cal.save(cal_path)
     typer.echo(report.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     typer.echo(f"wrote {out}, {rep_path} and {cal_path} (use --calibration {cal_path} in later runs)")
@@ -144,13 +144,13 @@ def _calibrate(df: Any, file: Path, column: str, out: Path, judge_name: str, lab
 def _compare(df: Any, file: Path, column: str, out: Path, compare: str, labels: str | None,
              prompt_column: str | None) -> None:
     from vlsafe.probes.behavior.agreement import compare_file
-    from vlsafe.probes.behavior.judges import _write_atomic, get_judge
+    from vlsafe.probes.behavior.judges import write_table_atomic, get_judge
 
     names = [n.strip() for n in compare.split(",") if n.strip()]
     if len(names) < 2 and labels is None:
         raise VlsafeError(f"--compare {compare!r}: give at least two judges (or one and --labels)")
     table = compare_file(df, column=column, judges=[get_judge(n) for n in names], labels=labels,
                          prompt_column=prompt_column, where=str(file))
-    _write_atomic(table, out)
+    write_table_atomic(table, out)
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     typer.echo(f"wrote {out}")

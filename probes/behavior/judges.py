@@ -29,7 +29,8 @@ from typing import Any, Callable
 from vlsafe.probes.behavior.judge_base import Judge, JudgeResult
 from vlsafe.probes.behavior.judge_substring import SUBSTRING_LISTS, SubstringJudge
 
-__all__ = ["Judge", "JudgeResult", "get_judge", "list_judges", "judge_file", "judge_table", "read_judge_input", "DEFAULT_JUDGE"]
+__all__ = ["Judge", "JudgeResult", "get_judge", "list_judges", "judge_file", "judge_table", "read_judge_input",
+           "write_table_atomic", "DEFAULT_JUDGE"]
 
 DEFAULT_JUDGE = "vlsafe"
 
@@ -143,7 +144,7 @@ def read_judge_input(path: str | Path) -> "Any":
     raise VlsafeError(f"judge: {p} has unsupported extension {suffix!r} (use .csv, .tsv, .jsonl or .json)")
 
 
-def _write_atomic(df: "Any", out: Path) -> None:
+def write_table_atomic(df: "Any", out: Path) -> None:
     """Write ``df`` as CSV or JSONL (by suffix) via a temp file in the same folder + ``os.replace``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -187,5 +188,5 @@ def judge_file(path: str | Path, column: str = "response", judge_name: "str | Ju
     judge = judge_name if isinstance(judge_name, Judge) else get_judge(judge_name, **judge_kw)
     df = judge_table(df, column, judge, prompt_column=prompt_column, where=f"judge: {p}")
     out = Path(out_path) if out_path is not None else p.with_name(p.stem + ".judged.csv")
-    _write_atomic(df, out)
+    write_table_atomic(df, out)
     return df
