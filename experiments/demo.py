@@ -43,14 +43,16 @@ class Sizes:
     remedy_layers: tuple[int, int]  # the fixed block inputs of the sweep's activation remedies (mid, late; not 0,
                                     # where the last prompt tokens' states do not depend on the prompt)
     patch_signal: str               # the signals.csv column of the causal (patching) targeted points
+    locate_n: int                   # harmful prompts of exact patching (text + scene, both directions: about
+                                    # 28 s per prompt on 2 cores; 60 would take ~29 min)
 
 
 SIZES = {"full": Sizes(probe_n=120, eval_limit=60, max_new_tokens=32, pairs=200, top_k=(3, 6, 10), screen_limit=60,
                        tune_limit=48, lora_steps=24, tune_max_length=112, remedy_layers=(15, 20),
-                       patch_signal="patching_resid_scene"),
+                       patch_signal="patching_resid_scene", locate_n=16),
          "tiny": Sizes(probe_n=24, eval_limit=6, max_new_tokens=4, pairs=20, top_k=(1, 1, 1), screen_limit=6,
                        tune_limit=2, lora_steps=1, tune_max_length=384, remedy_layers=(1, 1),
-                       patch_signal="patching_resid")}
+                       patch_signal="patching_resid", locate_n=6)}
 
 
 def _cli(argv: list[str]) -> None:
@@ -163,7 +165,7 @@ def run_demo(out: str | Path = "runs/demo", *, profile: str = "full", echo: Call
     st.run("probe", ["probe", *map(str, every), "--image", "blank", "--n", str(size.probe_n),
                      "--pairs", str(size.pairs), "-o", str(out / "probe")], out / "probe", every)
     st.run("locate", ["locate", str(ck["llm-aligned"]), str(ck["lvlm"]), "--image", "scene", "--n",
-                      str(size.eval_limit), "--diff", str(out / "diff"), "--probe", str(out / "probe"),
+                      str(size.locate_n), "--diff", str(out / "diff"), "--probe", str(out / "probe"),
                       "-o", str(out / "locate")], out / "locate", [ck["llm-aligned"], ck["lvlm"]])
     st.run("gate", ["gate", str(ck["lvlm"]), *(a for ℓ in dict.fromkeys(size.remedy_layers)
                                                 for a in ("--layer", str(ℓ))), "-o", str(out / "gate")],
