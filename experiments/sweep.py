@@ -21,7 +21,8 @@ Layout: `DIR/points/<hash>/` (`point.json`, `model/`, `done.json`, `eval-<evalha
 folder and renamed, so a point folder without `done.json` can only be foreign or interrupted and is redone.
 The hash covers the entry name, method, template, the point's variable values and the content hashes of
 its input checkpoints (not their paths). Each evaluation is cached per point under its eval key, so a two-stage
-sweep caches its screen and its full evaluation separately. `DIR/run.json` too.
+sweep caches its screen and its full evaluation separately. `DIR/run.json` too; with judge-corrected columns
+(`safety_corrected`, …) it records the judge's calibration they come from (`judge_calibration`; None otherwise).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from vlsafe.analysis.errors import VlsafeError
 from vlsafe.analysis.runinfo import atomic_path, write_csv, write_json, write_run_json
 from vlsafe.experiments.sweep_config import (FAMILY, RESTA_KEYS, RESTA_REQUIRED, Point, SweepConfig, expand,
                                              load_sweep, resolve_layers)
-from vlsafe.experiments.sweep_eval import (EvalConfig, check_image_set, evaluate_point, mark_pareto, pareto_figure,
-                                           reference_answers)
+from vlsafe.experiments.sweep_eval import (EvalConfig, check_image_set, evaluate_point, judge_calibration,
+                                           mark_pareto, pareto_figure, reference_answers)
 from vlsafe.experiments.sweep_remedy import preflight_remedy, remedy_model, remedy_under
 from vlsafe.experiments.sweep_stages import staged_rows, stage_of
 from vlsafe.experiments.yamlvars import substitute
@@ -275,7 +276,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, base_dir: str | Path = "
                       name="pareto_image")
     write_run_json(out, kind="sweep", tables={"pareto": "pareto.csv"}, config=cfg.model_dump(), seed=cfg.seed,
                    extra={"points": {r["point"]: r["hash"] for r in rows}, "base_dir": str(base.resolve()),
-                          "ray": ray})
+                          "ray": ray, "judge_calibration": judge_calibration(cfg.eval, table)})
     return table
 
 

@@ -21,7 +21,8 @@ helpfulness = compliance (1 − refusal) on the harmless set, or with `helpfulne
 log-likelihood of reference answers (`vlsafe.probes.behavior.helpfulness.answer_loglik`, references = the greedy
 answers of `eval.reference`). Rates carry Wilson 95 % intervals; log-likelihoods a normal 95 % interval. With a
 calibrated judge (full mode, e.g. the default judge) each rate channel also gets `{channel}_corrected` and its
-`_corrected_low/_high` interval (Rogan–Gladen, judge error included; `vlsafe.probes.behavior.calibration`).
+`_corrected_low/_high` interval (Rogan–Gladen, judge error included; `vlsafe.probes.behavior.calibration`), and
+the sweep's `run.json` records that judge's calibration (`judge_calibration`, see `judge_calibration`).
 """
 
 from __future__ import annotations
@@ -234,6 +235,20 @@ def _corrected(channel: str, row: dict[str, Any]) -> dict[str, float]:
         return {}
     return {f"{channel}_corrected": float(est), f"{channel}_corrected_low": float(row["corrected_low"]),
             f"{channel}_corrected_high": float(row["corrected_high"])}
+
+
+def judge_calibration(cfg: EvalConfig, table: pd.DataFrame) -> dict[str, Any] | None:
+    """The calibration record (`JudgeCalibration.to_dict`: judge, counts, sensitivity, specificity, source) behind
+    the table's `*_corrected` columns: that of the full-stage judge `cfg.judge`, the only one that corrects. None when
+    no row has a corrected number (fast mode, an uncalibrated judge), so the judge is built only when it carries a
+    calibration."""
+    cols = [c for c in table.columns if c.endswith("_corrected")]
+    if cfg.mode == "fast" or not cols or table[cols].isna().all().all():
+        return None
+    from vlsafe.probes.behavior.judges import get_judge
+
+    cal = get_judge(cfg.judge).calibration
+    return cal.to_dict() if cal is not None else None
 
 
 # ---- Pareto ----------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from vlsafe.experiments.cli import main
 from vlsafe.experiments.report import build_report
 from vlsafe.experiments.report.discover import discover
 from vlsafe.experiments.report.plots import pareto_front
+from vlsafe.probes.behavior.calibration import JudgeCalibration
 
 
 def _write(run: Path, tables: dict[str, tuple[str, pd.DataFrame]], **run_json) -> None:
@@ -25,6 +26,17 @@ def _write(run: Path, tables: dict[str, tuple[str, pd.DataFrame]], **run_json) -
     for name, df in tables.values():
         df.to_csv(run / name, index=False)
     write_run_json(run, tables={kind: name for kind, (name, _) in tables.items()}, **run_json)
+
+
+NAN = float("nan")
+# the judge calibration the planted eval and sweep record (Se 116/120 ≈ 0.97, Sp 146/154 ≈ 0.95)
+CAL = JudgeCalibration(judge="vlsafe", tp=116, n_pos=120, tn=146, n_neg=154, source="labels/holdout.jsonl")
+
+
+def _corrected(safety: str, est: list[float], below: float, above: float) -> dict[str, list[float]]:
+    """Planted judge-corrected columns of a safety channel: estimates with an interval `below`/`above` them."""
+    return {f"{safety}_corrected": est, f"{safety}_corrected_low": [e - below for e in est],
+            f"{safety}_corrected_high": [min(1.0, e + above) for e in est]}
 
 
 def _make_run(root: Path) -> None:
@@ -52,7 +64,8 @@ def _make_run(root: Path) -> None:
                              "corrected_low": r - 0.15, "corrected_high": r + 0.04}
                             for c, r in (("llm-aligned", 0.95), ("lvlm", 0.6))
                             for s in ("harmful-test", "borderline-test")])
-    _write(root / "eval", {"eval_summary": ("summary.csv", summary)}, kind="eval")
+    _write(root / "eval", {"eval_summary": ("summary.csv", summary)}, kind="eval",
+           config={"judge_calibration": CAL.to_dict()})
     metrics = pd.DataFrame([{"checkpoint": f"lvlm-step-{s}", "metric": "refusal_harmful", "value": 0.9 - s / 100,
                              "ci_low": 0.8 - s / 100, "ci_high": 0.95 - s / 100} for s in (10, 20, 30)])
     _write(root, {"organism_metrics": ("metrics.csv", metrics)}, kind="organism")
@@ -65,8 +78,11 @@ def _make_run(root: Path) -> None:
                            "stage": ["full", "full", "full", "full", "screen"],   # e: screened only, off the front
                            "safety_image": [0.4, 0.6, 0.3, float("nan"), 0.5],   # d: a text-only model
                            "safety_image_ci_low": [0.3, 0.5, 0.2, float("nan"), 0.4],
-                           "safety_image_ci_high": [0.5, 0.7, 0.4, float("nan"), 0.6]})
-    _write(root / "sweep", {"pareto": ("pareto.csv", pareto)}, kind="sweep")
+                           "safety_image_ci_high": [0.5, 0.7, 0.4, float("nan"), 0.6],
+                           **_corrected("safety", [0.86, 0.66, 0.56, 0.46, NAN], 0.11, 0.09),  # e: screened
+                           **_corrected("safety_image", [0.35, 0.57, 0.25, NAN, NAN], 0.13, 0.12)})
+    _write(root / "sweep", {"pareto": ("pareto.csv", pareto)}, kind="sweep",
+           extra={"judge_calibration": CAL.to_dict()})
     patching = pd.DataFrame([{"layer": i, "component": c, "direction": d, "image": "none",
                               "recovered": min(1.0, 0.2 * i), "ci_low": 0.0, "ci_high": 1.0, "n": 8}
                              for i in range(L) for c in ("resid", "attn_out", "mlp_out") for d in ("restore", "break")])
@@ -196,15 +212,16 @@ def test_remedies_fronts_by_family_and_stage(tmp_path: Path) -> None:
     for safety in ("safety", "safety_image"):
         fig = pareto(p, safety=safety)
         legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-        assert legend[:4] == ["Pareto front", "reference", "merge", "tuning"] and legend[-1] == "screened only"
+        assert legend[:4] == ["Pareto front", "reference", "merge", "tuning"] and legend[-2] == "screened only"
         colours: dict[str, set] = {}
-        for coll in fig.axes[0].collections:  # one per drawn point, gid = its number
+        points = [c for c in fig.axes[0].collections if "-pt-" in str(c.get_gid())]
+        for coll in points:  # one per drawn point, gid = its number
             i = int(coll.get_gid().rsplit("-", 1)[1]) - 1
             if p.loc[i, "stage"] == "full":
                 colours.setdefault(p.loc[i, "family"], set()).add(tuple(np.round(coll.get_facecolor()[0][:3], 3)))
         assert all(len(c) == 1 for c in colours.values())                   # one colour per family
         assert len(set().union(*colours.values())) == len(colours)          # and distinct between families
-        assert len(fig.axes[0].collections) == (5 if safety == "safety" else 4)
+        assert len(points) == (5 if safety == "safety" else 4)
         plt.close(fig)
     page = build_report(tmp_path).read_text()
     assert page.index('id="fig-pareto"') < page.index('id="fig-pareto-image"')

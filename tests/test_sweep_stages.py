@@ -397,3 +397,32 @@ def test_bad_eval_settings_one_line_error_nothing_written(tmp_path: Path, patch:
         cfg, base = load_sweep(path)
         run_sweep(cfg, tmp_path / "run", base_dir=base, progress=False)
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+# ---- the judge calibration behind corrected rates ------------------------------------------------------------------
+def test_run_json_records_the_judge_calibration_behind_corrected_rates(tmp_path: Path, monkeypatch) -> None:
+    """A sweep whose judged rows carry corrected rates records the judge's calibration in run.json (what the report
+    names under the remedies figure); a sweep without corrected numbers records None."""
+    from vlsafe.experiments.sweep_eval import judge_calibration
+    from vlsafe.probes.behavior.calibration import shipped_calibration
+
+    planted = _planted([])
+
+    def corrected(spec: str, cfg: EvalConfig, refs=None, out_dir=None, **kw):
+        row = planted(spec, cfg, refs, out_dir, **kw)
+        if cfg.mode == "full":   # as the default judge's calibration gives them
+            row |= {"safety_corrected": 0.18, "safety_corrected_low": 0.05, "safety_corrected_high": 0.3}
+        return row
+
+    monkeypatch.setattr(sweep_mod, "evaluate_point", corrected)
+    for mode, want in (("two-stage", shipped_calibration("vlsafe").to_dict()), ("fast", None)):
+        d = {"inputs": INPUTS, "eval": {"mode": mode, "limit": 2},
+             "grid": [{"name": "ref", "method": "checkpoint", "config": "${adapted}"}]}
+        cfg, base = load_sweep(_write(tmp_path, d))
+        table = run_sweep(cfg, tmp_path / mode, base_dir=base, progress=False)
+        assert ("safety_corrected" in table.columns) == (mode != "fast")
+        assert json.loads((tmp_path / mode / "run.json").read_text())["judge_calibration"] == want
+    full = EvalConfig(mode="full", judge="substring-rd")
+    rows = pd.DataFrame({"safety": [0.2], "safety_corrected": [0.18]})
+    assert judge_calibration(full, rows) is None                        # a judge without a calibration
+    assert judge_calibration(EvalConfig(mode="full"), rows.assign(safety_corrected=np.nan)) is None

@@ -24,7 +24,9 @@ from vlsafe.experiments.report import plots
 from vlsafe.experiments.report.discover import Artefacts, discover
 from vlsafe.experiments.report.findings import Finding, findings, write_findings
 from vlsafe.experiments.report.interactive import TIP_CSS, heatmap_tip, svg_tag, tips_block
+from vlsafe.experiments.report.judge_note import calibration_note
 from vlsafe.experiments.report.locate_section import locate_section
+from vlsafe.experiments.report.plots_corrected import corrected_rows
 from vlsafe.experiments.report.plots_pareto import pareto_key, pareto_tips
 from vlsafe.experiments.report.roles import checkpoint_roles
 
@@ -93,6 +95,11 @@ _ORGANISM_COLUMNS = {"refusal_harmful_text": "refusal, harmful", "refusal_harmfu
                      "vqa_accuracy": "VQA accuracy"}
 
 
+def _note(sentence: str) -> str:
+    """A caption's extra sentence, with its leading space (empty stays empty)."""
+    return f" {sentence}" if sentence else ""
+
+
 def _section(title: str, body: list[str | None], missing: str) -> str:
     parts = [p for p in body if p]
     inner = "\n".join(parts) if parts else f'<p class="missing">{html.escape(missing)}</p>'
@@ -116,21 +123,28 @@ def _pareto_block(tag: str | None, p: pd.DataFrame | None) -> str | None:
 
 
 def _remedies(p: pd.DataFrame | None, fig: Callable[[plt.Figure | None, str], str | None],
-              sources: list[str]) -> list[str | None]:
+              sources: list[str], notes: dict[str, str] | None = None) -> list[str | None]:
     """The text front and, when the sweep has image numbers, the image front; the key (after the last) names the
-    points of both, with their family, layers and the signal that chose them."""
+    points of both, with their family, layers and the signal that chose them. `notes` maps a safety channel to the
+    sentence naming the judge calibration behind its corrected rates (`judge_note.calibration_note`)."""
     if p is None:
         return []
     common = ("Every sweep point, numbered as in the key; colour and marker: remedy family (merge, tuning, "
               "activation, reference); edged points and dashed line: the Pareto front{}. Hover a point for its rates.")
     stage = " among the generated + judged points (hollow: screened only)" if "stage" in p.columns and (
         p["stage"] == "screen").any() else ""
+
+    def caption(lead: str, safety: str) -> str:
+        drawn = (" Grey dashed bar with a tick, right of a point: its safety corrected for judge error, with an "
+                 "interval that carries the judge's own error." if not corrected_rows(p, safety).empty else "")
+        return lead + common.format(stage) + drawn + _note((notes or {}).get(safety, ""))
+
     text = fig(plots.pareto(p), "pareto")
     image = fig(plots.pareto(p, safety="safety_image"), "pareto_image") if "safety_image" in p.columns else None
-    return [_figure(text if image else _pareto_block(text, p),
-                    "Harmful text prompts. " + common.format(stage), "fig-pareto", sources),
-            _figure(_pareto_block(image, p), "Harmful prompts with an image (text-only models left out). "
-                    + common.format(stage), "fig-pareto-image", sources) if image else None]
+    return [_figure(text if image else _pareto_block(text, p), caption("Harmful text prompts. ", "safety"),
+                    "fig-pareto", sources),
+            _figure(_pareto_block(image, p), caption("Harmful prompts with an image (text-only models left out). ",
+                                                     "safety_image"), "fig-pareto-image", sources) if image else None]
 
 
 def _tips(art: Artefacts) -> str:
@@ -170,6 +184,8 @@ def _sections(art: Artefacts, fig: Callable[[plt.Figure | None, str], str | None
     diff, probe, sim = art.first("diff_layers"), art.first("probe_layers"), art.first("similarity")
     metrics, table, organism = art.first("organism_metrics"), safety_table(art), organism_table(art)
     roles = checkpoint_roles(metrics=metrics, diff=diff, probe=probe, sim=sim)
+    notes = {s: calibration_note(art, "pareto", [f"{s}_corrected"], first_only=True)
+             for s in ("safety", "safety_image")}
 
     def src(*kinds: str) -> list[str]:
         return [p.relative_to(art.root).as_posix() for k in kinds if (p := art.first_path(k)) is not None]
@@ -192,7 +208,8 @@ def _sections(art: Artefacts, fig: Callable[[plt.Figure | None, str], str | None
                           "Refusal rate per prompt set (vlsafe eval; on harmless prompts this is over-refusal), "
                           "Wilson 95% intervals; where the judge has a calibration, also the rate corrected for "
                           "its measured sensitivity and specificity (Rogan–Gladen), with an interval that carries "
-                          "the judge's own error.", "tab-eval", art.sources("eval_summary"))],
+                          "the judge's own error." + _note(calibration_note(art, "eval_summary", ["rate_corrected"])),
+                          "tab-eval", art.sources("eval_summary"))],
                  "No eval summary.csv or organism metrics.csv in this run."),
         _section("Weight shift", [_figure(show("diff_layers", plots.weight_heatmap, "weight_heatmap"),
                                           "Relative Frobenius change per layer and module; hover a cell for its value.", "fig-weight-heatmap",
@@ -217,7 +234,7 @@ def _sections(art: Artefacts, fig: Callable[[plt.Figure | None, str], str | None
         locate_section({k: art.first(k) for k in ("patching", "signals", "signals_corr", "shift")},
                        figure=lambda key, f, caption: _figure(fig(f, f"locate_{key}"), caption, f"fig-locate-{key}",
                                                               src(key))),
-        _section("Remedies: safety vs helpfulness", _remedies(art.first("pareto"), fig, src("pareto")),
+        _section("Remedies: safety vs helpfulness", _remedies(art.first("pareto"), fig, src("pareto"), notes),
                  "No pareto.csv (run `vlsafe sweep`)."),
         _section("Linked layer view", [_figure(fig(plots.linked_layer_view(diff, sim, probe, roles=roles), "linked"),
                                                "Weight shift, direction shift and probe accuracy on one layer axis.",

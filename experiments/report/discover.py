@@ -48,6 +48,7 @@ class Artefacts:
     root: Path
     paths: dict[str, list[Path]] = field(default_factory=dict)
     runs: list[tuple[Path, dict]] = field(default_factory=list)
+    owners: dict[Path, tuple[Path, dict]] = field(default_factory=dict)  # table file → (run.json, record) listing it
     _loaded: dict[Path, pd.DataFrame] = field(default_factory=dict, repr=False)
 
     def all(self, kind: str) -> list[tuple[Path, pd.DataFrame]]:
@@ -67,6 +68,10 @@ class Artefacts:
     def sources(self, *kinds: str) -> list[str]:
         """The files (relative to the root, POSIX) of every table of these kinds, for captions."""
         return [p.relative_to(self.root).as_posix() for k in kinds for p in sorted(self.paths.get(k) or [])]
+
+    def run_of(self, path: Path) -> tuple[Path, dict] | None:
+        """The `run.json` (its file and record) that lists the table file `path` (the first, in path order)."""
+        return self.owners.get(path)
 
     def _load(self, kind: str, path: Path) -> pd.DataFrame:
         if path not in self._loaded:
@@ -108,5 +113,6 @@ def discover(root: str | Path) -> Artefacts:
         for kind, path in ({} if legacy else run_tables(rj, record)).items():
             if path not in art.paths.setdefault(kind, []):
                 art.paths[kind].append(path)
+            art.owners.setdefault(path, (rj, record))
         art.runs.append((rj, record))
     return art

@@ -11,7 +11,10 @@ the HTML each point is an SVG group with id
 Families: the table's `family` column (merge, tuning, activation, gated, reference; `vlsafe sweep` writes it) when present,
 else the name before `[`. A sweep with an image harmful set has a second front, `safety_image` vs helpfulness
 (`pareto(p, safety="safety_image")`); rows without an image number are left out of it. With a `stage` column, the
-front is drawn among the `full` (generated + judged) points only; screened-only points are drawn hollow.
+front is drawn among the `full` (generated + judged) points only; screened-only points are drawn hollow. With
+judge-corrected columns (`safety_corrected` and its interval; `safety_image_corrected` for the image front), each
+judged point also shows its corrected rate and interval (`vlsafe.experiments.report.plots_corrected`; legend entry
+"corrected for judge error"), and the key and tooltips give it.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from vlsafe.experiments.report.findings_layers import point_names, point_rate
+from vlsafe.experiments.report.plots_corrected import (corrected_boxes, corrected_handle, corrected_rows,
+                                                       corrected_span, corrected_text, draw_corrected)
 from vlsafe.experiments.report.findings_text import layer_ranges, rate_text
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+CORRECTED_KEY = "corrected for judge error"  # key column suffix: `safety, corrected for judge error`
 _RINGS = (4.0, 9.0, 15.0, 22.0, 30.0, 40.0)  # candidate label distances from the point, in points
 
 
@@ -91,8 +97,9 @@ def _candidates() -> list[tuple[float, float, str, str]]:
 
 
 def place_labels(ax: Any, items: list[tuple[float, float, str]], *, fontsize: float = 6.5,
-                 marker_pt: float = 4.0) -> list[Any]:
-    """Annotate (x, y, text) items without overlaps where the axes leave room (see the module docstring)."""
+                 marker_pt: float = 4.0, avoid: list[Any] | None = None) -> list[Any]:
+    """Annotate (x, y, text) items without overlaps where the axes leave room (see the module docstring); `avoid`
+    adds display-space boxes (other marks) the labels keep off like the markers."""
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -101,6 +108,7 @@ def place_labels(ax: Any, items: list[tuple[float, float, str]], *, fontsize: fl
     pts = ax.transData.transform([(x, y) for x, y, _ in items]) if items else []
     taken = [plt.matplotlib.transforms.Bbox.from_extents(u - marker_pt * px, v - marker_pt * px,
                                                          u + marker_pt * px, v + marker_pt * px) for u, v in pts]
+    taken += list(avoid or [])
     texts = []
     for k, (x, y, label) in enumerate(sorted(items, key=lambda t: (-t[1], t[0]))):
         best: tuple[float, Any, Any] | None = None
@@ -153,8 +161,12 @@ def pareto(p: pd.DataFrame, *, safety: str = "safety") -> plt.Figure | None:
                    marker=MARKERS[fams.index(fam) % len(MARKERS)], facecolors=face,
                    edgecolors="k" if on else colors[fam], alpha=1.0 if on else 0.6, linewidths=0.5,
                    gid=f"{prefix}-{i + 1}")
+    corrected = corrected_rows(shown, safety)
+    draw_corrected(ax, corrected, safety)
     for col, setter in (("helpfulness", ax.set_xlim), (safety, ax.set_ylim)):
         lo, hi = float(shown[col].min()), float(shown[col].max())
+        if col == safety and (span := corrected_span(corrected, safety)) is not None:
+            lo, hi = min(lo, span[0]), max(hi, span[1])
         pad = max(0.08, (hi - lo) * 0.12)
         setter(max(lo - pad, -0.03) if lo >= 0 else lo - pad, min(hi + pad, 1.03) if hi <= 1 else hi + pad)
     ax.set_xlabel("helpfulness (compliance on harmless prompts)")
@@ -167,18 +179,22 @@ def pareto(p: pd.DataFrame, *, safety: str = "safety") -> plt.Figure | None:
     if any(screened):
         handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor="0.35", ms=5,
                               label="screened only"))
+    if not corrected.empty:
+        handles.append(corrected_handle())
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=7,
               title="family (edged: on the front)", title_fontsize=7)
     fig.canvas.draw()
     fig.set_layout_engine("none")  # freeze the layout: the labels are placed in pixels of this one
     groups = point_groups(shown.assign(safety=shown[safety]))
-    place_labels(ax, [(h, s, layer_ranges([int(shown.index[n - 1]) + 1 for n in nums])) for h, s, nums in groups])
+    place_labels(ax, [(h, s, layer_ranges([int(shown.index[n - 1]) + 1 for n in nums])) for h, s, nums in groups],
+                 avoid=corrected_boxes(ax, corrected, safety))
     return fig
 
 
 def pareto_key(p: pd.DataFrame) -> pd.DataFrame:
     """The figures' key: point number, name, family, layers and the signal that chose them, the stage its numbers
-    come from, rates with intervals, on the text (and image) front or not."""
+    come from, rates with intervals (and the judge-corrected safety where the table has it), on the text (and
+    image) front or not."""
     p = p.reset_index(drop=True)
     names, front = point_names(p), set(front_of(p).index)
     key = pd.DataFrame({"#": range(1, len(p) + 1), "point": names, "family": families(p)})
@@ -189,6 +205,9 @@ def pareto_key(p: pd.DataFrame) -> pd.DataFrame:
                        ("over_refusal", "over-refusal")):
         if col in p.columns:
             key[label] = [rate_text(point_rate(r, col)) if pd.notna(r[col]) else "" for _, r in p.iterrows()]
+        if col.startswith("safety") and not corrected_rows(p, col).empty:
+            key[f"{label}, {CORRECTED_KEY}"] = [corrected_text(r, col) if pd.notna(r[col]) else ""
+                                                for _, r in p.iterrows()]
     key["front"] = ["yes" if i in front else "" for i in range(len(p))]
     if "safety_image" in p.columns and p["safety_image"].notna().any():
         image = set(front_of(p, "safety_image").index)
