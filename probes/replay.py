@@ -47,14 +47,15 @@ def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
 class Recording:
     """Block calls and block inputs of one clean forward of `lm` (a `LoadedModel` or a transformers model).
 
-    `layers`: the layers whose *input* hidden state is kept (`inputs[ℓ]`, `[n, T, d]`); calls are kept for every
-    block from the first of them on (references to the forward's own tensors: no copy)."""
+    `layers`: the layers whose *input* hidden state is kept (`inputs[ℓ]`, `[n, T, d]`, a copy); calls are kept for
+    every block the forward ran from the first of them on (references to the forward's own tensors). A block the
+    forward skipped (mllama's cross-attention blocks without an image) is skipped on replay too."""
 
     lm: Any
     layers: Sequence[int]
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     calls: dict[int, tuple[tuple, dict]] = field(default_factory=dict)
-    _stack: contextlib.ExitStack | None = None
+    _stack: contextlib.ExitStack | None = field(default=None, init=False, repr=False)
 
     def __enter__(self) -> "Recording":
         model = getattr(self.lm, "model", self.lm)
@@ -92,7 +93,7 @@ class Recording:
             for part, fn in (hooks or {}).items():
                 mod = getattr(M.block(getattr(self.lm, "model", self.lm), layer), part)
                 stack.enter_context(_post_hook(mod, fn))
-            for i in range(layer, len(self._blocks)):
+            for i in sorted(i for i in self.calls if i >= layer):
                 rest, kw = self.calls[i]
                 blk = self._blocks[i]
                 h = _first(blk(h.to(_device_of(blk, h.device)), *rest, **kw))

@@ -222,14 +222,19 @@ def test_replay_check_falls_back_where_the_head_is_not_norm_then_unembed(tmp_pat
         assert fell_back[0].startswith("4 of 4 batch forwards")
 
 
-def test_resumed_patching_on_qwen2_vl_equals_full_forwards(tmp_path: Path) -> None:
-    """Multimodal rotary positions (Qwen2-VL) travel with the recorded block calls."""
-    from vlsafe.analysis.tiny import tiny_qwen2_vl
+@pytest.mark.parametrize("family", ["qwen2_vl", "mllama"])
+def test_resumed_patching_on_other_lvlm_families_equals_full_forwards(tmp_path: Path, family: str) -> None:
+    """Multimodal rotary positions (Qwen2-VL) travel with the recorded block calls; mllama's cross-attention blocks,
+    skipped by a text-only forward, are skipped on replay too."""
+    from vlsafe.analysis import tiny
 
-    a = load(tiny_qwen2_vl(tmp_path / "a", layers=2, seed=0))
-    b = load(tiny_qwen2_vl(tmp_path / "b", layers=2, seed=1))
-    kw = dict(batch_size=2, components=["resid", "mlp_out"])
-    _assert_same(P.patch(a, b, PROMPTS[:3], **kw), P.patch(a, b, PROMPTS[:3], resume=False, **kw))
+    make = {"qwen2_vl": tiny.tiny_qwen2_vl, "mllama": tiny.tiny_mllama}[family]
+    a, b = (load(make(tmp_path / n, seed=s)) for n, s in (("a", 0), ("b", 1)))
+    layers = [0, 2] if family == "mllama" else None       # mllama's blocks 1 and 3 are cross-attention
+    kw = dict(batch_size=2, components=["resid", "mlp_out"], layers=layers)
+    fast = P.patch(a, b, PROMPTS[:3], **kw)
+    _assert_same(fast, P.patch(a, b, PROMPTS[:3], resume=False, **kw))
+    assert not any("in full" in n for n in fast.notes)
 
 
 # --- attribution patching (vlsafe.probes.attribution): first-order estimates ------------------------------------
