@@ -167,12 +167,9 @@ def run_locate(pre: str, post: str, out_dir: str | Path, *, images: Sequence[str
     from vlsafe.probes.models import is_lvlm
     from vlsafe.probes.signals import signal_correlations, signals_table
 
-    from vlsafe.probes.patching import METHODS
+    from vlsafe.probes.patching import check_method
 
-    if method not in METHODS:
-        raise VlsafeError(f"--method {method}: expected one of {', '.join(METHODS)}")
-    if method == "attribution" and kind != "first_token":
-        raise VlsafeError(f"--method attribution needs --score first_token (got {kind})")
+    check_method(method, kind)            # before any model is loaded
     inp = prepare(pre, post, images=images, prompts=prompts, harmless=harmless, n=n, seed=seed, diff=diff,
                   probe=probe)
     patching, notes = _patching(inp, layers=layers, kind=kind, min_gap=min_gap, n_boot=n_boot, seed=seed,

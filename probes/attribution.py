@@ -24,15 +24,10 @@ import torch
 
 from vlsafe.probes import models as M
 from vlsafe.probes import scores as S
-from vlsafe.probes.patching import site_module
+from vlsafe.probes.interventions import removing_hooks
+from vlsafe.probes.patching import Site, site_hook
 
 __all__ = ["site_gradients", "attribution_deltas"]
-
-Site = tuple[int, str]
-
-
-def _first(x: Any) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else x[0]
 
 
 @contextlib.contextmanager
@@ -61,18 +56,10 @@ def site_gradients(lm: Any, batch: Any, *, sites: Sequence[Site], rows: torch.Te
 
         def grad_from_here(module: Any, args: Any, output: Any) -> torch.Tensor:
             return output.detach().requires_grad_(True)
-        stack.enter_context(_hook(M.embed_tokens(model), grad_from_here))
+        embed = M.embed_tokens(model).register_forward_hook(grad_from_here)
+        stack.enter_context(removing_hooks([embed]))
         for site in sites:
-            layer, comp = site
-            mod = site_module(lm, layer, comp)
-            if comp == "resid":
-                def pre(module: Any, args: tuple, kwargs: dict, site: Site = site) -> None:
-                    acts[site] = args[0] if args else kwargs["hidden_states"]
-                stack.enter_context(_hook(mod, pre, pre=True))
-            else:
-                def post(module: Any, args: Any, output: Any, site: Site = site) -> None:
-                    acts[site] = _first(output)
-                stack.enter_context(_hook(mod, post))
+            stack.enter_context(site_hook(lm, site, lambda h, site=site: acts.__setitem__(site, h)))
         score = S.first_token_score(S.last_logits(model, batch).float(), targets)
         keys = list(sites)
         grads = torch.autograd.grad(score.sum(), [acts[k] for k in keys], allow_unused=True)
@@ -92,12 +79,3 @@ def attribution_deltas(grads: dict[Site, torch.Tensor], base_acts: dict[Site, to
         per_pos = ((donor_acts[site].float().cpu() - base_acts[site].float().cpu()) * g).sum(-1).double()
         out[site] = torch.zeros(n, dtype=torch.float64).index_add_(0, rows.cpu(), per_pos)
     return out
-
-
-@contextlib.contextmanager
-def _hook(module: torch.nn.Module, fn: Any, *, pre: bool = False) -> Iterator[None]:
-    handle = (module.register_forward_pre_hook(fn, with_kwargs=True) if pre else module.register_forward_hook(fn))
-    try:
-        yield
-    finally:
-        handle.remove()

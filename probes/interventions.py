@@ -52,6 +52,11 @@ def _project_out(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return x - (x @ u).unsqueeze(-1) * u
 
 
+def first_tensor(output: Any) -> torch.Tensor:
+    """The hidden state of a module output that is a tensor or a tuple whose first item is it."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
 def edit_first(output: Any, fn: Any) -> Any:
     """Apply `fn` to a module output that is a tensor or a tuple whose first item is the hidden state."""
     if isinstance(output, torch.Tensor):

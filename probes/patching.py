@@ -39,6 +39,7 @@ from vlsafe.analysis.errors import VlsafeError
 from vlsafe.probes import models as M
 from vlsafe.probes import scores as S
 from vlsafe.probes import templates as T
+from vlsafe.probes.interventions import edit_first, edit_input, first_tensor, removing_hooks
 from vlsafe.probes.replay import Recording
 
 COMPONENTS = ("resid", "attn_out", "mlp_out")
@@ -46,10 +47,9 @@ DIRECTIONS = ("restore", "break")
 METHODS = ("exact", "attribution")  # patched forwards, or first-order estimates (vlsafe.probes.attribution)
 POSITIONS_NOTE = "text positions matched by token id (image tokens never patched)"
 Site = tuple[int, str]
-_PART = {"attn_out": "attn", "mlp_out": "mlp"}  # component → the block part (family adapter) whose output it is
 
 __all__ = ["COMPONENTS", "DIRECTIONS", "METHODS", "Alignment", "PatchResult", "align_text_positions", "patch",
-           "recovery", "site_module", "image_token_ids"]
+           "recovery", "site_module", "site_hook", "image_token_ids"]
 
 
 @dataclass
@@ -109,16 +109,8 @@ def site_module(lm: Any, layer: int, component: str) -> torch.nn.Module:
     raise VlsafeError(f"unknown patching component {component!r} (expected one of {', '.join(COMPONENTS)})")
 
 
-def _first(x: Any) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else x[0]
-
-
-def _replace_first(x: Any, h: torch.Tensor) -> Any:
-    return h if isinstance(x, torch.Tensor) else (h, *x[1:])
-
-
 @contextlib.contextmanager
-def _site_hook(lm: Any, site: Site, fn: Any) -> Iterator[None]:
+def site_hook(lm: Any, site: Site, fn: Any) -> Iterator[None]:
     """Call `fn(h) -> h | None` on the site's tensor during the *first* forward only (later calls of the same
     scoring, the cached continuations of the `opening` score, pass through)."""
     layer, comp = site
@@ -132,21 +124,16 @@ def _site_hook(lm: Any, site: Site, fn: Any) -> Iterator[None]:
 
     if comp == "resid":
         def pre(module: Any, args: tuple, kwargs: dict) -> Any:
-            h = args[0] if args else kwargs["hidden_states"]
-            new = once(h)
-            if new is None:
-                return None
-            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+            new = once(args[0] if args else kwargs["hidden_states"])
+            return None if new is None else edit_input(args, kwargs, lambda _: new)
         handle = mod.register_forward_pre_hook(pre, with_kwargs=True)
     else:
         def post(module: Any, args: Any, output: Any) -> Any:
-            new = once(_first(output))
-            return None if new is None else _replace_first(output, new)
+            new = once(first_tensor(output))
+            return None if new is None else edit_first(output, lambda _: new)
         handle = mod.register_forward_hook(post)
-    try:
+    with removing_hooks([handle]):
         yield
-    finally:
-        handle.remove()
 
 
 @dataclass
@@ -170,7 +157,7 @@ def _clean(side: _Side, sites: list[Site], kind: str, *,
         for site in sites:
             def keep(h: torch.Tensor, site: Site = site) -> None:
                 got[site] = h[side.rows.to(h.device), side.pos.to(h.device)].detach().clone()
-            stack.enter_context(_site_hook(side.lm, site, keep))
+            stack.enter_context(site_hook(side.lm, site, keep))
         if rec is not None:
             stack.enter_context(rec)
         score, last = S.score_batch(side.lm.model, side.batch, kind=kind, targets=side.targets)
@@ -192,9 +179,9 @@ def _patched(side: _Side, site: Site, values: torch.Tensor, kind: str, rec: Reco
         if comp == "resid":
             last = rec.resume(layer, put(rec.inputs[layer]))
         else:
-            last = rec.resume(layer, rec.inputs[layer], hooks={_PART[comp]: put})
+            last = rec.resume(layer, rec.inputs[layer], hooks={site_module(side.lm, layer, comp): put})
         return S.first_token_score(last, side.targets)
-    with _site_hook(side.lm, site, put):
+    with site_hook(side.lm, site, put):
         return S.score_batch(side.lm.model, side.batch, kind=kind, targets=side.targets)[0]
 
 
@@ -266,6 +253,14 @@ def _sites(lm: Any, layers: Sequence[int] | None, components: Sequence[str]) -> 
     return [(l, c) for l in layers for c in components]
 
 
+def check_method(method: str, kind: str) -> None:
+    """One-line errors for a patching method that does not exist or does not support the refusal score `kind`."""
+    if method not in METHODS:
+        raise VlsafeError(f"unknown patching method {method!r} (expected one of {', '.join(METHODS)})")
+    if method == "attribution" and kind != "first_token":
+        raise VlsafeError(f"attribution patching needs the first_token score (got {kind!r})")
+
+
 def check_pair(source: Any, target: Any) -> None:
     """One-line errors for a source/target pair that cannot be patched (layers, hidden size, text model type)."""
     def desc(lm: Any) -> tuple[Any, ...]:
@@ -300,10 +295,7 @@ def patch(source: Any, target: Any, prompts: Sequence[str], *, images: Sequence[
     for d in directions:
         if d not in DIRECTIONS:
             raise VlsafeError(f"unknown patching direction {d!r} (expected one of {', '.join(DIRECTIONS)})")
-    if method not in METHODS:
-        raise VlsafeError(f"unknown patching method {method!r} (expected one of {', '.join(METHODS)})")
-    if method == "attribution" and kind != "first_token":
-        raise VlsafeError(f"attribution patching needs the first_token score (got {kind!r})")
+    check_method(method, kind)
     check_pair(source, target)
     if images is not None and not (M.is_lvlm(source) or M.is_lvlm(target)):
         raise VlsafeError("patching: images given but neither checkpoint takes images")

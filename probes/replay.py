@@ -28,14 +28,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from vlsafe.probes import models as M
+from vlsafe.probes.interventions import edit_first, first_tensor, removing_hooks
 
 __all__ = ["Recording"]
 
 Hook = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _first(x: Any) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else x[0]
 
 
 def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
@@ -74,7 +71,8 @@ class Recording:
                 self.calls[i] = (rest, kw)
                 if i in wanted:
                     self.inputs[i] = h.detach().clone()
-            self._stack.enter_context(_pre_hook(self._blocks[i], pre))
+            self._stack.enter_context(removing_hooks([self._blocks[i].register_forward_pre_hook(pre,
+                                                                                                with_kwargs=True)]))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -82,21 +80,22 @@ class Recording:
             self._stack.close()
 
     @torch.no_grad()
-    def resume(self, layer: int, h: torch.Tensor, *, hooks: dict[str, Hook] | None = None) -> torch.Tensor:
+    def resume(self, layer: int, h: torch.Tensor, *,
+               hooks: dict[torch.nn.Module, Hook] | None = None) -> torch.Tensor:
         """Last-position logits `[n, V]` (fp32, CPU) of the stack run from block `layer`'s input `h` `[n, T, d]`.
 
-        `hooks` maps a submodule of block `layer` (`attn`, `mlp`) to a function rewriting its output's first
-        tensor; it applies in block `layer` only."""
+        `hooks` maps a module (e.g. block `layer`'s attention or MLP) to a function rewriting its output's first
+        tensor during the replay."""
         if layer not in self.calls:
             raise KeyError(f"block {layer} was not recorded (recorded from {min(self.calls, default=None)})")
         with contextlib.ExitStack() as stack:
-            for part, fn in (hooks or {}).items():
-                mod = getattr(M.block(getattr(self.lm, "model", self.lm), layer), part)
-                stack.enter_context(_post_hook(mod, fn))
+            for mod, fn in (hooks or {}).items():
+                post = lambda m, a, out, fn=fn: edit_first(out, fn)  # noqa: E731
+                stack.enter_context(removing_hooks([mod.register_forward_hook(post)]))
             for i in sorted(i for i in self.calls if i >= layer):
                 rest, kw = self.calls[i]
                 blk = self._blocks[i]
-                h = _first(blk(h.to(_device_of(blk, h.device)), *rest, **kw))
+                h = first_tensor(blk(h.to(_device_of(blk, h.device)), *rest, **kw))
         last = h[:, -1:, :].to(_device_of(self._norm, h.device))
         logits = self._head(self._norm(last).to(_device_of(self._head, h.device)))
         return logits[:, -1].float().cpu()
@@ -114,26 +113,6 @@ class Recording:
 
 
 def _is_cache(v: Any) -> bool:
-    return type(v).__name__.endswith("Cache") and hasattr(v, "update")
+    from transformers.cache_utils import Cache
 
-
-@contextlib.contextmanager
-def _pre_hook(module: torch.nn.Module, fn: Any) -> Any:
-    handle = module.register_forward_pre_hook(fn, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
-def _post_hook(module: torch.nn.Module, fn: Hook) -> Any:
-    def post(mod: Any, args: Any, output: Any) -> Any:
-        new = fn(_first(output))
-        return new if isinstance(output, torch.Tensor) else (new, *output[1:])
-
-    handle = module.register_forward_hook(post)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return isinstance(v, Cache)

@@ -97,6 +97,6 @@ def test_bad_input_one_line_nothing_written(dirs, case, tmp_path, capsys) -> Non
     err = [line for line in text.splitlines() if line.startswith("vlsafe:")]    # (progress bars aside)
     assert len(err) == 1 and err[0].startswith("vlsafe: error:") and "Traceback" not in text, text
     want = {"hidden": "hidden", "image_on_text": "text-only", "empty": "empty", "family": "families",
-            "method": "--method fast", "atp_opening": "needs --score first_token"}[case]
+            "method": "unknown patching method 'fast'", "atp_opening": "needs the first_token score"}[case]
     assert want in err[0]
     assert not out.exists()

@@ -26,12 +26,13 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from vlsafe.experiments.report.findings_layers import point_names, point_rate
-from vlsafe.experiments.report.plots_corrected import (corrected_boxes, corrected_handle, corrected_rows,
-                                                       corrected_span, corrected_text, draw_corrected)
+from vlsafe.experiments.report.plots_corrected import (CORRECTED_LABEL, corrected_boxes, corrected_handle,
+                                                       corrected_rows, corrected_span, corrected_text,
+                                                       draw_corrected)
 from vlsafe.experiments.report.findings_text import layer_ranges, rate_text
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-CORRECTED_KEY = "corrected for judge error"  # key column suffix: `safety, corrected for judge error`
+CORRECTED_KEY = CORRECTED_LABEL  # key column suffix: `safety, corrected for judge error`
 _RINGS = (4.0, 9.0, 15.0, 22.0, 30.0, 40.0)  # candidate label distances from the point, in points
 
 
