@@ -4,6 +4,7 @@ interruption, seeds and weights, determinism, summary statistics on a planted ta
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,11 @@ def test_tables_figures_and_run_json(replicate):
         assert {"llm-aligned", "lvlm"} <= set(crec["checkpoints"]), sorted(crec["checkpoints"])
     assert (root / "figures" / "refusal_steps.png").stat().st_size > 0
     assert (root / "figures" / "drop_alignment_strength.png").stat().st_size > 0
+    findings = (root / "findings.md").read_text()  # the claims per recipe, with 2 seeds each
+    for recipe in ("alignment_strength-moderate", "alignment_strength-strong"):
+        assert f"| {recipe} | lvlm | 2 |" in findings
+        assert re.search(rf"- (Survives all 2 seeds \({recipe}\)|Does not survive \({recipe}: holds in [01] of 2 "
+                         r"seeds\)): benign adaptation lowers text refusal", findings), findings
 
 
 def _tensors(path: Path) -> dict[str, np.ndarray]:

@@ -1,5 +1,6 @@
 """One call: build every combination of a replicate plan, then write `replicates.csv`, `summary.csv`,
-`figures/` and `run.json` (kind `replicate`) in the output folder."""
+`findings.md` (the replicates table and which claims survive every seed), `figures/` and `run.json` (kind
+`replicate`) in the output folder."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from vlsafe.experiments.replicate.findings import write_findings
 from vlsafe.experiments.replicate.plan import Combo, Plan
 from vlsafe.experiments.replicate.run import ComboHook, read_metrics, run_combos
 from vlsafe.experiments.replicate.tables import replicates_table, summarize
@@ -30,6 +32,7 @@ def run_replicate(plan: Plan, out_dir: str | os.PathLike, *, ray: str | None = N
     summary = summarize(rep, where=str(out / TABLES["replicates"]))
     write_csv(out / TABLES["replicates"], rep)
     write_csv(out / TABLES["replicate_summary"], summary)
+    write_findings(rep, out)
     if figures:
         from vlsafe.experiments.replicate.figures import write_figures
 

@@ -1,0 +1,141 @@
+"""Findings of a replicate run, generated from `replicates.csv`: which of the organism's claims hold in every seed.
+
+Each claim is a condition checked per combination (one seed of one recipe) on its own numbers; a claim *survives*
+a recipe when it holds in every one of its seeds (and the recipe has at least two), otherwise the sentence says in
+how many seeds it held. Numbers in the sentences are across-seed means ± sample sd (in percentage points) of the
+quantity the claim is about. `findings.md` also holds the replicates table: mean ± sd across seeds of every
+headline metric for the checkpoints the claims compare. Nothing here is hand-written about the organism: rerun
+with more seeds and the sentences change with the numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+TEXT, IMAGE = "refusal_harmful_text", "refusal_harmful_image"
+OVER, COMPLY = "over_refusal_borderline", "compliance_harmless"
+TABLE_CHECKPOINTS = ("llm-aligned", "lvlm-stage1", "lvlm", "lvlm-safety-posthoc", "lvlm-safety-mixed")
+TABLE_METRICS = {TEXT: "refusal, harmful (text)", IMAGE: "refusal, harmful + image", OVER: "over-refusal",
+                 COMPLY: "compliance"}
+RISE = 0.10  # a rise of at least this between consecutive saved stage-2 steps makes the trajectory non-monotone
+
+Cell = tuple[str, str]  # (checkpoint, metric)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim checked per seed: `high`'s rate is above `low`'s (value = the difference; with its Wilson intervals
+    disjoint or not)."""
+
+    key: str
+    text: str
+    high: Cell
+    low: Cell
+
+
+def claims() -> list[Claim]:
+    """The organism's claims, each as a per-seed comparison of two cells (see the module docstring)."""
+    out = [Claim("adaptation_drop_text", "benign adaptation lowers text refusal (llm-aligned → lvlm)",
+                 ("llm-aligned", TEXT), ("lvlm", TEXT)),
+           Claim("image_lowers_lvlm", "an image lowers lvlm's refusal below its text refusal",
+                 ("lvlm", TEXT), ("lvlm", IMAGE)),
+           Claim("image_lowers_stage1", "an image lowers refusal already after stage 1 (projector trained, LM unchanged)",
+                 ("lvlm-stage1", TEXT), ("lvlm-stage1", IMAGE))]
+    for name in ("posthoc", "mixed"):
+        ck = f"lvlm-safety-{name}"
+        out += [Claim(f"{name}_restores_text", f"{name} safety SFT raises text refusal above lvlm's", (ck, TEXT),
+                      ("lvlm", TEXT)),
+                Claim(f"{name}_restores_image", f"{name} safety SFT raises image refusal above lvlm's", (ck, IMAGE),
+                      ("lvlm", IMAGE)),
+                Claim(f"{name}_over_refusal", f"{name} safety SFT raises over-refusal above lvlm's", (ck, OVER),
+                      ("lvlm", OVER))]
+    return out
+
+
+def _trajectory(rows: pd.DataFrame) -> float:
+    """Largest rise of text refusal between consecutive saved stage-2 steps (NaN without steps)."""
+    t = rows[(rows.metric == TEXT) & rows.stage2_step.notna()].sort_values("stage2_step")
+    r = t.rate.to_numpy(dtype=float)
+    return float(np.max(np.diff(r))) if len(r) > 1 else np.nan
+
+
+def per_seed(rep: pd.DataFrame) -> pd.DataFrame:
+    """One row per combination × claim: recipe, seed, claim, value (NaN: the claim does not apply), holds,
+    disjoint (the two cells' Wilson intervals do not overlap; NaN for the trajectory claim)."""
+    out = []
+    for (recipe, _), rows in rep.groupby(["recipe", "combo"], sort=False):
+        seed, cells = int(rows.seed.iloc[0]), rows.set_index(["checkpoint", "metric"])
+        for c in claims():
+            if c.high not in cells.index or c.low not in cells.index:
+                continue
+            hi, lo = cells.loc[c.high], cells.loc[c.low]
+            out.append({"recipe": recipe, "seed": seed, "claim": c.key, "value": float(hi.rate - lo.rate),
+                        "holds": bool(hi.rate > lo.rate), "disjoint": bool(hi.ci_low > lo.ci_high)})
+        rise = _trajectory(rows)
+        if np.isfinite(rise):
+            out.append({"recipe": recipe, "seed": seed, "claim": "trajectory_not_monotone", "value": rise,
+                        "holds": bool(rise >= RISE), "disjoint": np.nan})
+    return pd.DataFrame(out, columns=["recipe", "seed", "claim", "value", "holds", "disjoint"])
+
+
+def _pts(values: pd.Series) -> str:
+    v = 100 * values.to_numpy(dtype=float)
+    if len(v) == 1:
+        return f"{v[0]:.0f} points"
+    return f"{np.mean(v):.0f} ± {np.std(v, ddof=1):.0f} points (range {v.min():.0f} to {v.max():.0f})"
+
+
+def sentences(rep: pd.DataFrame) -> list[str]:
+    """One sentence per recipe × claim that applies: whether it survives every seed, with its numbers."""
+    texts = {c.key: c.text for c in claims()}
+    texts["trajectory_not_monotone"] = (f"text refusal along stage 2 is not monotone (rises by ≥ {100 * RISE:.0f} "
+                                        "points between two consecutive saved steps)")
+    lines = []
+    for (recipe, key), g in per_seed(rep).groupby(["recipe", "claim"], sort=False):
+        n, k = len(g), int(g.holds.astype(bool).sum())
+        what = "largest rise" if key == "trajectory_not_monotone" else "difference"
+        disjoint = "" if g.disjoint.isna().all() else \
+            f"; Wilson intervals disjoint in {int(g.disjoint.astype(bool).sum())} of {n}"
+        if k == n and n >= 2:
+            head = f"Survives all {n} seeds ({recipe}):"
+        elif n < 2:
+            head = f"One seed only ({recipe}; {'holds' if k else 'does not hold'}):"
+        else:
+            head = f"Does not survive ({recipe}: holds in {k} of {n} seeds):"
+        lines.append(f"{head} {texts[key]}; {what} {_pts(g.value)}{disjoint}.")
+    return lines
+
+
+def table(rep: pd.DataFrame) -> str:
+    """Markdown: per recipe and checkpoint, mean ± sd across seeds of each headline metric (n seeds)."""
+    head = "| recipe | checkpoint | seeds | " + " | ".join(TABLE_METRICS.values()) + " |"
+    lines = [head, "|" + "---|" * (3 + len(TABLE_METRICS))]
+    for recipe, r in rep.groupby("recipe", sort=False):
+        for ck in TABLE_CHECKPOINTS:
+            rows = r[r.checkpoint == ck]
+            if rows.empty:
+                continue
+            cells = []
+            for metric in TABLE_METRICS:
+                v = 100 * rows[rows.metric == metric].rate.to_numpy(dtype=float)
+                cells.append("—" if len(v) == 0 else f"{np.mean(v):.0f} ± {np.std(v, ddof=1):.0f} %" if len(v) > 1
+                             else f"{v[0]:.0f} %")
+            lines.append(f"| {recipe} | {ck} | {rows.seed.nunique()} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_findings(rep: pd.DataFrame, out_dir: str | os.PathLike) -> Path:
+    """`findings.md` under `out_dir`: the replicates table and the claim sentences (written atomically)."""
+    from vlsafe.analysis.runinfo import atomic_path
+
+    path = Path(out_dir) / "findings.md"
+    body = ["Mean ± sd across seeds (sd over seeds, ddof 1; percent of prompts).", "", table(rep), "",
+            *[f"- {s}" for s in sentences(rep)], ""]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(body))
+    return path

@@ -1,0 +1,90 @@
+"""Replicate findings on a planted `replicates.csv`: a claim survives exactly when it holds in every seed, the
+numbers in the sentences are the planted ones, the table's means and sds are the planted ones."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vlsafe.experiments.replicate.findings import per_seed, sentences, table, write_findings
+
+CELLS = {("llm-aligned", "refusal_harmful_text", None): 0.9, ("lvlm-stage1", "refusal_harmful_text", 0): 0.9,
+         ("lvlm-stage1", "refusal_harmful_image", 0): 0.7, ("lvlm", "refusal_harmful_text", 60): 0.55,
+         ("lvlm", "refusal_harmful_image", 60): 0.3, ("lvlm", "over_refusal_borderline", 60): 0.1,
+         ("lvlm-step-30", "refusal_harmful_text", 30): 0.3,
+         ("lvlm-safety-posthoc", "refusal_harmful_text", None): 0.9,
+         ("lvlm-safety-posthoc", "refusal_harmful_image", None): 0.85,
+         ("lvlm-safety-posthoc", "over_refusal_borderline", None): 0.2}
+
+
+def _rep(shift: dict[int, dict[tuple[str, str], float]], *, n: int = 60) -> pd.DataFrame:
+    """Three seeds of one recipe; `shift[seed][(checkpoint, metric)]` moves a planted cell in that seed."""
+    rows = []
+    for seed in (0, 1, 2):
+        for (ck, metric, step), rate in CELLS.items():
+            rate = rate + shift.get(seed, {}).get((ck, metric), 0.0) + 0.01 * seed
+            half = 1.0 / np.sqrt(n)  # any interval of fixed half-width: only its overlap matters here
+            rows.append({"combo": f"seed-{seed}", "recipe": "base", "seed": seed, "checkpoint": ck,
+                         "stage2_step": step, "metric": metric, "n": n, "k": round(rate * n), "rate": rate,
+                         "ci_low": rate - half, "ci_high": rate + half})
+    return pd.DataFrame(rows).astype({"stage2_step": "Int64"})
+
+
+def _line(lines: list[str], fragment: str) -> str:
+    found = [s for s in lines if fragment in s]
+    assert len(found) == 1, (fragment, lines)
+    return found[0]
+
+
+def test_claims_survive_only_when_every_seed_holds():
+    lines = sentences(_rep({}))
+    assert _line(lines, "benign adaptation lowers text refusal").startswith("Survives all 3 seeds (base):")
+    # seed 1's lvlm refuses more than llm-aligned: the claim holds in 2 of 3 seeds
+    broken = sentences(_rep({1: {("lvlm", "refusal_harmful_text"): 0.40}}))
+    assert _line(broken, "benign adaptation lowers").startswith("Does not survive (base: holds in 2 of 3 seeds):")
+    assert _line(broken, "an image lowers lvlm's").startswith("Survives")  # lvlm image 0.31 < text 0.96 in seed 1
+
+
+def test_numbers_are_the_planted_ones():
+    rep = _rep({2: {("lvlm", "refusal_harmful_text"): -0.15}})
+    drops = [100 * (0.9 - 0.55), 100 * (0.9 - 0.55), 100 * (0.9 - 0.40)]  # the 0.01·seed offsets cancel
+    line = _line(sentences(rep), "benign adaptation lowers text refusal")
+    m = re.search(r"difference (\d+) ± (\d+) points \(range (\d+) to (\d+)\)", line)
+    assert m is not None, line
+    assert [int(x) for x in m.groups()] == [round(np.mean(drops)), round(np.std(drops, ddof=1)), round(min(drops)),
+                                           round(max(drops))]
+    # planted intervals have half-width 1/sqrt(60) ≈ 0.13: the 35-point drop is disjoint, a 7-point gap is not
+    assert "Wilson intervals disjoint in 3 of 3" in line
+    assert "disjoint in 0 of 3" in _line(sentences(rep), "posthoc safety SFT raises over-refusal")
+
+
+def test_trajectory_claim_uses_consecutive_steps():
+    seeds = per_seed(_rep({}))
+    traj = seeds[seeds.claim == "trajectory_not_monotone"]
+    # steps 0 → 30 → 60: 0.9 → 0.3 → 0.55, largest rise 0.25 in every seed
+    assert traj.value.to_numpy() == pytest.approx([0.25, 0.25, 0.25]) and traj.holds.all()
+    flat = _rep({s: {("lvlm", "refusal_harmful_text"): -0.25} for s in (0, 1, 2)})
+    assert _line(sentences(flat), "not monotone").startswith("Does not survive (base: holds in 0 of 3 seeds):")
+
+
+def test_absent_cells_give_no_claim_and_table_stats(tmp_path):
+    rep = _rep({0: {("lvlm", "refusal_harmful_image"): 0.05}})
+    lines = sentences(rep)
+    assert not any("mixed" in s for s in lines)  # no lvlm-safety-mixed rows planted
+    md = table(rep)
+    image = [0.3 + 0.05, 0.3 + 0.01, 0.3 + 0.02]
+    expect = f"{100 * np.mean(image):.0f} ± {100 * np.std(image, ddof=1):.0f} %"
+    row = _line(md.splitlines(), "| base | lvlm |")
+    assert row.split(" | ")[4] == expect and row.split(" | ")[2] == "3"
+    assert "| — |" in _line(md.splitlines(), "| base | llm-aligned |")  # the LLM has no image metric
+    path = write_findings(rep, tmp_path)
+    assert path.read_text().count("\n- ") == len(lines) and md in path.read_text()
+
+
+def test_one_seed_says_so():
+    rep = _rep({})
+    lines = sentences(rep[rep.seed == 0])
+    assert all(s.startswith("One seed only (base; ") for s in lines) and "±" not in " ".join(lines)
