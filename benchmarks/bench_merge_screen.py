@@ -8,7 +8,9 @@ One repetition each by default (`--repeat`, best time counts): on a shared CPU, 
 are compared tensor by tensor (`models_equal`: torch.equal on every state-dict entry).
 
     .venv/bin/python benchmarks/bench_merge_screen.py --organism runs/demo/organism \\
-        [--alpha 0.5] [--repeat 1] [--out benchmarks/results/merge_screen.csv]
+        [--alpha 0.5] [--repeat 1] [--threads N] [--out benchmarks/results/merge_screen.csv]
+
+Rows are appended to `--out` (one run = three rows).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder with lvlm/ and llm-aligned/ (read only)")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "merge_screen.csv")
     args = ap.parse_args(argv)
 
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from vlsafe.analysis.runinfo import write_csv
     from vlsafe.probes.models import load
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lvlm, llm = args.organism / "lvlm", args.organism / "llm-aligned"
     plan = MergePlan.from_dict({"merge_method": "task_arithmetic", "base_model": str(lvlm),
                                 "models": [{"model": str(llm), "parameters": {"weight": args.alpha}}]})
@@ -83,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table.drop(columns="note").to_string(index=False))
     print(f"in memory saves {t_written - t_memory:.1f} s per merge point ({t_written / t_memory:.1f}x faster); "
           f"models equal: {equal}")
+    if args.out.is_file():
+        table = pd.concat([pd.read_csv(args.out), table], ignore_index=True)
     write_csv(args.out, table)
     print(f"wrote {args.out}")
     return 0
