@@ -8,7 +8,8 @@ rule in `vlsafe.experiments.sweep_stages`.
 `pareto.csv`: point, hash, method, family (merge, tuning, activation, reference), params, layers, layer_signal (the
 signal that chose the layers), stage (`full`: generate + judge; `screen`: logit score), safety, over_refusal,
 helpfulness (each with `_ci_low/_ci_high`), safety_image (+ interval; NaN for text-only models or without
-`eval.harmful_image`), n_* per set, model, kept_by (two-stage: why a point was or was not evaluated in full:
+`eval.harmful_image`), n_* per set, model (the checkpoint evaluated; `in-memory:<hash>` for a merge point only
+screened, merged in memory and never written), kept_by (two-stage: why a point was or was not evaluated in full:
 `reference`, `front`, `cap-rank N`, `dominated`, `over cap (rank N)`), screen_* (two-stage: the screened numbers
 of a point evaluated in full, e.g. screen_safety, screen_helpfulness; NaN otherwise; see
 `vlsafe.experiments.sweep_stages`), is_pareto (and is_pareto_image). With full points present, the fronts
@@ -17,12 +18,18 @@ are computed among them only. Figures: `figures/pareto.{png,pdf}` and, with an i
 A new method plugs in through `sweep_config.METHODS`/`FAMILY`, `_inputs_of`, `materialise` (return the base
 checkpoint's spec when nothing is built) and, for an evaluation under a context manager, `evaluate_point(under=…)`.
 
-Layout: `DIR/points/<hash>/` (`point.json`, `model/`, `done.json`, `eval-<evalhash>.json`), built in a temp
-folder and renamed, so a point folder without `done.json` can only be foreign or interrupted and is redone.
-The hash covers the entry name, method, template, the point's variable values and the content hashes of
-its input checkpoints (not their paths). Each evaluation is cached per point under its eval key, so a two-stage
-sweep caches its screen and its full evaluation separately. `DIR/run.json` too; with judge-corrected columns
-(`safety_corrected`, …) it records the judge's calibration they come from (`judge_calibration`; None otherwise).
+Layout: `DIR/points/<hash>/` (`point.json`, `model/`, `done.json`, `eval-<evalhash>/metrics.json`), built in a
+temp folder and renamed. The screen of a two-stage sweep merges `merge` points in memory
+(`vlsafe.analysis.merging.load_merged`, the same weights as the written checkpoint loaded; `run_sweep(...,
+screen_in_memory=False)` writes them): such a point's folder holds `point.json` and `eval-<screenhash>/` only, no
+`model/` and no `done.json`; its screen is reused on `--resume`, and when the point is kept for the full stage its
+checkpoint is built then (into a new folder that takes over the cached evaluations) and gets `done.json`. Any other
+folder without `done.json` is rebuilt before it is evaluated (its cached evaluations kept when it has `point.json`;
+a folder without one is foreign and redone). The hash covers the entry name, method, template, the point's variable
+values and the content hashes of its input checkpoints (not their paths). Each evaluation is cached per point under
+its eval key, so a two-stage sweep caches its screen and its full evaluation separately. `DIR/run.json` too (its
+`screen_in_memory` says whether the screen merged in memory); with judge-corrected columns (`safety_corrected`, …) it
+records the judge's calibration they come from (`judge_calibration`; None otherwise).
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ from vlsafe.experiments.sweep_remedy import preflight_remedy, remedy_model, reme
 from vlsafe.experiments.sweep_stages import staged_rows, stage_of
 from vlsafe.experiments.yamlvars import substitute
 
-__all__ = ["load_sweep", "resolve_layers", "run_sweep", "run_point", "finished_row", "SweepConfig", "Point"]
+__all__ = ["load_sweep", "resolve_layers", "run_sweep", "run_point", "finished_row", "SweepConfig", "Point",
+           "IN_MEMORY"]
 
 
 # ---- materialisation ------------------------------------------------------------------------------------------------
@@ -143,29 +151,49 @@ def preflight(point: Point, base_dir: Path) -> None:
 
 
 Hook = Callable[[Point], None]
+IN_MEMORY = "in-memory:"  # pareto.csv's `model` of a point only screened in memory: IN_MEMORY + its hash
 
 
-def _build_point(point: Point, pdir: Path, base_dir: Path, before: Hook | None) -> None:
-    if pdir.exists():
-        shutil.rmtree(pdir)  # no done.json: interrupted or foreign
+def _new_point_folder(point: Point, pdir: Path, fill: Callable[[Path], None]) -> None:
+    """`pdir` with `point.json` and what `fill(folder)` writes, built in a temp folder and renamed; the cached
+    evaluations of an earlier folder of the point (one with `point.json`) move over, a foreign folder is dropped."""
+    old = pdir.is_dir() and (pdir / "point.json").is_file()
+    if pdir.exists() and not old:
+        shutil.rmtree(pdir)  # foreign
     with atomic_path(pdir) as tmp:
         tmp.mkdir()
         write_json(tmp / "point.json", {"point": point.label, "method": point.entry.method, "values": point.values,
                                         "layers": point.layers, "config": point.config})
+        fill(tmp)
+        for edir in sorted(pdir.glob("eval-*")) if old else []:
+            shutil.move(edir, tmp / edir.name)
+
+
+def _build_point(point: Point, pdir: Path, base_dir: Path, before: Hook | None) -> None:
+    def build(tmp: Path) -> None:
         if before is not None:
             before(point)
         spec = materialise(point, tmp / "model", base_dir)
         write_json(tmp / "done.json", {"point": point.label, "spec": None if spec == str(tmp / "model") else spec})
+    _new_point_folder(point, pdir, build)
 
 
 def _spec(pdir: Path) -> str:
+    if not (pdir / "done.json").is_file():
+        return IN_MEMORY + pdir.name
     done = json.loads((pdir / "done.json").read_text())
     return done.get("spec") or str(pdir / "model")
 
 
-def _evaluate(point: Point, pdir: Path, cfg: EvalConfig, refs: list[str] | None, base: Path) -> dict[str, Any]:
-    """Metrics of a built point, cached in `eval-<evalhash>/metrics.json` (generations too in full mode)."""
-    edir = pdir / f"eval-{cfg.key()}"
+def _metrics_file(pdir: Path, cfg: EvalConfig) -> Path:
+    return pdir / f"eval-{cfg.key()}" / "metrics.json"
+
+
+def _evaluate(point: Point, pdir: Path, cfg: EvalConfig, refs: list[str] | None, base: Path,
+              build: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Metrics of a built point (or of the model `build()` returns), cached in `eval-<evalhash>/metrics.json`
+    (generations too in full mode)."""
+    edir = _metrics_file(pdir, cfg).parent
     if (edir / "metrics.json").is_file():
         return json.loads((edir / "metrics.json").read_text())
     if edir.exists():
@@ -173,7 +201,9 @@ def _evaluate(point: Point, pdir: Path, cfg: EvalConfig, refs: list[str] | None,
     with atomic_path(edir) as tmp:
         tmp.mkdir()
         under = remedy_under(point.config, point.label, base) if point.entry.method == "remedy" else None
-        metrics = evaluate_point(_spec(pdir), cfg, refs, out_dir=tmp if cfg.mode == "full" else None, under=under)
+        spec = str(pdir / "model") if build is not None else _spec(pdir)  # in memory: the label it would have
+        metrics = evaluate_point(spec, cfg, refs, out_dir=tmp if cfg.mode == "full" else None, under=under,
+                                 build=build)
         write_json(tmp / "metrics.json", metrics)
     return metrics
 
@@ -221,29 +251,57 @@ def _family(point: Point) -> str:
     return "gated" if gated else FAMILY[point.entry.method]
 
 
-def run_point(point: Point, *, out: Path, base: Path, ecfg: Any, refs: Any, before: Hook | None = None
-              ) -> dict[str, Any]:
-    """Build (unless done) and evaluate one point; its pareto.csv row. Module-level so Ray can ship it."""
-    pdir = out / "points" / point.key
-    if not (pdir / "done.json").is_file():
-        _build_point(point, pdir, base, before)
-    return _row(point, pdir, _evaluate(point, pdir, ecfg, refs, base), ecfg.helpfulness)
+def _memory_plan(point: Point, base: Path) -> Any:
+    """The merge plan of a `merge` point that `load_merged` reproduces exactly, else None."""
+    if point.entry.method != "merge":
+        return None
+    from vlsafe.analysis.merging import not_in_memory
+    from vlsafe.analysis.merging.config import MergePlan
+
+    plan = MergePlan.from_dict(point.config, point.label).with_paths_from(base)
+    return plan if not_in_memory(plan) is None else None
 
 
-def finished_row(point: Point, *, out: Path, ecfg: Any) -> dict[str, Any] | None:
-    """The row of a point that is built and evaluated already, else None (so Ray skips dispatching it)."""
+def run_point(point: Point, *, out: Path, base: Path, ecfg: Any, refs: Any, before: Hook | None = None,
+              in_memory: bool = False) -> dict[str, Any]:
+    """Build (unless done) and evaluate one point; its pareto.csv row. With `in_memory` (a two-stage sweep's screen)
+    a `merge` point not built yet is merged in memory instead (`before` is called all the same): its folder gets
+    `point.json` and the evaluation only. Module-level so Ray can ship it."""
     pdir = out / "points" / point.key
-    m = pdir / f"eval-{ecfg.key()}" / "metrics.json"
-    if (pdir / "done.json").is_file() and m.is_file():
+    built = (pdir / "done.json").is_file()
+    plan = _memory_plan(point, base) if in_memory and not built else None
+    if plan is None:
+        if not built:
+            _build_point(point, pdir, base, before)
+        return _row(point, pdir, _evaluate(point, pdir, ecfg, refs, base), ecfg.helpfulness)
+    if not _metrics_file(pdir, ecfg).is_file():
+        if before is not None:
+            before(point)
+        if not (pdir / "point.json").is_file():
+            _new_point_folder(point, pdir, lambda tmp: None)
+    from vlsafe.analysis.merging import load_merged
+
+    metrics = _evaluate(point, pdir, ecfg, refs, base, build=lambda: load_merged(plan))
+    return _row(point, pdir, metrics, ecfg.helpfulness)
+
+
+def finished_row(point: Point, *, out: Path, ecfg: Any, in_memory: bool = False) -> dict[str, Any] | None:
+    """The row of a point that is built and evaluated already (with `in_memory`, also of a `merge` point screened
+    in memory), else None (so Ray skips dispatching it)."""
+    pdir = out / "points" / point.key
+    m = _metrics_file(pdir, ecfg)
+    built = (pdir / "done.json").is_file() or (in_memory and point.entry.method == "merge")
+    if built and m.is_file():
         return _row(point, pdir, json.loads(m.read_text()), ecfg.helpfulness)
     return None
 
 
 def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, base_dir: str | Path = ".", resume: bool = False,
               progress: bool = True, before_point: Hook | None = None, ray: str | None = None,
-              ray_resources: dict[str, Any] | None = None) -> pd.DataFrame:
+              ray_resources: dict[str, Any] | None = None, screen_in_memory: bool = True) -> pd.DataFrame:
     """Materialise and evaluate every point (finished ones are reused), then write `pareto.csv`, the figure and
     `run.json`. `before_point` is called inside each point's build (tests use it to simulate a crash).
+    `screen_in_memory` (two-stage only): screen `merge` points merged in memory, writing only those kept.
     `ray` (`auto`, `local`, `ray://HOST:10001`, `HOST:6379`) dispatches points as Ray tasks with `ray_resources`."""
     out, base = Path(out_dir), Path(base_dir)
     _check_out(out, resume)
@@ -258,13 +316,15 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, base_dir: str | Path = "
     root, rbase = (out.resolve(), base.resolve()) if ray else (out, base)
 
     def run(pts: Any, ecfg: EvalConfig) -> list[dict[str, Any]]:
-        one = functools.partial(run_point, out=root, base=rbase, ecfg=ecfg, refs=refs, before=before_point)
+        mem = screen_in_memory and cfg.eval.mode == "two-stage" and stage_of(ecfg) == "screen"
+        one = functools.partial(run_point, out=root, base=rbase, ecfg=ecfg, refs=refs, before=before_point,
+                                in_memory=mem)
         if ray is None:
             return [one(p) for p in tqdm(pts, desc=f"sweep ({stage_of(ecfg)})", unit="point", disable=not progress)]
         from vlsafe.experiments.sweep_ray import run_points_ray
 
         return run_points_ray(pts, one, address=ray, resources=ray_resources,
-                              done=functools.partial(finished_row, out=root, ecfg=ecfg),
+                              done=functools.partial(finished_row, out=root, ecfg=ecfg, in_memory=mem),
                               label=lambda p: p.label, progress=progress)
 
     rows = staged_rows(points, cfg.eval, run)
@@ -276,7 +336,8 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, base_dir: str | Path = "
                       name="pareto_image")
     write_run_json(out, kind="sweep", tables={"pareto": "pareto.csv"}, config=cfg.model_dump(), seed=cfg.seed,
                    extra={"points": {r["point"]: r["hash"] for r in rows}, "base_dir": str(base.resolve()),
-                          "ray": ray, "judge_calibration": judge_calibration(cfg.eval, table)})
+                          "ray": ray, "screen_in_memory": screen_in_memory and cfg.eval.mode == "two-stage",
+                          "judge_calibration": judge_calibration(cfg.eval, table)})
     return table
 
 

@@ -194,15 +194,18 @@ def _plain(v: Any) -> Any:
 
 
 def evaluate_point(spec: str, cfg: EvalConfig, refs: list[str] | None = None,
-                   out_dir: Path | None = None, *, under: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+                   out_dir: Path | None = None, *, under: Callable[[Any], Any] | None = None,
+                   build: Callable[[], Any] | None = None) -> dict[str, Any]:
     """`{safety, safety_ci_low, …, over_refusal…, helpfulness…, n_*}` for checkpoint `spec` (the overall rows of
     `evaluate_loaded`); with `cfg.harmful_image`, `safety_image…` too (NaN and `n_harmful_image = 0` for a model
     that takes no images). In full mode the judged generations are appended to `out_dir/generations.jsonl`.
     `under(lm)`, when given, returns a context manager the evaluation runs inside (an activation-level remedy); when
-    it yields a gate (a gated remedy), `fired_<set>` is the share of each set's prompts on which it fired."""
+    it yields a gate (a gated remedy), `fired_<set>` is the share of each set's prompts on which it fired.
+    `build()`, when given, returns the model to evaluate instead of loading `spec` (a merge applied in memory,
+    `vlsafe.analysis.merging.load_merged`); `spec` then only labels it."""
     from vlsafe.probes.models import load
 
-    lm = load(spec)
+    lm = build() if build is not None else load(spec)
     with under(lm) if under is not None else contextlib.nullcontext() as gate:
         gens, rows = evaluate_loaded(lm, cfg, refs, checkpoint=spec, gate=gate)
     del lm

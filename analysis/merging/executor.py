@@ -20,7 +20,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -175,6 +175,34 @@ def open_inputs(plan: MergePlan, allow_pickle: bool = False, trust_remote_code: 
     return out
 
 
+def _readers(plan: MergePlan, ckpts: dict[str, Checkpoint]) -> dict[str, MergeReader]:
+    direct = wants_direct_io([ckpts[s] for s in plan.inputs()])  # inputs larger than memory: bypass the cache
+    return {s: MergeReader(ckpts[s], direct=direct) for s in plan.inputs()}
+
+
+def _seed(plan: MergePlan) -> int:
+    return 0 if plan.seed is None else plan.seed
+
+
+def merged_tensors(plan: MergePlan, *, allow_pickle: bool = False, trust_remote_code: bool = False
+                   ) -> Iterator[tuple[TensorTask, torch.Tensor]]:
+    """The tensors `run_merge(plan, …)` writes that differ from the layout model's stored ones — every merged
+    tensor, and copies cast to another dtype (`out_dtype`) — each with its task (canonical `name`, `raw_name`),
+    computed exactly as `run_merge` computes them, in the layout's order, one tensor group in memory at a time.
+    Nothing is written (see `vlsafe.analysis.merging.memory.merge_into`)."""
+    ckpts = open_inputs(plan, allow_pickle, trust_remote_code)
+    stored = ckpts[plan.layout_model()].infos
+    tasks = [t for t in plan_tensors(plan, ckpts)
+             if t.action == "merge" or t.out_dtype != torch_dtype(stored[t.name].dtype)]
+    readers = _readers(plan, ckpts)
+    try:
+        for task in tasks:
+            yield task, _compute(task, plan, _load(task, plan, readers), _seed(plan))
+    finally:
+        for r in readers.values():
+            r.close()
+
+
 def _root(ckpt: Checkpoint) -> Path:
     return ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
 
@@ -228,9 +256,8 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, out_shard_size: int | str
     # the export covers what mergekit would merge: merged tensors and those only outside the selection
     names = [t.name for t in tasks if t.action == "merge" or t.reason.startswith("outside")]
     exported = plan.to_mergekit_yaml(names, layout.num_layers, _export_renames(ckpts))
-    seed = 0 if plan.seed is None else plan.seed
-    direct = wants_direct_io([ckpts[s] for s in plan.inputs()])  # inputs larger than memory: bypass the cache
-    readers = {s: MergeReader(ckpts[s], direct=direct) for s in plan.inputs()}
+    seed = _seed(plan)
+    readers = _readers(plan, ckpts)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         writer = ShardedWriter(tmp, [(t.raw_name, t.out_dtype, t.shape) for t in tasks], out_shard_size)

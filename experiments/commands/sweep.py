@@ -20,6 +20,8 @@ def register(app: typer.Typer) -> None:
                                                         "or HOST:6379 (needs vlsafe[ray]).")] = None,
         ray_cpus: Annotated[float, typer.Option(help="CPUs per point with --ray.")] = 1,
         ray_gpus: Annotated[float, typer.Option(help="GPUs per point with --ray.")] = 0,
+        write_screened: Annotated[bool, typer.Option(help="Two-stage: write every merge point's checkpoint before "
+                                                          "its screen (default: screen it merged in memory).")] = False,
     ) -> None:
         """Materialise and evaluate every grid point (merge, tune, RESTA or a checkpoint), then the Pareto front."""
         from vlsafe.experiments.sweep import load_sweep, run_sweep
@@ -27,6 +29,7 @@ def register(app: typer.Typer) -> None:
 
         cfg, base = load_sweep(config, parse_vars(var))
         table = run_sweep(cfg, out, base_dir=base, resume=resume, progress=not quiet, ray=ray,
-                          ray_resources={"num_cpus": ray_cpus, "num_gpus": ray_gpus} if ray else None)
+                          ray_resources={"num_cpus": ray_cpus, "num_gpus": ray_gpus} if ray else None,
+                          screen_in_memory=not write_screened)
         front = table[table["is_pareto"]]["point"].tolist()
         typer.echo(f"wrote {out / 'pareto.csv'} ({len(table)} points; Pareto: {', '.join(front)})")
