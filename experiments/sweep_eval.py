@@ -89,6 +89,10 @@ class EvalConfig(BaseModel):
     batch_size: int = 8
     helpfulness: Literal["compliance", "loglik"] = "compliance"
     reference: str | None = None
+    # both stages' forwards (logit score, generation, answer log-lik.): bf16 = under bf16 autocast, weights stay fp32
+    # (faster on CPUs with AVX512-BF16/AMX; greedy outputs and scores can differ slightly from fp32); auto = bf16
+    # where the CPU has native bf16, resolved when the config loads (`vlsafe.analysis.placement.resolve_precision`)
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     screen: ScreenSettings | None = None  # two-stage only
     keep: KeepSettings | None = None      # two-stage only
 
@@ -98,6 +102,9 @@ class EvalConfig(BaseModel):
             raise ValueError(f"screen/keep belong to mode 'two-stage' (mode is '{self.mode}')")
         if self.screen is not None and self.screen.limit is not None and self.screen.limit < 1:
             raise ValueError(f"screen.limit must be at least 1, got {self.screen.limit}")
+        from vlsafe.analysis.placement import resolve_precision
+
+        self.precision = resolve_precision(self.precision)  # type: ignore[assignment]  # the key sees the result
         return self
 
     def key(self) -> str:
@@ -107,6 +114,8 @@ class EvalConfig(BaseModel):
 
         d = self.model_dump()
         d = {k: v for k, v in d.items() if not (k in ("harmful_image", "screen", "keep") and v is None)}
+        if d["precision"] == "fp32":
+            del d["precision"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     def stage_config(self, stage: Literal["screen", "full"]) -> "EvalConfig":
@@ -169,7 +178,8 @@ def evaluate_loaded(lm: Any, cfg: EvalConfig, refs: list[str] | None = None, *, 
                     gate: Any = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(generations, tidy rows) of `vlsafe.probes.behavior.evaluate.evaluate_model` on the point's sets (the image
     harmful set only for a model that takes images): the logit judge `logit-<score_kind>` at `threshold` in fast
-    mode, generation judged by `judge` in full mode. `gate` (a gated remedy's `Gate`) adds `gate_fired`."""
+    mode, generation judged by `judge` in full mode, every forward at `cfg.precision`. `gate` (a gated remedy's
+    `Gate`) adds `gate_fired`."""
     from vlsafe.probes.behavior.evaluate import evaluate_model
     from vlsafe.probes.models import is_lvlm
 
@@ -179,7 +189,7 @@ def evaluate_loaded(lm: Any, cfg: EvalConfig, refs: list[str] | None = None, *, 
     sets = eval_sets(cfg, refs, images=bool(cfg.harmful_image) and is_lvlm(lm))
     return evaluate_model(lm, sets, checkpoint=checkpoint, judge=judge, threshold=cfg.threshold,
                           openings=cfg.openings, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                          gate=gate)
+                          gate=gate, precision=cfg.precision)
 
 
 def _write_generations(gens: pd.DataFrame, out_dir: Path) -> None:

@@ -97,18 +97,19 @@ def evaluate_model(lm: Any, sets: Sequence[EvalSet], *, checkpoint: str = "model
     `judge`: a judge name or `Judge` for generated answers, or one of `LOGIT_JUDGES` (refused ⇔ the prompt's
     log-odds refusal score > `threshold`, scoring `openings`). The generations frame has `GENERATION_COLUMNS` plus
     `metric` and `correct` (accuracy sets); `image` is each prompt's spec (the set's label for in-memory images).
-    Generation settings (`max_new_tokens`, `batch_size`, `seed`, `cache`, `precision`) go to `generate`.
+    Generation settings (`max_new_tokens`, `batch_size`, `seed`, `cache`, `precision`) go to `generate`;
+    `precision` (`fp32`, `bf16` = autocast, `auto`) is also that of the logit judge's and `answer_loglik`'s forwards.
     `gate`: the `vlsafe.probes.gated.Gate` of a gated remedy the model runs under; the generations frame then
     gains `gate_fired` (whether the gate's condition fired on each prompt).
     """
     if not sets:
         raise VlsafeError(f"{checkpoint}: no prompt sets to evaluate")
-    scorer = _scorer(lm, judge, threshold, openings, batch_size, progress)
+    scorer = _scorer(lm, judge, threshold, openings, batch_size, progress, precision)
     gen_kw = dict(batch_size=batch_size, seed=seed, cache=cache, progress=progress, precision=precision)
     frames, rows = [], []
     for es in sets:
         if es.metric == "answer_loglik":
-            rows.append(_loglik_row(lm, es, checkpoint, batch_size, progress))
+            rows.append(_loglik_row(lm, es, checkpoint, batch_size, progress, precision))
             continue
         frame, mode = _outcomes(lm, es, scorer, {**gen_kw, "max_new_tokens": es.max_new_tokens or max_new_tokens})
         frame.insert(0, "checkpoint", checkpoint)
@@ -123,13 +124,13 @@ def evaluate_model(lm: Any, sets: Sequence[EvalSet], *, checkpoint: str = "model
 
 
 def _scorer(lm: Any, judge: Any, threshold: float, openings: Sequence[str] | None, batch_size: int,
-            progress: bool) -> Any:
+            progress: bool, precision: str = "fp32") -> Any:
     if isinstance(judge, str) and judge in LOGIT_JUDGES:
         from vlsafe.probes.behavior.logit_judge import LogitJudge
 
         kind = "first_token" if judge == "logit-first_token" else "opening"
         return LogitJudge(lm, threshold=threshold, kind=kind, openings=openings, batch_size=batch_size,
-                          progress=progress)
+                          progress=progress, precision=precision)
     from vlsafe.probes.behavior.judges import get_judge
 
     return get_judge(judge) if isinstance(judge, str) else judge
@@ -184,12 +185,15 @@ def _rows(frame: pd.DataFrame, es: EvalSet, checkpoint: str, mode: str, calibrat
     return corrected_columns(rows, None if es.check is not None else calibration)
 
 
-def _loglik_row(lm: Any, es: EvalSet, checkpoint: str, batch_size: int, progress: bool) -> pd.DataFrame:
+def _loglik_row(lm: Any, es: EvalSet, checkpoint: str, batch_size: int, progress: bool,
+                precision: str) -> pd.DataFrame:
+    from vlsafe.analysis.placement import compute_precision, input_device
     from vlsafe.probes.behavior.helpfulness import answer_loglik
     from vlsafe.probes.behavior.metrics import mean_row
 
-    vals = answer_loglik(lm, es.prompts, list(es.references or []), images=es.images, batch_size=batch_size,
-                         progress=progress)
+    with compute_precision(precision, input_device(lm.model)):
+        vals = answer_loglik(lm, es.prompts, list(es.references or []), images=es.images, batch_size=batch_size,
+                             progress=progress)
     return mean_row(vals, checkpoint=checkpoint, prompt_set=es.prompts.name, metric=es.metric,
                     judge="reference answers", image=es.label, mode="loglik")
 
