@@ -24,9 +24,8 @@ class LogitJudge(Judge):
     `score` in each :class:`JudgeResult` is the probability form, sigmoid(log-odds) ∈ [0, 1]; the raw log-odds
     is in `reason`. `kind` is `"opening"` (multi-token refusal openings; the default, it separates on SmolLM2)
     or `"first_token"` (Arditi et al.'s single-token score). `precision` is the forward math
-    (`vlsafe.analysis.placement.compute_precision`): `fp32`, or `bf16` = the forwards under bf16 autocast with bf16
-    copies of the linear weights held while scoring (`bf16_linear_weights`; the model's own weights stay fp32);
-    `auto` = bf16 on CPUs with native bf16. bf16 scores differ slightly from fp32 ones.
+    (`vlsafe.analysis.placement.compute_precision`): `fp32`, or `bf16` = the forwards under bf16 autocast (weights
+    stay fp32), or `auto` = bf16 on CPUs with native bf16. bf16 scores differ slightly from fp32 ones.
     """
 
     def __init__(self, lm: Any, threshold: float = 0.0, kind: str = "opening", *,
@@ -45,13 +44,12 @@ class LogitJudge(Judge):
     def scores(self, prompts: Sequence[str], images: Sequence[Any] | None = None) -> list[float]:
         """The fp64 log-odds refusal score of each prompt (images: PIL, image specs or None per prompt), the
         forwards at the judge's `precision`."""
-        from vlsafe.analysis.placement import bf16_linear_weights, compute_precision, input_device
+        from vlsafe.analysis.placement import compute_precision, input_device
         from vlsafe.probes.behavior.generate import load_image
         from vlsafe.probes.scores import refusal_score
 
         imgs = None if images is None or all(im is None for im in images) else [load_image(im) for im in images]
-        model = self.lm.model
-        with bf16_linear_weights(model, self.precision), compute_precision(self.precision, input_device(model)):
+        with compute_precision(self.precision, input_device(self.lm.model)):
             values = refusal_score(self.lm, list(prompts), kind=self.kind, images=imgs, openings=self.openings,
                                    batch_size=self.batch_size, progress=self.progress)
         return [float(v) for v in values]
