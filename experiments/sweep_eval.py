@@ -14,6 +14,10 @@ Every point goes through the one evaluation, `vlsafe.probes.behavior.evaluate.ev
   drops `screen` and `keep`), so a `fast` sweep with the same settings, a rerun, a resumed run or a rerun with
   another `keep` reuses it.
 
+`precision` (`fp32`, `bf16`, `auto`) is the forward math of both stages (`vlsafe.analysis.placement.compute_precision`:
+bf16 = autocast, weights stay fp32; faster on CPUs with native bf16; scores and greedy answers can differ slightly from
+fp32); it enters the eval key only when not `fp32`, so the caches of fp32 sweeps stay valid.
+
 safety = refusal rate on the harmful set; safety_image = refusal rate on `harmful_image` (the harmful prompts with an
 image, e.g. `harmful-val+blank`; optional; NaN for a model that takes no images); over_refusal = refusal rate on the
 borderline (safe-but-edgy) set;
