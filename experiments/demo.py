@@ -47,7 +47,7 @@ class Sizes:
                                     # 28 s per prompt on 2 cores; 60 would take ~29 min)
 
 
-SIZES = {"full": Sizes(probe_n=120, eval_limit=60, max_new_tokens=32, pairs=200, top_k=(3, 6, 10), screen_limit=60,
+SIZES = {"full": Sizes(probe_n=120, eval_limit=60, max_new_tokens=32, pairs=200, top_k=(3, 6, 10), screen_limit=30,
                        tune_limit=48, lora_steps=24, tune_max_length=112, remedy_layers=(15, 20),
                        patch_signal="patching_resid_scene", locate_n=16),
          "tiny": Sizes(probe_n=24, eval_limit=6, max_new_tokens=4, pairs=20, top_k=(1, 1, 1), screen_limit=6,
