@@ -21,6 +21,7 @@ import pandas as pd
 from vlsafe.analysis.runinfo import atomic_path
 from vlsafe.experiments.report.discover import Artefacts
 from vlsafe.experiments.report.findings_layers import layer_findings, pareto_findings
+from vlsafe.experiments.report.findings_remedy import remedy_answer
 from vlsafe.experiments.report.findings_text import Finding, Rate, disjoint, rate_text, runs_text
 from vlsafe.experiments.report.roles import Roles, checkpoint_roles
 
@@ -188,7 +189,7 @@ def findings(art: Artefacts) -> list[Finding]:
     out += layer_findings(diff=diff, probe=probe, sim=sim, roles=roles, refusal_fell=any(
         f.key == "refusal_change" and f.values["final"] < f.values["ref"] and "disjoint" in f.text for f in out))
     if (p := art.first("pareto")) is not None:
-        out += pareto_findings(p)
+        out += pareto_findings(p) + remedy_answer(p)
     return out
 
 
