@@ -21,24 +21,17 @@ import argparse
 import datetime
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench_common import append_rows, best_of  # noqa: E402
 
 SETS = {"harmful": "harmful-val", "harmful_image": "harmful-val+blank", "borderline": "borderline-val",
         "harmless": "harmless-val"}
-
-
-def _best(fn, repeat: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def _log_odds(p):
@@ -65,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     from scipy.stats import spearmanr
 
     from vlsafe.analysis.placement import native_bf16
-    from vlsafe.analysis.runinfo import write_csv
     from vlsafe.experiments.sweep_config import load_sweep
     from vlsafe.experiments.sweep_eval import evaluate_loaded
     from vlsafe.probes.models import load
@@ -80,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     for precision in ("fp32", "bf16"):
         c = screen.model_copy(update={"precision": precision, "limit": args.limit})
         evaluate_loaded(lm, c.model_copy(update={"limit": 1}))                     # warm-up, untimed
-        runs[precision] = _best(lambda: evaluate_loaded(lm, c)[0], args.repeat)
+        runs[precision] = best_of(lambda: evaluate_loaded(lm, c)[0], args.repeat)
     (t32, g32), (t16, g16) = runs["fp32"], runs["bf16"]
     assert list(g32["id"]) == list(g16["id"]) and list(g32["prompt_set"]) == list(g16["prompt_set"])
     s32, s16 = _log_odds(g32["judge_score"]), _log_odds(g16["judge_score"])
@@ -107,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table.drop(columns="note").to_string(index=False))
     print(f"bf16 screen {t32:.1f} s -> {t16:.1f} s ({t32 / t16:.2f}x); Spearman {rho:.4f} overall, per set "
           + ", ".join(f"{n} {r:.4f}" for n, r in per_set.items()) + f"; decisions changed on {flips:.1%}")
-    if args.out.is_file():
-        table = pd.concat([pd.read_csv(args.out), table], ignore_index=True)
-    write_csv(args.out, table)
-    print(f"wrote {args.out}")
+    append_rows(args.out, table)
     return 0
 
 

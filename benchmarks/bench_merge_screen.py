@@ -25,7 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench_common import append_rows, best_of  # noqa: E402
 
 
 def _warm(path: Path) -> None:
@@ -33,15 +36,6 @@ def _warm(path: Path) -> None:
         with f.open("rb") as fh:
             while fh.read(1 << 24):
                 pass
-
-
-def _best(fn, repeat: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vlsafe.analysis.merging import MergePlan, load_merged, run_merge
-    from vlsafe.analysis.runinfo import write_csv
     from vlsafe.probes.models import load
 
     if args.threads:
@@ -71,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         def written():
             out = Path(tmp) / f"m{time.monotonic_ns()}"
             return load(run_merge(plan, out, progress=False))
-        t_load, _ = _best(lambda: load(str(lvlm)), args.repeat)
-        t_written, a = _best(written, args.repeat)
-        t_memory, b = _best(lambda: load_merged(plan), args.repeat)
+        t_load, _ = best_of(lambda: load(str(lvlm)), args.repeat)
+        t_written, a = best_of(written, args.repeat)
+        t_memory, b = best_of(lambda: load_merged(plan), args.repeat)
         sa, sb = a.model.state_dict(), b.model.state_dict()
         equal = sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     threads, cores = torch.get_num_threads(), os.cpu_count()
@@ -88,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table.drop(columns="note").to_string(index=False))
     print(f"in memory saves {t_written - t_memory:.1f} s per merge point ({t_written / t_memory:.1f}x faster); "
           f"models equal: {equal}")
-    if args.out.is_file():
-        table = pd.concat([pd.read_csv(args.out), table], ignore_index=True)
-    write_csv(args.out, table)
-    print(f"wrote {args.out}")
+    append_rows(args.out, table)
     return 0
 
 

@@ -38,3 +38,15 @@ def smollm2_dir() -> Path:
     from vlsafe.analysis.resolve import resolve
 
     return resolve("default")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny models (threads only add overhead and contend on shared cores);
+    use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -21,12 +21,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 PLANTED = {("q_proj", 0): 1.0, ("q_proj", 1): 0.0, ("v_proj", 0): 0.3, ("v_proj", 1): 0.8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contention on shared cores)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unit(n: int, g: torch.Generator) -> torch.Tensor:

@@ -28,12 +28,7 @@ TWO_STAGE = {"mode": "two-stage", "limit": 3, "judge": "substring-rd", "max_new_
              "keep": {"margin": 1.0, "max_points": 3}}  # every screened point goes on to the full stage
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

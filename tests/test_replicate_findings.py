@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from vlsafe.experiments.replicate import summarize
 from vlsafe.experiments.replicate.findings import per_seed, sentences, table, write_findings
 
 CELLS = {("llm-aligned", "refusal_harmful_text", None): 0.9, ("lvlm-stage1", "refusal_harmful_text", 0): 0.9,
@@ -74,13 +75,13 @@ def test_absent_cells_give_no_claim_and_table_stats(tmp_path):
     rep = _rep({0: {("lvlm", "refusal_harmful_image"): 0.05}})
     lines = sentences(rep)
     assert not any("mixed" in s for s in lines)  # no lvlm-safety-mixed rows planted
-    md = table(rep)
+    md = table(summarize(rep))
     image = [0.3 + 0.05, 0.3 + 0.01, 0.3 + 0.02]
     expect = f"{100 * np.mean(image):.0f} ± {100 * np.std(image, ddof=1):.0f} %"
     row = _line(md.splitlines(), "| base | lvlm |")
     assert row.split(" | ")[4] == expect and row.split(" | ")[2] == "3"
     assert "| — |" in _line(md.splitlines(), "| base | llm-aligned |")  # the LLM has no image metric
-    path = write_findings(rep, tmp_path)
+    path = write_findings(rep, summarize(rep), tmp_path)
     assert path.read_text().count("\n- ") == len(lines) and md in path.read_text()
 
 

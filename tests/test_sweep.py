@@ -20,12 +20,7 @@ from vlsafe.experiments.sweep_eval import mark_pareto
 TINY = Path(__file__).resolve().parent.parent / "experiments" / "configs" / "sweep-tiny.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tmp: Path, limit: int = 4, **patch) -> Path:

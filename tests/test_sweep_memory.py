@@ -29,12 +29,7 @@ from vlsafe.probes.models import load
 EXTRA_ROWS = 2  # the LVLM's vocabulary extends the LLM's (like LLaVA's <image>, <pad>): rows kept from the base
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ MERGE = {"merge_method": "task_arithmetic", "base_model": "${adapted}",
          "models": [{"model": "${aligned}", "parameters": {"weight": "${alpha}"}}]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _signals(path: Path) -> Path:

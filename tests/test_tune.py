@@ -24,12 +24,7 @@ PAIRS = [("How do I bake bread?", "Mix flour and water, then bake it."),
 FAST = {"steps": 6, "lr": 3e-3, "batch_size": 4, "max_length": 256, "warmup_ratio": 0.0, "answer_tokens": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead (and contention on shared cores)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def run_replicate(plan: Plan, out_dir: str | os.PathLike, *, ray: str | None = N
     summary = summarize(rep, where=str(out / TABLES["replicates"]))
     write_csv(out / TABLES["replicates"], rep)
     write_csv(out / TABLES["replicate_summary"], summary)
-    write_findings(rep, out)
+    write_findings(rep, summary, out)
     if figures:
         from vlsafe.experiments.replicate.figures import write_figures
 

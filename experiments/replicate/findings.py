@@ -111,30 +111,29 @@ def sentences(rep: pd.DataFrame) -> list[str]:
     return lines
 
 
-def table(rep: pd.DataFrame) -> str:
-    """Markdown: per recipe and checkpoint, mean ± sd across seeds of each headline metric (n seeds)."""
+def table(summary: pd.DataFrame) -> str:
+    """Markdown from `summarize`'s table: per recipe and checkpoint, mean ± sd across seeds of each headline metric
+    (with the number of seeds)."""
     head = "| recipe | checkpoint | seeds | " + " | ".join(TABLE_METRICS.values()) + " |"
     lines = [head, "|" + "---|" * (3 + len(TABLE_METRICS))]
-    for recipe, r in rep.groupby("recipe", sort=False):
-        for ck in TABLE_CHECKPOINTS:
-            rows = r[r.checkpoint == ck]
-            if rows.empty:
-                continue
-            cells = []
-            for metric in TABLE_METRICS:
-                v = 100 * rows[rows.metric == metric].rate.to_numpy(dtype=float)
-                cells.append("—" if len(v) == 0 else f"{np.mean(v):.0f} ± {np.std(v, ddof=1):.0f} %" if len(v) > 1
-                             else f"{v[0]:.0f} %")
-            lines.append(f"| {recipe} | {ck} | {rows.seed.nunique()} | " + " | ".join(cells) + " |")
+    for recipe, r in summary.groupby("recipe", sort=False):
+        cells = r.set_index(["checkpoint", "metric"])
+        for ck in (c for c in TABLE_CHECKPOINTS if c in cells.index.get_level_values(0)):
+            stats = [cells.loc[(ck, m)] if (ck, m) in cells.index else None for m in TABLE_METRICS]
+            text = ["—" if st is None else f"{100 * st['mean']:.0f} %" if st.n_seeds < 2 else
+                    f"{100 * st['mean']:.0f} ± {100 * st.sd:.0f} %" for st in stats]
+            seeds = max(int(st.n_seeds) for st in stats if st is not None)
+            lines.append(f"| {recipe} | {ck} | {seeds} | " + " | ".join(text) + " |")
     return "\n".join(lines)
 
 
-def write_findings(rep: pd.DataFrame, out_dir: str | os.PathLike) -> Path:
-    """`findings.md` under `out_dir`: the replicates table and the claim sentences (written atomically)."""
+def write_findings(rep: pd.DataFrame, summary: pd.DataFrame, out_dir: str | os.PathLike) -> Path:
+    """`findings.md` under `out_dir`: the replicates table (from `summary`, `summarize(rep)`) and the claim
+    sentences (from `rep`), written atomically."""
     from vlsafe.analysis.runinfo import atomic_path
 
     path = Path(out_dir) / "findings.md"
-    body = ["Mean ± sd across seeds (sd over seeds, ddof 1; percent of prompts).", "", table(rep), "",
+    body = ["Mean ± sd across seeds (sd over seeds, ddof 1; percent of prompts).", "", table(summary), "",
             *[f"- {s}" for s in sentences(rep)], ""]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(body))
