@@ -54,13 +54,25 @@ def replicate(tmp_path_factory):
     return root, plan, before, resumed, middle
 
 
+def _shared_stages(a, b) -> list[str]:
+    """Stages whose hash is the same in combinations `a` and `b` (computed from their configs)."""
+    from vlsafe.experiments.organism.build import stage_hashes
+
+    ha, hb = stage_hashes(a.load(), specs()), stage_hashes(b.load(), specs())
+    return [s for s in BUILD_STAGES if ha[s] == hb[s]]
+
+
 def test_resume_rebuilds_nothing_finished(replicate):
     root, plan, before, resumed, middle = replicate
     ids = [c.id for c in plan.combos]
     done_stages = BUILD_STAGES[:BUILD_STAGES.index("lvlm")]
+    shared = _shared_stages(plan.combos[2], plan.combos[3])  # same seed, other alignment strength
+    assert {"llm-base", "distill", "vision"} <= set(shared) and "llm-aligned" not in shared
     assert {k.split("/")[0] for k in before} == set(ids[:3])
     assert {k for k in before if k.startswith(ids[2])} == {f"{ids[2]}/{s}" for s in done_stages}
-    assert resumed == [(ids[2], s) for s in BUILD_STAGES[len(done_stages):]] + [(ids[3], s) for s in BUILD_STAGES]
+    # the resumed run builds the rest of the third combination and only the unshared stages of the fourth
+    assert resumed == [(ids[2], s) for s in BUILD_STAGES[len(done_stages):]] + \
+        [(ids[3], s) for s in BUILD_STAGES if s not in shared]
     assert {k: middle[k] for k in before} == before
     assert _finished(root) == middle  # the CLI rerun found every combination finished and rebuilt nothing
 
@@ -114,6 +126,38 @@ def test_seeds_change_weights_recipes_share_upstream(replicate):
         (by[0, "strong"] / "llm-base" / "model.safetensors").read_bytes()
     s = _tensors(by[0, "strong"] / "llm-aligned")
     assert any(not np.array_equal(a[k], s[k]) for k in a)
+
+
+def test_recipes_at_one_seed_link_shared_stages_and_metrics(replicate):
+    _, plan, *_ = replicate
+    moderate, strong = (Path(c.dir) for c in plan.combos[:2])
+    for stage in _shared_stages(*plan.combos[:2]):
+        for f in (moderate / stage).rglob("*"):
+            if f.is_file():  # hard links: the strong recipe's folder holds no second copy
+                assert (strong / stage / f.relative_to(moderate / stage)).stat().st_ino == f.stat().st_ino, f
+    assert (strong / "metrics" / "llm-base.csv").stat().st_ino == (moderate / "metrics" / "llm-base.csv").stat().st_ino
+    assert (strong / "metrics" / "llm-aligned.csv").stat().st_ino != \
+        (moderate / "metrics" / "llm-aligned.csv").stat().st_ino
+    times = pd.read_csv(strong / "stage_times.csv").set_index("stage")
+    assert times.loc["vision", "status"] in ("linked", "cached") and times.loc["llm-aligned", "status"] != "linked"
+
+
+def test_linking_skips_an_invalid_source(replicate, tmp_path):
+    import shutil
+
+    from vlsafe.experiments.organism.build import Ctx, check_stage, reuse_stage, stage_hashes
+
+    _, plan, *_ = replicate
+    cfg, good = plan.combos[0].load(), Path(plan.combos[0].dir)
+    spec = next(s for s in specs() if s.name == "vision")
+    ctx = Ctx(cfg, tmp_path / "new", False, stage_hashes(cfg, specs()))
+    bad = tmp_path / "bad"
+    shutil.copytree(good / "vision", bad / "vision")
+    weights = bad / "vision" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # truncated
+    assert reuse_stage(ctx, spec, [bad]) is None and not (tmp_path / "new" / "vision").exists()
+    assert reuse_stage(ctx, spec, [bad, good]) == good
+    assert check_stage(tmp_path / "new" / "vision", ctx.hashes["vision"]) is None
 
 
 def test_equal_seeds_give_identical_metrics(replicate, tmp_path):

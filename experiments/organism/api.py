@@ -22,8 +22,12 @@ BENCH_CSV = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "or
 def build_organism(cfg: OrganismConfig, out_dir: str | os.PathLike, *, only: str | None = None,
                    hook: Hook | None = None, progress: bool = True, bench_csv: Path | None = None,
                    on_plan: Callable[[StageSpec, str | None, float], None] | None = None,
+                   reuse: list[Path] | tuple[Path, ...] = (),
                    ) -> tuple[list[StageResult], pd.DataFrame | None]:
     """Build the stages (all, or `only` one of `STAGE_NAMES`), then metrics; returns (stage results, metrics).
+
+    Stages and checkpoint metrics that another organism root in `reuse` holds under the same hashes are
+    hard-linked from there instead of built (a replicate's recipes at one seed share `llm-base`, `distill`, `vision`).
 
     Stage times go to `DIR/stage_times.csv` (and to `bench_csv` when given). Metrics are skipped when `only`
     names a build stage, and computed alone with `only="metrics"`.
@@ -37,13 +41,13 @@ def build_organism(cfg: OrganismConfig, out_dir: str | os.PathLike, *, only: str
     try:
         results: list[StageResult] = []
         if only != "metrics":
-            results = build(cfg, out, specs(), only=only, hook=hook, progress=progress, on_plan=on_plan)
+            results = build(cfg, out, specs(), only=only, hook=hook, progress=progress, on_plan=on_plan, reuse=reuse)
         metrics = None
         if only in (None, "metrics"):
             if on_plan is not None:
                 on_plan(StageSpec("metrics", (), lambda c, p: {}, estimate_seconds), "evaluating every checkpoint "
                         "(cached per checkpoint)", estimate_seconds(cfg))
-            metrics, times = run_metrics(cfg, out, progress=progress)
+            metrics, times = run_metrics(cfg, out, progress=progress, reuse=reuse)
             results += [StageResult(f"metrics:{k}", "cached" if cached else "built", sec, 0.0)
                         for k, (sec, cached) in times.items()]
         record_times(results, out, cfg, bench_csv)

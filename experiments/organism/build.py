@@ -68,7 +68,7 @@ class StageResult:
     """What happened to one stage in a build."""
 
     stage: str
-    status: str  # built | cached
+    status: str  # built | cached | linked (hard-linked from another organism folder with the same stage hash)
     seconds: float  # build time (for a cached stage: when it was built)
     estimate_s: float
     reason: str = ""
@@ -173,6 +173,48 @@ def _run_stage(ctx: Ctx, spec: StageSpec, hook: Hook | None) -> float:
     return time.perf_counter() - t0
 
 
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not supported
+        shutil.copy2(src, dst)
+
+
+def link_file(src: Path, dst: Path) -> None:
+    """Make `dst` a hard link to `src` (a copy across filesystems), atomically."""
+    with atomic_path(dst) as tmp:
+        _link(src, tmp)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Make `dst` a copy of the folder `src` whose files are hard links (copies across filesystems), atomically."""
+    with atomic_path(dst) as tmp:
+        tmp.mkdir()
+        for f in sorted(src.rglob("*")):
+            target = tmp / f.relative_to(src)
+            if f.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _link(f, target)
+
+
+def reuse_stage(ctx: Ctx, spec: StageSpec, roots: list[Path]) -> Path | None:
+    """Link `spec`'s folder (and its extra folders) from the first of `roots` that holds them valid under the same
+    hashes — e.g. a replicate's other recipe at the same seed shares `distill` and `vision` — and return that root;
+    None when no root has them. Linked files are never written again: every stage is replaced by a rename."""
+    names = [(spec.name, ctx.hashes[spec.name])] + [(e, extra_hash(ctx.hashes[spec.name], e))
+                                                    for e in spec.extra(ctx.cfg)]
+    for root in roots:
+        if root.resolve() == ctx.root.resolve() or any(check_stage(root / n, h) for n, h in names):
+            continue
+        for n, h in names:
+            if check_stage(ctx.path(n), h):
+                link_tree(root / n, ctx.path(n))
+        return root
+    return None
+
+
 def _remove_stale_temps(ctx: Ctx, specs: list[StageSpec]) -> None:
     """Delete temp dirs (`.<stage>.*`) left by a killed build; a stage only becomes visible by its rename."""
     if not ctx.root.is_dir():
@@ -186,10 +228,13 @@ def _remove_stale_temps(ctx: Ctx, specs: list[StageSpec]) -> None:
 
 def build(cfg: OrganismConfig, out_dir: str | os.PathLike, specs: list[StageSpec], *, only: str | None = None,
           hook: Hook | None = None, progress: bool = True,
-          on_plan: Callable[[StageSpec, str | None, float], None] | None = None) -> list[StageResult]:
+          on_plan: Callable[[StageSpec, str | None, float], None] | None = None,
+          reuse: list[Path] | tuple[Path, ...] = ()) -> list[StageResult]:
     """Build every stage of `specs` in order (or just `only`), skipping valid cached ones.
 
-    `hook(stage)` runs right before a stage is built (tests use it to simulate an interruption);
+    A stage that a folder in `reuse` (another organism root) holds valid under the same hash is hard-linked from
+    there instead of built (status `linked`). `hook(stage)` runs right before a stage is built (tests use it to
+    simulate an interruption);
     `on_plan(spec, reason, estimate)` reports each stage before it runs (reason None = cached).
     """
     ctx = Ctx(cfg, Path(out_dir), progress, stage_hashes(cfg, specs))
@@ -211,6 +256,11 @@ def build(cfg: OrganismConfig, out_dir: str | os.PathLike, specs: list[StageSpec
             on_plan(spec, reason, est)
         if reason is None:
             results.append(StageResult(spec.name, "cached", built_seconds(ctx.path(spec.name)), est))
+            continue
+        source = reuse_stage(ctx, spec, [Path(r) for r in reuse])
+        if source is not None:
+            results.append(StageResult(spec.name, "linked", built_seconds(ctx.path(spec.name)), est,
+                                       f"same stage hash in {source}"))
             continue
         seconds = _run_stage(ctx, spec, hook)
         results.append(StageResult(spec.name, "built", seconds, est, reason))

@@ -173,11 +173,31 @@ def metrics_cached(cfg: Any, root: Path) -> bool:
         return False
 
 
-def run_metrics(cfg: Any, root: Path, *, progress: bool = True
+def _reuse_metrics(cfg: Any, root: Path, name: str, key: str, reuse: list[Path]) -> float | None:
+    """Link checkpoint `name`'s cached metrics from another organism root holding them under the same key (the
+    same checkpoint hash and eval config); returns their recorded seconds, or None when no root has them."""
+    from vlsafe.experiments.organism.build import link_file
+
+    files = (f"{name}.csv", f"{name}.generations.jsonl", f"{name}.json")  # the record last: it marks them valid
+    for other in reuse:
+        src = other / "metrics"
+        if other.resolve() == root.resolve() or not (src / files[1]).is_file():
+            continue
+        seconds = _cached_seconds(src / files[2], src / files[0], key)
+        if seconds is not None:
+            for f in files:
+                link_file(src / f, root / "metrics" / f)
+            return seconds
+    return None
+
+
+def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path] | tuple[Path, ...] = ()
                 ) -> tuple[pd.DataFrame, dict[str, tuple[float, bool]]]:
     """Evaluate every checkpoint under `root` (cached per checkpoint in `root/metrics/`), write `metrics.csv`.
 
-    Returns the table and, per checkpoint, (seconds, cached) — for a cached one, the seconds it took back then."""
+    A checkpoint whose metrics another organism root in `reuse` holds under the same key (same checkpoint stage
+    hash, same eval config) gets them hard-linked instead of evaluated. Returns the table and, per checkpoint,
+    (seconds, cached) — for a cached or linked one, the seconds it took back then."""
     from vlsafe.analysis.runinfo import atomic_path, write_csv
     from vlsafe.experiments.organism.stages import seed_for
     from vlsafe.probes.models import load
@@ -188,6 +208,8 @@ def run_metrics(cfg: Any, root: Path, *, progress: bool = True
         key = _key(cfg, root / name)
         cache, meta = root / "metrics" / f"{name}.csv", root / "metrics" / f"{name}.json"
         seconds = _cached_seconds(meta, cache, key)
+        if seconds is None:
+            seconds = _reuse_metrics(cfg, root, name, key, [Path(r) for r in reuse])
         if seconds is not None:
             times[name] = (seconds, True)
         else:

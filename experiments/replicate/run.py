@@ -1,13 +1,15 @@
 """Build every combination of a replicate plan (locally or one Ray task each), resumable per combination.
 
 Each combination is an ordinary organism build in `DIR/combos/<id>/` (its stage hashes decide what is cached),
-with its own `metrics.csv`, `stage_times.csv` and `run.json`. A combination whose stages and metrics are all
+with its own `metrics.csv`, `stage_times.csv` and `run.json`; stages it shares with another recipe at the same seed
+(same hash: `llm-base`, `distill`, `vision` when only the alignment differs) are hard-linked, not rebuilt. A combination whose stages and metrics are all
 valid for its config is finished: it is neither rebuilt nor dispatched. With Ray, `DIR` must sit on a filesystem
 every node sees under the same path (each task writes its combination's folder there), as for `sweep_ray`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,10 +36,13 @@ def combo_finished(combo: Combo) -> bool:
     return all(stage_reason(ctx, s) is None for s in all_specs) and metrics_cached(cfg, root)
 
 
-def build_combo(combo: Combo, *, hook: ComboHook | None = None, progress: bool = False) -> str:
+def build_combo(combo: Combo, *, hook: ComboHook | None = None, progress: bool = False,
+                reuse: list[Path] | tuple[Path, ...] = ()) -> str:
     """Build (or resume) one combination's organism and its metrics; returns its folder.
 
     Module level, so a Ray worker imports it; `hook` (local runs only) is told each stage before it is built.
+    Stages (and checkpoint metrics) that a folder in `reuse` holds under the same hashes — the other recipes at
+    the same seed — are hard-linked from there, not rebuilt.
     """
     from vlsafe.experiments.organism.api import build_organism, write_organism_run_json
 
@@ -45,14 +50,19 @@ def build_combo(combo: Combo, *, hook: ComboHook | None = None, progress: bool =
     root = Path(combo.dir)
     root.mkdir(parents=True, exist_ok=True)
     stage_hook = None if hook is None else (lambda stage: hook(combo.id, stage))
-    results, _ = build_organism(cfg, root, hook=stage_hook, progress=progress)
+    results, _ = build_organism(cfg, root, hook=stage_hook, progress=progress, reuse=reuse)
     write_organism_run_json(root, cfg, results, extra={"replicate": {"combo": combo.id, "recipe": combo.recipe,
                                                                     "values": dict(combo.values)}})
     return combo.dir
 
 
-def _build_quiet(combo: Combo) -> str:
-    return build_combo(combo)
+def _siblings(plan: Plan, combo: Combo) -> list[Path]:
+    """The plan's other combinations at the same seed: the folders whose stages `combo` may share."""
+    return [Path(c.dir) for c in plan.combos if c.seed == combo.seed and c.id != combo.id]
+
+
+def _build_quiet(combo: Combo, *, siblings: dict[str, list[Path]]) -> str:
+    return build_combo(combo, reuse=siblings[combo.id])
 
 
 def run_combos(plan: Plan, *, ray: str | None = None, resources: dict | None = None, hook: ComboHook | None = None,
@@ -71,14 +81,15 @@ def run_combos(plan: Plan, *, ray: str | None = None, resources: dict | None = N
             return c.dir if finished else None
 
         res = resources or {"num_cpus": plan.combos[0].threads or 1}
-        return run_points_ray(list(plan.combos), _build_quiet, ray, res, done=done, label=lambda c: c.id,
+        build = functools.partial(_build_quiet, siblings={c.id: _siblings(plan, c) for c in plan.combos})
+        return run_points_ray(list(plan.combos), build, ray, res, done=done, label=lambda c: c.id,
                               progress=progress)
     out = []
     for c in plan.combos:
         finished = combo_finished(c)
         if on_combo is not None:
             on_combo(c, finished)
-        out.append(c.dir if finished else build_combo(c, hook=hook, progress=progress))
+        out.append(c.dir if finished else build_combo(c, hook=hook, progress=progress, reuse=_siblings(plan, c)))
     return out
 
 
