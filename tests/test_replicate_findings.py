@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from vlsafe.experiments.replicate import summarize
-from vlsafe.experiments.replicate.findings import per_seed, sentences, table, write_findings
+from vlsafe.experiments.replicate.findings import contrasts, per_seed, sentences, table, write_findings
 
 CELLS = {("llm-aligned", "refusal_harmful_text", None): 0.9, ("lvlm-stage1", "refusal_harmful_text", 0): 0.9,
          ("lvlm-stage1", "refusal_harmful_image", 0): 0.7, ("lvlm", "refusal_harmful_text", 60): 0.55,
@@ -89,3 +89,37 @@ def test_one_seed_says_so():
     rep = _rep({})
     lines = sentences(rep[rep.seed == 0])
     assert all(s.startswith("One seed only (base; ") for s in lines) and "±" not in " ".join(lines)
+
+
+def _two_recipes(strong: dict[int, dict[tuple[str, str], float]]) -> pd.DataFrame:
+    """The planted seeds under alignment_strength=moderate and (shifted by `strong`) under =strong."""
+    parts = []
+    for value, shift in (("moderate", {}), ("strong", strong)):
+        part = _rep(shift).assign(recipe=f"alignment_strength-{value}", alignment_strength=value)
+        parts.append(part.assign(combo=part.combo + f"__{value}"))
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_recipe_contrast_pairs_seeds():
+    # strong keeps 30 more points of lvlm's text refusal in seeds 0 and 1, 5 fewer in seed 2
+    rep = _two_recipes({0: {("lvlm", "refusal_harmful_text"): 0.30}, 1: {("lvlm", "refusal_harmful_text"): 0.30},
+                        2: {("lvlm", "refusal_harmful_text"): -0.05}})
+    lines = contrasts(rep)
+    assert len(lines) == 2 and all(s.startswith("alignment_strength=strong against alignment_strength=moderate:")
+                                   for s in lines)
+    text = _line(lines, "lowers text refusal")
+    strong, moderate = [5.0, 5.0, 40.0], [35.0, 35.0, 35.0]
+    diff = np.subtract(strong, moderate)
+    want = (f"by {np.mean(strong):.0f} ± {np.std(strong, ddof=1):.0f} points (range 5 to 40) against 35 ± 0 points "
+            f"(range 35 to 35); paired over 3 seed(s), the drop with strong minus the drop with moderate is "
+            f"{np.mean(diff):.0f} ± {np.std(diff, ddof=1):.0f} points (range -30 to 5), smaller in 2 of 3.")
+    assert text.endswith(want), text
+    assert _line(lines, "with an image").endswith("smaller in 0 of 3.")
+    assert contrasts(rep[rep.seed != 2]).__len__() == 2 and "paired over 2 seed(s)" in contrasts(rep[rep.seed != 2])[0]
+    assert contrasts(_rep({})) == []  # nothing varied, nothing contrasted
+
+
+def test_findings_file_holds_the_contrasts(tmp_path):
+    rep = _two_recipes({})
+    text = write_findings(rep, summarize(rep), tmp_path).read_text()
+    assert "Between recipes (same seeds):" in text and all(f"- {s}" in text for s in contrasts(rep))

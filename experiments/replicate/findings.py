@@ -3,7 +3,8 @@
 Each claim is a condition checked per combination (one seed of one recipe) on its own numbers; a claim *survives*
 a recipe when it holds in every one of its seeds (and the recipe has at least two), otherwise the sentence says in
 how many seeds it held. Numbers in the sentences are across-seed means ± sample sd (in percentage points) of the
-quantity the claim is about. `findings.md` also holds the replicates table: mean ± sd across seeds of every
+quantity the claim is about. When a recipe key was varied, `contrasts` compares the adaptation drop between its
+values seed by seed (the paper's question: does the drop depend on how the model was aligned?). `findings.md` also holds the replicates table: mean ± sd across seeds of every
 headline metric for the checkpoints the claims compare. Nothing here is hand-written about the organism: rerun
 with more seeds and the sentences change with the numbers.
 """
@@ -111,6 +112,45 @@ def sentences(rep: pd.DataFrame) -> list[str]:
     return lines
 
 
+CONTRASTS = {"drop_refusal_text": "text refusal (llm-aligned → lvlm)",
+             "drop_refusal_image": "refusal from llm-aligned's text refusal to lvlm's with an image"}
+
+
+def _by_other_keys(d: pd.DataFrame, others: list[str]) -> list[tuple[str, pd.DataFrame]]:
+    """`d` grouped by the varied keys in `others` (one group without), each with a label naming their values."""
+    if not others:
+        return [("", d)]
+    return [(" (" + ", ".join(f"{k}={v}" for k, v in zip(others, vals)) + ")", g)
+            for vals, g in d.groupby(others, sort=False, dropna=False)]
+
+
+def contrasts(rep: pd.DataFrame) -> list[str]:
+    """One sentence per varied key × value × drop: the adaptation drop at lvlm under that value against under the
+    key's first value (the other keys fixed), with the paired difference over the seeds both recipes have."""
+    from vlsafe.experiments.replicate.tables import drops, varied_keys
+
+    keys = varied_keys(rep)
+    d = drops(rep)
+    d = d[d.checkpoint == "lvlm"]
+    lines = []
+    for key in keys:
+        values = list(dict.fromkeys(rep[key]))
+        for where, g in _by_other_keys(d, [k for k in keys if k != key]):
+            for value in values[1:]:
+                for metric, what in CONTRASTS.items():
+                    base = g[(g[key] == values[0]) & (g.metric == metric)].set_index("seed")["rate"]
+                    other = g[(g[key] == value) & (g.metric == metric)].set_index("seed")["rate"]
+                    seeds = sorted(set(base.index) & set(other.index))
+                    if not seeds:
+                        continue
+                    diff = other.loc[seeds] - base.loc[seeds]
+                    lines.append(f"{key}={value} against {key}={values[0]}{where}: benign adaptation lowers {what} "
+                                 f"by {_pts(other.loc[seeds])} against {_pts(base.loc[seeds])}; paired over "
+                                 f"{len(seeds)} seed(s), the drop with {value} minus the drop with {values[0]} is "
+                                 f"{_pts(diff)}, smaller in {int((diff < 0).sum())} of {len(seeds)}.")
+    return lines
+
+
 def table(summary: pd.DataFrame) -> str:
     """Markdown from `summarize`'s table: per recipe and checkpoint, mean ± sd across seeds of each headline metric
     (with the number of seeds)."""
@@ -135,6 +175,9 @@ def write_findings(rep: pd.DataFrame, summary: pd.DataFrame, out_dir: str | os.P
     path = Path(out_dir) / "findings.md"
     body = ["Mean ± sd across seeds (sd over seeds, ddof 1; percent of prompts).", "", table(summary), "",
             *[f"- {s}" for s in sentences(rep)], ""]
+    recipes = contrasts(rep)
+    if recipes:
+        body += ["Between recipes (same seeds):", "", *[f"- {s}" for s in recipes], ""]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(body))
     return path
