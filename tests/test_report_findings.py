@@ -70,6 +70,7 @@ def test_clear_drop_gives_the_drop_sentences_with_the_tables_numbers(tmp_path: P
     assert (f"lowers lvlm's refusal on harmful prompts from {_cell(m, 'lvlm', 'refusal_harmful_text', 'text only')} "
             f"to {_cell(m, 'lvlm', 'refusal_harmful_image', 'with the image')}") in found["image_effect"].text
     assert found["image_effect"].values == {"text": 35 / N, "image": 18 / N}
+    assert found["image_effect"].text.startswith("Attaching an image lowers")  # a sentence starts capitalised
     assert "lowers lvlm-stage1's refusal" in found["image_before_stage2"].text
     remedy = found["remedy:lvlm-safety-posthoc"]
     assert _cell(m, "lvlm", "refusal_harmful_text") in remedy.text

@@ -100,7 +100,8 @@ def _image_effect(c: _Metrics, ckpt: str | None, key: str, lead: str) -> Finding
         tail = "the intervals are disjoint"
     else:
         verb, tail = "changes", "the intervals overlap"
-    text = (f"{lead}attaching an image {verb} {ckpt}'s refusal on harmful prompts from "
+    attach = f"{lead}attaching" if lead else "Attaching"  # the sentence's own start is capitalised
+    text = (f"{attach} an image {verb} {ckpt}'s refusal on harmful prompts from "
             f"{rate_text(t, 'text only')} to {rate_text(i, 'with the image')}; {tail} ({i.runs}).")
     if verb == "changes":
         text = (f"{lead}{ckpt} refuses {rate_text(i)} of harmful prompts with an image and "
