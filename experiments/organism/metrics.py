@@ -173,7 +173,7 @@ def metrics_cached(cfg: Any, root: Path) -> bool:
         return False
 
 
-def _reuse_metrics(cfg: Any, root: Path, name: str, key: str, reuse: list[Path]) -> float | None:
+def _reuse_metrics(root: Path, name: str, key: str, reuse: list[Path]) -> float | None:
     """Link checkpoint `name`'s cached metrics from another organism root holding them under the same key (the
     same checkpoint hash and eval config); returns their recorded seconds, or None when no root has them."""
     from vlsafe.experiments.organism.build import link_file
@@ -209,7 +209,7 @@ def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path
         cache, meta = root / "metrics" / f"{name}.csv", root / "metrics" / f"{name}.json"
         seconds = _cached_seconds(meta, cache, key)
         if seconds is None:
-            seconds = _reuse_metrics(cfg, root, name, key, [Path(r) for r in reuse])
+            seconds = _reuse_metrics(root, name, key, [Path(r) for r in reuse])
         if seconds is not None:
             times[name] = (seconds, True)
         else:

@@ -4,9 +4,10 @@ Each claim is a condition checked per combination (one seed of one recipe) on it
 a recipe when it holds in every one of its seeds (and the recipe has at least two), otherwise the sentence says in
 how many seeds it held. Numbers in the sentences are across-seed means ± sample sd (in percentage points) of the
 quantity the claim is about. When a recipe key was varied, `contrasts` compares the adaptation drop between its
-values seed by seed (the paper's question: does the drop depend on how the model was aligned?). `findings.md` also holds the replicates table: mean ± sd across seeds of every
-headline metric for the checkpoints the claims compare. Nothing here is hand-written about the organism: rerun
-with more seeds and the sentences change with the numbers.
+values seed by seed (the paper's question: does the drop depend on how the model was aligned?). `findings.md`
+also holds the replicates table: mean ± sd across seeds of every headline metric for the checkpoints the claims
+compare. Nothing here is hand-written about the organism: rerun with more seeds and the sentences change with the
+numbers.
 """
 
 from __future__ import annotations

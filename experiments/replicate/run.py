@@ -1,10 +1,11 @@
 """Build every combination of a replicate plan (locally or one Ray task each), resumable per combination.
 
 Each combination is an ordinary organism build in `DIR/combos/<id>/` (its stage hashes decide what is cached),
-with its own `metrics.csv`, `stage_times.csv` and `run.json`; stages it shares with another recipe at the same seed
-(same hash: `llm-base`, `distill`, `vision` when only the alignment differs) are hard-linked, not rebuilt. A combination whose stages and metrics are all
-valid for its config is finished: it is neither rebuilt nor dispatched. With Ray, `DIR` must sit on a filesystem
-every node sees under the same path (each task writes its combination's folder there), as for `sweep_ray`.
+with its own `metrics.csv`, `stage_times.csv` and `run.json`; stages it shares with another recipe at the same
+seed (same hash: `llm-base`, `distill`, `vision` when only the alignment differs) are hard-linked, not rebuilt. A
+combination whose stages and metrics are all valid for its config is finished: it is neither rebuilt nor
+dispatched. With Ray, `DIR` must sit on a filesystem every node sees under the same path (each task writes its
+combination's folder there), as for `sweep_ray`.
 """
 
 from __future__ import annotations
