@@ -46,7 +46,8 @@ def claims() -> list[Claim]:
                  ("llm-aligned", TEXT), ("lvlm", TEXT)),
            Claim("image_lowers_lvlm", "an image lowers lvlm's refusal below its text refusal",
                  ("lvlm", TEXT), ("lvlm", IMAGE)),
-           Claim("image_lowers_stage1", "an image lowers refusal already after stage 1 (projector trained, LM unchanged)",
+           Claim("image_lowers_stage1",
+                 "an image lowers refusal already after stage 1 (projector trained, LM unchanged)",
                  ("lvlm-stage1", TEXT), ("lvlm-stage1", IMAGE))]
     for name in ("posthoc", "mixed"):
         ck = f"lvlm-safety-{name}"
@@ -125,6 +126,19 @@ def _by_other_keys(d: pd.DataFrame, others: list[str]) -> list[tuple[str, pd.Dat
             for vals, g in d.groupby(others, sort=False, dropna=False)]
 
 
+def _contrast(g: pd.DataFrame, key: str, base: object, value: object, metric: str, where: str) -> str | None:
+    """The sentence comparing `metric` (a drop) under `key=value` with `key=base`, paired over their common seeds."""
+    a, b = (g[(g[key] == v) & (g.metric == metric)].set_index("seed")["rate"] for v in (base, value))
+    seeds = sorted(set(a.index) & set(b.index))
+    if not seeds:
+        return None
+    a, b = a.loc[seeds], b.loc[seeds]
+    diff = b - a
+    return (f"{key}={value} against {key}={base}{where}: benign adaptation lowers {CONTRASTS[metric]} by {_pts(b)} "
+            f"against {_pts(a)}; paired over {len(seeds)} seed(s), the drop with {value} minus the drop with {base} "
+            f"is {_pts(diff)}, smaller in {int((diff < 0).sum())} of {len(seeds)}.")
+
+
 def contrasts(rep: pd.DataFrame) -> list[str]:
     """One sentence per varied key × value × drop: the adaptation drop at lvlm under that value against under the
     key's first value (the other keys fixed), with the paired difference over the seeds both recipes have."""
@@ -135,21 +149,10 @@ def contrasts(rep: pd.DataFrame) -> list[str]:
     d = d[d.checkpoint == "lvlm"]
     lines = []
     for key in keys:
-        values = list(dict.fromkeys(rep[key]))
+        base, *values = dict.fromkeys(rep[key])
         for where, g in _by_other_keys(d, [k for k in keys if k != key]):
-            for value in values[1:]:
-                for metric, what in CONTRASTS.items():
-                    base = g[(g[key] == values[0]) & (g.metric == metric)].set_index("seed")["rate"]
-                    other = g[(g[key] == value) & (g.metric == metric)].set_index("seed")["rate"]
-                    seeds = sorted(set(base.index) & set(other.index))
-                    if not seeds:
-                        continue
-                    diff = other.loc[seeds] - base.loc[seeds]
-                    lines.append(f"{key}={value} against {key}={values[0]}{where}: benign adaptation lowers {what} "
-                                 f"by {_pts(other.loc[seeds])} against {_pts(base.loc[seeds])}; paired over "
-                                 f"{len(seeds)} seed(s), the drop with {value} minus the drop with {values[0]} is "
-                                 f"{_pts(diff)}, smaller in {int((diff < 0).sum())} of {len(seeds)}.")
-    return lines
+            lines += [_contrast(g, key, base, v, m, where) for v in values for m in CONTRASTS]
+    return [s for s in lines if s is not None]
 
 
 def table(summary: pd.DataFrame) -> str:

@@ -74,18 +74,25 @@ def remedy_answer(p: pd.DataFrame) -> list[Finding]:
     if ref is None or pool.empty:
         return []
     cols = _columns(p)
-    hit = [r for _, r in pool.iterrows() if reaches(r, ref, cols)]
-    close = [r for _, r in pool.iterrows() if not worse_apart(r, ref, cols) and not reaches(r, ref, cols)]
+    hit, close = [], []
+    for _, r in pool.iterrows():
+        if reaches(r, ref, cols):
+            hit.append(r)
+        elif not worse_apart(r, ref, cols):
+            close.append(r)
     merge = ", ".join(f"{w} {rate_text(point_rate(ref, c))}" for c, _, w in cols)
-    lead = (f"Against the whole-LM merge {ref['point']} ({merge}; one run), of {len(pool)} judged remedies that "
-            f"touch no weight or at most {MAX_LAYERS} layers")
+    text = (f"Against the whole-LM merge {ref['point']} ({merge}; one run), of {len(pool)} judged remedies that "
+            f"touch no weight or at most {MAX_LAYERS} layers, ")
     if hit:
-        text = f"{lead}, {len(hit)} reach it on all {len(cols)} by point estimate: " + "; ".join(
+        text += f"{len(hit)} reach it on all {len(cols)} by point estimate: " + "; ".join(
             f"{r['point']} ({', '.join(f'{w} {rate_text(point_rate(r, c))}' for c, _, w in cols)})" for r in hit)
     else:
-        text = f"{lead}, none reaches it on all {len(cols)} by point estimate"
-    text += (f"; {len(close)} more are worse on none with disjoint intervals ({', '.join(str(r['point']) for r in close)})"
-             if close else "; every other one is worse on at least one with disjoint intervals") + "."
+        text += f"none reaches it on all {len(cols)} by point estimate"
+    if close:
+        names = ", ".join(str(r["point"]) for r in close)
+        text += f"; {len(close)} more are worse on none with disjoint intervals ({names})."
+    else:
+        text += "; every other one is worse on at least one with disjoint intervals."
     values = {"n_candidates": len(pool), "n_reach": len(hit), "n_close": len(close)}
     return [Finding("remedy_vs_merge", text, "fig-pareto", values)]
 
