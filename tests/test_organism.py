@@ -169,6 +169,26 @@ def test_only_needs_upstream_stages(tmp_path):
         build_organism(cfg, tmp_path / "fresh", only="lvlm", progress=False)
     with pytest.raises(VlsafeError, match="unknown stage"):
         build_organism(cfg, tmp_path / "fresh", only="nope", progress=False)
+    with pytest.raises(VlsafeError, match="not both"):
+        build_organism(cfg, tmp_path / "fresh", only="lvlm", until="lvlm", progress=False)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_until_builds_a_stage_and_what_it_needs(tmp_path, capsys):
+    from vlsafe.experiments.cli import main
+
+    root = tmp_path / "org"
+    assert main(["organism", "--profile", "tiny", "--until", "lvlm-stage1", "-o", str(root), "--no-progress"]) == 0
+    assert set(_finished(root)) == {"llm-base", "distill", "llm-aligned", "vision", "lvlm-stage1"}
+    metrics = pd.read_csv(root / "metrics.csv")
+    assert list(dict.fromkeys(metrics.checkpoint)) == ["llm-base", "llm-aligned", "lvlm-stage1"]
+    capsys.readouterr()
+    for args, message in ((["--until", "metrics"], "--until metrics: unknown stage"),
+                          (["--until", "lvlm", "--only", "lvlm"], "give --only or --until, not both")):
+        assert main(["organism", "--profile", "tiny", "-o", str(tmp_path / "no"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("vlsafe: error: ") and message in err and "\n" not in err, err
+    assert not (tmp_path / "no").exists()
 
 
 def test_bad_config_is_a_one_line_error(tmp_path):
@@ -179,6 +199,10 @@ def test_bad_config_is_a_one_line_error(tmp_path):
         load_config(path=bad)
     with pytest.raises(VlsafeError, match="save_steps"):
         load_config("tiny", overrides={"stage2.save_steps": [1, 2]})
+    with pytest.raises(VlsafeError, match="save_steps needs .* before the last step \\(1\\)"):
+        load_config("tiny", overrides={"stage2.sft.steps": 1})
+    # a shorter stage 2 saves the steps before its last; the hash still sees the list as written
+    assert load_config("tiny", overrides={"stage2.sft.steps": 3}).stage2_saves == [1, 2]
     with pytest.raises(VlsafeError, match="alignment_strength"):
         load_config("tiny", overrides={"alignment_strength": "extreme"})
 

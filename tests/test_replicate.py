@@ -110,6 +110,40 @@ def test_tables_figures_and_run_json(replicate):
                          r"seeds\)): benign adaptation lowers text refusal", findings), findings
 
 
+def test_until_and_reuse_build_only_what_an_adaptation_length_axis_needs(replicate, tmp_path):
+    """`stage2.sft.steps` varied to 3 and 5 (the tiny default) up to `lvlm`, reusing the fixture's folder: the
+    5-step recipe is the fixture's seed-0 moderate one and is linked whole; the 3-step one builds `lvlm` alone,
+    saves only the steps before its last, and no safety stage or its metrics exist."""
+    from vlsafe.experiments.organism.metrics import checkpoints
+
+    root, plan, *_ = replicate
+    out = tmp_path / "length"
+    length = make_plan(profile="tiny", seeds="0", vary=["stage2.sft.steps=3,5"], out=out, until="lvlm",
+                       reuse=[root])
+    built: list[tuple[str, str]] = []
+    rep, _ = run_replicate(length, out, hook=lambda c, s: built.append((c, s)), progress=False)
+    short, default = (Path(c.dir) for c in length.combos)
+    assert built == [(length.combos[0].id, "lvlm")]
+    source = Path(plan.combos[0].dir)  # seed 0, moderate alignment: the same config as steps=5
+    for f in ("lvlm/model.safetensors", "lvlm-step-4/model.safetensors", "metrics/lvlm.csv"):
+        assert (default / f).stat().st_ino == (source / f).stat().st_ino, f
+    assert sorted(p.name for p in short.glob("lvlm-step-*")) == ["lvlm-step-1", "lvlm-step-2"]
+    for combo in (short, default):
+        assert not list(combo.glob("lvlm-safety-*")) and not list(combo.glob("metrics/lvlm-safety-*"))
+    cfg = length.combos[0].load()
+    assert list(dict.fromkeys(pd.read_csv(short / "metrics.csv").checkpoint)) == \
+        [n for n, _ in checkpoints(cfg) if not n.startswith("lvlm-safety")]
+    final = rep[(rep.checkpoint == "lvlm") & (rep.metric == "refusal_harmful_text")]
+    assert dict(zip(final["stage2.sft.steps"], final.stage2_step)) == {3: 3, 5: 5}
+    assert (out / "figures" / "drop_stage2_sft_steps.png").stat().st_size > 0
+    assert json.loads((out / "run.json").read_text())["config"]["until"] == "lvlm"
+
+    def fail(combo: str, stage: str) -> None:
+        raise AssertionError(f"{combo} rebuilt {stage}")
+
+    run_combos(length, hook=fail, progress=False)  # finished within its scope: nothing is built again
+
+
 def _tensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
@@ -228,6 +262,8 @@ def test_summary_rejects_bad_tables(tmp_path):
     (["--seeds", "0", "--vary", "seed=1,2"], "not a recipe key"),
     (["--seeds", "0", "--vary", "stage2.sft.steps"], "expected KEY=V1,V2"),
     (["--seeds", "0", "--vary", "stage2.sft.steps=6", "--vary", "stage2.sft.steps=7"], "given twice"),
+    (["--seeds", "0", "--until", "nope"], "--until nope: unknown stage 'nope'"),
+    (["--seeds", "0", "--reuse", "/nonexistent/rep"], "--reuse /nonexistent/rep: not a folder"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
     from vlsafe.experiments.cli import main

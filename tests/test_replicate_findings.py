@@ -124,3 +124,22 @@ def test_findings_file_holds_the_contrasts(tmp_path):
     rep = _two_recipes({})
     text = write_findings(rep, summarize(rep), tmp_path).read_text()
     assert "Between recipes (same seeds):" in text and all(f"- {s}" in text for s in contrasts(rep))
+
+
+def test_trend_over_a_numeric_key():
+    """stage2.sft.steps = 64, 128, 256 with planted lvlm text refusals: the drop rises at every step in seeds 0 and
+    1, not in seed 2; the sentence's means are recomputed from the planted drops."""
+    lvlm = {64: (0.60, 0.70, 0.50), 128: (0.50, 0.40, 0.60), 256: (0.20, 0.30, 0.55)}  # per seed 0, 1, 2
+    parts = []
+    for steps, rates in lvlm.items():
+        shift = {seed: {("lvlm", "refusal_harmful_text"): r - CELLS["lvlm", "refusal_harmful_text", 60]}
+                 for seed, r in enumerate(rates)}
+        part = _rep(shift).assign(recipe=f"stage2.sft.steps-{steps}", **{"stage2.sft.steps": steps})
+        parts.append(part.assign(combo=part.combo + f"__{steps}"))
+    rep = pd.concat(parts, ignore_index=True)
+    line = _line(contrasts(rep), "Across stage2.sft.steps = 64, 128, 256: benign adaptation lowers text")
+    drop = {s: [0.9 + 0.01 * seed - (r + 0.01 * seed) for seed, r in enumerate(rates)] for s, rates in lvlm.items()}
+    means = ", ".join(f"{100 * np.mean(drop[s]):.0f}" for s in (64, 128, 256))
+    assert line.endswith(f"by {means} points on average; the drop rises at every step up in 2 of 3 seed(s) and "
+                         "falls at every step in 0."), line
+    assert not [s for s in contrasts(_two_recipes({})) if s.startswith("Across")]  # two string values: no trend

@@ -1,5 +1,5 @@
-"""`vlsafe organism [--profile tiny|full] [--config PATH] [--only STAGE] -o DIR`: build (or resume) the model
-organism — llm-base, llm-aligned, lvlm (+ lvlm-step-N), lvlm-safety-posthoc, lvlm-safety-mixed — and write
+"""`vlsafe organism [--profile tiny|full] [--config PATH] [--only STAGE | --until STAGE] -o DIR`: build (or resume)
+the model organism — llm-base, llm-aligned, lvlm (+ lvlm-step-N), lvlm-safety-posthoc, lvlm-safety-mixed — and write
 `DIR/metrics.csv`, `DIR/stage_times.csv` and `DIR/run.json`."""
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
         profile: Annotated[str, typer.Option(help="tiny (random tiny models, <1 min) or full (SmolLM2).")] = "full",
         config: Annotated[Optional[Path], typer.Option(help="A config YAML instead of the profile's.")] = None,
         only: Annotated[Optional[str], typer.Option(help="Build just this stage (or 'metrics').")] = None,
+        until: Annotated[Optional[str], typer.Option(help="Build this stage and the stages it needs, then evaluate "
+                                                          "their checkpoints (e.g. lvlm: no safety stages).")] = None,
         alignment: Annotated[Optional[str], typer.Option(help="Override alignment_strength (moderate|strong).")] = None,
         threads: Annotated[Optional[int], typer.Option(help="torch threads (overrides the config).")] = None,
         progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -41,13 +43,17 @@ def register(app: typer.Typer) -> None:
         if threads:
             overrides["threads"] = threads
         cfg = load_config(profile, config, overrides)
-        if only is not None and only not in STAGE_NAMES:
-            from vlsafe.analysis.errors import VlsafeError
+        from vlsafe.analysis.errors import VlsafeError
 
+        if only is not None and only not in STAGE_NAMES:
             raise VlsafeError(f"--only {only}: unknown stage; stages: {', '.join(STAGE_NAMES)}")
+        if until is not None and until not in STAGE_NAMES[:-1]:  # 'metrics' is not a build stage
+            raise VlsafeError(f"--until {until}: unknown stage; stages: {', '.join(STAGE_NAMES[:-1])}")
+        if only is not None and until is not None:
+            raise VlsafeError("give --only or --until, not both")
         out.mkdir(parents=True, exist_ok=True)
         bench = BENCH_CSV if cfg.profile == "full" else None  # the budget is about the full profile
-        results, metrics = build_organism(cfg, out, only=only, progress=progress, bench_csv=bench,
+        results, metrics = build_organism(cfg, out, only=only, until=until, progress=progress, bench_csv=bench,
                                           on_plan=_plan_printer())
         for r in results:
             if r.status == "built":

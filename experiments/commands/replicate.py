@@ -1,6 +1,6 @@
-"""`vlsafe replicate [CONFIG] -o DIR --seeds 0,1,2 [--vary KEY=V1,V2 ...] [--ray ADDRESS] [--profile tiny|full]`:
-the organism for every seed × varied recipe values (resumable per combination, optionally one Ray task each),
-then `replicates.csv`, `summary.csv`, `figures/` and `run.json`."""
+"""`vlsafe replicate [CONFIG] -o DIR --seeds 0,1,2 [--vary KEY=V1,V2 ...] [--until STAGE] [--reuse DIR ...]
+[--ray ADDRESS] [--profile tiny|full]`: the organism for every seed × varied recipe values (resumable per
+combination, optionally one Ray task each), then `replicates.csv`, `summary.csv`, `figures/` and `run.json`."""
 
 from __future__ import annotations
 
@@ -34,6 +34,12 @@ def register(app: typer.Typer) -> None:
         ray: Annotated[Optional[str], typer.Option(help="One Ray task per combination: auto, local, "
                                                         "ray://HOST:10001 or HOST:6379 (needs the ray extra).")] = None,
         ray_cpus: Annotated[float, typer.Option(help="CPUs per combination with --ray.")] = 1,
+        until: Annotated[Optional[str], typer.Option(help="Build only this stage and the stages it needs, and "
+                                                          "evaluate only their checkpoints (e.g. lvlm: no safety "
+                                                          "stages).")] = None,
+        reuse: Annotated[Optional[list[Path]], typer.Option(help="Another replicate (or organism) folder whose "
+                                                                "stages and metrics with the same hashes are "
+                                                                "hard-linked, not rebuilt (repeatable).")] = None,
         threads: Annotated[Optional[int], typer.Option(help="torch threads per organism build.")] = None,
         progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     ) -> None:
@@ -43,7 +49,8 @@ def register(app: typer.Typer) -> None:
 
         if out.exists() and not out.is_dir():
             raise VlsafeError(f"{out}: exists and is not a folder")
-        plan = make_plan(seeds=seeds, vary=vary, out=out, config=config, profile=profile, threads=threads)
+        plan = make_plan(seeds=seeds, vary=vary, out=out, config=config, profile=profile, threads=threads,
+                         until=until, reuse=list(reuse or []))
         typer.echo(f"[replicate] {len(plan.combos)} combination(s) of {plan.source} in {out / 'combos'}")
         _, summary = run_replicate(plan, out, ray=ray, resources={"num_cpus": ray_cpus} if ray else None,
                                    progress=progress, on_combo=_reporter(len(plan.combos)))

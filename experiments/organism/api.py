@@ -9,22 +9,34 @@ from typing import Any
 
 import pandas as pd
 
-from vlsafe.experiments.organism.build import Hook, StageResult, StageSpec, build, record_times
+from vlsafe.experiments.organism.build import Hook, StageResult, StageSpec, build, record_times, upstream
 from vlsafe.experiments.organism.config import OrganismConfig, load_config
-from vlsafe.experiments.organism.metrics import estimate_seconds, run_metrics
+from vlsafe.experiments.organism.metrics import checkpoints, estimate_seconds, run_metrics
 from vlsafe.experiments.organism.stages import specs
 
-__all__ = ["build_organism", "load_config", "organism_checkpoints", "write_organism_run_json", "STAGE_NAMES"]
+__all__ = ["build_organism", "load_config", "organism_checkpoints", "scoped_checkpoints", "write_organism_run_json",
+           "STAGE_NAMES"]
 STAGE_NAMES = tuple(s.name for s in specs()) + ("metrics",)
 BENCH_CSV = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "organism.csv"
 
 
+def scoped_checkpoints(cfg: OrganismConfig, until: str | None) -> list[str] | None:
+    """The checkpoints that a build `until` a stage makes: that stage's, its upstream stages' and their extra
+    checkpoints (`lvlm-step-N` belong to `lvlm`), in table order; None (every checkpoint) when `until` is None."""
+    if until is None:
+        return None
+    keep = set(upstream(specs(), until))
+    owner = {e: s.name for s in specs() for e in s.extra(cfg)}
+    return [n for n, _ in checkpoints(cfg) if owner.get(n, n) in keep]
+
+
 def build_organism(cfg: OrganismConfig, out_dir: str | os.PathLike, *, only: str | None = None,
-                   hook: Hook | None = None, progress: bool = True, bench_csv: Path | None = None,
+                   until: str | None = None, hook: Hook | None = None, progress: bool = True, bench_csv: Path | None = None,
                    on_plan: Callable[[StageSpec, str | None, float], None] | None = None,
                    reuse: list[Path] | tuple[Path, ...] = (),
                    ) -> tuple[list[StageResult], pd.DataFrame | None]:
-    """Build the stages (all, or `only` one of `STAGE_NAMES`), then metrics; returns (stage results, metrics).
+    """Build the stages (all, `only` one of `STAGE_NAMES`, or those `until` a stage: it and the stages it needs),
+    then metrics (of the checkpoints built); returns (stage results, metrics).
 
     Stages and checkpoint metrics that another organism root in `reuse` holds under the same hashes are
     hard-linked from there instead of built (a replicate's recipes at one seed share `llm-base`, `distill`, `vision`).
@@ -41,13 +53,15 @@ def build_organism(cfg: OrganismConfig, out_dir: str | os.PathLike, *, only: str
     try:
         results: list[StageResult] = []
         if only != "metrics":
-            results = build(cfg, out, specs(), only=only, hook=hook, progress=progress, on_plan=on_plan, reuse=reuse)
+            results = build(cfg, out, specs(), only=only, until=until, hook=hook, progress=progress,
+                            on_plan=on_plan, reuse=reuse)
         metrics = None
         if only in (None, "metrics"):
             if on_plan is not None:
                 on_plan(StageSpec("metrics", (), lambda c, p: {}, estimate_seconds), "evaluating every checkpoint "
                         "(cached per checkpoint)", estimate_seconds(cfg))
-            metrics, times = run_metrics(cfg, out, progress=progress, reuse=reuse)
+            metrics, times = run_metrics(cfg, out, progress=progress, reuse=reuse,
+                                         names=scoped_checkpoints(cfg, until))
             results += [StageResult(f"metrics:{k}", "cached" if cached else "built", sec, 0.0)
                         for k, (sec, cached) in times.items()]
         record_times(results, out, cfg, bench_csv)

@@ -226,11 +226,26 @@ def _remove_stale_temps(ctx: Ctx, specs: list[StageSpec]) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+def upstream(specs: list[StageSpec], name: str) -> list[str]:
+    """`name` and every stage it needs, directly or not, in build order (one-line error for an unknown stage)."""
+    by_name = {s.name: s for s in specs}
+    if name not in by_name:
+        raise VlsafeError(f"unknown stage {name!r}; stages: {', '.join(by_name)}")
+    need, todo = set(), [name]
+    while todo:
+        n = todo.pop()
+        if n not in need:
+            need.add(n)
+            todo += list(by_name[n].deps)
+    return [s.name for s in specs if s.name in need]
+
+
 def build(cfg: OrganismConfig, out_dir: str | os.PathLike, specs: list[StageSpec], *, only: str | None = None,
-          hook: Hook | None = None, progress: bool = True,
+          until: str | None = None, hook: Hook | None = None, progress: bool = True,
           on_plan: Callable[[StageSpec, str | None, float], None] | None = None,
           reuse: list[Path] | tuple[Path, ...] = ()) -> list[StageResult]:
-    """Build every stage of `specs` in order (or just `only`), skipping valid cached ones.
+    """Build every stage of `specs` in order (or just `only`, or `until` a stage: it and the stages it needs),
+    skipping valid cached ones.
 
     A stage that a folder in `reuse` (another organism root) holds valid under the same hash is hard-linked from
     there instead of built (status `linked`). `hook(stage)` runs right before a stage is built (tests use it to
@@ -241,7 +256,10 @@ def build(cfg: OrganismConfig, out_dir: str | os.PathLike, specs: list[StageSpec
     by_name = {s.name: s for s in specs}
     if only is not None and only not in by_name:
         raise VlsafeError(f"unknown stage {only!r}; stages: {', '.join(by_name)}")
-    chosen = [by_name[only]] if only else specs
+    if only is not None and until is not None:
+        raise VlsafeError("give only= or until=, not both")
+    scope = upstream(specs, until) if until is not None else list(by_name)
+    chosen = [by_name[only]] if only else [s for s in specs if s.name in scope]
     if only:
         missing = [d for d in by_name[only].deps if stage_reason(ctx, by_name[d])]
         if missing:

@@ -72,7 +72,8 @@ class Stage2Config(_Strict):
     kinds: dict[Literal["caption", "vqa", "describe"], float] = Field(
         default_factory=lambda: {"vqa": 0.6, "caption": 0.2, "describe": 0.2})
     chat: int = Field(64, ge=0, description="generic safe chat examples (≤ distill.harmless_chat)")
-    save_steps: list[int] = Field(default_factory=lambda: [12, 24, 36, 48], description="lvlm-step-N checkpoints")
+    save_steps: list[int] = Field(default_factory=lambda: [12, 24, 36, 48],
+                                  description="lvlm-step-N checkpoints (steps at or past sft.steps are not saved)")
     sft: SFTConfig
 
 
@@ -139,13 +140,20 @@ class OrganismConfig(_Strict):
         if self.safety.safe > self.distill.harmless_align + self.distill.borderline:
             raise ValueError("safety.safe exceeds the distilled harmless + borderline answers")
         steps = sorted(set(self.stage2.save_steps))
-        if len(steps) < 4 or steps[0] < 1 or steps[-1] >= self.stage2.sft.steps:
-            raise ValueError(f"stage2.save_steps needs >= 4 distinct steps in [1, {self.stage2.sft.steps - 1}]")
+        if len(steps) < 4 or steps[0] < 1 or not self.stage2_saves:
+            raise ValueError(f"stage2.save_steps needs >= 4 distinct steps >= 1, at least one of them before the "
+                             f"last step ({self.stage2.sft.steps}); later ones are not saved")
         if self.stage1.sft.train != ["projector"]:
             raise ValueError("stage1.sft.train must be [projector] (LLaVA stage 1 trains the projector only)")
         if self.images.size % self.vision.patch:
             raise ValueError(f"images.size {self.images.size} is not a multiple of vision.patch {self.vision.patch}")
         return self
+
+    @property
+    def stage2_saves(self) -> list[int]:
+        """The stage-2 steps saved as `lvlm-step-N`: the distinct `stage2.save_steps` before the last step (a shorter
+        stage 2, e.g. a replicate varying `stage2.sft.steps`, saves fewer; the hash sees the list as written)."""
+        return sorted(s for s in set(self.stage2.save_steps) if 1 <= s < self.stage2.sft.steps)
 
     @property
     def align(self) -> AlignConfig:

@@ -130,7 +130,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def checkpoints(cfg: Any) -> list[tuple[str, int | None]]:
     """Every organism checkpoint in table order, with its stage-2 step (None outside the stage-2 trajectory)."""
-    steps = sorted(set(cfg.stage2.save_steps))
+    steps = cfg.stage2_saves
     return ([("llm-base", None), ("llm-aligned", None), ("lvlm-stage1", 0)]
             + [(f"lvlm-step-{s}", s) for s in steps]
             + [("lvlm", cfg.stage2.sft.steps), ("lvlm-safety-posthoc", None), ("lvlm-safety-mixed", None)])
@@ -163,12 +163,13 @@ def _cached_seconds(meta: Path, cache: Path, key: str) -> float | None:
     return float(record.get("seconds", 0.0)) if ok else None
 
 
-def metrics_cached(cfg: Any, root: Path) -> bool:
-    """True when `root/metrics.csv` exists and every checkpoint's metrics are cached for the current config."""
+def metrics_cached(cfg: Any, root: Path, names: list[str] | None = None) -> bool:
+    """True when `root/metrics.csv` exists and every checkpoint's metrics (or those in `names`) are cached for the
+    current config."""
     try:
         return (root / "metrics.csv").is_file() and all(
             _cached_seconds(root / "metrics" / f"{n}.json", root / "metrics" / f"{n}.csv", _key(cfg, root / n))
-            is not None for n, _ in checkpoints(cfg))
+            is not None for n, _ in checkpoints(cfg) if names is None or n in names)
     except (OSError, ValueError, KeyError):
         return False
 
@@ -191,9 +192,10 @@ def _reuse_metrics(root: Path, name: str, key: str, reuse: list[Path]) -> float 
     return None
 
 
-def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path] | tuple[Path, ...] = ()
-                ) -> tuple[pd.DataFrame, dict[str, tuple[float, bool]]]:
-    """Evaluate every checkpoint under `root` (cached per checkpoint in `root/metrics/`), write `metrics.csv`.
+def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path] | tuple[Path, ...] = (),
+                names: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, tuple[float, bool]]]:
+    """Evaluate every checkpoint under `root` (or those in `names`; cached per checkpoint in `root/metrics/`),
+    write `metrics.csv`.
 
     A checkpoint whose metrics another organism root in `reuse` holds under the same key (same checkpoint stage
     hash, same eval config) gets them hard-linked instead of evaluated. Returns the table and, per checkpoint,
@@ -205,6 +207,8 @@ def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path
     data = None
     frames, times = [], {}
     for name, step in checkpoints(cfg):
+        if names is not None and name not in names:
+            continue
         key = _key(cfg, root / name)
         cache, meta = root / "metrics" / f"{name}.csv", root / "metrics" / f"{name}.json"
         seconds = _cached_seconds(meta, cache, key)

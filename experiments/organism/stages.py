@@ -181,7 +181,7 @@ def run_stage2(ctx: Ctx, out: Path) -> dict[str, Any]:
     cfg = ctx.cfg
     lm = _load(ctx.path("lvlm-stage1"))
     examples = stage2_examples(ctx)
-    saves = set(cfg.stage2.save_steps)
+    saves = set(cfg.stage2_saves)
 
     def callback(step: int, model: Any, row: dict[str, Any]) -> None:
         if step in saves:
@@ -252,8 +252,8 @@ def specs() -> list[StageSpec]:
         StageSpec("vision", (), run_vision, _est_vision),
         StageSpec("lvlm-stage1", ("llm-aligned", "vision"), run_stage1, _est_sft(lambda c: c.stage1.sft)),
         StageSpec("lvlm", ("lvlm-stage1", "distill"), run_stage2,
-                  lambda c: stage2(c) + len(c.stage2.save_steps) * c.estimates.save,
-                  extra=lambda c: [f"lvlm-step-{s}" for s in sorted(set(c.stage2.save_steps))]),
+                  lambda c: stage2(c) + len(c.stage2_saves) * c.estimates.save,
+                  extra=lambda c: [f"lvlm-step-{s}" for s in c.stage2_saves]),
         StageSpec("lvlm-safety-posthoc", ("lvlm", "distill"), run_posthoc, _est_sft(lambda c: c.safety.posthoc)),
         StageSpec("lvlm-safety-mixed", ("lvlm-stage1", "distill"), run_mixed, stage2),
     ]

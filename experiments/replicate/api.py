@@ -39,6 +39,7 @@ def run_replicate(plan: Plan, out_dir: str | os.PathLike, *, ray: str | None = N
         write_figures(rep, out / "figures")
     write_run_json(out, kind="replicate", tables=TABLES, seed=plan.seeds[0],
                    config={"source": plan.source, "seeds": list(plan.seeds),
-                           "vary": {k: list(v) for k, v in plan.vary.items()}},
+                           "vary": {k: list(v) for k, v in plan.vary.items()},
+                           "until": plan.combos[0].until if plan.combos else None, "reuse": list(plan.reuse)},
                    extra={"combos": {c.id: os.path.relpath(c.dir, out) for c in plan.combos}})
     return rep, summary

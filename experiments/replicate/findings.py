@@ -139,9 +139,32 @@ def _contrast(g: pd.DataFrame, key: str, base: object, value: object, metric: st
             f"is {_pts(diff)}, smaller in {int((diff < 0).sum())} of {len(seeds)}.")
 
 
+def _numeric(values: list[object]) -> bool:
+    return all(isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_)) for v in values)
+
+
+def _trend(g: pd.DataFrame, key: str, metric: str, where: str) -> str | None:
+    """For a numeric key with >= 3 values: the drop's across-seed mean at each value (ascending) and in how many
+    of the seeds that have every value it rises, or falls, at every step up; None otherwise."""
+    m = g[g.metric == metric]
+    values = sorted(dict.fromkeys(m[key]))
+    if len(values) < 3 or not _numeric(values):
+        return None
+    wide = m.pivot_table(index="seed", columns=key, values="rate").reindex(columns=values).dropna()
+    if wide.empty:
+        return None
+    steps = np.diff(wide.to_numpy(dtype=float), axis=1)
+    up, down = int((steps > 0).all(axis=1).sum()), int((steps < 0).all(axis=1).sum())
+    means = ", ".join(f"{100 * wide[v].mean():.0f}" for v in values)
+    return (f"Across {key} = {', '.join(map(str, values))}{where}: benign adaptation lowers {CONTRASTS[metric]} by "
+            f"{means} points on average; the drop rises at every step up in {up} of {len(wide)} seed(s) and falls "
+            f"at every step in {down}.")
+
+
 def contrasts(rep: pd.DataFrame) -> list[str]:
     """One sentence per varied key × value × drop: the adaptation drop at lvlm under that value against under the
-    key's first value (the other keys fixed), with the paired difference over the seeds both recipes have."""
+    key's first value (the other keys fixed), with the paired difference over the seeds both recipes have; for a
+    numeric key with three or more values, one more per drop on its trend (`_trend`)."""
     from vlsafe.experiments.replicate.tables import drops, varied_keys
 
     keys = varied_keys(rep)
@@ -152,6 +175,7 @@ def contrasts(rep: pd.DataFrame) -> list[str]:
         base, *values = dict.fromkeys(rep[key])
         for where, g in _by_other_keys(d, [k for k in keys if k != key]):
             lines += [_contrast(g, key, base, v, m, where) for v in values for m in CONTRASTS]
+            lines += [_trend(g, key, m, where) for m in CONTRASTS]
     return [s for s in lines if s is not None]
 
 

@@ -37,6 +37,7 @@ class Combo:
     profile: str | None
     dir: str
     threads: int | None = None
+    until: str | None = None  # build only this stage and the stages it needs (None: every stage)
 
     @property
     def recipe(self) -> str:
@@ -68,6 +69,7 @@ class Plan:
     vary: dict[str, tuple[Any, ...]]
     combos: tuple[Combo, ...]
     source: str
+    reuse: tuple[str, ...] = ()  # organism folders outside the plan whose valid stages and metrics may be linked
 
 
 def _slug(value: Any) -> str:
@@ -126,9 +128,24 @@ def check_key(cfg: OrganismConfig, key: str, source: str) -> None:
         raise VlsafeError(f"--vary {key}: is a section of {source}, not a value (keys: {', '.join(node)})")
 
 
+def reuse_roots(dirs: list[str | Path]) -> tuple[str, ...]:
+    """Organism folders to link stages from: each replicate folder's `combos/*`, or an organism folder itself."""
+    roots: list[str] = []
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise VlsafeError(f"--reuse {d}: not a folder (a replicate output or an organism folder)")
+        found = sorted(p for p in (d / "combos").iterdir() if p.is_dir()) if (d / "combos").is_dir() else [d]
+        roots += [str(p.resolve()) for p in found]
+    return tuple(roots)
+
+
 def make_plan(*, seeds: str, vary: list[str] | None = None, out: str | Path, config: str | Path | None = None,
-              profile: str | None = None, threads: int | None = None) -> Plan:
-    """Validate seeds, keys and every combination's config (nothing is written); combos go to `out/combos/`."""
+              profile: str | None = None, threads: int | None = None, until: str | None = None,
+              reuse: list[str | Path] | None = None) -> Plan:
+    """Validate seeds, keys, the stage scope and every combination's config (nothing is written); combos go to
+    `out/combos/`. `until` limits every build to a stage and the stages it needs (e.g. `lvlm`: no safety stages);
+    `reuse` names other replicate or organism folders whose stages (and metrics) with the same hashes are
+    hard-linked instead of built."""
     if config is not None and profile is not None:
         raise VlsafeError("give an organism CONFIG or --profile, not both")
     if config is not None and not Path(config).is_file():
@@ -137,6 +154,15 @@ def make_plan(*, seeds: str, vary: list[str] | None = None, out: str | Path, con
     cfg_path = None if config is None else str(Path(config).resolve())
     source = cfg_path or f"organism-{prof}.yaml"
     seed_list = parse_seeds(seeds)
+    if until is not None:
+        from vlsafe.experiments.organism.build import upstream
+        from vlsafe.experiments.organism.stages import specs
+
+        try:
+            upstream(specs(), until)
+        except VlsafeError as e:
+            raise VlsafeError(f"--until {until}: {e}") from None
+    roots = reuse_roots(list(reuse or []))
     varied = parse_vary(list(vary or []))
     base = load_config(prof, cfg_path)
     for key, values in varied.items():
@@ -149,11 +175,11 @@ def make_plan(*, seeds: str, vary: list[str] | None = None, out: str | Path, con
     root = Path(out).resolve() / "combos"
     combos = []
     for seed, vals in itertools.product(seed_list, itertools.product(*varied.values())):
-        c = Combo(seed, tuple(zip(varied, vals)), cfg_path, prof, "", threads)
-        c = Combo(seed, c.values, cfg_path, prof, str(root / c.id), threads)
+        c = Combo(seed, tuple(zip(varied, vals)), cfg_path, prof, "", threads, until)
+        c = Combo(seed, c.values, cfg_path, prof, str(root / c.id), threads, until)
         try:
             c.load()
         except VlsafeError as e:
             raise VlsafeError(f"combination {c.id}: {e}") from None
         combos.append(c)
-    return Plan(seed_list, varied, tuple(combos), source)
+    return Plan(seed_list, varied, tuple(combos), source, roots)

@@ -23,8 +23,10 @@ ComboHook = Callable[[str, str], None]  # (combo id, stage) right before a stage
 
 
 def combo_finished(combo: Combo) -> bool:
-    """True when every stage and every checkpoint's metrics of `combo` are cached and valid."""
-    from vlsafe.experiments.organism.build import Ctx, stage_hashes, stage_reason
+    """True when every stage and every checkpoint's metrics of `combo` (within its `until` scope) are cached and
+    valid."""
+    from vlsafe.experiments.organism.api import scoped_checkpoints
+    from vlsafe.experiments.organism.build import Ctx, stage_hashes, stage_reason, upstream
     from vlsafe.experiments.organism.metrics import metrics_cached
     from vlsafe.experiments.organism.stages import specs
 
@@ -34,7 +36,9 @@ def combo_finished(combo: Combo) -> bool:
     cfg = combo.load()
     all_specs = specs()
     ctx = Ctx(cfg, root, False, stage_hashes(cfg, all_specs))
-    return all(stage_reason(ctx, s) is None for s in all_specs) and metrics_cached(cfg, root)
+    scope = upstream(all_specs, combo.until) if combo.until else [s.name for s in all_specs]
+    return (all(stage_reason(ctx, s) is None for s in all_specs if s.name in scope)
+            and metrics_cached(cfg, root, scoped_checkpoints(cfg, combo.until)))
 
 
 def build_combo(combo: Combo, *, hook: ComboHook | None = None, progress: bool = False,
@@ -51,15 +55,17 @@ def build_combo(combo: Combo, *, hook: ComboHook | None = None, progress: bool =
     root = Path(combo.dir)
     root.mkdir(parents=True, exist_ok=True)
     stage_hook = None if hook is None else (lambda stage: hook(combo.id, stage))
-    results, _ = build_organism(cfg, root, hook=stage_hook, progress=progress, reuse=reuse)
+    results, _ = build_organism(cfg, root, until=combo.until, hook=stage_hook, progress=progress, reuse=reuse)
     write_organism_run_json(root, cfg, results, extra={"replicate": {"combo": combo.id, "recipe": combo.recipe,
                                                                     "values": dict(combo.values)}})
     return combo.dir
 
 
 def _siblings(plan: Plan, combo: Combo) -> list[Path]:
-    """The plan's other combinations at the same seed: the folders whose stages `combo` may share."""
-    return [Path(c.dir) for c in plan.combos if c.seed == combo.seed and c.id != combo.id]
+    """The folders whose stages `combo` may share: the plan's other combinations at the same seed, then the
+    plan's `reuse` folders (stages are linked only under the same hash, so any folder is safe to offer)."""
+    return ([Path(c.dir) for c in plan.combos if c.seed == combo.seed and c.id != combo.id]
+            + [Path(r) for r in plan.reuse])
 
 
 def _build_quiet(combo: Combo, *, siblings: dict[str, list[Path]]) -> str:
