@@ -241,6 +241,9 @@ def test_summary_statistics_on_planted_table(tmp_path):
             else:
                 assert np.isnan(row.sd)
     assert len(summary) == 2 * 6  # 4 metrics + 2 drops per recipe, nothing else
+    # recipes in the table's order (s-64 before s-128, which a string sort would swap), checkpoints likewise
+    assert list(dict.fromkeys(summary.reset_index().recipe)) == ["s-64", "s-128"]
+    assert list(dict.fromkeys(summary.reset_index().checkpoint)) == ["llm-aligned", "lvlm"]
 
 
 def test_summary_rejects_bad_tables(tmp_path):

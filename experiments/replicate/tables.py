@@ -73,15 +73,17 @@ def drops(rep: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize(rep: pd.DataFrame, *, where: str = "replicates.csv") -> pd.DataFrame:
-    """Per recipe × checkpoint × metric (drops included): n_seeds, mean, sd (ddof 1), min, max of `rate`."""
+    """Per recipe × checkpoint × metric (drops included): n_seeds, mean, sd (ddof 1), min, max of `rate`; recipes,
+    checkpoints and metrics in the order `rep` first lists them (a plan's value order: 64, 128, 256, not 128, 256,
+    64)."""
     _check(rep, where)
     keys = varied_keys(rep)
     both = pd.concat([rep, drops(rep)], ignore_index=True)
-    order = {m: i for i, m in enumerate(dict.fromkeys(list(rep.metric) + list(DROPS)))}
-    ckpt_order = {c: i for i, c in enumerate(dict.fromkeys(rep.checkpoint))}
+    orders = {"recipe": dict.fromkeys(rep.recipe), "checkpoint": dict.fromkeys(rep.checkpoint),
+              "metric": dict.fromkeys(list(rep.metric) + list(DROPS))}
+    rank = {col: {v: i for i, v in enumerate(seen)} for col, seen in orders.items()}
     group = ["recipe", *keys, "checkpoint", "metric"]
     stats = both.groupby(group, sort=False, dropna=False)["rate"].agg(
         n_seeds="count", mean="mean", sd=lambda s: s.std(ddof=1), min="min", max="max").reset_index()
-    stats = stats.sort_values(["recipe", "checkpoint", "metric"], key=lambda s: s.map(ckpt_order) if s.name ==
-                              "checkpoint" else (s.map(order) if s.name == "metric" else s), kind="stable")
+    stats = stats.sort_values(list(rank), key=lambda s: s.map(rank[s.name]), kind="stable")
     return stats.reset_index(drop=True)[group + list(SUMMARY_STATS)]
