@@ -31,7 +31,8 @@ def scoped_checkpoints(cfg: OrganismConfig, until: str | None) -> list[str] | No
 
 
 def build_organism(cfg: OrganismConfig, out_dir: str | os.PathLike, *, only: str | None = None,
-                   until: str | None = None, hook: Hook | None = None, progress: bool = True, bench_csv: Path | None = None,
+                   until: str | None = None, hook: Hook | None = None, progress: bool = True,
+                   bench_csv: Path | None = None,
                    on_plan: Callable[[StageSpec, str | None, float], None] | None = None,
                    reuse: list[Path] | tuple[Path, ...] = (),
                    ) -> tuple[list[StageResult], pd.DataFrame | None]:
