@@ -184,7 +184,8 @@ def test_until_builds_a_stage_and_what_it_needs(tmp_path, capsys):
     assert list(dict.fromkeys(metrics.checkpoint)) == ["llm-base", "llm-aligned", "lvlm-stage1"]
     capsys.readouterr()
     for args, message in ((["--until", "metrics"], "--until metrics: unknown stage"),
-                          (["--until", "lvlm", "--only", "lvlm"], "give --only or --until, not both")):
+                          (["--until", "lvlm", "--only", "lvlm"], "--only lvlm --until lvlm: give only or until, not both"),
+                          (["--only", "nope"], "--only nope: unknown stage 'nope'")):
         assert main(["organism", "--profile", "tiny", "-o", str(tmp_path / "no"), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("vlsafe: error: ") and message in err and "\n" not in err, err

@@ -33,9 +33,12 @@ def register(app: typer.Typer) -> None:
         progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     ) -> None:
         """Build the safety-aligned LLM and its LLaVA adaptation (resumable stages), then evaluate them all."""
-        from vlsafe.experiments.organism.api import BENCH_CSV, STAGE_NAMES, build_organism, write_organism_run_json
+        from vlsafe.experiments.organism.api import BENCH_CSV, build_organism, write_organism_run_json
         from vlsafe.experiments.organism.config import load_config
+        from vlsafe.analysis.errors import VlsafeError
+        from vlsafe.experiments.organism.build import stage_scope
         from vlsafe.experiments.organism.metrics import summary_table
+        from vlsafe.experiments.organism.stages import specs
 
         overrides: dict[str, Any] = {}
         if alignment:
@@ -43,14 +46,11 @@ def register(app: typer.Typer) -> None:
         if threads:
             overrides["threads"] = threads
         cfg = load_config(profile, config, overrides)
-        from vlsafe.analysis.errors import VlsafeError
-
-        if only is not None and only not in STAGE_NAMES:
-            raise VlsafeError(f"--only {only}: unknown stage; stages: {', '.join(STAGE_NAMES)}")
-        if until is not None and until not in STAGE_NAMES[:-1]:  # 'metrics' is not a build stage
-            raise VlsafeError(f"--until {until}: unknown stage; stages: {', '.join(STAGE_NAMES[:-1])}")
-        if only is not None and until is not None:
-            raise VlsafeError("give --only or --until, not both")
+        try:  # before anything is written; 'metrics' is a value of --only, not a build stage
+            stage_scope(specs(), only=None if only == "metrics" else only, until=until)
+        except VlsafeError as e:
+            flags = " ".join(f"--{name} {value}" for name, value in (("only", only), ("until", until)) if value)
+            raise VlsafeError(f"{flags}: {e}") from None
         out.mkdir(parents=True, exist_ok=True)
         bench = BENCH_CSV if cfg.profile == "full" else None  # the budget is about the full profile
         results, metrics = build_organism(cfg, out, only=only, until=until, progress=progress, bench_csv=bench,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from vlsafe.experiments.organism.build import Hook, StageResult, StageSpec, build, record_times, upstream
+from vlsafe.experiments.organism.build import Hook, StageResult, StageSpec, build, record_times, stage_scope
 from vlsafe.experiments.organism.config import OrganismConfig, load_config
 from vlsafe.experiments.organism.metrics import checkpoints, estimate_seconds, run_metrics
 from vlsafe.experiments.organism.stages import specs
@@ -25,7 +25,7 @@ def scoped_checkpoints(cfg: OrganismConfig, until: str | None) -> list[str] | No
     checkpoints (`lvlm-step-N` belong to `lvlm`), in table order; None (every checkpoint) when `until` is None."""
     if until is None:
         return None
-    keep = set(upstream(specs(), until))
+    keep = set(stage_scope(specs(), until=until))
     owner = {e: s.name for s in specs() for e in s.extra(cfg)}
     return [n for n, _ in checkpoints(cfg) if owner.get(n, n) in keep]
 

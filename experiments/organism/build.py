@@ -226,18 +226,27 @@ def _remove_stale_temps(ctx: Ctx, specs: list[StageSpec]) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def upstream(specs: list[StageSpec], name: str) -> list[str]:
-    """`name` and every stage it needs, directly or not, in build order (one-line error for an unknown stage)."""
-    by_name = {s.name: s for s in specs}
-    if name not in by_name:
-        raise VlsafeError(f"unknown stage {name!r}; stages: {', '.join(by_name)}")
-    need, todo = set(), [name]
+def stage_scope(specs: list[StageSpec], *, only: str | None = None, until: str | None = None) -> list[str]:
+    """The stages a build covers, in build order: every one, just `only`, or `until` a stage (it and every stage
+    it needs, directly or not). One-line errors for an unknown stage or for both given."""
+    names = [s.name for s in specs]
+    for stage in (only, until):
+        if stage is not None and stage not in names:
+            raise VlsafeError(f"unknown stage {stage!r}; stages: {', '.join(names)}")
+    if only is not None and until is not None:
+        raise VlsafeError("give only or until, not both")
+    if only is not None:
+        return [only]
+    if until is None:
+        return names
+    deps = {s.name: s.deps for s in specs}
+    need, todo = set(), [until]
     while todo:
         n = todo.pop()
         if n not in need:
             need.add(n)
-            todo += list(by_name[n].deps)
-    return [s.name for s in specs if s.name in need]
+            todo += list(deps[n])
+    return [n for n in names if n in need]
 
 
 def build(cfg: OrganismConfig, out_dir: str | os.PathLike, specs: list[StageSpec], *, only: str | None = None,
@@ -254,12 +263,7 @@ def build(cfg: OrganismConfig, out_dir: str | os.PathLike, specs: list[StageSpec
     """
     ctx = Ctx(cfg, Path(out_dir), progress, stage_hashes(cfg, specs))
     by_name = {s.name: s for s in specs}
-    if only is not None and only not in by_name:
-        raise VlsafeError(f"unknown stage {only!r}; stages: {', '.join(by_name)}")
-    if only is not None and until is not None:
-        raise VlsafeError("give only= or until=, not both")
-    scope = upstream(specs, until) if until is not None else list(by_name)
-    chosen = [by_name[only]] if only else [s for s in specs if s.name in scope]
+    chosen = [by_name[n] for n in stage_scope(specs, only=only, until=until)]
     if only:
         missing = [d for d in by_name[only].deps if stage_reason(ctx, by_name[d])]
         if missing:

@@ -128,12 +128,13 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     return wide.reindex(index=order, columns=[m for m in METRICS if m in wide.columns]).fillna("—")
 
 
-def checkpoints(cfg: Any) -> list[tuple[str, int | None]]:
-    """Every organism checkpoint in table order, with its stage-2 step (None outside the stage-2 trajectory)."""
-    steps = cfg.stage2_saves
-    return ([("llm-base", None), ("llm-aligned", None), ("lvlm-stage1", 0)]
-            + [(f"lvlm-step-{s}", s) for s in steps]
-            + [("lvlm", cfg.stage2.sft.steps), ("lvlm-safety-posthoc", None), ("lvlm-safety-mixed", None)])
+def checkpoints(cfg: Any, names: list[str] | None = None) -> list[tuple[str, int | None]]:
+    """Every organism checkpoint (or those in `names`) in table order, with its stage-2 step (None outside the
+    stage-2 trajectory)."""
+    every = ([("llm-base", None), ("llm-aligned", None), ("lvlm-stage1", 0)]
+             + [(f"lvlm-step-{s}", s) for s in cfg.stage2_saves]
+             + [("lvlm", cfg.stage2.sft.steps), ("lvlm-safety-posthoc", None), ("lvlm-safety-mixed", None)])
+    return every if names is None else [(n, s) for n, s in every if n in names]
 
 
 def estimate_seconds(cfg: Any) -> float:
@@ -169,7 +170,7 @@ def metrics_cached(cfg: Any, root: Path, names: list[str] | None = None) -> bool
     try:
         return (root / "metrics.csv").is_file() and all(
             _cached_seconds(root / "metrics" / f"{n}.json", root / "metrics" / f"{n}.csv", _key(cfg, root / n))
-            is not None for n, _ in checkpoints(cfg) if names is None or n in names)
+            is not None for n, _ in checkpoints(cfg, names))
     except (OSError, ValueError, KeyError):
         return False
 
@@ -206,9 +207,7 @@ def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path
 
     data = None
     frames, times = [], {}
-    for name, step in checkpoints(cfg):
-        if names is not None and name not in names:
-            continue
+    for name, step in checkpoints(cfg, names):
         key = _key(cfg, root / name)
         cache, meta = root / "metrics" / f"{name}.csv", root / "metrics" / f"{name}.json"
         seconds = _cached_seconds(meta, cache, key)

@@ -155,11 +155,11 @@ def make_plan(*, seeds: str, vary: list[str] | None = None, out: str | Path, con
     source = cfg_path or f"organism-{prof}.yaml"
     seed_list = parse_seeds(seeds)
     if until is not None:
-        from vlsafe.experiments.organism.build import upstream
+        from vlsafe.experiments.organism.build import stage_scope
         from vlsafe.experiments.organism.stages import specs
 
         try:
-            upstream(specs(), until)
+            stage_scope(specs(), until=until)
         except VlsafeError as e:
             raise VlsafeError(f"--until {until}: {e}") from None
     roots = reuse_roots(list(reuse or []))

@@ -26,7 +26,7 @@ def combo_finished(combo: Combo) -> bool:
     """True when every stage and every checkpoint's metrics of `combo` (within its `until` scope) are cached and
     valid."""
     from vlsafe.experiments.organism.api import scoped_checkpoints
-    from vlsafe.experiments.organism.build import Ctx, stage_hashes, stage_reason, upstream
+    from vlsafe.experiments.organism.build import Ctx, stage_hashes, stage_reason, stage_scope
     from vlsafe.experiments.organism.metrics import metrics_cached
     from vlsafe.experiments.organism.stages import specs
 
@@ -36,7 +36,7 @@ def combo_finished(combo: Combo) -> bool:
     cfg = combo.load()
     all_specs = specs()
     ctx = Ctx(cfg, root, False, stage_hashes(cfg, all_specs))
-    scope = upstream(all_specs, combo.until) if combo.until else [s.name for s in all_specs]
+    scope = stage_scope(all_specs, until=combo.until)
     return (all(stage_reason(ctx, s) is None for s in all_specs if s.name in scope)
             and metrics_cached(cfg, root, scoped_checkpoints(cfg, combo.until)))
 
