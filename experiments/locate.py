@@ -126,7 +126,7 @@ def _image_size(lm: Any) -> int:
 
 
 def _patching(inp: LocateInputs, *, layers: Sequence[int] | None, kind: str, min_gap: float, n_boot: int,
-              seed: int, batch_size: int, method: str) -> tuple[pd.DataFrame, list[str]]:
+              seed: int, batch_size: int, method: str, precision: str) -> tuple[pd.DataFrame, list[str]]:
     from vlsafe.probes.patching import patch
 
     frames, notes = [], []
@@ -135,7 +135,7 @@ def _patching(inp: LocateInputs, *, layers: Sequence[int] | None, kind: str, min
                                                         seed=seed)
         res = patch(inp.source, inp.target, inp.harmful, images=None if cond is None else cond.images,
                     image=spec or "none", layers=layers, kind=kind, batch_size=batch_size, progress=True,
-                    method=method)
+                    method=method, precision=precision)
         frames.append(res.table(min_gap=min_gap, n_boot=n_boot, seed=seed))
         notes += [f"patching ({spec or 'text'}): {m}" for m in res.notes]
     return pd.concat(frames, ignore_index=True), notes
@@ -160,20 +160,25 @@ def run_locate(pre: str, post: str, out_dir: str | Path, *, images: Sequence[str
                prompts: str = "harmful-train", harmless: str = "harmless-train", n: int | None = None,
                layers: Sequence[int] | None = None, kind: str = "first_token", min_gap: float = 0.1,
                n_boot: int = 1000, seed: int = 0, batch_size: int = 8, diff: str | Path | None = None,
-               probe: str | Path | None = None, figures: bool = True, method: str = "exact") -> dict[str, Path]:
+               probe: str | Path | None = None, figures: bool = True, method: str = "exact",
+               precision: str = "fp32") -> dict[str, Path]:
     """Run the whole `vlsafe locate` into `out_dir` (see the module docstring); returns {output: path}.
-    `method="attribution"` estimates the patching grid to first order (a screen; `vlsafe.probes.attribution`)."""
+    `method="attribution"` estimates the patching grid to first order (a screen; `vlsafe.probes.attribution`);
+    `precision` is the patching forwards' math (`fp32`, `bf16` autocast, `auto`; `vlsafe.probes.patching.patch`)."""
     from vlsafe.analysis.runinfo import write_csv, write_run_json
     from vlsafe.probes.models import is_lvlm
     from vlsafe.probes.signals import signal_correlations, signals_table
 
     from vlsafe.probes.patching import check_method
 
+    from vlsafe.analysis.placement import resolve_precision
+
     check_method(method, kind)            # before any model is loaded
+    precision = resolve_precision(precision)
     inp = prepare(pre, post, images=images, prompts=prompts, harmless=harmless, n=n, seed=seed, diff=diff,
                   probe=probe)
     patching, notes = _patching(inp, layers=layers, kind=kind, min_gap=min_gap, n_boot=n_boot, seed=seed,
-                                batch_size=batch_size, method=method)
+                                batch_size=batch_size, method=method, precision=precision)
     shift = _shift(inp, seed=seed, batch_size=batch_size) if is_lvlm(inp.target) else None
     if shift is None:
         notes.append(f"{post} takes no images: no image shift (shift.csv, shift_vectors.safetensors not written)")
@@ -193,7 +198,8 @@ def run_locate(pre: str, post: str, out_dir: str | Path, *, images: Sequence[str
     fig_paths = _figures(out, patching, signals) if figures else []
     config = {"pre": pre, "post": post, "images": list(inp.images), "prompts": prompts, "harmless": harmless,
               "n": n, "n_harmful": len(inp.harmful), "n_harmless": len(inp.harmless), "layers": layers,
-              "score": kind, "method": method, "min_gap": min_gap, "n_boot": n_boot, "batch_size": batch_size,
+              "score": kind, "method": method, "precision": precision, "min_gap": min_gap, "n_boot": n_boot,
+              "batch_size": batch_size,
               "diff": None if diff is None else str(diff), "probe": None if probe is None else str(probe)}
     written["run.json"] = write_run_json(
         out, kind="locate", tables={k: f for f, k in TABLES.items() if f in written}, config=config, seed=seed,

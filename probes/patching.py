@@ -279,15 +279,20 @@ def check_pair(source: Any, target: Any) -> None:
 def patch(source: Any, target: Any, prompts: Sequence[str], *, images: Sequence[Any] | None = None,
           image: str = "none", layers: Sequence[int] | None = None, components: Sequence[str] = COMPONENTS,
           directions: Sequence[str] = DIRECTIONS, kind: str = "first_token", openings: Sequence[str] | None = None,
-          batch_size: int = 8, progress: bool = False, resume: bool = True, method: str = "exact") -> PatchResult:
+          batch_size: int = 8, progress: bool = False, resume: bool = True, method: str = "exact",
+          precision: str = "fp32") -> PatchResult:
     """Patch every (layer, component) in both `directions` over `prompts`; see the module docstring.
 
     `images` (one PIL image per prompt) go to each model that takes images; `image` labels the condition;
     `progress` shows a bar over the patched forwards; `resume=False` runs every patched forward from the input
     instead of from the patched block (same numbers, about twice the time; see `vlsafe.probes.replay`).
     `method="attribution"` estimates every site from one backward pass per direction instead of patching it
-    (first-order, a screen: `vlsafe.probes.attribution`); `first_token` score only."""
+    (first-order, a screen: `vlsafe.probes.attribution`); `first_token` score only. `precision` is the forward
+    math of every forward (`vlsafe.analysis.placement.compute_precision`): `fp32`, `bf16` (autocast; about 1.7x
+    faster on CPUs with native bf16, scores differ slightly: `benchmarks/results/locate_precision.csv`) or `auto`."""
     from tqdm.auto import tqdm
+
+    from vlsafe.analysis.placement import resolve_precision
 
     prompts = list(prompts)
     if not prompts:
@@ -296,6 +301,7 @@ def patch(source: Any, target: Any, prompts: Sequence[str], *, images: Sequence[
         if d not in DIRECTIONS:
             raise VlsafeError(f"unknown patching direction {d!r} (expected one of {', '.join(DIRECTIONS)})")
     check_method(method, kind)
+    precision = resolve_precision(precision)
     check_pair(source, target)
     if images is not None and not (M.is_lvlm(source) or M.is_lvlm(target)):
         raise VlsafeError("patching: images given but neither checkpoint takes images")
@@ -313,33 +319,34 @@ def patch(source: Any, target: Any, prompts: Sequence[str], *, images: Sequence[
     per_batch = len(directions) * (1 if method == "attribution" else len(sites))
     bar = tqdm(total=-(-len(prompts) // batch_size) * per_batch, unit="forward",
                desc=f"patching ({image})", disable=not progress, leave=False)
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s:s + batch_size]
-        enc = {lab: T.encode(lm, chunk, None if imgs[lab] is None else list(imgs[lab])[s:s + batch_size])
-               for lab, lm in (("source", source), ("target", target))}
-        al = align_text_positions(enc["target"], enc["source"], base_skip=image_token_ids(target),
-                                  donor_skip=image_token_ids(source))
-        unmatched += al.unmatched
-        side = {"target": _Side(target, enc["target"], targets["target"], al.base, al.rows),
-                "source": _Side(source, enc["source"], targets["source"], al.donor, al.rows)}
-        acts, recs = {}, {}
-        for lab in side:
-            sc, acts[lab], recs[lab] = _clean(side[lab], sites, kind, resume=resume and method == "exact")
-            scores[lab].append(sc)
-            full_batches += recs[lab] is None
-        if method == "attribution":
-            for d in directions:
-                base, donor = ("target", "source") if d == "restore" else ("source", "target")
-                for site, est in _estimated(side[base], sites, acts[base], acts[donor], len(chunk)).items():
-                    patched.setdefault((d, *site), []).append(scores[base][-1] + est)
-                bar.update()
-            continue
-        for site in sites:
-            for d in directions:
-                base, donor = ("target", "source") if d == "restore" else ("source", "target")
-                patched.setdefault((d, *site), []).append(_patched(side[base], site, acts[donor][site], kind,
-                                                                         recs[base]))
-                bar.update()
+    with _forward_math((source, target), precision):
+        for s in range(0, len(prompts), batch_size):
+            chunk = prompts[s:s + batch_size]
+            enc = {lab: T.encode(lm, chunk, None if imgs[lab] is None else list(imgs[lab])[s:s + batch_size])
+                   for lab, lm in (("source", source), ("target", target))}
+            al = align_text_positions(enc["target"], enc["source"], base_skip=image_token_ids(target),
+                                      donor_skip=image_token_ids(source))
+            unmatched += al.unmatched
+            side = {"target": _Side(target, enc["target"], targets["target"], al.base, al.rows),
+                    "source": _Side(source, enc["source"], targets["source"], al.donor, al.rows)}
+            acts, recs = {}, {}
+            for lab in side:
+                sc, acts[lab], recs[lab] = _clean(side[lab], sites, kind, resume=resume and method == "exact")
+                scores[lab].append(sc)
+                full_batches += recs[lab] is None
+            if method == "attribution":
+                for d in directions:
+                    base, donor = ("target", "source") if d == "restore" else ("source", "target")
+                    for site, est in _estimated(side[base], sites, acts[base], acts[donor], len(chunk)).items():
+                        patched.setdefault((d, *site), []).append(scores[base][-1] + est)
+                    bar.update()
+                continue
+            for site in sites:
+                for d in directions:
+                    base, donor = ("target", "source") if d == "restore" else ("source", "target")
+                    patched.setdefault((d, *site), []).append(_patched(side[base], site, acts[donor][site], kind,
+                                                                             recs[base]))
+                    bar.update()
     bar.close()
     cat = lambda xs: torch.cat(xs).numpy()  # noqa: E731
     notes = [f"positions: {POSITIONS_NOTE}"]
@@ -349,10 +356,25 @@ def patch(source: Any, target: Any, prompts: Sequence[str], *, images: Sequence[
     elif resume and full_batches:
         notes.append(f"{full_batches} of {2 * len(scores['source'])} batch forwards ran patched forwards in full "
                      "(opening score, or resuming from the patched block did not reproduce the logits)")
+    if precision != "fp32":
+        notes.append(f"forward math: {precision} autocast (scores differ slightly from fp32)")
     if any(unmatched):
         notes.append(f"{sum(1 for u in unmatched if u)} prompts have text tokens without a partner (not patched)")
     return PatchResult({k: cat(v) for k, v in scores.items()}, {k: cat(v) for k, v in patched.items()},
                        np.asarray(unmatched), image, notes, method)
+
+
+@contextlib.contextmanager
+def _forward_math(lms: Sequence[Any], precision: str) -> Iterator[None]:
+    """Every forward of `lms` at `precision` (bf16: autocast with bf16 copies of the linear weights, restored on
+    exit; `vlsafe.analysis.placement`)."""
+    from vlsafe.analysis.placement import bf16_linear_weights, compute_precision, input_device
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(compute_precision(precision, input_device(lms[0].model)))
+        for model in {id(lm.model): lm.model for lm in lms}.values():
+            stack.enter_context(bf16_linear_weights(model, precision))
+        yield
 
 
 def _estimated(base: _Side, sites: list[Site], base_acts: dict[Site, torch.Tensor],

@@ -74,7 +74,19 @@ def test_locate_attribution_screen(dirs, capsys) -> None:
     assert any("first-order estimates" in n for n in run["notes"])
 
 
-@pytest.mark.parametrize("case", ["hidden", "image_on_text", "empty", "family", "method", "atp_opening"])
+def test_locate_bf16_records_its_precision(dirs, capsys) -> None:
+    out = dirs["root"] / "bf16"
+    rc = main(["locate", str(dirs["src"]), str(dirs["tgt"]), "-o", str(out), "--n", "4", "--n-boot", "50",
+               "--precision", "bf16", "--no-figures"])
+    assert rc == 0, capsys.readouterr().err
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["precision"] == "bf16" and any("bf16 autocast" in n for n in run["notes"])
+    restore = pd.read_csv(out / "patching.csv").query("direction == 'restore'")
+    assert restore.set_index(["layer", "component"])["recovered"].loc[(PLANTED_LAYER, "attn_out")] >= 0.9
+
+
+@pytest.mark.parametrize("case", ["hidden", "image_on_text", "empty", "family", "method", "atp_opening",
+                                  "precision"])
 def test_bad_input_one_line_nothing_written(dirs, case, tmp_path, capsys) -> None:
     src = str(dirs["src"])
     args = {"hidden": [src, str(tiny_llama(tmp_path / "w", layers=3, hidden=32))],
@@ -84,6 +96,8 @@ def test_bad_input_one_line_nothing_written(dirs, case, tmp_path, capsys) -> Non
         from vlsafe.analysis.tiny import tiny_qwen2_vl
 
         args[1] = str(tiny_qwen2_vl(tmp_path / "q", layers=3))
+    if case == "precision":
+        args = [src, str(dirs["tgt"]), "--precision", "half"]
     if case in ("method", "atp_opening"):
         args = [src, str(dirs["tgt"]), "--method", "fast" if case == "method" else "attribution"]
         args += ["--score", "opening"] if case == "atp_opening" else []
@@ -97,6 +111,7 @@ def test_bad_input_one_line_nothing_written(dirs, case, tmp_path, capsys) -> Non
     err = [line for line in text.splitlines() if line.startswith("vlsafe:")]    # (progress bars aside)
     assert len(err) == 1 and err[0].startswith("vlsafe: error:") and "Traceback" not in text, text
     want = {"hidden": "hidden", "image_on_text": "text-only", "empty": "empty", "family": "families",
-            "method": "unknown patching method 'fast'", "atp_opening": "needs the first_token score"}[case]
+            "method": "unknown patching method 'fast'", "atp_opening": "needs the first_token score",
+            "precision": "precision 'half' is not one of"}[case]
     assert want in err[0]
     assert not out.exists()

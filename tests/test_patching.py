@@ -280,3 +280,25 @@ def test_attribution_bad_input(pair) -> None:
         P.patch(*pair, PROMPTS[:1], method="fast")
     with pytest.raises(VlsafeError, match="needs the first_token score"):
         P.patch(*pair, PROMPTS[:1], method="attribution", kind="opening")
+
+
+# --- forward math: bf16 autocast ---------------------------------------------------------------------------------
+
+def test_bf16_patching_finds_the_planted_site_resumes_exactly_and_restores_the_weights(pair, result) -> None:
+    """bf16 autocast changes the scores (so it is applied), not the finding; resumed bf16 forwards equal full bf16
+    forwards (the replay is the model's own bf16 computation); the fp32 weights are back afterwards."""
+    before = {(i, n): p.detach().clone() for i, lm in enumerate(pair) for n, p in lm.model.named_parameters()}
+    bf = P.patch(*pair, PROMPTS, batch_size=2, precision="bf16")
+    assert any("bf16 autocast" in n for n in bf.notes) and not any("autocast" in n for n in result.notes)
+    assert not np.array_equal(bf.scores["target"], result.scores["target"])
+    np.testing.assert_allclose(bf.scores["target"], result.scores["target"], atol=0.1)
+    rec, rec32 = _recovered(bf), _recovered(result)
+    assert rec[("restore", PLANTED_LAYER, "attn_out")] >= 0.9
+    assert max(abs(rec[k] - rec32[k]) for k in rec32) < 0.05
+    _assert_same(bf, P.patch(*pair, PROMPTS, batch_size=2, precision="bf16", resume=False))
+    assert not any("in full" in n for n in bf.notes)
+    after = {(i, n): p for i, lm in enumerate(pair) for n, p in lm.model.named_parameters()}
+    assert after.keys() == before.keys()
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[k]) for k, p in after.items())
+    with pytest.raises(VlsafeError, match="precision 'fp16' is not one of"):
+        P.patch(*pair, PROMPTS[:1], precision="fp16")
