@@ -153,3 +153,33 @@ def test_sentence_without_source_and_a_malformed_record(tmp_path: Path) -> None:
     with pytest.raises(VlsafeError, match=r"sweep/run\.json: judge_calibration: not a judge calibration record") as e:
         build_report(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def _with_wilson(p: pd.DataFrame) -> pd.DataFrame:
+    """The planted table with raw interval columns (distinct widths per row, so a swapped column shows)."""
+    w = np.linspace(0.05, 0.09, len(p))
+    return p.assign(safety_ci_low=p["safety"] - w, safety_ci_high=p["safety"] + w / 2,
+                    helpfulness_ci_low=p["helpfulness"] - w / 3, helpfulness_ci_high=p["helpfulness"] + w,
+                    safety_image_ci_low=p["safety_image"] - w, safety_image_ci_high=p["safety_image"] + w / 2)
+
+
+@pytest.mark.parametrize("safety", ["safety", "safety_image"])
+def test_raw_wilson_intervals_are_drawn_through_each_judged_point(tmp_path: Path, safety: str) -> None:
+    _make_run(tmp_path)
+    p = _with_wilson(pd.read_csv(tmp_path / "sweep" / "pareto.csv"))
+    fig = pareto(p, safety=safety)
+    ax = fig.axes[0]
+    arts = {a.get_gid(): a for a in ax.collections if str(a.get_gid()).startswith("wilson-")}
+    judged = p[(p["stage"] == "full") & p[safety].notna()]        # screened e (and d without an image) have none
+    vert = np.array([[seg[0, 0], *sorted(seg[:, 1])] for seg in arts["wilson-safety"].get_segments()])
+    np.testing.assert_allclose(vert, judged[["helpfulness", f"{safety}_ci_low", f"{safety}_ci_high"]].to_numpy())
+    horiz = np.array([[seg[0, 1], *sorted(seg[:, 0])] for seg in arts["wilson-helpfulness"].get_segments()])
+    np.testing.assert_allclose(horiz, judged[[safety, "helpfulness_ci_low", "helpfulness_ci_high"]].to_numpy())
+    assert "95 % Wilson interval (judged points)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()             # every interval inside the axes
+    assert y0 <= judged[f"{safety}_ci_low"].min() and judged[f"{safety}_ci_high"].max() <= y1
+    assert x0 <= judged["helpfulness_ci_low"].min() and judged["helpfulness_ci_high"].max() <= x1
+    plt.close(fig)
+    plain = pareto(p.drop(columns=[c for c in p.columns if "_ci_" in c]), safety=safety)   # no columns: no bars
+    assert not any(str(a.get_gid()).startswith("wilson-") for a in plain.axes[0].collections)
+    plt.close(plain)

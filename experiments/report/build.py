@@ -26,7 +26,7 @@ from vlsafe.experiments.report.findings import Finding, findings, write_findings
 from vlsafe.experiments.report.interactive import TIP_CSS, heatmap_tip, svg_tag, tips_block
 from vlsafe.experiments.report.judge_note import calibration_note
 from vlsafe.experiments.report.locate_section import locate_section
-from vlsafe.experiments.report.plots_corrected import corrected_rows
+from vlsafe.experiments.report.plots_corrected import corrected_rows, raw_rows
 from vlsafe.experiments.report.plots_pareto import pareto_key, pareto_tips
 from vlsafe.experiments.report.roles import checkpoint_roles
 
@@ -137,6 +137,9 @@ def _remedies(p: pd.DataFrame | None, fig: Callable[[plt.Figure | None, str], st
     def caption(lead: str, safety: str) -> str:
         drawn = (" Grey dashed bar with a tick, right of a point: its safety corrected for judge error, with an "
                  "interval that carries the judge's own error." if not corrected_rows(p, safety).empty else "")
+        if not raw_rows(p, safety).empty:
+            drawn = (" Thin bars through a judged point: its 95 % Wilson intervals (safety vertical, helpfulness "
+                     "horizontal)." + drawn)
         return lead + common.format(stage) + drawn + _note((notes or {}).get(safety, ""))
 
     text = fig(plots.pareto(p), "pareto")

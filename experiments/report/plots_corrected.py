@@ -1,4 +1,4 @@
-"""The judge-corrected safety rate on the remedies figure, beside each judged point's raw rate.
+"""Intervals on the remedies figure: each judged point's raw Wilson intervals and its judge-corrected safety rate.
 
 A sweep judged by a calibrated judge has, per safety channel, `{safety}_corrected` with its interval
 `{safety}_corrected_low/_high` (Rogan–Gladen; the interval carries the judge's own error, see
@@ -6,6 +6,11 @@ A sweep judged by a calibrated judge has, per safety channel, `{safety}_correcte
 corrected estimate (a mark no family uses), `OFFSET_PT` points right of the raw point, so neither hides the other;
 `corrected_boxes` are the places the labels must avoid, `corrected_handle` the legend entry (`CORRECTED_LABEL`).
 Rows without corrected numbers (screened points, an uncalibrated judge) get nothing.
+
+`draw_raw` draws the raw 95 % Wilson intervals of the judged points (safety vertically, helpfulness horizontally;
+thin, in the point's colour, behind it; SVG ids `wilson-safety` and `wilson-helpfulness`), `raw_rows` picks the
+rows that have them (generated + judged points: a screened number is a screen, not a measurement with an interval),
+`raw_boxes` and `raw_span` serve label placement and axis limits as their corrected twins do.
 """
 
 from __future__ import annotations
@@ -87,3 +92,60 @@ def corrected_span(rows: pd.DataFrame, safety: str = "safety") -> tuple[float, f
         return None
     vals = np.concatenate([rows[c].to_numpy(float) for c in corrected_cols(safety)])
     return float(vals.min()), float(vals.max())
+
+
+RAW_LABEL = "95 % Wilson interval (judged points)"
+
+
+def raw_cols(safety: str) -> list[str]:
+    """The interval columns drawn for the raw rates: `safety` and helpfulness, low and high."""
+    return [f"{safety}_ci_low", f"{safety}_ci_high", "helpfulness_ci_low", "helpfulness_ci_high"]
+
+
+def raw_rows(p: pd.DataFrame, safety: str = "safety") -> pd.DataFrame:
+    """The rows of `p` with raw `safety` and helpfulness rates and both intervals, screened-only rows left out."""
+    cols = [safety, "helpfulness", *raw_cols(safety)]
+    if not set(cols) <= set(p.columns):
+        return p.iloc[:0]
+    judged = p["stage"] != "screen" if "stage" in p.columns else pd.Series(True, index=p.index)
+    return p[p[cols].notna().all(axis=1) & judged]
+
+
+def draw_raw(ax: Any, rows: pd.DataFrame, colors: list[Any], safety: str = "safety") -> None:
+    """Each row's Wilson intervals as thin bars through its point, in `colors` (one per row)."""
+    if rows.empty:
+        return
+    s_lo, s_hi, h_lo, h_hi = (rows[c].to_numpy(float) for c in raw_cols(safety))
+    x, y = rows["helpfulness"].to_numpy(float), rows[safety].to_numpy(float)
+    style = {"colors": colors, "linewidths": 0.6, "alpha": 0.55, "zorder": 1.5}
+    ax.vlines(x, s_lo, s_hi, gid="wilson-safety", **style)
+    ax.hlines(y, h_lo, h_hi, gid="wilson-helpfulness", **style)
+
+
+def raw_handle() -> Line2D:
+    """The legend entry of the raw interval bars."""
+    return Line2D([], [], color="0.35", lw=0.6, alpha=0.55, label=RAW_LABEL)
+
+
+def raw_boxes(ax: Any, rows: pd.DataFrame, safety: str = "safety", *, half_pt: float = 1.0) -> list[Bbox]:
+    """Display-space boxes of the drawn interval bars (`half_pt` points either side), for label placement."""
+    if rows.empty:
+        return []
+    px = ax.figure.dpi / 72.0
+    s_lo, s_hi, h_lo, h_hi = (rows[c].to_numpy(float) for c in raw_cols(safety))
+    out = []
+    for xi, yi, a, b, c, d in zip(rows["helpfulness"].to_numpy(float), rows[safety].to_numpy(float), s_lo, s_hi,
+                                  h_lo, h_hi):
+        (u, v0), (_, v1) = ax.transData.transform([(xi, a), (xi, b)])
+        (u0, v), (u1, _) = ax.transData.transform([(c, yi), (d, yi)])
+        out += [Bbox.from_extents(u - half_pt * px, v0, u + half_pt * px, v1),
+                Bbox.from_extents(u0, v - half_pt * px, u1, v + half_pt * px)]
+    return out
+
+
+def raw_span(rows: pd.DataFrame, safety: str = "safety") -> dict[str, tuple[float, float]]:
+    """{column: (lowest, highest)} of the drawn intervals, for the axis limits; empty without rows."""
+    if rows.empty:
+        return {}
+    s_lo, s_hi, h_lo, h_hi = (rows[c].to_numpy(float) for c in raw_cols(safety))
+    return {safety: (float(s_lo.min()), float(s_hi.max())), "helpfulness": (float(h_lo.min()), float(h_hi.max()))}

@@ -14,7 +14,8 @@ else the name before `[`. A sweep with an image harmful set has a second front, 
 front is drawn among the `full` (generated + judged) points only; screened-only points are drawn hollow. With
 judge-corrected columns (`safety_corrected` and its interval; `safety_image_corrected` for the image front), each
 judged point also shows its corrected rate and interval (`vlsafe.experiments.report.plots_corrected`; legend entry
-"corrected for judge error"), and the key and tooltips give it.
+"corrected for judge error"), and the key and tooltips give it. Judged points carry their raw 95 % Wilson
+intervals as thin bars in their colour (safety vertical, helpfulness horizontal; `plots_corrected.draw_raw`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import pandas as pd
 from vlsafe.experiments.report.findings_layers import point_names, point_rate
 from vlsafe.experiments.report.plots_corrected import (CORRECTED_LABEL, corrected_boxes, corrected_handle,
                                                        corrected_rows, corrected_span, corrected_text,
-                                                       draw_corrected)
+                                                       draw_corrected, draw_raw, raw_boxes, raw_handle, raw_rows,
+                                                       raw_span)
 from vlsafe.experiments.report.findings_text import layer_ranges, rate_text
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -162,12 +164,16 @@ def pareto(p: pd.DataFrame, *, safety: str = "safety") -> plt.Figure | None:
                    marker=MARKERS[fams.index(fam) % len(MARKERS)], facecolors=face,
                    edgecolors="k" if on else colors[fam], alpha=1.0 if on else 0.6, linewidths=0.5,
                    gid=f"{prefix}-{i + 1}")
-    corrected = corrected_rows(shown, safety)
+    corrected, raw = corrected_rows(shown, safety), raw_rows(shown, safety)
+    draw_raw(ax, raw, [colors[fam_of[i]] for i in raw.index], safety)
     draw_corrected(ax, corrected, safety)
+    spans = raw_span(raw, safety)
     for col, setter in (("helpfulness", ax.set_xlim), (safety, ax.set_ylim)):
         lo, hi = float(shown[col].min()), float(shown[col].max())
         if col == safety and (span := corrected_span(corrected, safety)) is not None:
             lo, hi = min(lo, span[0]), max(hi, span[1])
+        if col in spans:
+            lo, hi = min(lo, spans[col][0]), max(hi, spans[col][1])
         pad = max(0.08, (hi - lo) * 0.12)
         setter(max(lo - pad, -0.03) if lo >= 0 else lo - pad, min(hi + pad, 1.03) if hi <= 1 else hi + pad)
     ax.set_xlabel("helpfulness (compliance on harmless prompts)")
@@ -180,6 +186,8 @@ def pareto(p: pd.DataFrame, *, safety: str = "safety") -> plt.Figure | None:
     if any(screened):
         handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor="0.35", ms=5,
                               label="screened only"))
+    if not raw.empty:
+        handles.append(raw_handle())
     if not corrected.empty:
         handles.append(corrected_handle())
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=7,
@@ -188,7 +196,7 @@ def pareto(p: pd.DataFrame, *, safety: str = "safety") -> plt.Figure | None:
     fig.set_layout_engine("none")  # freeze the layout: the labels are placed in pixels of this one
     groups = point_groups(shown.assign(safety=shown[safety]))
     place_labels(ax, [(h, s, layer_ranges([int(shown.index[n - 1]) + 1 for n in nums])) for h, s, nums in groups],
-                 avoid=corrected_boxes(ax, corrected, safety))
+                 avoid=corrected_boxes(ax, corrected, safety) + raw_boxes(ax, raw, safety))
     return fig
 
 
