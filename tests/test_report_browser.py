@@ -82,14 +82,17 @@ def test_report_figures_legible_in_chromium(rendered: tuple[Path, dict, np.ndarr
 
 
 def _pareto_table() -> pd.DataFrame:
-    """A sweep with many near points and long names, as in the full demo."""
+    """A sweep with many near points and long names and their raw intervals, as in the full demo."""
     rows = [("as-is[ckpt=lvlm]", 0.53, 0.95), ("as-is[ckpt=llm-aligned]", 0.90, 0.90)]
     for a in (0.25, 0.5, 0.75, 1.0):
         rows += [(f"restore-llm[alpha={a},layers=all]", 0.53 + 0.37 * a, 0.95 - 0.05 * a),
                  (f"restore-llm[alpha={a},layers=L10-19]", 0.55 + 0.08 * a, 0.95 - 0.01 * a),
                  (f"restore-llm[alpha={a},layers=top6]", 0.56 + 0.06 * a, 0.94),
                  (f"merge-posthoc[alpha={a},layers=all]", 0.6 + 0.2 * a, 0.93 - 0.01 * a)]
-    return pd.DataFrame(rows, columns=["point", "safety", "helpfulness"])
+    p = pd.DataFrame(rows, columns=["point", "safety", "helpfulness"])
+    return p.assign(safety_ci_low=p["safety"] - 0.11, safety_ci_high=(p["safety"] + 0.08).clip(upper=1.0),
+                    helpfulness_ci_low=p["helpfulness"] - 0.09, helpfulness_ci_high=(p["helpfulness"] + 0.04)
+                    .clip(upper=1.0))  # Wilson-like intervals at n = 60: the labels must keep clear of the bars
 
 
 def _naive_pareto(p: pd.DataFrame) -> plt.Figure:
