@@ -169,9 +169,8 @@ def run_locate(pre: str, post: str, out_dir: str | Path, *, images: Sequence[str
     from vlsafe.probes.models import is_lvlm
     from vlsafe.probes.signals import signal_correlations, signals_table
 
-    from vlsafe.probes.patching import check_method
-
     from vlsafe.analysis.placement import resolve_precision
+    from vlsafe.probes.patching import check_method
 
     check_method(method, kind)            # before any model is loaded
     precision = resolve_precision(precision)

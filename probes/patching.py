@@ -288,8 +288,9 @@ def patch(source: Any, target: Any, prompts: Sequence[str], *, images: Sequence[
     instead of from the patched block (same numbers, about twice the time; see `vlsafe.probes.replay`).
     `method="attribution"` estimates every site from one backward pass per direction instead of patching it
     (first-order, a screen: `vlsafe.probes.attribution`); `first_token` score only. `precision` is the forward
-    math of every forward (`vlsafe.analysis.placement.compute_precision`): `fp32`, `bf16` (autocast; about 1.7x
-    faster on CPUs with native bf16, scores differ slightly: `benchmarks/results/locate_precision.csv`) or `auto`."""
+    math of every forward (`vlsafe.analysis.placement.compute_precision`): `fp32`, `bf16` (autocast; about 2x
+    faster on CPUs with native bf16; the scores move slightly, and with them which prompts pass a minimum gap:
+    `docs/performance.md`) or `auto`."""
     from tqdm.auto import tqdm
 
     from vlsafe.analysis.placement import resolve_precision

@@ -300,5 +300,8 @@ def test_bf16_patching_finds_the_planted_site_resumes_exactly_and_restores_the_w
     after = {(i, n): p for i, lm in enumerate(pair) for n, p in lm.model.named_parameters()}
     assert after.keys() == before.keys()
     assert all(p.dtype == torch.float32 and torch.equal(p, before[k]) for k, p in after.items())
+    atp = P.patch(*pair, PROMPTS, batch_size=2, method="attribution", precision="bf16")   # gradients flow too
+    assert any("bf16 autocast" in n for n in atp.notes)
+    assert _recovered(atp)[("restore", PLANTED_LAYER, "attn_out")] > 0.9
     with pytest.raises(VlsafeError, match="precision 'fp16' is not one of"):
         P.patch(*pair, PROMPTS[:1], precision="fp16")

@@ -32,8 +32,8 @@ def register(app: typer.Typer) -> None:
                  "estimates of every site from one backward pass per direction — a fast screen whose numbers can "
                  "be far off where refusal saturates; confirm its top layers with exact patching.")] = "exact",
         precision: Annotated[str, typer.Option(
-            help="Forward math of the patching: fp32, bf16 (autocast; ~1.7x faster on CPUs with native bf16, "
-                 "scores differ slightly) or auto (bf16 where native).")] = "fp32",
+            help="Forward math of the patching: fp32, bf16 (autocast; ~2x faster on CPUs with native bf16, the "
+                 "scores move slightly and per-site recoveries with them) or auto (bf16 where native).")] = "fp32",
         min_gap: Annotated[float, typer.Option(help="Drop prompts whose two models' scores differ by less.")] = 0.1,
         n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 1000,
         diff: Annotated[Path | None, typer.Option(help="A `vlsafe diff PRE POST` run: weight-shift signals.")] = None,
