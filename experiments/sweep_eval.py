@@ -112,14 +112,19 @@ class EvalConfig(BaseModel):
         return self
 
     def key(self) -> str:
-        """A short hash of everything that changes the numbers (the eval cache key of a point). Optional settings
-        left unset are not hashed, so caches written before they existed stay valid."""
+        """A short hash of everything that changes the numbers (the eval cache key of a point), the judge's
+        version included (`vlsafe.probes.behavior.judges.judge_fingerprint`). Optional settings left unset are not
+        hashed, so caches written before they existed stay valid."""
         import hashlib
+
+        from vlsafe.probes.behavior.judges import keyed_fingerprint
 
         d = self.model_dump()
         d = {k: v for k, v in d.items() if not (k in ("harmful_image", "screen", "keep") and v is None)}
         if d["precision"] == "fp32":
             del d["precision"]
+        if self.mode != "fast" and (fp := keyed_fingerprint(self.judge)) is not None:
+            d["judge_fingerprint"] = fp    # a retrained judge re-judges (fast mode uses the logit score, not it)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     def stage_config(self, stage: Literal["screen", "full"]) -> "EvalConfig":

@@ -147,11 +147,17 @@ def estimate_seconds(cfg: Any) -> float:
 
 
 def _key(cfg: Any, ckpt_dir: Path) -> str:
+    """The cache key of a checkpoint's metrics: the metrics config, the checkpoint's stage hash and the judge's
+    version (`judges.keyed_fingerprint`; left out for the version every earlier cache was judged by)."""
     from vlsafe.experiments.organism.config import stage_section
 
+    from vlsafe.probes.behavior.judges import keyed_fingerprint
+
     stage_hash = json.loads((ckpt_dir / "stage.json").read_text())["hash"]
-    payload = json.dumps({"section": stage_section(cfg, "metrics"), "checkpoint": stage_hash}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    record = {"section": stage_section(cfg, "metrics"), "checkpoint": stage_hash}
+    if (fp := keyed_fingerprint(cfg.eval.judge)) is not None:  # a retrained judge re-judges
+        record["judge_fingerprint"] = fp
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def _cached_seconds(meta: Path, cache: Path, key: str) -> float | None:

@@ -5,6 +5,8 @@ strength is chosen by 5-fold cross-validation (grouped: a row and its prompt-les
 training file only; ``--holdout`` (never used for
 fitting or selection) is only scored and printed. ``--calibrate`` measures the shipped default judge on the
 held-out file (``tests/data/judge_holdout.jsonl`` unless ``--holdout``) and writes ``judge_calibration.json``.
+New weights (or features) change ``judges.judge_fingerprint``, so cached organism metrics and sweep evaluations
+are judged again rather than reused.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from vlsafe.probes.behavior.judge_base import Judge, JudgeResult
 from vlsafe.probes.behavior.judge_substring import SUBSTRING_LISTS, SubstringJudge
 
 __all__ = ["Judge", "JudgeResult", "get_judge", "list_judges", "judge_file", "judge_table", "read_judge_input",
-           "write_table_atomic", "DEFAULT_JUDGE"]
+           "write_table_atomic", "judge_fingerprint", "DEFAULT_JUDGE"]
 
 DEFAULT_JUDGE = "vlsafe"
 
@@ -103,6 +103,40 @@ def get_judge(name: str = DEFAULT_JUDGE, **kw: Any) -> Judge:
     judge = _REGISTRY[base](arg or None, **kw)
     judge.calibration = _calibration(calibration, judge.name)
     return judge
+
+
+# The default judge's fingerprint when fingerprints entered the cache keys (2026-12-06): every cached metric written
+# before then was judged by it, so keys leave it out and those caches stay valid; any other judge version changes
+# the keys (see `judge_fingerprint`).
+UNKEYED_FINGERPRINT = "e8bdc14a7751"
+
+
+def judge_fingerprint(name: str = DEFAULT_JUDGE) -> str | None:
+    """A short hash of what decides the default (``vlsafe``) judge's labels: its weights file (the shipped one, or
+    ``vlsafe:PATH``) and its feature extractor's source; None for other judges (named by their lists or models).
+    Cached judged metrics key on it, so a retrained judge does not reuse numbers judged by the old one."""
+    import hashlib
+
+    from vlsafe.analysis.errors import VlsafeError
+    from vlsafe.probes.behavior import judge_features, judge_vlsafe
+
+    base, _, arg = (name or DEFAULT_JUDGE).strip().partition(":")
+    if _ALIASES.get(base, base) != "vlsafe":
+        return None
+    h = hashlib.sha256()
+    for f in (Path(arg) if arg else judge_vlsafe.WEIGHTS_PATH, Path(judge_features.__file__)):
+        try:
+            h.update(f.read_bytes())
+        except OSError as e:
+            raise VlsafeError(f"judge {name!r}: cannot read {f} ({e.strerror})") from None
+    return h.hexdigest()[:12]
+
+
+def keyed_fingerprint(name: str) -> str | None:
+    """`judge_fingerprint(name)` for a cache key: None (leave it out) for non-fingerprinted judges and for the
+    version every earlier cache was judged by (`UNKEYED_FINGERPRINT`)."""
+    fp = judge_fingerprint(name)
+    return None if fp == UNKEYED_FINGERPRINT else fp
 
 
 def _calibration(given: Any, judge_name: str) -> Any:
