@@ -33,10 +33,10 @@ def register(app: typer.Typer) -> None:
         progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     ) -> None:
         """Build the safety-aligned LLM and its LLaVA adaptation (resumable stages), then evaluate them all."""
-        from vlsafe.experiments.organism.api import BENCH_CSV, build_organism, write_organism_run_json
-        from vlsafe.experiments.organism.config import load_config
         from vlsafe.analysis.errors import VlsafeError
+        from vlsafe.experiments.organism.api import BENCH_CSV, build_organism, write_organism_run_json
         from vlsafe.experiments.organism.build import stage_scope
+        from vlsafe.experiments.organism.config import load_config
         from vlsafe.experiments.organism.metrics import summary_table
         from vlsafe.experiments.organism.stages import specs
 

@@ -150,7 +150,6 @@ def _key(cfg: Any, ckpt_dir: Path) -> str:
     """The cache key of a checkpoint's metrics: the metrics config, the checkpoint's stage hash and the judge's
     version (`judges.keyed_fingerprint`; left out for the version every earlier cache was judged by)."""
     from vlsafe.experiments.organism.config import stage_section
-
     from vlsafe.probes.behavior.judges import keyed_fingerprint
 
     stage_hash = json.loads((ckpt_dir / "stage.json").read_text())["hash"]
