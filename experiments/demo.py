@@ -63,10 +63,14 @@ def _cli(argv: list[str]) -> None:
         raise VlsafeError(f"demo stage failed: vlsafe {' '.join(argv)} (exit {code})")
 
 
-def _content_key(argv: list[str], checkpoints: list[Path]) -> str:
+def _content_key(argv: list[str], checkpoints: list[Path], judged: bool = False) -> str:
+    """The stage's cache key: its arguments, its checkpoints' contents and, for a judged stage, the default
+    judge's version (`judges.keyed_fingerprint`: nothing for the version earlier keys were made with)."""
     from vlsafe.analysis.checkpoints import open_checkpoint
+    from vlsafe.probes.behavior.judges import keyed_fingerprint
 
-    h = hashlib.sha256(json.dumps(argv).encode())
+    fp = keyed_fingerprint("default") if judged else None
+    h = hashlib.sha256(json.dumps(argv if fp is None else [*argv, fp]).encode())
     for c in checkpoints:
         h.update(open_checkpoint(c).content_hash().encode())
     return h.hexdigest()[:16]
@@ -81,12 +85,15 @@ class Stages:
         self.previous = json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
         self.times: dict[str, float] = {}
 
-    def run(self, name: str, argv: list[str], stage_dir: Path | None, checkpoints: list[Path]) -> None:
+    def run(self, name: str, argv: list[str], stage_dir: Path | None, checkpoints: list[Path], *,
+            judged: bool = False) -> None:
+        """Run stage `name` (`vlsafe ARGV`) unless `stage_dir` holds its outputs for the same key (`judged`: the
+        stage's numbers come from the default judge, whose version then enters the key)."""
         est = self.previous.get(name)
         self.echo(f"[demo] {name:<10} " + (f"(last time {est:.0f}s)" if est is not None else "(first run)"))
         t0 = time.perf_counter()
         marker = stage_dir / ".demo_stage.json" if stage_dir else None
-        key = _content_key(argv, checkpoints) if marker else None
+        key = _content_key(argv, checkpoints, judged) if marker else None
         if marker and marker.is_file() and json.loads(marker.read_text()).get("key") == key \
                 and _lists_tables(stage_dir / "run.json"):
             self.echo(f"[demo] {name:<10} cached")
@@ -172,9 +179,9 @@ def run_demo(out: str | Path = "runs/demo", *, profile: str = "full", echo: Call
            out / "gate", [ck["lvlm"]])
     gen = ["--limit", str(size.eval_limit), "--max-new-tokens", str(size.max_new_tokens)]
     st.run("eval", ["eval", *map(str, every), "--prompts", "harmful-test", "--prompts", "borderline-test",
-                    "--prompts", "harmless-test", *gen, "-o", str(out / "eval")], out / "eval", every)
+                    "--prompts", "harmless-test", *gen, "-o", str(out / "eval")], out / "eval", every, judged=True)
     st.run("eval-img", ["eval", *map(str, lvlms), "--prompts", "harmful-test+blank", *gen,
-                        "-o", str(out / "eval_image")], out / "eval_image", lvlms)
+                        "-o", str(out / "eval_image")], out / "eval_image", lvlms, judged=True)
     sweep = CONFIGS / "sweep-organism.yaml"
     st.run("sweep", ["sweep", str(sweep), "-o", str(out / "sweep"), "--resume", "--quiet",
                      *_sweep_vars(org, out / "locate", size)],

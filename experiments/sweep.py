@@ -18,8 +18,10 @@ are computed among them only. Figures: `figures/pareto.{png,pdf}` and, with an i
 A new method plugs in through `sweep_config.METHODS`/`FAMILY`, `_inputs_of`, `materialise` (return the base
 checkpoint's spec when nothing is built) and, for an evaluation under a context manager, `evaluate_point(under=…)`.
 
-Layout: `DIR/points/<hash>/` (`point.json`, `model/`, `done.json`, `eval-<evalhash>/metrics.json`), built in a
-temp folder and renamed. The screen of a two-stage sweep merges `merge` points in memory
+Layout: `DIR/points/<hash>/` (`point.json`, `model/`, `done.json`, `eval-<evalhash>/` with `metrics.json`,
+`eval.json` and, in full mode, `generations.jsonl`), built in a temp folder and renamed. A full evaluation whose
+point already has one with the same generation settings and another judge (or judge version) judges those stored
+generations again instead of generating (`sweep_eval.rejudge_point`; `eval.json` names the folder it came from). The screen of a two-stage sweep merges `merge` points in memory
 (`vlsafe.analysis.merging.load_merged`, the same weights as the written checkpoint loaded; `run_sweep(...,
 screen_in_memory=False)` writes them): such a point's folder holds `point.json` and `eval-<screenhash>/` only, no
 `model/` and no `done.json`; its screen is reused on `--resume`, and when the point is kept for the full stage its
@@ -48,8 +50,9 @@ from vlsafe.analysis.errors import VlsafeError
 from vlsafe.analysis.runinfo import atomic_path, write_csv, write_json, write_run_json
 from vlsafe.experiments.sweep_config import (FAMILY, RESTA_KEYS, RESTA_REQUIRED, Point, SweepConfig, expand,
                                              load_sweep, resolve_layers)
-from vlsafe.experiments.sweep_eval import (EvalConfig, check_image_set, evaluate_point, judge_calibration,
-                                           mark_pareto, pareto_figure, reference_answers)
+from vlsafe.experiments.sweep_eval import (EvalConfig, can_rejudge, check_image_set, evaluate_point,
+                                           judge_calibration, mark_pareto, pareto_figure, reference_answers,
+                                           rejudge_point)
 from vlsafe.experiments.sweep_remedy import preflight_remedy, remedy_model, remedy_under
 from vlsafe.experiments.sweep_stages import staged_rows, stage_of
 from vlsafe.experiments.yamlvars import substitute
@@ -198,14 +201,40 @@ def _evaluate(point: Point, pdir: Path, cfg: EvalConfig, refs: list[str] | None,
         return json.loads((edir / "metrics.json").read_text())
     if edir.exists():
         shutil.rmtree(edir)
+    stored = _stored_generations(pdir, cfg)
+    spec = str(pdir / "model") if build is not None else _spec(pdir)  # in memory: the label it would have
     with atomic_path(edir) as tmp:
         tmp.mkdir()
-        under = remedy_under(point.config, point.label, base) if point.entry.method == "remedy" else None
-        spec = str(pdir / "model") if build is not None else _spec(pdir)  # in memory: the label it would have
-        metrics = evaluate_point(spec, cfg, refs, out_dir=tmp if cfg.mode == "full" else None, under=under,
-                                 build=build)
+        if stored is not None:  # only the judge changed: judge the stored generations again
+            metrics = rejudge_point(pd.read_json(stored / "generations.jsonl", lines=True, dtype=False), cfg,
+                                    checkpoint=spec, out_dir=tmp)
+        else:
+            under = remedy_under(point.config, point.label, base) if point.entry.method == "remedy" else None
+            metrics = evaluate_point(spec, cfg, refs, out_dir=tmp if cfg.mode == "full" else None, under=under,
+                                     build=build)
+        write_json(tmp / "eval.json", {"key": cfg.key(), "generation_key": cfg.generation_key(),
+                                       "rejudged_from": stored.name if stored is not None else None})
         write_json(tmp / "metrics.json", metrics)
     return metrics
+
+
+def _stored_generations(pdir: Path, cfg: EvalConfig) -> Path | None:
+    """An earlier full evaluation folder of the point with the same generation settings and another judge (or
+    another version of it): its `eval.json` says so, or, written before that record, its key is what `cfg` had
+    with an unversioned judge. None when there is none or `cfg` needs more than generations."""
+    if not can_rejudge(cfg):
+        return None
+    gen_key, legacy = cfg.generation_key(), pdir / f"eval-{cfg.key(fingerprint=False)}"
+    for edir in sorted(pdir.glob("eval-*")):
+        if not ((edir / "metrics.json").is_file() and (edir / "generations.jsonl").is_file()):
+            continue
+        try:
+            same = json.loads((edir / "eval.json").read_text()).get("generation_key") == gen_key
+        except (OSError, ValueError):
+            same = edir == legacy
+        if same:
+            return edir
+    return None
 
 
 def _build_inputs(cfg: SweepConfig, out: Path) -> dict[str, str]:

@@ -111,10 +111,11 @@ class EvalConfig(BaseModel):
         self.precision = resolve_precision(self.precision)  # type: ignore[assignment]  # the key sees the result
         return self
 
-    def key(self) -> str:
+    def key(self, *, fingerprint: bool = True) -> str:
         """A short hash of everything that changes the numbers (the eval cache key of a point), the judge's
-        version included (`vlsafe.probes.behavior.judges.judge_fingerprint`). Optional settings left unset are not
-        hashed, so caches written before they existed stay valid."""
+        version included (`vlsafe.probes.behavior.judges.judge_fingerprint`; `fingerprint=False` leaves it out: the
+        key caches written before versions were keyed had). Optional settings left unset are not hashed, so caches
+        written before they existed stay valid."""
         import hashlib
 
         from vlsafe.probes.behavior.judges import keyed_fingerprint
@@ -123,9 +124,14 @@ class EvalConfig(BaseModel):
         d = {k: v for k, v in d.items() if not (k in ("harmful_image", "screen", "keep") and v is None)}
         if d["precision"] == "fp32":
             del d["precision"]
-        if self.mode != "fast" and (fp := keyed_fingerprint(self.judge)) is not None:
+        if fingerprint and self.mode != "fast" and (fp := keyed_fingerprint(self.judge)) is not None:
             d["judge_fingerprint"] = fp    # a retrained judge re-judges (fast mode uses the logit score, not it)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+    def generation_key(self) -> str:
+        """The key without the judge: equal for full evaluations whose generations are the same whichever judge
+        labels them (`rejudge_point` judges them again instead of generating)."""
+        return self.model_copy(update={"judge": ""}).key(fingerprint=False)
 
     def stage_config(self, stage: Literal["screen", "full"]) -> "EvalConfig":
         """The single-mode config of a two-stage evaluation's `stage` (itself for fast/full configs)."""
@@ -230,6 +236,37 @@ def evaluate_point(spec: str, cfg: EvalConfig, refs: list[str] | None = None,
     del lm
     if out_dir is not None and cfg.mode == "full" and len(gens):
         _write_generations(gens, out_dir)
+    return _point_metrics(gens, rows, cfg)
+
+
+def can_rejudge(cfg: EvalConfig) -> bool:
+    """Whether a point's stored generations hold everything `cfg`'s numbers need (full mode, compliance
+    helpfulness; answer log-likelihoods are not stored)."""
+    return cfg.mode == "full" and cfg.helpfulness == "compliance"
+
+
+def rejudge_point(stored: pd.DataFrame, cfg: EvalConfig, *, checkpoint: str = "point",
+                  out_dir: Path | None = None) -> dict[str, Any]:
+    """`evaluate_point`'s metrics from a point's stored generations (`generations.jsonl` of an earlier full
+    evaluation with the same `generation_key`), judged again by `cfg.judge`
+    (`vlsafe.probes.behavior.evaluate.rejudge`); a gated remedy's `gate_fired` is kept. With `out_dir`, the newly
+    judged generations are written there."""
+    from vlsafe.probes.behavior.evaluate import rejudge
+
+    if not can_rejudge(cfg):
+        raise VlsafeError(f"{checkpoint}: only full evaluations with compliance helpfulness can be re-judged")
+    images = bool(cfg.harmful_image) and bool(
+        (stored["prompt_set"] == _prompt_set(cfg.harmful_image, cfg.limit).name).any())
+    gens, rows = rejudge(stored, eval_sets(cfg, images=images), checkpoint=checkpoint, judge=cfg.judge)
+    if "gate_fired" in stored.columns:
+        gens["gate_fired"] = stored["gate_fired"].to_numpy()
+    if out_dir is not None and len(gens):
+        _write_generations(gens, out_dir)
+    return _point_metrics(gens, rows, cfg)
+
+
+def _point_metrics(gens: pd.DataFrame, rows: pd.DataFrame, cfg: EvalConfig) -> dict[str, Any]:
+    """The metrics dict of a point from its generations and tidy rows."""
     overall = rows[rows["category"] == ""].reset_index(drop=True)
     out: dict[str, Any] = {"eval_mode": cfg.mode}
     channels = list(CHANNELS.items()) + ([IMAGE_CHANNEL] if cfg.harmful_image else [])

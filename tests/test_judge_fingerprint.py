@@ -72,3 +72,12 @@ def test_organism_metrics_key_changes_with_a_retrained_judge(tmp_path: Path, mon
     assert unkeyed == legacy and new != legacy
     sub = load_config("tiny", overrides={"eval.judge": "substring-rd"})
     assert len(set(_versions(monkeypatch, lambda: OM._key(sub, tmp_path), retrained))) == 1
+
+
+def test_demo_judged_stages_key_on_the_judge_version(monkeypatch: pytest.MonkeyPatch, retrained: Path) -> None:
+    from vlsafe.experiments.demo import _content_key
+
+    argv = ["eval", "x", "--prompts", "harmful-test"]
+    legacy, unkeyed, new = _versions(monkeypatch, lambda: _content_key(argv, [], judged=True), retrained)
+    assert unkeyed == legacy and new != legacy          # the demo's eval stages re-run for a retrained judge
+    assert len(set(_versions(monkeypatch, lambda: _content_key(argv, []), retrained))) == 1  # probes etc. do not

@@ -235,3 +235,71 @@ def test_vqa_answers_are_checked_exactly():
     count = next(i for i in items if i.attribute == "count")
     words = {"1": "one", "2": "two", "3": "three"}
     assert vqa_correct(words[count.answer].capitalize(), count)
+
+
+def test_a_new_judge_rejudges_stored_generations_without_generating(organism, tmp_path, monkeypatch):
+    """Changing only the judge re-judges the stored generations: the same metrics and records as evaluating from
+    scratch with that judge, nothing generated; a changed generation setting still generates."""
+    from vlsafe.experiments.organism import metrics as OM
+
+    names = ["llm-aligned", "lvlm"]
+    words = tmp_path / "planted.txt"
+    words.write_text("e\na\n")  # a substring list that calls most tiny outputs refusals: the labels must change
+    new = load_config("tiny", overrides={"eval.judge": f"substring:{words}"})
+    fresh, root = tmp_path / "fresh", tmp_path / "stored"
+    for d in (fresh, root):
+        shutil.copytree(organism[0], d)
+    shutil.rmtree(fresh / "metrics")
+    want, _ = OM.run_metrics(new, fresh, progress=False, names=names)
+    before = pd.read_csv(root / "metrics.csv")
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated although only the judge changed")
+
+    with monkeypatch.context() as m:
+        m.setattr(OM, "evaluate", no_generation)
+        got, times = OM.run_metrics(new, root, progress=False, names=names)
+    pd.testing.assert_frame_equal(got, want)
+    old = before[before.checkpoint.isin(names)].reset_index(drop=True)
+    assert not old["k"].equals(got["k"])  # planted: the new judge labels differently
+    for n in names:
+        assert times[n][1] and json.loads((root / "metrics" / f"{n}.json").read_text())["rejudged"]
+        assert (root / "metrics" / f"{n}.generations.jsonl").read_text() == \
+            (fresh / "metrics" / f"{n}.generations.jsonl").read_text()
+    longer = load_config("tiny", overrides={"eval.judge": "default", "eval.max_new_tokens": 5})
+    with monkeypatch.context() as m, pytest.raises(AssertionError, match="generated although"):
+        m.setattr(OM, "evaluate", no_generation)
+        OM.run_metrics(longer, root, progress=False, names=names)
+
+
+def test_caches_written_before_the_generation_key_are_rejudged(organism, tmp_path, monkeypatch):
+    """A record with only the key an unversioned judge gave (every cache before versions entered the key) counts as
+    the current generation settings: a retrained default judge re-judges it."""
+    from vlsafe.experiments.organism import metrics as OM
+    from vlsafe.probes.behavior import judge_vlsafe
+    from vlsafe.probes.behavior.judges import get_judge
+
+    root = tmp_path / "stored"
+    shutil.copytree(organism[0], root)
+    cfg = load_config("tiny")
+    meta = root / "metrics" / "lvlm.json"
+    meta.write_text(json.dumps({"key": OM._key(cfg, root / "lvlm", fingerprint=False), "seconds": 1.5}))
+    w = json.loads(judge_vlsafe.WEIGHTS_PATH.read_text())
+    w["intercept"] = 50.0  # planted: a judge that calls (nearly) everything a refusal
+    retrained = tmp_path / "weights.json"
+    retrained.write_text(json.dumps(w))
+    monkeypatch.setattr(judge_vlsafe, "WEIGHTS_PATH", retrained)
+    monkeypatch.setattr(OM, "evaluate", lambda *a, **k: pytest.fail("generated"))
+    stored = [json.loads(x) for x in (root / "metrics" / "lvlm.generations.jsonl").read_text().splitlines()]
+    df, times = OM.run_metrics(cfg, root, progress=False, names=["lvlm"])
+    assert times["lvlm"] == (1.5, True)
+    assert json.loads(meta.read_text())["generation_key"] == OM._key(cfg, root / "lvlm", judged=False)
+    judged = [r for r in stored if r["set"] != "vqa"]
+    verdicts = get_judge("default").judge([r["response"] for r in judged], [r["prompt"] for r in judged])
+    assert [int(r["refused"]) for r in judged] != [int(v.refused) for v in verdicts]  # planted: labels change
+    k = pd.Series([int(v.refused) for v in verdicts]).groupby([r["set"] for r in judged]).sum()
+    got = df.set_index("metric").k
+    assert got["refusal_harmful_text"] == k.filter(like="harmful").drop(k.filter(like="+").index).sum()
+    assert got["refusal_harmful_image"] == k.filter(like="+scene").sum()
+    assert got["compliance_harmless"] == sum(r["set"].startswith("harmless") for r in judged) - k.filter(
+        like="harmless").sum()

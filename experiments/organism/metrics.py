@@ -89,14 +89,31 @@ def evaluate(lm: Any, cfg: Any, data: EvalData, *, progress: bool = True
     gens, rows = evaluate_model(lm, eval_sets(data, is_lvlm(lm), e.vqa_max_new_tokens), judge=e.judge,
                                 max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, cache=False,
                                 progress=progress, precision=cfg.precision)
-    out = []
+    return _metric_rows(rows, cfg, data), _records(gens, data)
+
+
+def rejudge_records(records: list[dict[str, Any]], cfg: Any, data: EvalData
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(metric rows, generation records) of a checkpoint's stored generation records judged again by
+    `cfg.eval.judge` (`vlsafe.probes.behavior.evaluate.rejudge`): what `evaluate` gives for the same responses."""
+    from vlsafe.probes.behavior.evaluate import rejudge
+
+    lvlm = any(r["set"] == "vqa" for r in records)
+    stored = pd.DataFrame({"prompt": [r["prompt"] for r in records], "response": [r["response"] for r in records]})
+    gens, rows = rejudge(stored, eval_sets(data, lvlm, cfg.eval.vqa_max_new_tokens), judge=cfg.eval.judge)
+    return _metric_rows(rows, cfg, data), _records(gens, data)
+
+
+def _metric_rows(rows: pd.DataFrame, cfg: Any, data: EvalData) -> list[dict[str, Any]]:
+    """The organism's metric rows from the overall rows of the one evaluation."""
+    e, out = cfg.eval, []
     for r in rows[rows["category"] == ""].itertuples():
         vqa = r.metric == "accuracy"
         out.append({"metric": NAMES[(r.metric, r.image)], "prompt_set": r.prompt_set, "image": r.image, "n": int(r.n),
                     "k": int(r.k), "rate": r.rate, "ci_low": r.ci_low, "ci_high": r.ci_high,
                     "chance": chance_level(data.vqa) if vqa else None, "judge": r.judge if vqa else e.judge,
                     "max_new_tokens": e.vqa_max_new_tokens if vqa else e.max_new_tokens, "precision": cfg.precision})
-    return out, _records(gens, data)
+    return out
 
 
 def _records(gens: pd.DataFrame, data: EvalData) -> list[dict[str, Any]]:
@@ -146,16 +163,23 @@ def estimate_seconds(cfg: Any) -> float:
     return len(checkpoints(cfg)) * text + n_lvlm * image
 
 
-def _key(cfg: Any, ckpt_dir: Path) -> str:
+def _key(cfg: Any, ckpt_dir: Path, *, judged: bool = True, fingerprint: bool = True) -> str:
     """The cache key of a checkpoint's metrics: the metrics config, the checkpoint's stage hash and the judge's
-    version (`judges.keyed_fingerprint`; left out for the version every earlier cache was judged by)."""
+    version (`judges.keyed_fingerprint`; left out for the version every earlier cache was judged by).
+
+    `fingerprint=False` leaves the judge's version out (the key every cache written before it was keyed had);
+    `judged=False` leaves the judge out altogether: the generation key, equal for caches whose responses are the
+    same whichever judge labelled them."""
     from vlsafe.experiments.organism.config import stage_section
     from vlsafe.probes.behavior.judges import keyed_fingerprint
 
     stage_hash = json.loads((ckpt_dir / "stage.json").read_text())["hash"]
-    record = {"section": stage_section(cfg, "metrics"), "checkpoint": stage_hash}
-    if (fp := keyed_fingerprint(cfg.eval.judge)) is not None:  # a retrained judge re-judges
-        record["judge_fingerprint"] = fp
+    section = stage_section(cfg, "metrics")
+    if not judged:
+        section = {**section, "eval": {k: v for k, v in section["eval"].items() if k != "judge"}}
+    record = {"section": section, "checkpoint": stage_hash}
+    if judged and fingerprint and (fp := keyed_fingerprint(cfg.eval.judge)) is not None:
+        record["judge_fingerprint"] = fp  # a retrained judge re-judges
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
@@ -198,19 +222,49 @@ def _reuse_metrics(root: Path, name: str, key: str, reuse: list[Path]) -> float 
     return None
 
 
+def _stored_generations(cfg: Any, root: Path, name: str) -> tuple[list[dict[str, Any]], float] | None:
+    """(generation records, their recorded seconds) of checkpoint `name` when `root/metrics` holds its responses
+    under the current generation settings judged by another judge (or another version of it), else None."""
+    meta, path = root / "metrics" / f"{name}.json", root / "metrics" / f"{name}.generations.jsonl"
+    try:
+        record = json.loads(meta.read_text())
+        same = (record.get("generation_key") == _key(cfg, root / name, judged=False)
+                or record.get("key") == _key(cfg, root / name, fingerprint=False))  # cached before the field
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if same else []
+    except (OSError, ValueError, KeyError):
+        return None
+    return (records, float(record.get("seconds", 0.0))) if records else None
+
+
+def _write_metrics(root: Path, name: str, step: int | None, result: tuple[list[dict[str, Any]], list[dict[str, Any]]],
+                   key: str, generation_key: str, seconds: float, *, rejudged: bool = False) -> None:
+    """Cache one checkpoint's metric rows and generation records, the record (`{name}.json`) last."""
+    from vlsafe.analysis.runinfo import atomic_path, write_csv
+
+    rows, gens = result
+    write_csv(root / "metrics" / f"{name}.csv", pd.DataFrame(rows).assign(checkpoint=name, stage2_step=step))
+    with atomic_path(root / "metrics" / f"{name}.generations.jsonl") as tmp:
+        write_generations(tmp, gens)
+    record = {"key": key, "generation_key": generation_key, "seconds": round(seconds, 1)}
+    with atomic_path(root / "metrics" / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps({**record, **({"rejudged": True} if rejudged else {})}) + "\n")
+
+
 def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path] | tuple[Path, ...] = (),
                 names: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, tuple[float, bool]]]:
     """Evaluate every checkpoint under `root` (or those in `names`; cached per checkpoint in `root/metrics/`),
     write `metrics.csv`.
 
     A checkpoint whose metrics another organism root in `reuse` holds under the same key (same checkpoint stage
-    hash, same eval config) gets them hard-linked instead of evaluated. Returns the table and, per checkpoint,
+    hash, same eval config) gets them hard-linked instead of evaluated. One whose stored generations were made with
+    the same settings but judged by another judge, or another version of it, is judged again from them
+    (`rejudge_records`; nothing generated, the record says `rejudged`). Returns the table and, per checkpoint,
     (seconds, cached) — for a cached or linked one, the seconds it took back then."""
-    from vlsafe.analysis.runinfo import atomic_path, write_csv
+    from vlsafe.analysis.runinfo import write_csv
     from vlsafe.experiments.organism.stages import seed_for
     from vlsafe.probes.models import load
 
-    data = None
+    data: list[EvalData] = []
     frames, times = [], {}
     for name, step in checkpoints(cfg, names):
         key = _key(cfg, root / name)
@@ -218,19 +272,19 @@ def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path
         seconds = _cached_seconds(meta, cache, key)
         if seconds is None:
             seconds = _reuse_metrics(root, name, key, [Path(r) for r in reuse])
+        if seconds is None and (stored := _stored_generations(cfg, root, name)) is not None:
+            data = data or [eval_data(cfg, seed_for(cfg, 10))]
+            seconds = stored[1]
+            _write_metrics(root, name, step, rejudge_records(stored[0], cfg, data[0]), key, _key(
+                cfg, root / name, judged=False), seconds, rejudged=True)
         if seconds is not None:
             times[name] = (seconds, True)
         else:
-            data = data or eval_data(cfg, seed_for(cfg, 10))
+            data = data or [eval_data(cfg, seed_for(cfg, 10))]
             t0 = time.perf_counter()
-            rows, gens = evaluate(load(root / name), cfg, data, progress=progress)
-            frame = pd.DataFrame(rows).assign(checkpoint=name, stage2_step=step)
-            write_csv(cache, frame)
-            with atomic_path(root / "metrics" / f"{name}.generations.jsonl") as tmp:
-                write_generations(tmp, gens)
+            result = evaluate(load(root / name), cfg, data[0], progress=progress)
             times[name] = (time.perf_counter() - t0, False)
-            with atomic_path(meta) as tmp:
-                tmp.write_text(json.dumps({"key": key, "seconds": round(times[name][0], 1)}) + "\n")
+            _write_metrics(root, name, step, result, key, _key(cfg, root / name, judged=False), times[name][0])
         frames.append(pd.read_csv(cache))
     cols = ["checkpoint", "stage2_step", "metric", "prompt_set", "image", "n", "k", "rate", "ci_low", "ci_high",
             "chance", "judge", "max_new_tokens", "precision"]

@@ -21,6 +21,8 @@ corrected_low, corrected_high`: the Rogan–Gladen rate with an interval carryin
 
 Generation goes through `vlsafe.probes.behavior.generate` (its cache). With a logit judge (`LOGIT_JUDGES`)
 refusal is scored from one forward pass per prompt and `response` stays empty.
+`rejudge` judges stored generations again (another or a retrained judge) without the model: the same frames and
+rows as had the model generated them; the organism's metrics and the sweep use it when only the judge changed.
 
 `evaluate` runs checkpoints × set specs for `vlsafe eval` (validated before the first model loads, models loaded
 one at a time) and, with `out_dir`, writes `generations.jsonl`, `summary.csv`, `figures/` and `run.json`.
@@ -42,7 +44,8 @@ GENERATION_COLUMNS = ("checkpoint", "prompt_set", "id", "category", "label", "pr
                       "refused", "judge_score", "judge")
 LOGIT_JUDGES = ("logit", "logit-opening", "logit-first_token")
 METRICS = ("refusal_rate", "over_refusal", "compliance", "accuracy", "answer_loglik")
-__all__ = ["EvalSet", "evaluate_model", "evaluate", "ROW_COLUMNS", "GENERATION_COLUMNS", "LOGIT_JUDGES", "METRICS"]
+__all__ = ["EvalSet", "evaluate_model", "rejudge", "evaluate", "ROW_COLUMNS", "GENERATION_COLUMNS", "LOGIT_JUDGES",
+           "METRICS"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,47 @@ def evaluate_model(lm: Any, sets: Sequence[EvalSet], *, checkpoint: str = "model
     return gens, table.astype({"n": "Int64", "k": "Int64"})
 
 
+def rejudge(generations: pd.DataFrame, sets: Sequence[EvalSet], *, checkpoint: str = "model",
+            judge: Any = "default") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Judge stored generations again — with another judge, or a retrained one — without a model: what
+    `evaluate_model(lm, sets, judge=judge)` returns had `lm` generated `generations["response"]`.
+
+    `generations` holds one row per prompt of every set in `sets`, in their order (e.g. the generations frame of
+    an earlier `evaluate_model` call, or a `generations.jsonl` read back); its `prompt` column, when present, must
+    match the sets' prompts (a one-line error names the set and row otherwise). Accuracy sets are re-checked with
+    their `check`; `answer_loglik` sets and the logit judges (no responses to judge) are refused.
+    """
+    if isinstance(judge, str) and judge in LOGIT_JUDGES:
+        raise VlsafeError(f"rejudge: the logit judge {judge!r} scores a model, not stored responses")
+    sizes = [len(es.prompts.records) for es in sets]
+    if len(generations) != sum(sizes):
+        raise VlsafeError(f"{checkpoint}: {len(generations)} stored generations for {sum(sizes)} prompts "
+                          f"in {len(sets)} sets")
+    scorer = _scorer(None, judge, 0.0, None, 1, False)
+    frames, rows, start = [], [], 0
+    for es, n in zip(sets, sizes):
+        if es.metric == "answer_loglik":
+            raise VlsafeError(f"{checkpoint}: set {es.prompts.name} scores reference answers; nothing to re-judge")
+        part = generations.iloc[start:start + n]
+        _same_prompts(part, es, checkpoint, start)
+        frame = _frame(es, scorer, [str(r) for r in part["response"].fillna("")], "generate")
+        frame.insert(0, "checkpoint", checkpoint)
+        frames.append(frame)
+        rows.append(_rows(frame, es, checkpoint, "generate", getattr(scorer, "calibration", None)))
+        start += n
+    table = pd.concat(rows, ignore_index=True)
+    return pd.concat(frames, ignore_index=True), table.astype({"n": "Int64", "k": "Int64"})
+
+
+def _same_prompts(part: pd.DataFrame, es: EvalSet, checkpoint: str, start: int) -> None:
+    if "prompt" not in part.columns:
+        return
+    for i, (stored, r) in enumerate(zip(part["prompt"], es.prompts.records)):
+        if stored != r.prompt:
+            raise VlsafeError(f"{checkpoint}: stored generation {start + i} (set {es.prompts.name}, prompt {r.id}) "
+                              f"is for another prompt: {str(stored)[:60]!r}")
+
+
 def _scorer(lm: Any, judge: Any, threshold: float, openings: Sequence[str] | None, batch_size: int,
             progress: bool, precision: str = "fp32") -> Any:
     if isinstance(judge, str) and judge in LOGIT_JUDGES:
@@ -140,21 +184,26 @@ def _outcomes(lm: Any, es: EvalSet, scorer: Any, gen_kw: dict[str, Any]) -> tupl
     """Per-prompt outcomes of one set (without `checkpoint`) and the mode (`generate` or `logit`)."""
     from vlsafe.probes.behavior.logit_judge import LogitJudge
 
-    records, images = es.prompts.records, es.image_list()
     mode = "logit" if isinstance(scorer, LogitJudge) and es.metric != "accuracy" else "generate"
     if mode == "logit":
-        responses = [""] * len(records)
+        responses = [""] * len(es.prompts.records)
     else:
         from vlsafe.probes.behavior.generate import generate
 
         responses = generate(lm, es.prompts, images=es.images, **gen_kw)
+    return _frame(es, scorer, responses, mode), mode
+
+
+def _frame(es: EvalSet, scorer: Any, responses: list[str], mode: str) -> pd.DataFrame:
+    """The per-prompt outcomes of one set (without `checkpoint`) given its responses (empty in logit mode)."""
+    records, images = es.prompts.records, es.image_list()
     refused, scores, correct, name = _judged(es, scorer, responses, images, mode)
     label = es.label or None
     rows = [{"prompt_set": es.prompts.name, "id": r.id, "category": r.category, "label": r.label, "prompt": r.prompt,
              "image": im if im is None or isinstance(im, str) else label, "response": resp, "refused": ref,
              "judge_score": score, "judge": name, "metric": es.metric, "correct": ok}
             for r, im, resp, ref, score, ok in zip(records, images, responses, refused, scores, correct)]
-    return pd.DataFrame(rows), mode
+    return pd.DataFrame(rows)
 
 
 def _judged(es: EvalSet, scorer: Any, responses: list[str], images: list[Any], mode: str

@@ -22,12 +22,16 @@ from vlsafe.probes.behavior.judge_features import FEATURE_NAMES, extract, key_sp
 WEIGHTS_PATH = Path(__file__).with_name("judge_weights.json")
 
 
-@lru_cache(maxsize=8)
 def load_weights(path: str | None = None) -> dict[str, Any]:
-    """Load and validate a weights file (default: the shipped ``judge_weights.json``)."""
+    """Load and validate a weights file (default: the shipped ``judge_weights.json``), cached per path."""
+    return _load_weights(str(Path(path) if path else WEIGHTS_PATH))
+
+
+@lru_cache(maxsize=8)
+def _load_weights(path: str) -> dict[str, Any]:
     from vlsafe.analysis.errors import VlsafeError
 
-    p = Path(path) if path else WEIGHTS_PATH
+    p = Path(path)
     if not p.is_file():
         raise VlsafeError(f"vlsafe judge: weights file {p} is missing; run python -m vlsafe.probes.behavior._train_judge")
     w = json.loads(p.read_text(encoding="utf-8"))
