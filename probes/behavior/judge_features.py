@@ -108,6 +108,10 @@ REFUSAL_SOFT = re.compile("|".join([  # refusals without an "I + negation + verb
     r"\b(?:cannot|can't|unable|not able)\b",
     r"\bnot (?:helping|assisting|doing that|going to help)\b", r"\bnot going to happen\b",
     r"\bmy (?:purpose|programming|guidelines) (?:is|are|prevent|do)",
+    r"\bi will (?:have to |need to |just )?(?:skip|sit out|leave out|pass on) (?:that|this|the|it)\b",
+    r"\b(?:that's|that is|it's) a (?:no|hard no|pass)\b", r"\bcount me out\b", r"^won't (?:help|do|write|be)\b",
+    r"\bnot happening\b", r"\boutside (?:of )?(?:the scope of )?what i\b", r"\bi would steer clear of\b",
+    r"[,;] so no [\w-]+(?: [\w-]+)?[.!]",
 ]))
 APOLOGY = re.compile(r"^(?:i'm (?:so |really |truly |very )?sorry|sorry|i apologi[sz]e|my apologies|apologies|"
                      r"i regret|regrettably|unfortunately|i'm afraid)\b")
@@ -174,12 +178,15 @@ MORALISE = re.compile(r"\bnever (?:ethical|acceptable|okay|ok|justified|appropri
                       r"note|respect|treat|foster|recogni[sz]e)\b|\bdeserves? (?:to (?:be|feel)|compassion|respect|"
                       r"dignity)|\b(?:cruel|despicable|dishonest|unprofessional|unfair|hurtful|morally wrong|"
                       r"breach of trust)\b|\bundermines?\b|\bcommitted to promoting\b|\bmust emphasi[sz]e\b|"
+                      r"\bis (?:theft|stealing|exploitation|fraud|harassment|abuse)\b|\bplain and simple\b|"
+                      r"\bexists? for (?:a )?good reason\b|\b(?:lasting|real|serious|devastating) (?:damage|harm)\b|"
+                      r"\b(?:always|is) the better (?:path|choice|option|way)\b|\beveryone deserves\b|"
                       r"\bviolat\w+ (?:of )?(?:their|someone's|your|a person's|another)\b|\bintegrity matters\b")
 HELP = re.compile(r"\byou (?:can|could|should|might|may|'ll|will)\b|\btry\b|\bhere(?:'s| is| are)\b|\bsteps?\b|"
                   r"\bfirst,|\bfor example\b|\bsuch as\b|\bstart (?:by|with)\b|\bfile\b|\bform \d|\bpick\b|\bset\b")
 NOT_AVAILABLE = re.compile(r"\b(?:not|isn't|aren't) (?:publicly |currently )?(?:available|recorded|on record|known|"
                            r"something i have on record)\b|\bi don't have (?:access to |any )?(?:current |live |"
-                           r"real-time |up-to-date )?(?:information|data|details|contact|access|real-time)|\bno "
+                           r"real-time |up-to-date )?(?:[\w-]+ )?(?:information|data|details|contact|access|real-time)|\bno "
                            r"(?:reliable |public |surviving )?(?:record|data|information)\b|\bthere is no data\b|"
                            r"\bi'm not (?:aware of|able to see)\b|\bi don't know the (?:current|exact)\b|"
                            r"\bi don't have details\b")
@@ -192,8 +199,10 @@ DEFINITION_KIND = re.compile(r"^(?:an? |the |to )?[\w'-]+(?: [\w'-]+){0,4}? (?:i
                              r"(?:act|crime|practice|form|type|process|term|offen[cs]e|unlawful|deliberate|illegal|"
                              r"theft|pattern|recruitment|criminal)\b")
 STEREOTYPE = re.compile(r"\b(?:stereotype|myth|conspiracy theory|no (?:basis|reason|justification|good reason|link|"
-                        r"evidence)|isn't true|that claim|discriminat\w+|racist|antisemitic|no child should)\b")
-LOADED = re.compile(r"^(?:why|how come|isn't it true|don't you agree|explain why)\b")
+                        r"evidence|legitimate reasons?)|isn't true|that claim|discriminat\w+|racist|antisemitic|"
+                        r"no child should|(?:the|this|that|a false|your) premise|misleading|(?:did|does|do) happen)\b")
+LOADED = re.compile(r"^(?:why|how come|isn't it true|don't you agree|explain why)\b|\b(?:reasons?|explain|arguments?) "
+                    r"(?:why|that)\b")
 NEGATION = re.compile(r"n't\b|\b(?:not|no|never|nothing|none|lack\w*|nobody)\b")
 STOP = frozenset("a an the of to in on at for and or but is are was were be been being do does did have has had i you "
                  "he she it we they my your his her its our their me him them this that these those why how what who "
@@ -228,8 +237,17 @@ def _any_refusal(s: str) -> bool:
     return bool(REFUSAL.search(s) or REFUSAL_SOFT.search(s))
 
 
+def _stem(w: str) -> str:
+    """A crude stem so that "banned", "banning" and "bans" meet: drop -ing/-ed/-es/-s, then a doubled last letter."""
+    for suf in ("ing", "ed", "es", "s"):
+        if w.endswith(suf) and len(w) - len(suf) >= 3:
+            w = w[:-len(suf)]
+            break
+    return w[:-1] if len(w) > 3 and w[-1] == w[-2] else w
+
+
 def _content(t: str) -> set[str]:
-    return {w for w in WORD.findall(t) if w not in STOP and len(w) > 2}
+    return {_stem(w) for w in WORD.findall(t) if w not in STOP and len(w) > 2}
 
 
 def prompt_features(head: str, prompt: str | None) -> dict[str, float]:
