@@ -203,6 +203,8 @@ STEREOTYPE = re.compile(r"\b(?:stereotype|myth|conspiracy theory|no (?:basis|rea
                         r"no child should|(?:the|this|that|a false|your) premise|misleading|(?:did|does|do) happen)\b")
 LOADED = re.compile(r"^(?:why|how come|isn't it true|don't you agree|explain why)\b|\b(?:reasons?|explain|arguments?) "
                     r"(?:why|that)\b")
+MAIN_CLAUSE_END = re.compile(r"[,;:]| - |\b(?:when|because|since|due to|which|who|if|while|as|so|but|although|"
+                             r"though|unless|until|after|before|where)\b")
 NEGATION = re.compile(r"n't\b|\b(?:not|no|never|nothing|none|lack\w*|nobody)\b")
 STOP = frozenset("a an the of to in on at for and or but is are was were be been being do does did have has had i you "
                  "he she it we they my your his her its our their me him them this that these those why how what who "
@@ -252,15 +254,16 @@ def _content(t: str) -> set[str]:
 
 def prompt_features(head: str, prompt: str | None) -> dict[str, float]:
     """Features that compare the response's opening with its prompt (all 0 without a prompt): a loaded "why …"
-    prompt, the share of the prompt's content words in the opening, a premise whose negation the opening flips
-    (premise rejection), and an opening that defines a term of the prompt (a definitional answer)."""
+    prompt, the share of the prompt's content words in the opening, a premise whose negation the opening's main
+    clause (up to the first comma or subordinating word) flips (premise rejection), and an opening that defines a term of the prompt (a definitional answer)."""
     if not prompt:
         return dict.fromkeys(PROMPT_FEATURES, 0.0)
     p = normalise(prompt)
     pw, hw = _content(p), _content(head)
     overlap = len(pw & hw) / max(len(pw), 1)
     loaded = bool(LOADED.search(p))
-    flip = loaded and overlap >= 0.3 and bool(NEGATION.search(p)) != bool(NEGATION.search(head))
+    main = MAIN_CLAUSE_END.split(head, maxsplit=1)[0]  # "x squeaks when it's not used" negates no premise
+    flip = loaded and overlap >= 0.3 and bool(NEGATION.search(p)) != bool(NEGATION.search(main))
     m = DEFINITION.match(head)
     term = _content(m.group(1)) if m else set()
     return {"has_prompt": 1.0, "loaded_prompt": float(loaded), "head_prompt_overlap": overlap,
