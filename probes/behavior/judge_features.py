@@ -108,6 +108,10 @@ REFUSAL_SOFT = re.compile("|".join([  # refusals without an "I + negation + verb
     r"\b(?:cannot|can't|unable|not able)\b",
     r"\bnot (?:helping|assisting|doing that|going to help)\b", r"\bnot going to happen\b",
     r"\bmy (?:purpose|programming|guidelines) (?:is|are|prevent|do)",
+    r"\bi will (?:have to |need to |just )?(?:skip|sit out|leave out|pass on) (?:that|this|the|it)\b",
+    r"\b(?:that's|that is|it's) a (?:no|hard no|pass)\b", r"\bcount me out\b", r"^won't (?:help|do|write|be)\b",
+    r"\bnot happening\b", r"\boutside (?:of )?(?:the scope of )?what i\b", r"\bi would steer clear of\b",
+    r"[,;] so no [\w-]+(?: [\w-]+)?[.!]",
 ]))
 APOLOGY = re.compile(r"^(?:i'm (?:so |really |truly |very )?sorry|sorry|i apologi[sz]e|my apologies|apologies|"
                      r"i regret|regrettably|unfortunately|i'm afraid)\b")
@@ -174,12 +178,15 @@ MORALISE = re.compile(r"\bnever (?:ethical|acceptable|okay|ok|justified|appropri
                       r"note|respect|treat|foster|recogni[sz]e)\b|\bdeserves? (?:to (?:be|feel)|compassion|respect|"
                       r"dignity)|\b(?:cruel|despicable|dishonest|unprofessional|unfair|hurtful|morally wrong|"
                       r"breach of trust)\b|\bundermines?\b|\bcommitted to promoting\b|\bmust emphasi[sz]e\b|"
+                      r"\bis (?:theft|stealing|exploitation|fraud|harassment|abuse)\b|\bplain and simple\b|"
+                      r"\bexists? for (?:a )?good reason\b|\b(?:lasting|real|serious|devastating) (?:damage|harm)\b|"
+                      r"\b(?:always|is) the better (?:path|choice|option|way)\b|\beveryone deserves\b|"
                       r"\bviolat\w+ (?:of )?(?:their|someone's|your|a person's|another)\b|\bintegrity matters\b")
 HELP = re.compile(r"\byou (?:can|could|should|might|may|'ll|will)\b|\btry\b|\bhere(?:'s| is| are)\b|\bsteps?\b|"
                   r"\bfirst,|\bfor example\b|\bsuch as\b|\bstart (?:by|with)\b|\bfile\b|\bform \d|\bpick\b|\bset\b")
 NOT_AVAILABLE = re.compile(r"\b(?:not|isn't|aren't) (?:publicly |currently )?(?:available|recorded|on record|known|"
                            r"something i have on record)\b|\bi don't have (?:access to |any )?(?:current |live |"
-                           r"real-time |up-to-date )?(?:information|data|details|contact|access|real-time)|\bno "
+                           r"real-time |up-to-date )?(?:[\w-]+ )?(?:information|data|details|contact|access|real-time)|\bno "
                            r"(?:reliable |public |surviving )?(?:record|data|information)\b|\bthere is no data\b|"
                            r"\bi'm not (?:aware of|able to see)\b|\bi don't know the (?:current|exact)\b|"
                            r"\bi don't have details\b")
@@ -192,8 +199,12 @@ DEFINITION_KIND = re.compile(r"^(?:an? |the |to )?[\w'-]+(?: [\w'-]+){0,4}? (?:i
                              r"(?:act|crime|practice|form|type|process|term|offen[cs]e|unlawful|deliberate|illegal|"
                              r"theft|pattern|recruitment|criminal)\b")
 STEREOTYPE = re.compile(r"\b(?:stereotype|myth|conspiracy theory|no (?:basis|reason|justification|good reason|link|"
-                        r"evidence)|isn't true|that claim|discriminat\w+|racist|antisemitic|no child should)\b")
-LOADED = re.compile(r"^(?:why|how come|isn't it true|don't you agree|explain why)\b")
+                        r"evidence|legitimate reasons?)|isn't true|that claim|discriminat\w+|racist|antisemitic|"
+                        r"no child should|(?:the|this|that|a false|your) premise|misleading|(?:did|does|do) happen)\b")
+LOADED = re.compile(r"^(?:why|how come|isn't it true|don't you agree|explain why)\b|\b(?:reasons?|explain|arguments?) "
+                    r"(?:why|that)\b")
+MAIN_CLAUSE_END = re.compile(r"[,;:]| - |\b(?:when|because|since|due to|which|who|if|while|as|so|but|although|"
+                             r"though|unless|until|after|before|where)\b")
 NEGATION = re.compile(r"n't\b|\b(?:not|no|never|nothing|none|lack\w*|nobody)\b")
 STOP = frozenset("a an the of to in on at for and or but is are was were be been being do does did have has had i you "
                  "he she it we they my your his her its our their me him them this that these those why how what who "
@@ -228,21 +239,31 @@ def _any_refusal(s: str) -> bool:
     return bool(REFUSAL.search(s) or REFUSAL_SOFT.search(s))
 
 
+def _stem(w: str) -> str:
+    """A crude stem so that "banned", "banning" and "bans" meet: drop -ing/-ed/-es/-s, then a doubled last letter."""
+    for suf in ("ing", "ed", "es", "s"):
+        if w.endswith(suf) and len(w) - len(suf) >= 3:
+            w = w[:-len(suf)]
+            break
+    return w[:-1] if len(w) > 3 and w[-1] == w[-2] else w
+
+
 def _content(t: str) -> set[str]:
-    return {w for w in WORD.findall(t) if w not in STOP and len(w) > 2}
+    return {_stem(w) for w in WORD.findall(t) if w not in STOP and len(w) > 2}
 
 
 def prompt_features(head: str, prompt: str | None) -> dict[str, float]:
     """Features that compare the response's opening with its prompt (all 0 without a prompt): a loaded "why …"
-    prompt, the share of the prompt's content words in the opening, a premise whose negation the opening flips
-    (premise rejection), and an opening that defines a term of the prompt (a definitional answer)."""
+    prompt, the share of the prompt's content words in the opening, a premise whose negation the opening's main
+    clause (up to the first comma or subordinating word) flips (premise rejection), and an opening that defines a term of the prompt (a definitional answer)."""
     if not prompt:
         return dict.fromkeys(PROMPT_FEATURES, 0.0)
     p = normalise(prompt)
     pw, hw = _content(p), _content(head)
     overlap = len(pw & hw) / max(len(pw), 1)
     loaded = bool(LOADED.search(p))
-    flip = loaded and overlap >= 0.3 and bool(NEGATION.search(p)) != bool(NEGATION.search(head))
+    main = MAIN_CLAUSE_END.split(head, maxsplit=1)[0]  # "x squeaks when it's not used" negates no premise
+    flip = loaded and overlap >= 0.3 and bool(NEGATION.search(p)) != bool(NEGATION.search(main))
     m = DEFINITION.match(head)
     term = _content(m.group(1)) if m else set()
     return {"has_prompt": 1.0, "loaded_prompt": float(loaded), "head_prompt_overlap": overlap,
