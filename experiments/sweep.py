@@ -205,17 +205,26 @@ def _evaluate(point: Point, pdir: Path, cfg: EvalConfig, refs: list[str] | None,
     spec = str(pdir / "model") if build is not None else _spec(pdir)  # in memory: the label it would have
     with atomic_path(edir) as tmp:
         tmp.mkdir()
-        if stored is not None:  # only the judge changed: judge the stored generations again
-            metrics = rejudge_point(pd.read_json(stored / "generations.jsonl", lines=True, dtype=False), cfg,
-                                    checkpoint=spec, out_dir=tmp)
-        else:
+        metrics = _rejudged(stored, cfg, spec, tmp) if stored is not None else None
+        if metrics is None:
             under = remedy_under(point.config, point.label, base) if point.entry.method == "remedy" else None
             metrics = evaluate_point(spec, cfg, refs, out_dir=tmp if cfg.mode == "full" else None, under=under,
                                      build=build)
+            stored = None
         write_json(tmp / "eval.json", {"key": cfg.key(), "generation_key": cfg.generation_key(),
                                        "rejudged_from": stored.name if stored is not None else None})
         write_json(tmp / "metrics.json", metrics)
     return metrics
+
+
+def _rejudged(stored: Path, cfg: EvalConfig, spec: str, out_dir: Path) -> dict[str, Any] | None:
+    """The metrics of `stored`'s generations judged again by `cfg.judge` (written to `out_dir`), or None when they
+    are for other prompts (a changed prompt file: generate again)."""
+    try:
+        gens = pd.read_json(stored / "generations.jsonl", lines=True, dtype=False)
+        return rejudge_point(gens, cfg, checkpoint=spec, out_dir=out_dir)
+    except (VlsafeError, ValueError, KeyError):
+        return None
 
 
 def _stored_generations(pdir: Path, cfg: EvalConfig) -> Path | None:

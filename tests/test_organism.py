@@ -266,6 +266,11 @@ def test_a_new_judge_rejudges_stored_generations_without_generating(organism, tm
         assert times[n][1] and json.loads((root / "metrics" / f"{n}.json").read_text())["rejudged"]
         assert (root / "metrics" / f"{n}.generations.jsonl").read_text() == \
             (fresh / "metrics" / f"{n}.generations.jsonl").read_text()
+    gens = root / "metrics" / "lvlm.generations.jsonl"  # stored for other prompts (a changed prompt file)
+    gens.write_text(gens.read_text().replace('"prompt": "', '"prompt": "changed ', 1))
+    with monkeypatch.context() as m, pytest.raises(AssertionError, match="generated although"):
+        m.setattr(OM, "evaluate", no_generation)
+        OM.run_metrics(load_config("tiny"), root, progress=False, names=["lvlm"])
     longer = load_config("tiny", overrides={"eval.judge": "default", "eval.max_new_tokens": 5})
     with monkeypatch.context() as m, pytest.raises(AssertionError, match="generated although"):
         m.setattr(OM, "evaluate", no_generation)

@@ -67,9 +67,11 @@ def test_a_new_judge_rejudges_stored_generations(tmp_path: Path, monkeypatch: py
 def test_evaluations_from_before_eval_json_are_rejudged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An evaluation folder without `eval.json` whose name is the key an unversioned judge gave is reused after
     the default judge is retrained (its version enters the key)."""
-    from vlsafe.probes.behavior import judge_vlsafe
+    from vlsafe.probes.behavior import judge_vlsafe, judges
 
-    before = _sweep(tmp_path, "default", tmp_path / "run")
+    with monkeypatch.context() as m:  # written when the shipped judge was the unversioned one
+        m.setattr(judges, "UNKEYED_FINGERPRINT", judges.judge_fingerprint())
+        before = _sweep(tmp_path, "default", tmp_path / "run")
     for f in (tmp_path / "run" / "points").glob("*/eval-*/eval.json"):
         f.unlink()
     w = json.loads(judge_vlsafe.WEIGHTS_PATH.read_text())
@@ -79,3 +81,18 @@ def test_evaluations_from_before_eval_json_are_rejudged(tmp_path: Path, monkeypa
     monkeypatch.setattr(S, "evaluate_point", _no_generation)
     after = _sweep(tmp_path, "default", tmp_path / "run", resume=True)
     assert (after["safety"] > before["safety"]).all() and (after["helpfulness"] < before["helpfulness"]).all()
+
+
+def test_stored_generations_for_other_prompts_are_generated_again(tmp_path: Path) -> None:
+    """A stored generations file whose prompts are not the eval's (a prompt file changed since) is not re-judged."""
+    _sweep(tmp_path, "substring-rd", tmp_path / "run")
+    for f in (tmp_path / "run" / "points").glob("*/eval-*/generations.jsonl"):
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        rows[0]["prompt"] = "a prompt the eval set no longer has"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    want = _sweep(tmp_path, "default", tmp_path / "fresh")
+    got = _sweep(tmp_path, "default", tmp_path / "run", resume=True)
+    pd.testing.assert_frame_equal(got[NUMBERS], want[NUMBERS])
+    for p in got["hash"]:
+        records = [json.loads((d / "eval.json").read_text()) for d in (tmp_path / "run" / "points" / p).glob("eval-*")]
+        assert len(records) == 2 and all(r["rejudged_from"] is None for r in records)

@@ -60,7 +60,8 @@ def build_organism(cfg: OrganismConfig, out_dir: str | os.PathLike, *, only: str
         if only in (None, "metrics"):
             if on_plan is not None:
                 on_plan(StageSpec("metrics", (), lambda c, p: {}, estimate_seconds), "evaluating every checkpoint "
-                        "(cached per checkpoint)", estimate_seconds(cfg))
+                        "(cached per checkpoint; re-judged from stored generations when only the judge changed)",
+                        estimate_seconds(cfg))
             metrics, times = run_metrics(cfg, out, progress=progress, reuse=reuse,
                                          names=scoped_checkpoints(cfg, until))
             results += [StageResult(f"metrics:{k}", "cached" if cached else "built", sec, 0.0)

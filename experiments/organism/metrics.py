@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from vlsafe.analysis.errors import VlsafeError
 from vlsafe.experiments.organism.data import VQAItem, chance_level, vqa_correct, vqa_items
 from vlsafe.experiments.organism.images import render, sample_scenes
 
@@ -236,12 +237,14 @@ def _stored_generations(cfg: Any, root: Path, name: str) -> tuple[list[dict[str,
     return (records, float(record.get("seconds", 0.0))) if records else None
 
 
-def _write_metrics(root: Path, name: str, step: int | None, result: tuple[list[dict[str, Any]], list[dict[str, Any]]],
-                   key: str, generation_key: str, seconds: float, *, rejudged: bool = False) -> None:
-    """Cache one checkpoint's metric rows and generation records, the record (`{name}.json`) last."""
+def _write_metrics(root: Path, name: str, step: int | None, result: tuple[list[Any], list[Any]],
+                   keys: tuple[str, str], seconds: float, *, rejudged: bool = False) -> None:
+    """Cache one checkpoint's metric rows and generation records (`result`) under (key, generation key), the
+    record (`{name}.json`) last."""
     from vlsafe.analysis.runinfo import atomic_path, write_csv
 
     rows, gens = result
+    key, generation_key = keys
     write_csv(root / "metrics" / f"{name}.csv", pd.DataFrame(rows).assign(checkpoint=name, stage2_step=step))
     with atomic_path(root / "metrics" / f"{name}.generations.jsonl") as tmp:
         write_generations(tmp, gens)
@@ -272,11 +275,16 @@ def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path
         seconds = _cached_seconds(meta, cache, key)
         if seconds is None:
             seconds = _reuse_metrics(root, name, key, [Path(r) for r in reuse])
+        gen_key = _key(cfg, root / name, judged=False)
         if seconds is None and (stored := _stored_generations(cfg, root, name)) is not None:
             data = data or [eval_data(cfg, seed_for(cfg, 10))]
-            seconds = stored[1]
-            _write_metrics(root, name, step, rejudge_records(stored[0], cfg, data[0]), key, _key(
-                cfg, root / name, judged=False), seconds, rejudged=True)
+            try:
+                result = rejudge_records(stored[0], cfg, data[0])
+            except VlsafeError:  # stored for other prompts (a changed prompt file): generate them again
+                pass
+            else:
+                seconds = stored[1]
+                _write_metrics(root, name, step, result, (key, gen_key), seconds, rejudged=True)
         if seconds is not None:
             times[name] = (seconds, True)
         else:
@@ -284,7 +292,7 @@ def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path
             t0 = time.perf_counter()
             result = evaluate(load(root / name), cfg, data[0], progress=progress)
             times[name] = (time.perf_counter() - t0, False)
-            _write_metrics(root, name, step, result, key, _key(cfg, root / name, judged=False), times[name][0])
+            _write_metrics(root, name, step, result, (key, gen_key), times[name][0])
         frames.append(pd.read_csv(cache))
     cols = ["checkpoint", "stage2_step", "metric", "prompt_set", "image", "n", "k", "rate", "ci_low", "ci_high",
             "chance", "judge", "max_new_tokens", "precision"]
