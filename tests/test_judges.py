@@ -308,7 +308,7 @@ def test_prompt_aware_judge_on_the_error_classes() -> None:
     print("\nheld-out accuracy with / without prompts:", f"{acc(with_p):.3f} / {acc(without):.3f}")
     for c in classes:
         print(f"  {c:20s} {acc(with_p, c):.3f} / {acc(without, c):.3f}")
-    assert len(classes) == 6 and acc(with_p) >= 0.95
+    assert len(classes) == 6 and acc(with_p) >= 0.97  # the target on this file (#21)
     assert acc(with_p, "err-premise") >= 0.8 and acc(with_p, "err-moralising") >= 0.8
     assert acc(with_p, "err-premise") > acc(without, "err-premise")  # the prompt features carry premise rejection
 
