@@ -21,17 +21,18 @@ checkpoint's spec when nothing is built) and, for an evaluation under a context 
 Layout: `DIR/points/<hash>/` (`point.json`, `model/`, `done.json`, `eval-<evalhash>/` with `metrics.json`,
 `eval.json` and, in full mode, `generations.jsonl`), built in a temp folder and renamed. A full evaluation whose
 point already has one with the same generation settings and another judge (or judge version) judges those stored
-generations again instead of generating (`sweep_eval.rejudge_point`; `eval.json` names the folder it came from). The screen of a two-stage sweep merges `merge` points in memory
-(`vlsafe.analysis.merging.load_merged`, the same weights as the written checkpoint loaded; `run_sweep(...,
-screen_in_memory=False)` writes them): such a point's folder holds `point.json` and `eval-<screenhash>/` only, no
-`model/` and no `done.json`; its screen is reused on `--resume`, and when the point is kept for the full stage its
-checkpoint is built then (into a new folder that takes over the cached evaluations) and gets `done.json`. Any other
-folder without `done.json` is rebuilt before it is evaluated (its cached evaluations kept when it has `point.json`;
-a folder without one is foreign and redone). The hash covers the entry name, method, template, the point's variable
-values and the content hashes of its input checkpoints (not their paths). Each evaluation is cached per point under
-its eval key, so a two-stage sweep caches its screen and its full evaluation separately. `DIR/run.json` too (its
-`screen_in_memory` says whether the screen merged in memory); with judge-corrected columns (`safety_corrected`, …) it
-records the judge's calibration they come from (`judge_calibration`; None otherwise).
+generations again instead of generating (`sweep_eval.rejudge_point`; `eval.json` names the folder it came from). The
+screen of a two-stage sweep merges `merge` points in memory (`vlsafe.analysis.merging.load_merged`, the same weights
+as the written checkpoint loaded; `run_sweep(..., screen_in_memory=False)` writes them): such a point's folder holds
+`point.json` and `eval-<screenhash>/` only, no `model/` and no `done.json`; its screen is reused on `--resume`, and
+when the point is kept for the full stage its checkpoint is built then (into a new folder that takes over the cached
+evaluations) and gets `done.json`. Any other folder without `done.json` is rebuilt before it is evaluated (its
+cached evaluations kept when it has `point.json`; a folder without one is foreign and redone). The hash covers the
+entry name, method, template, the point's variable values and the content hashes of its input checkpoints (not their
+paths). Each evaluation is cached per point under its eval key, so a two-stage sweep caches its screen and its full
+evaluation separately. `DIR/run.json` too (its `screen_in_memory` says whether the screen merged in memory); with
+judge-corrected columns (`safety_corrected`, …) it records the judge's calibration they come from
+(`judge_calibration`; None otherwise).
 """
 
 from __future__ import annotations
