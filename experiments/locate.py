@@ -165,12 +165,11 @@ def run_locate(pre: str, post: str, out_dir: str | Path, *, images: Sequence[str
     """Run the whole `vlsafe locate` into `out_dir` (see the module docstring); returns {output: path}.
     `method="attribution"` estimates the patching grid to first order (a screen; `vlsafe.probes.attribution`);
     `precision` is the patching forwards' math (`fp32`, `bf16` autocast, `auto`; `vlsafe.probes.patching.patch`)."""
+    from vlsafe.analysis.placement import resolve_precision
     from vlsafe.analysis.runinfo import write_csv, write_run_json
     from vlsafe.probes.models import is_lvlm
-    from vlsafe.probes.signals import signal_correlations, signals_table
-
-    from vlsafe.analysis.placement import resolve_precision
     from vlsafe.probes.patching import check_method
+    from vlsafe.probes.signals import signal_correlations, signals_table
 
     check_method(method, kind)            # before any model is loaded
     precision = resolve_precision(precision)
@@ -198,8 +197,8 @@ def run_locate(pre: str, post: str, out_dir: str | Path, *, images: Sequence[str
     config = {"pre": pre, "post": post, "images": list(inp.images), "prompts": prompts, "harmless": harmless,
               "n": n, "n_harmful": len(inp.harmful), "n_harmless": len(inp.harmless), "layers": layers,
               "score": kind, "method": method, "precision": precision, "min_gap": min_gap, "n_boot": n_boot,
-              "batch_size": batch_size,
-              "diff": None if diff is None else str(diff), "probe": None if probe is None else str(probe)}
+              "batch_size": batch_size, "diff": None if diff is None else str(diff),
+              "probe": None if probe is None else str(probe)}
     written["run.json"] = write_run_json(
         out, kind="locate", tables={k: f for f, k in TABLES.items() if f in written}, config=config, seed=seed,
         checkpoints={"source": inp.source.checkpoint, "target": inp.target.checkpoint},

@@ -202,7 +202,8 @@ def _evaluate(point: Point, pdir: Path, cfg: EvalConfig, refs: list[str] | None,
         return json.loads((edir / "metrics.json").read_text())
     if edir.exists():
         shutil.rmtree(edir)
-    stored = _stored_generations(pdir, cfg)
+    gen_key = cfg.generation_key()
+    stored = _stored_generations(pdir, cfg, gen_key)
     spec = str(pdir / "model") if build is not None else _spec(pdir)  # in memory: the label it would have
     with atomic_path(edir) as tmp:
         tmp.mkdir()
@@ -212,7 +213,7 @@ def _evaluate(point: Point, pdir: Path, cfg: EvalConfig, refs: list[str] | None,
             metrics = evaluate_point(spec, cfg, refs, out_dir=tmp if cfg.mode == "full" else None, under=under,
                                      build=build)
             stored = None
-        write_json(tmp / "eval.json", {"key": cfg.key(), "generation_key": cfg.generation_key(),
+        write_json(tmp / "eval.json", {"key": edir.name.removeprefix("eval-"), "generation_key": gen_key,
                                        "rejudged_from": stored.name if stored is not None else None})
         write_json(tmp / "metrics.json", metrics)
     return metrics
@@ -228,13 +229,13 @@ def _rejudged(stored: Path, cfg: EvalConfig, spec: str, out_dir: Path) -> dict[s
         return None
 
 
-def _stored_generations(pdir: Path, cfg: EvalConfig) -> Path | None:
+def _stored_generations(pdir: Path, cfg: EvalConfig, gen_key: str) -> Path | None:
     """An earlier full evaluation folder of the point with the same generation settings and another judge (or
     another version of it): its `eval.json` says so, or, written before that record, its key is what `cfg` had
     with an unversioned judge. None when there is none or `cfg` needs more than generations."""
     if not can_rejudge(cfg):
         return None
-    gen_key, legacy = cfg.generation_key(), pdir / f"eval-{cfg.key(fingerprint=False)}"
+    legacy = pdir / f"eval-{cfg.key(fingerprint=False)}"
     for edir in sorted(pdir.glob("eval-*")):
         if not ((edir / "metrics.json").is_file() and (edir / "generations.jsonl").is_file()):
             continue

@@ -223,14 +223,15 @@ def _reuse_metrics(root: Path, name: str, key: str, reuse: list[Path]) -> float 
     return None
 
 
-def _stored_generations(cfg: Any, root: Path, name: str) -> tuple[list[dict[str, Any]], float] | None:
+def _stored_generations(cfg: Any, root: Path, name: str, gen_key: str) -> tuple[list[dict[str, Any]], float] | None:
     """(generation records, their recorded seconds) of checkpoint `name` when `root/metrics` holds its responses
-    under the current generation settings judged by another judge (or another version of it), else None."""
+    under the generation key `gen_key` (the current settings) judged by another judge (or another version of it),
+    else None. A record from before the field counts when its key is what an unversioned judge gave."""
     meta, path = root / "metrics" / f"{name}.json", root / "metrics" / f"{name}.generations.jsonl"
     try:
         record = json.loads(meta.read_text())
-        same = (record.get("generation_key") == _key(cfg, root / name, judged=False)
-                or record.get("key") == _key(cfg, root / name, fingerprint=False))  # cached before the field
+        same = (record["generation_key"] == gen_key if "generation_key" in record
+                else record.get("key") == _key(cfg, root / name, fingerprint=False))
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if same else []
     except (OSError, ValueError, KeyError):
         return None
@@ -276,7 +277,7 @@ def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path
         if seconds is None:
             seconds = _reuse_metrics(root, name, key, [Path(r) for r in reuse])
         gen_key = _key(cfg, root / name, judged=False)
-        if seconds is None and (stored := _stored_generations(cfg, root, name)) is not None:
+        if seconds is None and (stored := _stored_generations(cfg, root, name, gen_key)) is not None:
             data = data or [eval_data(cfg, seed_for(cfg, 10))]
             try:
                 result = rejudge_records(stored[0], cfg, data[0])

@@ -81,6 +81,12 @@ def list_judges() -> list[str]:
     return sorted(_REGISTRY) + sorted(_ALIASES)
 
 
+def _parse_name(name: str | None) -> tuple[str, str]:
+    """(registered judge, argument) of a judge name such as ``default``, ``substring:my.txt`` or ``vlsafe:PATH``."""
+    base, _, arg = (name or DEFAULT_JUDGE).strip().partition(":")
+    return _ALIASES.get(base, base), arg
+
+
 def get_judge(name: str = DEFAULT_JUDGE, **kw: Any) -> Judge:
     """Build a judge by name: ``"default"``, ``"substring-rd"``, ``"substring:my.txt"``, ``"classifier:DIR"``, ….
 
@@ -92,8 +98,7 @@ def get_judge(name: str = DEFAULT_JUDGE, **kw: Any) -> Judge:
     """
     from vlsafe.analysis.errors import VlsafeError
 
-    base, _, arg = (name or DEFAULT_JUDGE).strip().partition(":")
-    base = _ALIASES.get(base, base)
+    base, arg = _parse_name(name)
     if base.startswith("logit"):
         raise VlsafeError(f"judge {name!r} scores prompts with the model itself, not responses: use it through "
                           "evaluate(..., judge='logit') or `vlsafe eval --judge logit`")
@@ -120,8 +125,8 @@ def judge_fingerprint(name: str = DEFAULT_JUDGE) -> str | None:
     from vlsafe.analysis.errors import VlsafeError
     from vlsafe.probes.behavior import judge_features, judge_vlsafe
 
-    base, _, arg = (name or DEFAULT_JUDGE).strip().partition(":")
-    if _ALIASES.get(base, base) != "vlsafe":
+    base, arg = _parse_name(name)
+    if base != "vlsafe":
         return None
     h = hashlib.sha256()
     for f in (Path(arg) if arg else judge_vlsafe.WEIGHTS_PATH, Path(judge_features.__file__)):
