@@ -23,6 +23,7 @@ import torch
 
 from vlsafe.analysis import names as N
 from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.filehash import file_sha256, legacy_hash
 from vlsafe.analysis.resolve import resolve
 from vlsafe.analysis.sources import PICKLE_SUFFIXES, PickleSource, SafetensorsSource
 
@@ -168,25 +169,19 @@ class Checkpoint:
         """Read one tensor by canonical name."""
         return self.source.get_tensor(self.raw_name(name))
 
-    def content_hash(self, full: bool = False) -> str:
-        """A content fingerprint: sha256 over each weight file's header, size and first/last MiB.
-
-        `full=True` hashes every byte (slow for large checkpoints). Used in `run.json` and as cache keys.
-        """
+    def content_hash(self) -> str:
+        """sha256 over each weight file's name and the sha256 of its whole content (`analysis.filehash`: a file
+        is read once per version, then its digest is remembered). Used in `run.json` and in cache keys."""
         h = hashlib.sha256()
         for f in self.source.files:
             h.update(f.name.encode())
-            size = f.stat().st_size
-            h.update(str(size).encode())
-            with f.open("rb") as fh:
-                if full:
-                    while block := fh.read(1 << 22):
-                        h.update(block)
-                else:
-                    h.update(fh.read(1 << 20))
-                    fh.seek(max(0, size - (1 << 20)))
-                    h.update(fh.read(1 << 20))
+            h.update(file_sha256(f).encode())
         return h.hexdigest()
+
+    def matches_hash(self, digest: str) -> bool:
+        """Whether a stored `digest` names this checkpoint: its `content_hash`, or the weaker fingerprint that
+        files written before 2026-12-06 stored (`filehash.legacy_hash`), so that those still load."""
+        return digest in (self.content_hash(), legacy_hash(self.source.files))
 
     def mapping_summary(self, examples: int = 3) -> dict[str, Any]:
         """Per namespace: tensor count, raw prefix → canonical prefix, and a few raw → canonical examples."""

@@ -170,11 +170,12 @@ class DirectionSet:
         if hidden is not None and hidden != self.hidden_size:
             raise VlsafeError(f"{where}: directions have hidden size {self.hidden_size} but {_spec(checkpoint)} has "
                               f"{hidden}; they come from another model")
-        h = checkpoint.content_hash() if hasattr(checkpoint, "content_hash") else None
-        if not allow_other_model and self.model_hash and h and h != self.model_hash:
+        if allow_other_model or not self.model_hash or not hasattr(checkpoint, "matches_hash"):
+            return
+        if not checkpoint.matches_hash(self.model_hash):
             raise VlsafeError(f"{where}: computed on {self.model_spec or 'another model'} "
-                              f"(hash {self.model_hash[:12]}), "
-                              f"not on {_spec(checkpoint)} (hash {h[:12]}); pass allow_other_model to apply it anyway")
+                              f"(hash {self.model_hash[:12]}), not on {_spec(checkpoint)} "
+                              f"(hash {checkpoint.content_hash()[:12]}); pass allow_other_model to apply it anyway")
 
 
 def _find(positions: list[Any], position: Any) -> int:
