@@ -1,4 +1,5 @@
 """`vlsafe eval CKPT [CKPT ...] --prompts SET [SET ...] [--judge NAME] -o DIR`: refusal rates with Wilson CIs.
+`vlsafe eval --rejudge RUN_DIR --judge NAME -o DIR`: the same files from an earlier run's stored responses.
 
 Writes `generations.jsonl` (checkpoint, prompt_set, id, category, label, prompt, image, response, refused,
 judge_score, judge), `summary.csv` (checkpoint, prompt_set, n, refusal_rate, ci_low, ci_high, judge, category
@@ -49,26 +50,41 @@ class MultiValueCommand(TyperCommand):
 def register(app: typer.Typer) -> None:
     @app.command(name="eval", cls=MultiValueCommand)
     def eval_(
-        ckpts: Annotated[list[str], typer.Argument(help="Checkpoints: HF dirs, files, hub ids or 'default'.")],
-        prompts: Annotated[list[str], typer.Option("--prompts", "-p",
-                                                  help="Prompt sets: shipped names (harmful-test, "
-                                                       "harmless-test+blank, …), files or HF dataset ids.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")],
+        ckpts: Annotated[list[str] | None, typer.Argument(help="Checkpoints: HF dirs, files, hub ids or 'default'.",
+                                                          show_default=False)] = None,
+        prompts: Annotated[list[str] | None, typer.Option("--prompts", "-p",
+                                                         help="Prompt sets: shipped names (harmful-test, "
+                                                              "harmless-test+blank, …), files or HF dataset ids.",
+                                                         show_default=False)] = None,
         judge: Annotated[str, typer.Option(help="Judge: default, substring-rd, classifier:ID, logit, …")] = "default",
         max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 64,
         limit: Annotated[int | None, typer.Option(help="Keep the first N prompts of each set.")] = None,
         batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
         seed: Annotated[int, typer.Option(help="Seed recorded in run.json (generation is greedy).")] = 0,
         no_cache: Annotated[bool, typer.Option("--no-cache", help="Skip the generation cache.")] = False,
+        rejudge: Annotated[Path | None, typer.Option(
+            help="An earlier eval run directory: judge its stored responses again with --judge (no model is "
+                 "loaded or run; give no checkpoints or prompts) and write a complete run to --out.")] = None,
     ) -> None:
-        """Generate on prompt sets, judge refusals, and report refusal rates with Wilson 95 % intervals."""
-        from vlsafe.analysis.pairing import checkpoint_labels
+        """Generate on prompt sets, judge refusals, and report refusal rates with Wilson 95 % intervals (or, with
+        --rejudge RUN_DIR, judge an earlier run's responses again with another judge)."""
+        from vlsafe.analysis.errors import VlsafeError
         from vlsafe.probes.behavior.eval_outputs import overall_rows
-        from vlsafe.probes.behavior.evaluate import evaluate
+        from vlsafe.probes.behavior.evaluate import evaluate, rejudge_run
 
-        labels = checkpoint_labels(ckpts)
-        _, summary = evaluate(dict(zip(labels, ckpts)), prompts, judge=judge, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, limit=limit, out_dir=out, seed=seed, cache=not no_cache)
+        if rejudge is not None:
+            if ckpts or prompts:
+                raise VlsafeError("eval --rejudge: the run's own checkpoints and prompt sets are used; give none")
+            _, summary = rejudge_run(rejudge, judge=judge, out_dir=out)
+        elif not ckpts or not prompts:
+            raise VlsafeError("eval: give checkpoints and --prompts SET ... (or --rejudge RUN_DIR)")
+        else:
+            from vlsafe.analysis.pairing import checkpoint_labels
+
+            labels = checkpoint_labels(ckpts)
+            _, summary = evaluate(dict(zip(labels, ckpts)), prompts, judge=judge, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, limit=limit, out_dir=out, seed=seed, cache=not no_cache)
         for row in overall_rows(summary).itertuples():
             typer.echo(f"{row.checkpoint:<24} {row.prompt_set:<28} n={row.n:<5} refusal {row.refusal_rate:.3f} "
                        f"[{row.ci_low:.3f}, {row.ci_high:.3f}]")

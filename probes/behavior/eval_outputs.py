@@ -34,6 +34,35 @@ def write_outputs(out: Path, gens: pd.DataFrame, summary: pd.DataFrame, config: 
     return written
 
 
+def read_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any]]:
+    """(config, stored generations, checkpoint records) of a `vlsafe eval` run directory; one-line errors naming
+    the file when it is not one (no run.json, another kind of run, no generations, a checkpoint without rows)."""
+    from vlsafe.analysis.errors import VlsafeError
+
+    run_json, gens_file = run_dir / "run.json", run_dir / "generations.jsonl"
+    try:
+        record = json.loads(run_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise VlsafeError(f"{run_json}: not a readable run.json ({type(e).__name__})") from None
+    config = record.get("config") if isinstance(record, dict) else None
+    if record.get("kind") != "eval" or not isinstance(config, dict) \
+            or not all(k in config for k in ("checkpoints", "prompt_sets")):
+        raise VlsafeError(f"{run_json}: not a `vlsafe eval` run (kind {record.get('kind')!r})")
+    try:
+        stored = pd.read_json(gens_file, lines=True, dtype=False, convert_dates=False)
+    except (OSError, ValueError) as e:
+        raise VlsafeError(f"{gens_file}: cannot read the stored generations ({type(e).__name__})") from None
+    missing = [c for c in ("checkpoint", "prompt", "response") if c not in stored.columns]
+    if missing:
+        raise VlsafeError(f"{gens_file}: no column {missing[0]!r}")
+    have, want = set(stored["checkpoint"]), set(config["checkpoints"])
+    if have != want:
+        odd = sorted(want - have) or sorted(have - want)
+        raise VlsafeError(f"{gens_file}: generations of checkpoints {sorted(have)}, run.json names {sorted(want)} "
+                          f"({odd[0]!r} differs)")
+    return config, stored, record.get("checkpoints") or {}
+
+
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in row.items():

@@ -44,7 +44,7 @@ GENERATION_COLUMNS = ("checkpoint", "prompt_set", "id", "category", "label", "pr
                       "refused", "judge_score", "judge")
 LOGIT_JUDGES = ("logit", "logit-opening", "logit-first_token")
 METRICS = ("refusal_rate", "over_refusal", "compliance", "accuracy", "answer_loglik")
-__all__ = ["EvalSet", "evaluate_model", "rejudge", "evaluate", "ROW_COLUMNS", "GENERATION_COLUMNS", "LOGIT_JUDGES",
+__all__ = ["EvalSet", "evaluate_model", "rejudge", "evaluate", "rejudge_run", "ROW_COLUMNS", "GENERATION_COLUMNS", "LOGIT_JUDGES",
            "METRICS"]
 
 
@@ -136,8 +136,11 @@ def rejudge(generations: pd.DataFrame, sets: Sequence[EvalSet], *, checkpoint: s
     match the sets' prompts (a one-line error names the set and row otherwise). Accuracy sets are re-checked with
     their `check`; `answer_loglik` sets and the logit judges (no responses to judge) are refused.
     """
-    if isinstance(judge, str) and judge in LOGIT_JUDGES:
-        raise VlsafeError(f"rejudge: the logit judge {judge!r} scores a model, not stored responses")
+    from vlsafe.probes.behavior.logit_judge import LogitJudge
+
+    if (isinstance(judge, str) and judge in LOGIT_JUDGES) or isinstance(judge, LogitJudge):
+        raise VlsafeError(f"rejudge: the logit judge {getattr(judge, 'name', judge)!r} scores a model, not stored "
+                          "responses")
     sizes = [len(es.prompts.records) for es in sets]
     if len(generations) != sum(sizes):
         raise VlsafeError(f"{checkpoint}: {len(generations)} stored generations for {sum(sizes)} prompts "
@@ -297,6 +300,38 @@ def evaluate(checkpoints: dict[str, Any], prompt_sets: Sequence[str], *, judge: 
                   "prompt_set_hashes": {ps.name: ps.content_hash() for ps in sets},
                   "judge_calibration": _calibration_record(scorer)}
         write_outputs(Path(out_dir), generations, summary, config, ckpts, seed, metrics=metrics)
+    return generations, summary
+
+
+def rejudge_run(run_dir: str | os.PathLike, *, judge: str = "default", out_dir: str | os.PathLike
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Judge a `vlsafe eval` run's stored responses again (`judge`) and write a complete eval run to `out_dir`
+    (it may be `run_dir`): the same files, with the new labels, rates and intervals. No model is loaded, so the
+    checkpoints need not exist any more; the prompt sets are loaded again and must still hold the prompts the
+    responses answer. Returns (generations_df, summary_df) like `evaluate`."""
+    from vlsafe.probes.behavior.eval_outputs import read_run, write_outputs
+    from vlsafe.probes.behavior.metrics import eval_summary
+
+    config, stored, checkpoints = read_run(Path(run_dir))
+    sets = _load_sets(config["prompt_sets"], config.get("limit"))
+    for ps in sets:
+        if config.get("prompt_set_hashes", {}).get(ps.name) not in (None, ps.content_hash()):
+            raise VlsafeError(f"{run_dir}: prompt set {ps.name} changed since the run; its stored responses answer "
+                              "other prompts")
+    scorer = _scorer(None, judge, 0.0, None, 1, False)
+    gens, rows = [], []
+    for label in dict.fromkeys(stored["checkpoint"]):  # the run's order (run.json sorts its keys)
+        g, r = rejudge(stored[stored["checkpoint"] == label].reset_index(drop=True),
+                       [EvalSet(ps) for ps in sets], checkpoint=label, judge=scorer)
+        gens.append(g)
+        rows.append(r)
+    generations = pd.concat(gens, ignore_index=True)[list(GENERATION_COLUMNS)]
+    metrics = pd.concat(rows, ignore_index=True)
+    summary = eval_summary(metrics)
+    new = {**config, "judge": judge, "judge_name": str(generations["judge"].iloc[0]),
+           "judge_calibration": _calibration_record(scorer),
+           "rejudged_from": {"run": str(run_dir), "judge": config.get("judge"), "judge_name": config.get("judge_name")}}
+    write_outputs(Path(out_dir), generations, summary, new, checkpoints, config.get("seed", 0), metrics=metrics)
     return generations, summary
 
 
