@@ -13,7 +13,8 @@ screened, merged in memory and never written), kept_by (two-stage: why a point w
 `reference`, `front`, `cap-rank N`, `dominated`, `over cap (rank N)`), screen_* (two-stage: the screened numbers
 of a point evaluated in full, e.g. screen_safety, screen_helpfulness; NaN otherwise; see
 `vlsafe.experiments.sweep_stages`), is_pareto (and is_pareto_image). With full points present, the fronts
-are computed among them only. Figures: `figures/pareto.{png,pdf}` and, with an image set, `pareto_image.{png,pdf}`.
+are computed among them only. Figures: `figures/pareto.{png,pdf}` and, with an image set,
+`pareto_image.{png,pdf}` (the report's figure: points numbered, `figures/pareto_key.csv` names them).
 
 A new method plugs in through `sweep_config.METHODS`/`FAMILY`, `_inputs_of`, `materialise` (return the base
 checkpoint's spec when nothing is built) and, for an evaluation under a context manager, `evaluate_point(under=…)`.
@@ -52,7 +53,7 @@ from vlsafe.analysis.runinfo import atomic_path, write_csv, write_json, write_ru
 from vlsafe.experiments.sweep_config import (FAMILY, RESTA_KEYS, RESTA_REQUIRED, Point, SweepConfig, expand,
                                              load_sweep, resolve_layers)
 from vlsafe.experiments.sweep_eval import (EvalConfig, can_rejudge, check_image_set, evaluate_point,
-                                           judge_calibration, mark_pareto, pareto_figure, reference_answers,
+                                           judge_calibration, mark_pareto, pareto_figures, reference_answers,
                                            rejudge_point)
 from vlsafe.experiments.sweep_remedy import preflight_remedy, remedy_model, remedy_under
 from vlsafe.experiments.sweep_stages import staged_rows, stage_of
@@ -370,10 +371,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path, *, base_dir: str | Path = "
     rows = staged_rows(points, cfg.eval, run)
     table = mark_pareto(pd.DataFrame(rows))
     write_csv(out / "pareto.csv", table)
-    pareto_figure(table, out / "figures", helpfulness=cfg.eval.helpfulness)
-    if "safety_image" in table.columns and table["safety_image"].notna().any():
-        pareto_figure(table, out / "figures", helpfulness=cfg.eval.helpfulness, safety="safety_image",
-                      name="pareto_image")
+    pareto_figures(table, out / "figures")
     write_run_json(out, kind="sweep", tables={"pareto": "pareto.csv"}, config=cfg.model_dump(), seed=cfg.seed,
                    extra={"points": {r["point"]: r["hash"] for r in rows}, "base_dir": str(base.resolve()),
                           "ray": ray, "screen_in_memory": screen_in_memory and cfg.eval.mode == "two-stage",

@@ -338,32 +338,23 @@ def mark_pareto(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def pareto_figure(df: pd.DataFrame, out_dir: str | Path, helpfulness: str = "compliance", *,
-                  safety: str = "safety", name: str = "pareto") -> list[Path]:
-    """`out_dir/{name}.{png,pdf}`: `safety` vs helpfulness with 95 % Wilson intervals, over-refusal as colour, the
-    front joined; screened-only points (`stage` = screen) hollow."""
-    from vlsafe.analysis.figures import new_figure, save_figure
+def pareto_figures(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """`out_dir/pareto.{png,pdf}` (and `pareto_image.{png,pdf}` when the table has an image front) — the report's
+    remedies figure (`vlsafe.experiments.report.plots_pareto.pareto`: points numbered, families by colour and
+    marker, the front joined, 95 % intervals, screened-only points hollow) — and `pareto_key.csv`, the table that
+    names the numbers."""
+    import matplotlib.pyplot as plt
 
-    fig, ax = new_figure("column", height=3.0)
-    df = df[df[safety].notna()]
-    x, y = df["helpfulness"].to_numpy(float), df[safety].to_numpy(float)
-    xerr = np.abs(np.vstack([x - df["helpfulness_ci_low"], df["helpfulness_ci_high"] - x]))
-    yerr = np.abs(np.vstack([y - df[f"{safety}_ci_low"], df[f"{safety}_ci_high"] - y]))
-    ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.7", lw=0.6, zorder=1)
-    full = (df["stage"] == "full").to_numpy() if "stage" in df.columns else np.ones(len(df), bool)
-    sc = ax.scatter(x[full], y[full], c=df["over_refusal"].to_numpy(float)[full], cmap="viridis", vmin=0, vmax=1,
-                    s=18, zorder=3, edgecolors="k", linewidths=0.3)
-    if (~full).any():
-        ax.scatter(x[~full], y[~full], s=14, zorder=3, facecolors="none", edgecolors="0.5", linewidths=0.5,
-                   label="screened only (logit score)")
-    front_col = next(c for c, s in FRONTS.items() if s == safety)
-    front = df[df[front_col].astype(bool)].sort_values("helpfulness")
-    ax.plot(front["helpfulness"], front[safety], color="#D55E00", lw=1.0, zorder=2, label="Pareto front")
-    for _, r in df.iterrows():
-        ax.annotate(str(r["point"]), (r["helpfulness"], r[safety]), fontsize=4.5, xytext=(2, 2),
-                    textcoords="offset points")
-    fig.colorbar(sc, ax=ax, label="over-refusal (borderline)")
-    ax.set_xlabel("helpfulness (answer log-lik.)" if helpfulness == "loglik" else "helpfulness (compliance on harmless)")
-    ax.set_ylabel("safety (refusal on harmful + image)" if safety == "safety_image" else "safety (refusal on harmful)")
-    ax.legend(loc="lower left", fontsize=5)
-    return save_figure(fig, out_dir, name)
+    from vlsafe.analysis.figures import save_figure
+    from vlsafe.analysis.runinfo import write_csv
+    from vlsafe.experiments.report.plots_pareto import pareto, pareto_key
+
+    paths: list[Path] = []
+    for safety, name in (("safety", "pareto"), ("safety_image", "pareto_image")):
+        fig = pareto(df, safety=safety) if safety in df.columns else None
+        if fig is not None:
+            paths += save_figure(fig, out_dir, name)
+            plt.close(fig)
+    if paths:
+        paths.append(write_csv(Path(out_dir) / "pareto_key.csv", pareto_key(df)))
+    return paths

@@ -51,6 +51,8 @@ def test_tiny_sweep_writes_pareto_table_and_figure(swept: Path) -> None:
     assert ((df["safety_ci_low"] <= df["safety"]) & (df["safety"] <= df["safety_ci_high"])).all()
     for ext in ("png", "pdf"):
         assert (swept / "figures" / f"pareto.{ext}").stat().st_size > 1000
+    key = pd.read_csv(swept / "figures" / "pareto_key.csv")  # the figure's point numbers are pareto.csv's rows
+    assert list(key["#"]) == [1, 2, 3] and list(key["point"]) == list(df["point"])
     rec = json.loads((swept / "run.json").read_text())
     assert (rec["command"], rec["kind"], rec["tables"]) == ("sweep", "sweep", {"pareto": "pareto.csv"})
     # the merge points really are θ_adapted + α(θ_aligned − θ_adapted), on all or only layer 1

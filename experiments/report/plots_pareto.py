@@ -176,7 +176,8 @@ def pareto(p: pd.DataFrame, *, safety: str = "safety") -> plt.Figure | None:
             lo, hi = min(lo, spans[col][0]), max(hi, spans[col][1])
         pad = max(0.08, (hi - lo) * 0.12)
         setter(max(lo - pad, -0.03) if lo >= 0 else lo - pad, min(hi + pad, 1.03) if hi <= 1 else hi + pad)
-    ax.set_xlabel("helpfulness (compliance on harmless prompts)")
+    loglik = "helpfulness_kind" in p.columns and (p["helpfulness_kind"] == "loglik").any()
+    ax.set_xlabel("helpfulness (answer log-likelihood)" if loglik else "helpfulness (compliance on harmless prompts)")
     ax.set_ylabel(SAFETY_LABELS.get(safety, safety))
     from matplotlib.lines import Line2D
 
