@@ -108,8 +108,10 @@ def _short(module: str) -> str:
 
 
 def layer_module_heatmap(layers: pd.DataFrame, value: str = "rel_frobenius", max_panels: int = 4) -> Figure:
-    """Layer × module heatmap of `value`, one panel per POST (the last `max_panels`), shared colour scale."""
-    posts = list(dict.fromkeys(layers["checkpoint_b"]))[-max_panels:]
+    """Layer × module heatmap of `value`, one panel per POST (the last `max_panels`, said in the title when some
+    are left out), shared colour scale; PRE in the figure title, POST over each panel."""
+    every = list(dict.fromkeys(layers["checkpoint_b"]))
+    posts = every[-max_panels:]
     mats = [_matrix(layers[layers["checkpoint_b"] == p], value) for p in posts]
     vmax = max((float(m.max()) for m, _, _ in mats if m.count()), default=1.0) or 1.0
     n_layers = max(len(r) for _, r, _ in mats)
@@ -121,9 +123,11 @@ def layer_module_heatmap(layers: pd.DataFrame, value: str = "rel_frobenius", max
             im = ax.imshow(m, aspect="auto", vmin=0.0, vmax=vmax, interpolation="nearest")
             ax.set_xticks(range(len(cols)), [_short(c) for c in cols], rotation=90)
             ax.set_yticks(range(len(rows))[:: max(1, len(rows) // 12)], rows[:: max(1, len(rows) // 12)])
-            ax.set_title(f"{layers['checkpoint_a'].iloc[0]} → {post}")
+            ax.set_title(post)
             ax.set_ylabel("layer")
         fig.colorbar(im, ax=list(axes), label=value.replace("_", " "), shrink=0.9)
+        more = f" (the last {len(posts)} of {len(every)})" if len(posts) < len(every) else ""
+        fig.suptitle(f"change from {layers['checkpoint_a'].iloc[0]}{more}", fontsize=8)
     return fig
 
 

@@ -1,4 +1,4 @@
-"""`vlsafe probe`'s figures stay legible with many checkpoints (the demo passes 8 views: 5 checkpoints, 3 with an
+"""Figures stay legible with many checkpoints. `vlsafe probe`'s with many checkpoints (the demo passes 8 views: 5 checkpoints, 3 with an
 image): every checkpoint gets its own panel, the cosine figure keeps the pairs with the reference, and
 constrained layout never collapses an axis (matplotlib warns when it does; here that warning is an error)."""
 
@@ -54,3 +54,16 @@ def test_figures_with_n_checkpoints(n: int, tmp_path: Path) -> None:
         else:
             assert drawn == [f"{a} vs {b}" for a, b in pairs]
         _save(fig, tmp_path, "sim")
+
+
+def test_weight_heatmap_names_pre_once_and_says_what_it_leaves_out(tmp_path: Path) -> None:
+    from vlsafe.analysis.figures import layer_module_heatmap
+
+    posts = [f"step-{i}" for i in range(5)]
+    layers = pd.DataFrame([{"checkpoint_a": "llm-aligned-long-name", "checkpoint_b": p, "layer": i, "module": m,
+                            "rel_frobenius": 0.001 * (i + 1)} for p in posts for i in LAYERS
+                           for m in ("self_attn.q_proj", "mlp.down_proj", "all")])
+    fig = layer_module_heatmap(layers)
+    assert [ax.get_title() for ax in fig.axes[:4]] == posts[-4:]
+    assert fig.get_suptitle() == "change from llm-aligned-long-name (the last 4 of 5)"
+    _save(fig, tmp_path, "hm")
