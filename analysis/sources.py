@@ -8,6 +8,7 @@ keeping one file open and releasing it after its last tensor.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,7 @@ class RawTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
