@@ -81,3 +81,12 @@ def test_demo_judged_stages_key_on_the_judge_version(monkeypatch: pytest.MonkeyP
     legacy, unkeyed, new = _versions(monkeypatch, lambda: _content_key(argv, [], judged=True), retrained)
     assert unkeyed == legacy and new != legacy          # the demo's eval stages re-run for a retrained judge
     assert len(set(_versions(monkeypatch, lambda: _content_key(argv, []), retrained))) == 1  # probes etc. do not
+
+
+def test_weights_rewritten_in_place_are_read_again(retrained: Path) -> None:
+    first = judge_vlsafe.load_weights(str(retrained))
+    assert judge_vlsafe.load_weights(str(retrained)) is first  # cached while the file is unchanged
+    w = json.loads(retrained.read_text())
+    w["intercept"] += 1.0
+    retrained.write_text(json.dumps(w) + " ")  # retrained in place (another size, so another version)
+    assert judge_vlsafe.load_weights(str(retrained))["intercept"] == pytest.approx(first["intercept"] + 1.0)

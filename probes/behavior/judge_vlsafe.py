@@ -23,12 +23,19 @@ WEIGHTS_PATH = Path(__file__).with_name("judge_weights.json")
 
 
 def load_weights(path: str | None = None) -> dict[str, Any]:
-    """Load and validate a weights file (default: the shipped ``judge_weights.json``), cached per path."""
-    return _load_weights(str(Path(path) if path else WEIGHTS_PATH))
+    """Load and validate a weights file (default: the shipped ``judge_weights.json``), cached per path and version
+    of the file (a file rewritten in place is read again)."""
+    p = Path(path) if path else WEIGHTS_PATH
+    try:
+        st = p.stat()
+        version: tuple[int, ...] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        version = ()
+    return _load_weights(str(p), version)
 
 
 @lru_cache(maxsize=8)
-def _load_weights(path: str) -> dict[str, Any]:
+def _load_weights(path: str, version: tuple[int, ...] = ()) -> dict[str, Any]:
     from vlsafe.analysis.errors import VlsafeError
 
     p = Path(path)
