@@ -1,6 +1,7 @@
-"""Figures stay legible with many checkpoints. `vlsafe probe`'s with many checkpoints (the demo passes 8 views: 5 checkpoints, 3 with an
-image): every checkpoint gets its own panel, the cosine figure keeps the pairs with the reference, and
-constrained layout never collapses an axis (matplotlib warns when it does; here that warning is an error)."""
+"""Figures stay legible with many checkpoints. `vlsafe probe`'s (the demo passes 8 views: 5 checkpoints, 3 with
+an image): every checkpoint gets its own panel, the cosine figure keeps the pairs with the reference, and
+constrained layout never collapses an axis (matplotlib warns when it does; here that warning is an error).
+The weight-shift heatmap names PRE once and says which POSTs it leaves out."""
 
 from __future__ import annotations
 

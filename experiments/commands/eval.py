@@ -65,7 +65,8 @@ def register(app: typer.Typer) -> None:
         no_cache: Annotated[bool, typer.Option("--no-cache", help="Skip the generation cache.")] = False,
         rejudge: Annotated[Path | None, typer.Option(
             help="An earlier eval run directory: judge its stored responses again with --judge (no model is "
-                 "loaded or run; give no checkpoints or prompts) and write a complete run to --out.")] = None,
+                 "loaded or run; give no checkpoints or prompts; the generation options do not apply) and "
+                 "write a complete run to --out.")] = None,
     ) -> None:
         """Generate on prompt sets, judge refusals, and report refusal rates with Wilson 95 % intervals (or, with
         --rejudge RUN_DIR, judge an earlier run's responses again with another judge)."""

@@ -44,7 +44,8 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any
         record = json.loads(run_json.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise VlsafeError(f"{run_json}: not a readable run.json ({type(e).__name__})") from None
-    config = record.get("config") if isinstance(record, dict) else None
+    record = record if isinstance(record, dict) else {}
+    config = record.get("config")
     if record.get("kind") != "eval" or not isinstance(config, dict) \
             or not all(k in config for k in ("checkpoints", "prompt_sets")):
         raise VlsafeError(f"{run_json}: not a `vlsafe eval` run (kind {record.get('kind')!r})")

@@ -44,8 +44,8 @@ GENERATION_COLUMNS = ("checkpoint", "prompt_set", "id", "category", "label", "pr
                       "refused", "judge_score", "judge")
 LOGIT_JUDGES = ("logit", "logit-opening", "logit-first_token")
 METRICS = ("refusal_rate", "over_refusal", "compliance", "accuracy", "answer_loglik")
-__all__ = ["EvalSet", "evaluate_model", "rejudge", "evaluate", "rejudge_run", "ROW_COLUMNS", "GENERATION_COLUMNS", "LOGIT_JUDGES",
-           "METRICS"]
+__all__ = ["EvalSet", "evaluate_model", "rejudge", "evaluate", "rejudge_run", "ROW_COLUMNS", "GENERATION_COLUMNS",
+           "LOGIT_JUDGES", "METRICS"]
 
 
 @dataclass(frozen=True)
@@ -312,6 +312,8 @@ def rejudge_run(run_dir: str | os.PathLike, *, judge: str = "default", out_dir: 
     from vlsafe.probes.behavior.eval_outputs import read_run, write_outputs
     from vlsafe.probes.behavior.metrics import eval_summary
 
+    if judge in LOGIT_JUDGES:
+        raise VlsafeError(f"rejudge: the logit judge {judge!r} scores a model, not stored responses")
     config, stored, checkpoints = read_run(Path(run_dir))
     sets = _load_sets(config["prompt_sets"], config.get("limit"))
     for ps in sets:
@@ -328,9 +330,9 @@ def rejudge_run(run_dir: str | os.PathLike, *, judge: str = "default", out_dir: 
     generations = pd.concat(gens, ignore_index=True)[list(GENERATION_COLUMNS)]
     metrics = pd.concat(rows, ignore_index=True)
     summary = eval_summary(metrics)
+    before = {"run": str(run_dir), "judge": config.get("judge"), "judge_name": config.get("judge_name")}
     new = {**config, "judge": judge, "judge_name": str(generations["judge"].iloc[0]),
-           "judge_calibration": _calibration_record(scorer),
-           "rejudged_from": {"run": str(run_dir), "judge": config.get("judge"), "judge_name": config.get("judge_name")}}
+           "judge_calibration": _calibration_record(scorer), "rejudged_from": before}
     write_outputs(Path(out_dir), generations, summary, new, checkpoints, config.get("seed", 0), metrics=metrics)
     return generations, summary
 
