@@ -1,8 +1,9 @@
 """Content digests of weight files: the whole file, read once per version of it.
 
 `file_sha256(path)` is the sha256 of every byte of a file. Reading a 540 MB checkpoint costs ~0.5 s warm (a 7B one
-~12 s), so digests are memoised per file version — `(device, inode, size, mtime, ctime)` — in the process and in
-`<cache_dir>/file-hashes/` (one small JSON per file; an unwritable cache only costs the memo). A file written in
+~12 s), so digests are memoised per file version — `(device, inode, size, mtime, ctime)` — in the process and, for files
+of 64 MiB or more, in `<cache_dir>/file-hashes/` (one small JSON per file; smaller files take < 60 ms to read and
+leave nothing behind; an unwritable cache only costs the memo). A file written in
 place, replaced by a rename, hard-linked or touched has a new version and is read again. Files in the Hugging Face
 hub cache whose blob name is a sha256 (LFS objects) are not read at all: the name is their digest.
 
@@ -26,6 +27,7 @@ from pathlib import Path
 _MEMO: dict[tuple[str, tuple[int, ...]], str] = {}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MIB = 1 << 20
+PERSIST_MIN = 64 * _MIB  # smaller files are hashed again in each process rather than memoised on disk
 
 
 def _version(st: os.stat_result) -> tuple[int, ...]:
@@ -66,13 +68,15 @@ def file_sha256(path: str | os.PathLike) -> str:
     key = (str(real), version)
     if key in _MEMO:
         return _MEMO[key]
-    digest = _read_memo(real, version)
+    persist = version[2] >= PERSIST_MIN
+    digest = _read_memo(real, version) if persist else None
     if digest is None:
         with real.open("rb") as fh:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
         if _version(real.stat()) != version:  # changed while we read it: do not remember a torn digest
             return digest
-        _write_memo(real, version, digest)
+        if persist:
+            _write_memo(real, version, digest)
     _MEMO[key] = digest
     return digest
 

@@ -53,6 +53,7 @@ def test_equal_content_equal_hash(tmp_path: Path) -> None:
 
 def test_digest_memoised_per_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLSAFE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(filehash, "PERSIST_MIN", 1 << 20)  # the tiny file counts as large
     d = tiny_llama(tmp_path / "m", layers=4, hidden=256, seed=2)
     f = d / "model.safetensors"
     first = filehash.file_sha256(f)
@@ -68,12 +69,22 @@ def test_digest_memoised_per_version(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert f.stat().st_size == st.st_size
     second = filehash.file_sha256(f)
     assert reads and second != first and second == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert len(list((tmp_path / "cache" / "file-hashes").iterdir())) == 1  # one memo per file, rewritten
+
+
+def test_small_files_leave_no_memo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLSAFE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "small.bin"
+    f.write_bytes(b"x" * 4096)
+    assert filehash.file_sha256(f) == hashlib.sha256(b"x" * 4096).hexdigest()
+    assert not (tmp_path / "cache").exists()
 
 
 def test_unwritable_cache_still_hashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     monkeypatch.setenv("VLSAFE_CACHE", str(blocker))
+    monkeypatch.setattr(filehash, "PERSIST_MIN", 0)  # try to write the memo, and fail
     f = tmp_path / "w.bin"
     f.write_bytes(b"abc" * 1000)
     assert filehash.file_sha256(f) == hashlib.sha256(b"abc" * 1000).hexdigest()
