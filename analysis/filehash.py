@@ -45,6 +45,8 @@ def _read_memo(real: Path, version: tuple[int, ...]) -> str | None:
         rec = json.loads(_memo_file(real).read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(rec, dict):
+        return None
     digest = str(rec.get("sha256"))
     ok = rec.get("path") == str(real) and rec.get("version") == list(version) and _HEX64.fullmatch(digest)
     return digest if ok else None

@@ -69,7 +69,11 @@ def test_digest_memoised_per_version(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert f.stat().st_size == st.st_size
     second = filehash.file_sha256(f)
     assert reads and second != first and second == hashlib.sha256(f.read_bytes()).hexdigest()
-    assert len(list((tmp_path / "cache" / "file-hashes").iterdir())) == 1  # one memo per file, rewritten
+    (memo,) = (tmp_path / "cache" / "file-hashes").iterdir()  # one memo per file, rewritten
+    for junk in ("[1, 2]", "{not json", '{"path": "x", "version": [], "sha256": "z"}'):
+        memo.write_text(junk)  # a damaged memo is a miss: the file is read again
+        filehash._MEMO.clear()
+        assert filehash.file_sha256(f) == second
 
 
 def test_small_files_leave_no_memo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
