@@ -28,13 +28,18 @@ def _legend(ax: Any, n: int) -> None:
         ax.legend()
 
 
-def _panels(n: int, height: float) -> tuple[Figure, np.ndarray]:
-    """`n` panels, at most `PANEL_COLS` per row, shared axes; unused panels hidden."""
+def _panels(n: int, height: float, xlabel: str) -> tuple[Figure, np.ndarray]:
+    """`n` panels, at most `PANEL_COLS` per row, shared axes, unused panels hidden; the lowest panel of each
+    column carries the x tick labels and `xlabel`."""
     cols, rows = max(1, min(n, PANEL_COLS)), max(1, -(-n // PANEL_COLS))
     fig, axes = new_figure("page" if cols > 1 else "column", height=height * rows, nrows=rows, ncols=cols,
                            sharex=True, sharey=True, squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.set_visible(False)
+        elif i + cols >= n:  # nothing visible below it
+            ax.tick_params(labelbottom=True)
+            ax.set_xlabel(xlabel)
     return fig, axes.flat[:n]
 
 
@@ -87,7 +92,7 @@ def safety_layers_figure(curves: pd.DataFrame, labels: Sequence[str], onsets: di
     row); the onset layer is marked."""
     colors = checkpoint_colors(labels)
     present = [lb for lb in labels if lb in set(curves["checkpoint"])]
-    fig, axes = _panels(len(present), 2.0)
+    fig, axes = _panels(len(present), 2.0, "layer")
     with paper_style():
         for ax, label in zip(axes, present):
             sub = curves[curves["checkpoint"] == label]
@@ -100,8 +105,6 @@ def safety_layers_figure(curves: pd.DataFrame, labels: Sequence[str], onsets: di
             ax.set_title(label)
         for ax in axes[::PANEL_COLS]:
             ax.set_ylabel("cosine (last token)")
-        for ax in axes[-min(len(axes), PANEL_COLS):]:
-            ax.set_xlabel("layer")
         if len(axes):
             axes[0].legend()
     return fig
@@ -112,7 +115,7 @@ def projection_figure(projections: dict[str, tuple[np.ndarray, np.ndarray]], lay
     """Histograms of harmful (filled) and harmless (outline) projections on `reference`'s direction at `layer`,
     one panel per checkpoint (shared bins and axes, `PANEL_COLS` per row)."""
     colors = checkpoint_colors(labels)
-    fig, axes = _panels(len(projections), 1.6)
+    fig, axes = _panels(len(projections), 1.6, "")
     with paper_style():
         every = np.concatenate([np.r_[h, b] for h, b in projections.values()]) if projections else np.zeros(0)
         bins = np.linspace(float(every.min()), float(every.max()), 30) if every.size else 10

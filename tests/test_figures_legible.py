@@ -27,7 +27,7 @@ def _save(fig, tmp_path: Path, stem: str) -> None:
         save_figure(fig, tmp_path, stem)
 
 
-@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("n", [1, 3, 6, 8])
 def test_figures_with_n_checkpoints(n: int, tmp_path: Path) -> None:
     labels = LABELS[:n]
     rng = np.random.default_rng(n)
@@ -41,7 +41,11 @@ def test_figures_with_n_checkpoints(n: int, tmp_path: Path) -> None:
     proj = {lb: (rng.normal(5, 2, 40), rng.normal(-5, 2, 40)) for lb in labels}
 
     fig = F.safety_layers_figure(curves, labels, {lb: 12 for lb in labels})
-    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == labels
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == labels
+    # every column's lowest panel says what its x axis is (6 panels: the first row's last two included)
+    cols = min(n, F.PANEL_COLS)
+    assert [bool(ax.get_xlabel()) for ax in shown] == [i + cols >= n for i in range(n)]
     _save(fig, tmp_path, "sl")
     fig = F.projection_figure(proj, 17, labels[0], labels)
     assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == labels
