@@ -217,7 +217,7 @@ def _evaluate(point: Point, pdir: Path, cfg: EvalConfig, refs: list[str] | None,
         write_json(tmp / "eval.json", {"key": edir.name.removeprefix("eval-"), "generation_key": gen_key,
                                        "rejudged_from": stored.name if stored is not None else None})
         write_json(tmp / "metrics.json", metrics)
-    return metrics
+    return dict(sorted(metrics.items()))  # the order a cached metrics.json comes back in: pareto.csv's columns
 
 
 def _rejudged(stored: Path, cfg: EvalConfig, spec: str, out_dir: Path) -> dict[str, Any] | None:
