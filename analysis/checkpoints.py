@@ -179,7 +179,7 @@ class Checkpoint:
     def matches_hash(self, digest: str) -> bool:
         """Whether a stored `digest` names this checkpoint: its `content_hash`, or the weaker fingerprint that
         files written before 2026-12-06 stored (`filehash.legacy_hash`), so that those still load."""
-        return digest in (self.content_hash(), legacy_hash(self.source.files))
+        return digest == self.content_hash() or digest == legacy_hash(self.source.files)
 
     def mapping_summary(self, examples: int = 3) -> dict[str, Any]:
         """Per namespace: tensor count, raw prefix → canonical prefix, and a few raw → canonical examples."""

@@ -64,6 +64,11 @@ def new_figure(width: str | float = "column", height: float | None = None, nrows
     return fig, axes
 
 
+def legend_outside(ax: Any, n: int, **kw: Any) -> Any:
+    """A legend to the right of the axes, out of the data (two columns past 12 entries); `n` is the entry count."""
+    return ax.legend(ncol=2 if n > 12 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, **kw)
+
+
 def checkpoint_colors(labels: Sequence[str]) -> dict[str, str]:
     """A fixed colour per checkpoint label, by position (the same list gives the same colours everywhere)."""
     labels = list(dict.fromkeys(labels))

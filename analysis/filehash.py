@@ -30,7 +30,10 @@ _MIB = 1 << 20
 PERSIST_MIN = 64 * _MIB  # smaller files are hashed again in each process rather than memoised on disk
 
 
-def _version(st: os.stat_result) -> tuple[int, ...]:
+def file_version(path: str | os.PathLike) -> tuple[int, ...]:
+    """What changes whenever a file's content may have: (device, inode, size, mtime, ctime) — a cache key for
+    anything read from the file."""
+    st = os.stat(path)
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -66,7 +69,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     real = Path(path).resolve()
     if real.parent.name == "blobs" and _HEX64.fullmatch(real.name):
         return real.name  # a hub LFS blob is named by its sha256
-    version = _version(real.stat())
+    version = file_version(real)
     key = (str(real), version)
     if key in _MEMO:
         return _MEMO[key]
@@ -75,7 +78,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     if digest is None:
         with real.open("rb") as fh:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        if _version(real.stat()) != version:  # changed while we read it: do not remember a torn digest
+        if file_version(real) != version:  # changed while we read it: do not remember a torn digest
             return digest
         if persist:
             _write_memo(real, version, digest)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from vlsafe.analysis.figures import checkpoint_colors, new_figure, paper_style
+from vlsafe.analysis.figures import checkpoint_colors, legend_outside, new_figure, paper_style
 
 _PAIR_STYLE = {"N-N": "-", "M-M": "--", "N-M": ":"}
 MAX_PAIRS = 8   # more checkpoint pairs than this: the cosine figure keeps those with the reference checkpoint
@@ -23,7 +23,7 @@ PANEL_COLS = 4  # small multiples per row
 def _legend(ax: Any, n: int) -> None:
     """Inside the axes for a few entries; to the right of them (a page-wide figure) for more."""
     if n > 3:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        legend_outside(ax, n)
     else:
         ax.legend()
 

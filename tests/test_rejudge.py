@@ -73,6 +73,10 @@ def test_bad_stored_generations_are_one_line_errors(generated):
         rejudge(swapped, _sets())
     with pytest.raises(VlsafeError, match="logit judge"):
         rejudge(gens, _sets(), judge="logit")
+    from vlsafe.probes.behavior.logit_judge import LogitJudge
+
+    with pytest.raises(VlsafeError, match="logit judge"):  # an instance would score the prompts, not the responses
+        rejudge(gens, _sets(), judge=LogitJudge(None))
     loglik = [EvalSet(load_prompts("harmless-val", limit=2), metric="answer_loglik", references=["a", "b"])]
     with pytest.raises(VlsafeError, match="nothing to re-judge"):
         rejudge(gens.iloc[:2], loglik)

@@ -242,7 +242,7 @@ def _write_metrics(root: Path, name: str, step: int | None, result: tuple[list[A
                    keys: tuple[str, str], seconds: float, *, rejudged: bool = False) -> None:
     """Cache one checkpoint's metric rows and generation records (`result`) under (key, generation key), the
     record (`{name}.json`) last."""
-    from vlsafe.analysis.runinfo import atomic_path, write_csv
+    from vlsafe.analysis.runinfo import atomic_path, write_csv, write_json
 
     rows, gens = result
     key, generation_key = keys
@@ -250,8 +250,7 @@ def _write_metrics(root: Path, name: str, step: int | None, result: tuple[list[A
     with atomic_path(root / "metrics" / f"{name}.generations.jsonl") as tmp:
         write_generations(tmp, gens)
     record = {"key": key, "generation_key": generation_key, "seconds": round(seconds, 1)}
-    with atomic_path(root / "metrics" / f"{name}.json") as tmp:
-        tmp.write_text(json.dumps({**record, **({"rejudged": True} if rejudged else {})}) + "\n")
+    write_json(root / "metrics" / f"{name}.json", {**record, **({"rejudged": True} if rejudged else {})})
 
 
 def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path] | tuple[Path, ...] = (),
@@ -268,7 +267,7 @@ def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path
     from vlsafe.experiments.organism.stages import seed_for
     from vlsafe.probes.models import load
 
-    data: list[EvalData] = []
+    data: EvalData | None = None  # sampled on first need
     frames, times = [], {}
     for name, step in checkpoints(cfg, names):
         key = _key(cfg, root / name)
@@ -278,9 +277,9 @@ def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path
             seconds = _reuse_metrics(root, name, key, [Path(r) for r in reuse])
         gen_key = _key(cfg, root / name, judged=False)
         if seconds is None and (stored := _stored_generations(cfg, root, name, gen_key)) is not None:
-            data = data or [eval_data(cfg, seed_for(cfg, 10))]
+            data = data or eval_data(cfg, seed_for(cfg, 10))
             try:
-                result = rejudge_records(stored[0], cfg, data[0])
+                result = rejudge_records(stored[0], cfg, data)
             except VlsafeError:  # stored for other prompts (a changed prompt file): generate them again
                 pass
             else:
@@ -289,9 +288,9 @@ def run_metrics(cfg: Any, root: Path, *, progress: bool = True, reuse: list[Path
         if seconds is not None:
             times[name] = (seconds, True)
         else:
-            data = data or [eval_data(cfg, seed_for(cfg, 10))]
+            data = data or eval_data(cfg, seed_for(cfg, 10))
             t0 = time.perf_counter()
-            result = evaluate(load(root / name), cfg, data[0], progress=progress)
+            result = evaluate(load(root / name), cfg, data, progress=progress)
             times[name] = (time.perf_counter() - t0, False)
             _write_metrics(root, name, step, result, (key, gen_key), times[name][0])
         frames.append(pd.read_csv(cache))

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from vlsafe.analysis.figures import legend_outside  # noqa: E402
 from vlsafe.experiments.report.plots_pareto import pareto, pareto_front  # noqa: E402,F401  (re-exported)
 from vlsafe.experiments.report.roles import Roles, checkpoint_roles, image_variant  # noqa: E402
 
@@ -51,7 +52,7 @@ def _int_axis(ax: Any) -> None:
 
 def _legend(ax: Any, n: int) -> None:
     """A legend outside the data, to the right of the axes (two columns when there are many entries)."""
-    ax.legend(fontsize=6, ncol=2 if n > 12 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    legend_outside(ax, n, fontsize=6)
 
 
 def _figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = WIDE, **kw: Any) -> tuple[Any, Any]:

@@ -136,16 +136,11 @@ def rejudge(generations: pd.DataFrame, sets: Sequence[EvalSet], *, checkpoint: s
     match the sets' prompts (a one-line error names the set and row otherwise). Accuracy sets are re-checked with
     their `check`; `answer_loglik` sets and the logit judges (no responses to judge) are refused.
     """
-    from vlsafe.probes.behavior.logit_judge import LogitJudge
-
-    if (isinstance(judge, str) and judge in LOGIT_JUDGES) or isinstance(judge, LogitJudge):
-        raise VlsafeError(f"rejudge: the logit judge {getattr(judge, 'name', judge)!r} scores a model, not stored "
-                          "responses")
+    scorer = _response_scorer(judge)
     sizes = [len(es.prompts.records) for es in sets]
     if len(generations) != sum(sizes):
         raise VlsafeError(f"{checkpoint}: {len(generations)} stored generations for {sum(sizes)} prompts "
                           f"in {len(sets)} sets")
-    scorer = _scorer(None, judge, 0.0, None, 1, False)
     frames, rows, start = [], [], 0
     for es, n in zip(sets, sizes):
         if es.metric == "answer_loglik":
@@ -159,6 +154,17 @@ def rejudge(generations: pd.DataFrame, sets: Sequence[EvalSet], *, checkpoint: s
         start += n
     table = pd.concat(rows, ignore_index=True)
     return pd.concat(frames, ignore_index=True), table.astype({"n": "Int64", "k": "Int64"})
+
+
+def _response_scorer(judge: Any) -> Any:
+    """A judge of stored responses (a name or a judge object); the logit judges, which score prompts with a model,
+    are refused."""
+    from vlsafe.probes.behavior.logit_judge import LogitJudge
+
+    if (isinstance(judge, str) and judge in LOGIT_JUDGES) or isinstance(judge, LogitJudge):
+        raise VlsafeError(f"rejudge: the logit judge {getattr(judge, 'name', judge)!r} scores a model, not stored "
+                          "responses")
+    return _scorer(None, judge, 0.0, None, 1, False)
 
 
 def _same_prompts(part: pd.DataFrame, es: EvalSet, checkpoint: str, start: int) -> None:
@@ -267,7 +273,6 @@ def evaluate(checkpoints: dict[str, Any], prompt_sets: Sequence[str], *, judge: 
     evaluation shares: checkpoint, prompt_set, image, metric, n, k, rate, ci_low, ci_high, judge, …).
     """
     from vlsafe.analysis.checkpoints import Checkpoint, LoadedModel, open_checkpoint
-    from vlsafe.probes.behavior.metrics import eval_summary
 
     if not checkpoints:
         raise VlsafeError("eval: no checkpoints given")
@@ -288,18 +293,27 @@ def evaluate(checkpoints: dict[str, Any], prompt_sets: Sequence[str], *, judge: 
         gens.append(g)
         rows.append(r)
         del lm
+    config = {"checkpoints": {lb: c.spec for lb, c in ckpts.items()}, "prompt_sets": list(prompt_sets),
+              "judge": judge, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit,
+              "dtype": dtype, "seed": seed, "prompt_set_hashes": {ps.name: ps.content_hash() for ps in sets}}
+    return _finish(gens, rows, scorer, out_dir, config, ckpts)
+
+
+def _finish(gens: list[pd.DataFrame], rows: list[pd.DataFrame], scorer: Any, out_dir: str | os.PathLike | None,
+            config: dict[str, Any], ckpts: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(generations, summary) of an evaluation's per-checkpoint frames and rows; with `out_dir`, its files (the
+    judge's name and calibration added to `config`)."""
+    from vlsafe.probes.behavior.metrics import eval_summary
+
     generations = pd.concat(gens, ignore_index=True)[list(GENERATION_COLUMNS)]
     metrics = pd.concat(rows, ignore_index=True)
     summary = eval_summary(metrics)
     if out_dir is not None:
         from vlsafe.probes.behavior.eval_outputs import write_outputs
 
-        config = {"checkpoints": {lb: c.spec for lb, c in ckpts.items()}, "prompt_sets": list(prompt_sets),
-                  "judge": judge, "judge_name": str(generations["judge"].iloc[0]), "max_new_tokens": max_new_tokens,
-                  "batch_size": batch_size, "limit": limit, "dtype": dtype, "seed": seed,
-                  "prompt_set_hashes": {ps.name: ps.content_hash() for ps in sets},
+        config = {**config, "judge_name": str(generations["judge"].iloc[0]),
                   "judge_calibration": _calibration_record(scorer)}
-        write_outputs(Path(out_dir), generations, summary, config, ckpts, seed, metrics=metrics)
+        write_outputs(Path(out_dir), generations, summary, config, ckpts, config.get("seed", 0), metrics=metrics)
     return generations, summary
 
 
@@ -309,32 +323,23 @@ def rejudge_run(run_dir: str | os.PathLike, *, judge: str = "default", out_dir: 
     (it may be `run_dir`): the same files, with the new labels, rates and intervals. No model is loaded, so the
     checkpoints need not exist any more; the prompt sets are loaded again and must still hold the prompts the
     responses answer. Returns (generations_df, summary_df) like `evaluate`."""
-    from vlsafe.probes.behavior.eval_outputs import read_run, write_outputs
-    from vlsafe.probes.behavior.metrics import eval_summary
+    from vlsafe.probes.behavior.eval_outputs import read_run
 
-    if judge in LOGIT_JUDGES:
-        raise VlsafeError(f"rejudge: the logit judge {judge!r} scores a model, not stored responses")
+    scorer = _response_scorer(judge)
     config, stored, checkpoints = read_run(Path(run_dir))
     sets = _load_sets(config["prompt_sets"], config.get("limit"))
     for ps in sets:
         if config.get("prompt_set_hashes", {}).get(ps.name) not in (None, ps.content_hash()):
             raise VlsafeError(f"{run_dir}: prompt set {ps.name} changed since the run; its stored responses answer "
                               "other prompts")
-    scorer = _scorer(None, judge, 0.0, None, 1, False)
     gens, rows = [], []
     for label in dict.fromkeys(stored["checkpoint"]):  # the run's order (run.json sorts its keys)
         g, r = rejudge(stored[stored["checkpoint"] == label].reset_index(drop=True),
                        [EvalSet(ps) for ps in sets], checkpoint=label, judge=scorer)
         gens.append(g)
         rows.append(r)
-    generations = pd.concat(gens, ignore_index=True)[list(GENERATION_COLUMNS)]
-    metrics = pd.concat(rows, ignore_index=True)
-    summary = eval_summary(metrics)
     before = {"run": str(run_dir), "judge": config.get("judge"), "judge_name": config.get("judge_name")}
-    new = {**config, "judge": judge, "judge_name": str(generations["judge"].iloc[0]),
-           "judge_calibration": _calibration_record(scorer), "rejudged_from": before}
-    write_outputs(Path(out_dir), generations, summary, new, checkpoints, config.get("seed", 0), metrics=metrics)
-    return generations, summary
+    return _finish(gens, rows, scorer, out_dir, {**config, "judge": judge, "rejudged_from": before}, checkpoints)
 
 
 def _calibration_record(scorer: Any) -> dict[str, Any] | None:

@@ -25,12 +25,13 @@ WEIGHTS_PATH = Path(__file__).with_name("judge_weights.json")
 def load_weights(path: str | None = None) -> dict[str, Any]:
     """Load and validate a weights file (default: the shipped ``judge_weights.json``), cached per path and version
     of the file (a file rewritten in place is read again)."""
+    from vlsafe.analysis.filehash import file_version
+
     p = Path(path) if path else WEIGHTS_PATH
     try:
-        st = p.stat()
-        version: tuple[int, ...] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        version = file_version(p)
     except OSError:
-        version = ()
+        version = ()  # missing: _load_weights says so
     return _load_weights(str(p), version)
 
 
