@@ -30,7 +30,8 @@ COLUMN_WIDTH = 3.3  # inches, one column of a two-column paper
 PAGE_WIDTH = 6.8  # inches, full text width
 DPI = 200
 # Okabe–Ito: distinguishable for colour-blind readers and in greyscale print.
-PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")  # yellow last:
+# faint on white, used only by the eighth series
 PAPER_RC: dict[str, Any] = {
     "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
     "legend.fontsize": 7, "legend.frameon": False, "axes.spines.top": False, "axes.spines.right": False,
@@ -40,7 +41,7 @@ PAPER_RC: dict[str, Any] = {
     "image.cmap": "magma", "axes.prop_cycle": matplotlib.cycler(color=list(PALETTE)),
 }
 MODULE_COLORS = {"q_proj": PALETTE[0], "k_proj": PALETTE[5], "v_proj": PALETTE[2], "o_proj": PALETTE[3],
-                 "mlp.gate_proj": PALETTE[4], "mlp.up_proj": PALETTE[1], "mlp.down_proj": PALETTE[7]}
+                 "mlp.gate_proj": PALETTE[4], "mlp.up_proj": PALETTE[1], "mlp.down_proj": PALETTE[6]}
 
 
 @contextlib.contextmanager
@@ -69,6 +70,29 @@ def legend_outside(ax: Any, n: int, **kw: Any) -> Any:
     return ax.legend(ncol=2 if n > 12 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, **kw)
 
 
+def panel_grid(n: int, *, cols: int, row_height: float, xlabel: str, sharey: bool = True) -> tuple[Figure, np.ndarray]:
+    """`n` small multiples, at most `cols` per row, a shared x axis (and y axis with `sharey`), unused panels hidden;
+    the lowest visible panel of each column carries the x tick labels and `xlabel`. Returns the `n` axes."""
+    cols, rows = max(1, min(n, cols)), max(1, -(-n // cols))
+    fig, axes = new_figure("page" if cols > 1 else "column", height=row_height * rows, nrows=rows, ncols=cols,
+                           sharex=True, sharey=sharey, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.set_visible(False)
+        elif i + cols >= n:  # nothing visible below it
+            ax.tick_params(labelbottom=True)
+            ax.set_xlabel(xlabel)
+    return fig, axes.flat[:n]
+
+
+def legend_below(fig: Figure, ax: Any) -> Any:
+    """`ax`'s legend under the figure's panels (constrained layout makes room), out of every panel's data; up to
+    three entries a row."""
+    handles, labels = ax.get_legend_handles_labels()
+    return fig.legend(handles, labels, loc="outside lower center", ncols=min(3, max(1, len(labels))),
+                      frameon=False) if handles else None
+
+
 def checkpoint_colors(labels: Sequence[str]) -> dict[str, str]:
     """A fixed colour per checkpoint label, by position (the same list gives the same colours everywhere)."""
     labels = list(dict.fromkeys(labels))
@@ -90,7 +114,8 @@ def save_figure(fig: Figure, out_dir: str | os.PathLike, stem: str, formats: Seq
     return out
 
 
-def _module_columns(modules: Sequence[str]) -> list[str]:
+def module_columns(modules: Sequence[str]) -> list[str]:
+    """Modules in model order (`layergroups.MODULE_ORDER`), others sorted after them, `all` last."""
     from vlsafe.analysis.layergroups import MODULE_ORDER
 
     present = [m for m in MODULE_ORDER if m in modules]
@@ -100,14 +125,15 @@ def _module_columns(modules: Sequence[str]) -> list[str]:
 
 def _matrix(layers: pd.DataFrame, value: str) -> tuple[np.ndarray, list[int], list[str]]:
     sub = layers.dropna(subset=["layer"])
-    cols = _module_columns(sub["module"].unique().tolist())
+    cols = module_columns(sub["module"].unique().tolist())
     rows = sorted(int(x) for x in sub["layer"].unique())
     grid = sub.pivot_table(index="layer", columns="module", values=value, aggfunc="first")
     grid = grid.reindex(index=rows, columns=cols).astype(float)
     return np.ma.masked_invalid(grid.to_numpy()), rows, cols
 
 
-def _short(module: str) -> str:
+def short_module(module: str) -> str:
+    """The short name figures show: `mlp.gate_proj` → `gate`, `input_layernorm` → `ln1`."""
     return module.removeprefix("mlp.").replace("_proj", "").replace("input_layernorm", "ln1") \
         .replace("post_attention_layernorm", "ln2")
 
@@ -126,7 +152,7 @@ def layer_module_heatmap(layers: pd.DataFrame, value: str = "rel_frobenius", max
     with paper_style():
         for ax, post, (m, rows, cols) in zip(axes, posts, mats):
             im = ax.imshow(m, aspect="auto", vmin=0.0, vmax=vmax, interpolation="nearest")
-            ax.set_xticks(range(len(cols)), [_short(c) for c in cols], rotation=90)
+            ax.set_xticks(range(len(cols)), [short_module(c) for c in cols], rotation=90)
             ax.set_yticks(range(len(rows))[:: max(1, len(rows) // 12)], rows[:: max(1, len(rows) // 12)])
             ax.set_title(post)
             ax.set_ylabel("layer")
@@ -146,10 +172,10 @@ def layer_curves(layers: pd.DataFrame, value: str = "rel_frobenius", labels: Seq
         for post, g in allrows.groupby("checkpoint_b", sort=False):
             ax1.plot(g["layer"].astype(int), g[value], marker="o", color=colors.get(post), label=post)
         ax1.set(xlabel="layer", ylabel=value.replace("_", " "), title="all modules")
-        ax1.legend()
+        legend_below(fig, ax1)
         last = layers[(layers["checkpoint_b"] == layers["checkpoint_b"].iloc[-1]) & layers["layer"].notna()]
         for module, g in last[last["module"].isin(MODULE_COLORS)].groupby("module", sort=False):
-            ax2.plot(g["layer"].astype(int), g[value], color=MODULE_COLORS[module], label=_short(module))
+            ax2.plot(g["layer"].astype(int), g[value], color=MODULE_COLORS[module], label=short_module(module))
         ax2.set(xlabel="layer", title=f"per module ({layers['checkpoint_b'].iloc[-1]})")
         ax2.legend(ncols=2)
     return fig
@@ -169,18 +195,17 @@ def taskvector_figure(tv_layers: pd.DataFrame, labels: Sequence[str] | None = No
         width = 0.8 / max(1, len(groups))
         for i, ((ca, cb), g) in enumerate(groups):
             x = g["layer"].astype(int).to_numpy() + (i - (len(groups) - 1) / 2) * width
-            ax1.bar(x, g["cosine"], width=width, color=colors.get(cb), label=cb)
-            ax2.plot(g["layer"].astype(int), g["norm_b"], marker="o", color=colors.get(cb), label=f"‖τ_B‖ {cb}")
+            ax1.bar(x, g["cosine"], width=width, color=colors.get(cb))
+            ax2.plot(g["layer"].astype(int), g["norm_b"], marker="o", color=colors.get(cb), label=f"τ_B: {cb}")
         if groups:
             (ca, _), g0 = groups[0]
             ax2.plot(g0["layer"].astype(int), g0["norm_a"], marker="s", color="0.4", ls="--",
-                     label=f"‖τ_A‖ {ca} − {g0['base'].iloc[0]}")
+                     label=f"τ_A: {ca} − {g0['base'].iloc[0]}")
         ax1.axhline(0.0, color="0.3", lw=0.6)
         mode = tv_layers["mode"].iloc[0] if len(tv_layers) else ""
         ax1.set(xlabel="layer", ylabel="cos(τ_A, τ_B)", title=f"task-vector cosine ({mode})")
         ax2.set(xlabel="layer", ylabel="norm", title="task-vector norms")
-        ax1.legend()
-        ax2.legend()
+        legend_below(fig, ax2)  # one key for both panels: a POST's bars (left) and line (right) share its colour
     return fig
 
 

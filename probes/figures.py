@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from vlsafe.analysis.figures import checkpoint_colors, legend_outside, new_figure, paper_style
+from vlsafe.analysis.figures import checkpoint_colors, legend_outside, new_figure, panel_grid, paper_style
 
-_PAIR_STYLE = {"N-N": "-", "M-M": "--", "N-M": ":"}
+PAIR_STYLE = {"N-N": "-", "M-M": "--", "N-M": ":"}  # Li et al.'s prompt pairs (safety_layers.PAIR_NAMES)
 MAX_PAIRS = 8   # more checkpoint pairs than this: the cosine figure keeps those with the reference checkpoint
 PANEL_COLS = 4  # small multiples per row
 
@@ -29,18 +29,8 @@ def _legend(ax: Any, n: int) -> None:
 
 
 def _panels(n: int, height: float, xlabel: str) -> tuple[Figure, np.ndarray]:
-    """`n` panels, at most `PANEL_COLS` per row, shared axes, unused panels hidden; the lowest panel of each
-    column carries the x tick labels and `xlabel`."""
-    cols, rows = max(1, min(n, PANEL_COLS)), max(1, -(-n // PANEL_COLS))
-    fig, axes = new_figure("page" if cols > 1 else "column", height=height * rows, nrows=rows, ncols=cols,
-                           sharex=True, sharey=True, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        if i >= n:
-            ax.set_visible(False)
-        elif i + cols >= n:  # nothing visible below it
-            ax.tick_params(labelbottom=True)
-            ax.set_xlabel(xlabel)
-    return fig, axes.flat[:n]
+    """`n` panels of one quantity, at most `PANEL_COLS` per row, shared axes (`analysis.figures.panel_grid`)."""
+    return panel_grid(n, cols=PANEL_COLS, row_height=height, xlabel=xlabel)
 
 
 def _last_position(df: pd.DataFrame) -> pd.DataFrame:
@@ -87,6 +77,13 @@ def similarity_figure(similarity: pd.DataFrame, labels: Sequence[str]) -> Figure
     return fig
 
 
+def pair_label(pair: str) -> str:
+    """`N-M (harmless–harmful)`: a safety-layer pair kind with what it compares."""
+    from vlsafe.probes.safety_layers import PAIR_NAMES
+
+    return f"{pair} ({PAIR_NAMES[pair]})" if pair in PAIR_NAMES else str(pair)
+
+
 def safety_layers_figure(curves: pd.DataFrame, labels: Sequence[str], onsets: dict[str, int | None]) -> Figure:
     """N-N / M-M / N-M cosine curves (mean ± std band), one panel per checkpoint (shared axes, `PANEL_COLS` per
     row); the onset layer is marked."""
@@ -97,7 +94,8 @@ def safety_layers_figure(curves: pd.DataFrame, labels: Sequence[str], onsets: di
         for ax, label in zip(axes, present):
             sub = curves[curves["checkpoint"] == label]
             for pair, g in sub.groupby("pair", sort=False):
-                ax.plot(g["layer"], g["cosine_mean"], ls=_PAIR_STYLE.get(pair, "-"), color=colors[label], label=pair)
+                ax.plot(g["layer"], g["cosine_mean"], ls=PAIR_STYLE.get(pair, "-"), color=colors[label],
+                        label=pair_label(pair))
                 ax.fill_between(g["layer"], g["cosine_mean"] - g["cosine_std"], g["cosine_mean"] + g["cosine_std"],
                                 color=colors[label], alpha=0.12, lw=0)
             if onsets.get(label) is not None:

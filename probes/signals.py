@@ -29,7 +29,36 @@ import pandas as pd
 
 from vlsafe.analysis.errors import VlsafeError
 
-__all__ = ["signals_table", "signal_correlations"]
+__all__ = ["signals_table", "signal_correlations", "signal_label"]
+
+# column stem → (panel title, y-axis label): what each signal is and in which unit (see the table above)
+SIGNAL_LABELS: dict[str, tuple[str, str]] = {
+    "weight_shift": ("weight shift", "‖ΔW‖ / ‖W‖"),
+    "weight_cosine_drop": ("weight cosine drop", "1 − cos(W, W′)"),
+    "taskvector_cosine": ("task-vector cosine", "cos(τ_A, τ_B)"),
+    "direction_drift_image": ("refusal-direction drift, image", "1 − cos(r, r′)"),
+    "direction_drift": ("refusal-direction drift", "1 − cos(r, r′)"),
+    "probe_accuracy_delta": ("probe accuracy change", "Δ accuracy"),
+    "refusal_projection_drop": ("refusal projection drop", "Δ mean projection"),
+    "patching": ("patching", "recovered fraction"),
+    "atp": ("attribution patching", "est. recovered fraction"),
+    "image_shift_refusal": ("image shift on r̂", "shift · r̂"),
+}
+
+
+def signal_label(column: str) -> tuple[str, str]:
+    """(title, y label) of a `signals_table` column: `patching_resid_scene` → ("patching resid (scene)",
+    "recovered fraction"); a column no stem names keeps its own name and gets no unit."""
+    for stem, (title, unit) in SIGNAL_LABELS.items():
+        if column == stem or column.startswith(stem + "_"):
+            rest = column[len(stem) + 1:]
+            if stem in ("patching", "atp"):  # `<component>[_<image>]`
+                from vlsafe.probes.patching import COMPONENTS
+
+                comp = next((c for c in COMPONENTS if rest == c or rest.startswith(c + "_")), "")
+                title, rest = f"{title} {comp}".strip(), rest[len(comp) + 1:] if comp else rest
+            return (f"{title} ({rest})" if rest else title), unit
+    return column.replace("_", " "), ""
 
 
 def _last_position(df: pd.DataFrame) -> pd.DataFrame:

@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from vlsafe.analysis.figures import legend_outside  # noqa: E402
+from vlsafe.analysis.figures import legend_outside, module_columns, short_module  # noqa: E402
+from vlsafe.probes.figures import PAIR_STYLE, pair_label  # noqa: E402
 from vlsafe.experiments.report.plots_pareto import pareto, pareto_front  # noqa: E402,F401  (re-exported)
 from vlsafe.experiments.report.roles import Roles, checkpoint_roles, image_variant  # noqa: E402
 
@@ -75,20 +76,22 @@ def heatmap_pivot(layers: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     if "checkpoint_b" in d.columns and len(d):
         d = d[d["checkpoint_b"] == d["checkpoint_b"].iloc[-1]]
         pair = f"{d['checkpoint_a'].iloc[0]} → " * ("checkpoint_a" in d.columns) + str(d["checkpoint_b"].iloc[0])
-    return d.pivot_table(index="module", columns="layer", values="rel_frobenius", aggfunc="mean"), pair
+    pivot = d.pivot_table(index="module", columns="layer", values="rel_frobenius", aggfunc="mean")
+    return pivot.reindex(module_columns(list(pivot.index))), pair
 
 
 def weight_heatmap(layers: pd.DataFrame) -> plt.Figure | None:
-    """Layer × module heatmap of relative Frobenius change (diff `layers.csv`); the image has SVG id
-    `heatmap-weight` for the per-cell tooltips."""
+    """Module × layer heatmap of relative Frobenius change (diff `layers.csv`): modules in model order with the
+    short names of `vlsafe diff`'s heatmap, the colour scale from 0; the image has SVG id `heatmap-weight` for the
+    per-cell tooltips."""
     pivot, pair = heatmap_pivot(layers)
     if pivot.empty:
         return None
     fig, ax = _figure(figsize=(6.8, 0.25 * len(pivot) + 1.4))
-    im = ax.imshow(pivot.values, aspect="auto", cmap="magma", gid="heatmap-weight")
-    ax.set_yticks(range(len(pivot)), pivot.index, fontsize=7)
-    step = max(1, len(pivot.columns) // 32)
-    ax.set_xticks(range(0, len(pivot.columns), step), pivot.columns[::step], fontsize=6)
+    im = ax.imshow(pivot.values, aspect="auto", cmap="magma", vmin=0.0, gid="heatmap-weight")
+    ax.set_yticks(range(len(pivot)), [short_module(m) for m in pivot.index], fontsize=7)
+    step = max(1, len(pivot.columns) // 16)
+    ax.set_xticks(range(0, len(pivot.columns), step), pivot.columns[::step], fontsize=7)
     ax.set_xlabel("layer")
     if pair:
         ax.set_title(f"weight shift {pair}", fontsize=8)
@@ -119,7 +122,7 @@ def dynamics(metrics: pd.DataFrame | None, dyn: pd.DataFrame | None) -> plt.Figu
     for ax, (kind, d) in zip(axes[0], panels):
         if kind == "metric":
             for name, g in d.sort_values("step").groupby("metric"):
-                ax.plot(g["step"], g["value"], marker="o", label=name)
+                ax.plot(g["step"], g["value"], marker="o", label=str(name).replace("_", " "))
                 if {"ci_low", "ci_high"} <= set(g.columns):
                     ax.fill_between(g["step"], g["ci_low"], g["ci_high"], alpha=0.15)
             ax.set_ylabel("rate")
@@ -127,6 +130,10 @@ def dynamics(metrics: pd.DataFrame | None, dyn: pd.DataFrame | None) -> plt.Figu
         else:
             ax.plot(d["step"], d["shift"], marker="o", color="k")
             ax.set_ylabel("mean rel. weight shift")
+            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.3g}"))
+        steps = sorted(d["step"].dropna().unique())
+        if len(steps) <= 12:  # ticks at the checkpoints
+            ax.set_xticks(steps, [f"{s:g}" for s in steps])
         ax.set_xlabel("adaptation step")
     return fig
 
@@ -139,10 +146,16 @@ def taskvector_cosine(tv: pd.DataFrame) -> plt.Figure | None:
         return None
     if "module" in d.columns and (d["module"] == "all").any():
         d = d[d["module"] == "all"]
+    pair = ""
+    if {"checkpoint_a", "checkpoint_b", "base"} <= set(d.columns) and len(d):
+        a, b, base = (str(d.iloc[0][c]) for c in ("checkpoint_a", "checkpoint_b", "base"))
+        chain = "mode" in d.columns and d.iloc[0]["mode"] == "chain"   # τ_B from A (chain) or from the base
+        pair = f": τ_A = {a} − {base}, τ_B = {b} − {a if chain else base}"
     d = d.groupby("layer", as_index=False)["cosine"].mean()
     fig, ax = _figure(figsize=WIDE)
-    ax.bar(d["layer"], d["cosine"], color=np.where(d["cosine"] < 0, "tab:red", "tab:blue"))
+    ax.bar(d["layer"], d["cosine"], color=_colors(["τ"])["τ"])
     ax.axhline(0, color="k", lw=0.5)
+    ax.set_title(f"task-vector cosine per layer{pair}", fontsize=8, loc="left")
     ax.set_xlabel("layer")
     _int_axis(ax)
     ax.set_ylabel("cos(τ_A, τ_B)")
@@ -187,7 +200,7 @@ def direction_similarity(sim: pd.DataFrame) -> plt.Figure | None:
         ax.plot(g["layer"], g["direction_cosine"], marker=".", label=f"{a} vs {b}")
     ax.set_xlabel("layer")
     _int_axis(ax)
-    ax.set_ylabel("direction cosine")
+    ax.set_ylabel("cosine of directions")
     _legend(ax, len(groups))
     return fig
 
@@ -212,7 +225,8 @@ def safety_layer_curves(sl: pd.DataFrame) -> plt.Figure | None:
         g = d[d["checkpoint"].astype(str) == ck]
         for pair, gp in g.groupby("pair", sort=False):
             gp = gp.groupby("layer", as_index=False)[val].mean()
-            ax.plot(gp["layer"], gp[val], color=PAIR_COLORS.get(str(pair)), lw=1.0, label=str(pair))
+            ax.plot(gp["layer"], gp[val], color=PAIR_COLORS.get(str(pair)), lw=1.0, ls=PAIR_STYLE.get(str(pair), "-"),
+                    label=pair_label(str(pair)))
         ax.set_title(ck, fontsize=7)
         ax.tick_params(labelsize=6)
         _int_axis(ax)

@@ -34,6 +34,7 @@ from vlsafe.experiments.report.plots_corrected import (CORRECTED_LABEL, correcte
 from vlsafe.experiments.report.findings_text import layer_ranges, rate_text
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+FRONT_STYLE = {"color": "0.15", "lw": 1.3, "ls": "-", "alpha": 0.6}  # solid: the judge-corrected bars are dashed
 CORRECTED_KEY = CORRECTED_LABEL  # key column suffix: `safety, corrected for judge error`
 _RINGS = (4.0, 9.0, 15.0, 22.0, 30.0, 40.0)  # candidate label distances from the point, in points
 
@@ -155,7 +156,7 @@ def pareto(p: pd.DataFrame, *, safety: str = "safety") -> plt.Figure | None:
     screened = (p["stage"] == "screen").to_numpy() if "stage" in p.columns else [False] * len(p)
     prefix = "pareto-pt" if safety == "safety" else "pareto-image-pt"
     fig, ax = plt.subplots(figsize=(6.8, 3.6), layout="constrained")
-    ax.plot(front["helpfulness"], front["safety"], color="0.35", lw=0.8, ls="--", zorder=1)
+    ax.plot(front["helpfulness"], front["safety"], **FRONT_STYLE, zorder=1)
     shown = p[p[safety].notna()]
     for i in shown.index:
         on, fam = i in front.index, fam_of[i]
@@ -181,7 +182,7 @@ def pareto(p: pd.DataFrame, *, safety: str = "safety") -> plt.Figure | None:
     ax.set_ylabel(SAFETY_LABELS.get(safety, safety))
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color="0.35", lw=0.8, ls="--", label="Pareto front")] + [
+    handles = [Line2D([], [], **FRONT_STYLE, label="Pareto front")] + [
         Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color=colors[f], markeredgecolor="k",
                markeredgewidth=0.5, ms=5, label=f) for i, f in enumerate(fams)]
     if any(screened):

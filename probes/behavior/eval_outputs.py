@@ -98,7 +98,8 @@ def refusal_figure(summary: pd.DataFrame, fig_dir: Path) -> list[Path]:
             err = np.vstack([rate - sub["ci_low"].to_numpy(float), sub["ci_high"].to_numpy(float) - rate])
             ax.bar(x, rate, width, yerr=err, capsize=2, color=colors[lb], label=lb, error_kw={"linewidth": 0.6})
         tilt = len(sets) > 2
-        ax.set_xticks(np.arange(len(sets)), sets, rotation=20 if tilt else 0, ha="right" if tilt else "center")
+        ax.set_xticks(np.arange(len(sets)), sets, rotation=20 if tilt else 0, ha="right" if tilt else "center",
+                      rotation_mode="anchor" if tilt else "default")  # a tilted label ends under its group
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(f"refusal rate ({overall['judge'].iloc[0]}), Wilson 95% CI")
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
