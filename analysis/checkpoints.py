@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections import Counter
@@ -26,6 +25,7 @@ from vlsafe.analysis import names as N
 from vlsafe.analysis.errors import VlsafeError
 from vlsafe.analysis.filehash import file_sha256, legacy_hash
 from vlsafe.analysis.resolve import resolve
+from vlsafe.analysis.runinfo import read_json_object
 from vlsafe.analysis.sources import PICKLE_SUFFIXES, PickleSource, SafetensorsSource
 
 
@@ -95,7 +95,7 @@ class Checkpoint:
         self.source = _pick_source(self.path, allow_pickle)
         root = self.path if self.path.is_dir() else self.path.parent
         cfg_file = root / "config.json"
-        self.config: dict[str, Any] = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        self.config: dict[str, Any] = read_json_object(cfg_file) if cfg_file.is_file() else {}
         raw = list(self.source.tensors)
         self.family = N.match_family(self.config) or N.guess_family(raw, self.spec)
         self.raw_to_canonical = N.canonicalize(raw, self.family, self.spec)

@@ -100,6 +100,48 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+def check_out_dir(out: str | os.PathLike, *, inputs: Any = (), replaces: bool = True) -> None:
+    """Refuse an `-o` folder before any work when writing it would lose or mix data (one-line errors):
+
+    - it exists and is a file;
+    - it is, or holds, one of `inputs` (paths of input checkpoints, adapters, files): writing the folder, which
+      `atomic_path` replaces whole, would delete them;
+    - with `replaces` (commands that replace the whole folder): it exists, is not empty and is not an earlier
+      vlsafe run folder (no `run.json`), so whatever is in it would be deleted.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise VlsafeError(f"{out}: exists and is not a folder; choose a new -o folder")
+    target = out.resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        path = Path(str(item)).expanduser()
+        if not path.exists():
+            continue  # a hub id or a built-in name: not a local path
+        path = path.resolve()
+        if path == target or target in path.parents:
+            raise VlsafeError(f"{out}: the output folder is or holds an input ({item}); choose another -o folder")
+    if replaces and out.is_dir() and any(out.iterdir()) and not (out / "run.json").is_file():
+        raise VlsafeError(f"{out}: exists and is not an earlier vlsafe run folder (its files would be deleted); "
+                          "choose a new -o folder")
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file that must hold an object (a config, a run record), or a one-line error naming the file and
+    where it breaks."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise VlsafeError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise VlsafeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise VlsafeError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write JSON atomically (sorted keys, 2-space indent)."""
     with atomic_path(path) as tmp:

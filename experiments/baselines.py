@@ -33,7 +33,6 @@ rescales by the L1 norm as mergekit does, not by 1/d).
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from tqdm.auto import tqdm
 from vlsafe.analysis.checkpoints import Checkpoint, open_checkpoint
 from vlsafe.analysis.errors import VlsafeError
 from vlsafe.analysis.names import families, layer_module
-from vlsafe.analysis.runinfo import atomic_path, write_csv, write_run_json
+from vlsafe.analysis.runinfo import atomic_path, check_out_dir, read_json_object, write_csv, write_run_json
 
 SELECT_TYPES = ("threshold", "number")
 PROJECTIONS = ("original", "orthonormal")
@@ -82,7 +81,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
     cfg_file, weights = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
     if not cfg_file.is_file() or not weights.is_file():
         raise VlsafeError(f"{d}: not a peft adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_json_object(cfg_file)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise VlsafeError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
     if cfg.get("use_dora"):
@@ -224,9 +223,10 @@ def safelora_project(adapter_dir: str | Path, aligned: str | Checkpoint, base: s
     from vlsafe.analysis.loading import as_dtype
 
     dt = as_dtype(dtype)
-    cfg, tensors = read_adapter(adapter_dir)
     al = aligned if isinstance(aligned, Checkpoint) else open_checkpoint(aligned)
     bs = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    check_out_dir(out_dir, inputs=[adapter_dir, al.path, bs.path])
+    cfg, tensors = read_adapter(adapter_dir)
     pairs = lora_pairs(tensors, al, source=str(adapter_dir))
     cos, cb = _project_pairs(pairs, al, bs, projection, rank, energy, dt, progress)
     chosen, tau = select_modules(cos, select, threshold=threshold, num=num)
@@ -253,8 +253,6 @@ def _write_adapter(src: Path, out: Path, tensors: dict[str, torch.Tensor], table
                    summary: dict[str, Any], aligned: Checkpoint, base: Checkpoint) -> Path:
     from safetensors.torch import save_file
 
-    if out.resolve() == src.resolve():
-        raise VlsafeError(f"{out}: the output folder is the input adapter; choose another")
     with atomic_path(out) as tmp:
         tmp.mkdir()
         for f in src.iterdir():

@@ -84,13 +84,13 @@ class EvalConfig(BaseModel):
     harmful_image: str | None = None  # e.g. harmful-val+blank: safety_image (LVLMs only)
     borderline: str = "borderline-val"
     harmless: str = "harmless-val"
-    limit: int | None = 32
+    limit: int | None = Field(32, ge=1)  # prompts per set
     score_kind: Literal["opening", "first_token"] = "opening"
     threshold: float = 0.0
     openings: list[str] | None = None  # fast mode: refusal openings to score (default: vlsafe.probes.scores' stock list)
     judge: str = "default"
-    max_new_tokens: int = 32
-    batch_size: int = 8
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(8, ge=1)
     helpfulness: Literal["compliance", "loglik"] = "compliance"
     reference: str | None = None
     # both stages' forwards (logit score, generation, answer log-lik.): bf16 = under bf16 autocast, weights stay fp32

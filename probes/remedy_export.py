@@ -21,7 +21,7 @@ from torch import nn
 
 from vlsafe.analysis.checkpoints import Checkpoint, LoadedModel
 from vlsafe.analysis.errors import VlsafeError
-from vlsafe.analysis.runinfo import atomic_path, write_run_json
+from vlsafe.analysis.runinfo import atomic_path, check_out_dir, write_run_json
 from vlsafe.probes import models as M
 from vlsafe.probes.interventions import SAFETENSORS_DTYPES, untie_head
 from vlsafe.probes.remedy_spec import RemedySpec, vectors
@@ -104,6 +104,8 @@ def export_remedy(spec: RemedySpec, out_dir: str | os.PathLike, *,
     ckpt = checkpoint if checkpoint is not None else spec.checkpoint
     if ckpt is None:
         raise VlsafeError(f"{spec.source}: no checkpoint to export (give 'checkpoint:' or --checkpoint)")
+    source = ckpt.checkpoint if isinstance(ckpt, LoadedModel) else ckpt
+    check_out_dir(out_dir, inputs=[getattr(source, "path", source)])
     if isinstance(ckpt, LoadedModel):
         lm = ckpt
     else:

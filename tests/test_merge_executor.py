@@ -255,7 +255,7 @@ def test_bad_inputs_fail_before_writing(models, tmp_path):
     plan = _plan(merge_method="linear", models=[{"model": str(models["llm0"]), "parameters": {"weight": 1}}])
     with pytest.raises(VlsafeError, match="not an earlier vlsafe run folder"):
         run_merge(plan, foreign, progress=False)
-    with pytest.raises(VlsafeError, match="output folder is an input"):
+    with pytest.raises(VlsafeError, match="output folder is or holds an input"):
         run_merge(plan, models["llm0"], progress=False)
 
 

@@ -31,7 +31,7 @@ from vlsafe.analysis.loading import as_dtype
 from vlsafe.analysis.merging import methods
 from vlsafe.analysis.merging.config import MergePlan, module_matches
 from vlsafe.analysis.merging.io import MergeReader, ShardedWriter, pipelined
-from vlsafe.analysis.runinfo import atomic_path, write_run_json
+from vlsafe.analysis.runinfo import atomic_path, check_out_dir, write_run_json
 from vlsafe.analysis.sources import torch_dtype
 from vlsafe.analysis.streaming import wants_direct_io
 
@@ -230,15 +230,6 @@ def _copy_side_files(plan: MergePlan, ckpts: dict[str, Checkpoint], dst: Path, t
         cfg.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
-def _check_out_dir(out: Path, ckpts: dict[str, Checkpoint]) -> None:
-    target = out.resolve()
-    for c in ckpts.values():
-        if _root(c).resolve() == target:
-            raise VlsafeError(f"{out}: the output folder is an input checkpoint ({c.spec})")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "run.json").is_file())):
-        raise VlsafeError(f"{out}: exists and is not an earlier vlsafe run folder; choose a new -o folder")
-
-
 def _export_renames(ckpts: dict[str, Checkpoint]) -> dict[str, str]:
     return {s: str(c.path) for s, c in ckpts.items() if s == "default" or s.endswith(".gguf")}
 
@@ -250,7 +241,7 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, out_shard_size: int | str
     `kind` is the run kind recorded in `run.json` (`resta` when RESTA builds the plan)."""
     out = Path(out_dir)
     ckpts = open_inputs(plan, allow_pickle, trust_remote_code)
-    _check_out_dir(out, ckpts)
+    check_out_dir(out, inputs=[_root(c) for c in ckpts.values()])
     layout = ckpts[plan.layout_model()]
     tasks = plan_tensors(plan, ckpts)
     # the export covers what mergekit would merge: merged tensors and those only outside the selection

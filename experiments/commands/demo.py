@@ -19,7 +19,9 @@ def register(app: typer.Typer) -> None:
 
         Each stage runs the same `vlsafe` command a researcher would; a second run reuses every cached stage.
         """
+        from vlsafe.analysis.runinfo import check_out_dir
         from vlsafe.experiments.demo import run_demo
 
+        check_out_dir(out, replaces=False)
         report = run_demo(out, profile=profile, echo=typer.echo)
         typer.echo(f"[demo] done: {report}")

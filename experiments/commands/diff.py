@@ -47,17 +47,20 @@ def run_diff(pre: str, posts: Sequence[str], out_dir: str | Path, *, base: str |
     from vlsafe.analysis.checkpoints import open_checkpoint
     from vlsafe.analysis.dynamics import dynamics_table
     from vlsafe.analysis.pairing import checkpoint_labels
-    from vlsafe.analysis.runinfo import write_csv, write_run_json
-    from vlsafe.analysis.taskvectors import aggregate_task_vectors, task_vectors
+    from vlsafe.analysis.runinfo import check_out_dir, write_csv, write_run_json
+    from vlsafe.analysis.taskvectors import MODES, aggregate_task_vectors, task_vectors
     from vlsafe.analysis.weightshift import ATOL, RTOL, aggregate_layers, diff_checkpoints
 
     if not posts:
         raise VlsafeError("diff needs PRE and at least one POST checkpoint")
     if steps is not None and len(steps) != 1 + len(posts):
         raise VlsafeError(f"--steps: got {len(steps)} steps for {1 + len(posts)} checkpoints (one per PRE and POST)")
+    if base and tv_mode not in MODES:
+        raise VlsafeError(f"--tv-mode {tv_mode!r}: expected one of {', '.join(MODES)}")
     rtol, atol = RTOL if rtol is None else rtol, ATOL if atol is None else atol
     specs = [pre, *posts] + ([base] if base else [])
     ckpts = [open_checkpoint(s, allow_pickle=allow_pickle) for s in specs]
+    check_out_dir(out_dir, inputs=[c.path for c in ckpts], replaces=False)
     labels = checkpoint_labels(specs)
     n = 1 + len(posts)
     out = Path(out_dir)

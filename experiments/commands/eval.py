@@ -71,9 +71,11 @@ def register(app: typer.Typer) -> None:
         """Generate on prompt sets, judge refusals, and report refusal rates with Wilson 95 % intervals (or, with
         --rejudge RUN_DIR, judge an earlier run's responses again with another judge)."""
         from vlsafe.analysis.errors import VlsafeError
+        from vlsafe.analysis.runinfo import check_out_dir
         from vlsafe.probes.behavior.eval_outputs import overall_rows
         from vlsafe.probes.behavior.evaluate import evaluate, rejudge_run
 
+        check_out_dir(out, inputs=ckpts or [], replaces=False)
         if rejudge is not None:
             if ckpts or prompts:
                 raise VlsafeError("eval --rejudge: the run's own checkpoints and prompt sets are used; give none")

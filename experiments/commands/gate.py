@@ -35,11 +35,13 @@ def register(app: typer.Typer) -> None:
 
         from vlsafe.analysis.checkpoints import open_checkpoint
         from vlsafe.analysis.errors import VlsafeError
-        from vlsafe.analysis.runinfo import atomic_path, write_csv, write_run_json
+        from vlsafe.analysis.runinfo import atomic_path, check_out_dir, write_csv, write_run_json
         from vlsafe.probes.gate import prompt_set, fit_condition
         from vlsafe.probes.models import load
 
-        n = open_checkpoint(checkpoint).num_layers  # every check before the model loads
+        ck = open_checkpoint(checkpoint)  # every check before the model loads
+        check_out_dir(out, inputs=[ck.path])
+        n = ck.num_layers
         bad = [ℓ for ℓ in layer if not 0 <= ℓ < n]
         if bad:
             raise VlsafeError(f"--layer {bad[0]}: out of range for {checkpoint} (layers 0..{n - 1})")

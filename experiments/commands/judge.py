@@ -91,6 +91,8 @@ def register(app: typer.Typer) -> None:
         from vlsafe.probes.behavior.agreement import read_labelled
         from vlsafe.probes.behavior.judges import read_judge_input
 
+        if out.is_dir():
+            raise VlsafeError(f"{out}: is a folder; -o names the output CSV file")
         check_utf8(file)
         df = read_judge_input(file)  # read once; every check below runs before anything is judged or written
         check_responses(df, file, column, allow_empty)

@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
                  "a remedy's layers.")] = "harmful-train",
         harmless: Annotated[str, typer.Option(
             help="Harmless prompt set (refusal direction, shift).")] = "harmless-train",
-        n: Annotated[int | None, typer.Option(help="Sample N prompts per set (seeded).")] = None,
+        n: Annotated[int | None, typer.Option(min=1, help="Sample N prompts per set (seeded).")] = None,
         layers: Annotated[str, typer.Option(help="Layers to patch, e.g. 0-5,10 (default: all).")] = "all",
         score: Annotated[str, typer.Option(help="Refusal score: first_token or opening.")] = "first_token",
         method: Annotated[str, typer.Option(
@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
             help="Forward math of the patching: fp32, bf16 (autocast; ~2x faster on CPUs with native bf16, the "
                  "scores move slightly and per-site recoveries with them) or auto (bf16 where native).")] = "fp32",
         min_gap: Annotated[float, typer.Option(help="Drop prompts whose two models' scores differ by less.")] = 0.1,
-        n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 1000,
+        n_boot: Annotated[int, typer.Option(min=1, help="Bootstrap resamples for the intervals.")] = 1000,
         diff: Annotated[Path | None, typer.Option(help="A `vlsafe diff PRE POST` run: weight-shift signals.")] = None,
         probe: Annotated[Path | None, typer.Option(help="A `vlsafe probe PRE POST` run: probe signals.")] = None,
         batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 8,
@@ -46,8 +46,10 @@ def register(app: typer.Typer) -> None:
         signals table)."""
         from vlsafe.analysis.checkpoints import open_checkpoint
         from vlsafe.experiments.commands.probe import parse_layers
+        from vlsafe.analysis.runinfo import check_out_dir
         from vlsafe.experiments.locate import run_locate
 
+        check_out_dir(out, inputs=[pre, post], replaces=False)
         lays = parse_layers(layers, open_checkpoint(post).num_layers)
         written = run_locate(pre, post, out, images=image or (), prompts=prompts, harmless=harmless, n=n,
                              layers=lays, kind=score, min_gap=min_gap, n_boot=n_boot, seed=seed,

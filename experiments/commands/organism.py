@@ -51,6 +51,9 @@ def register(app: typer.Typer) -> None:
         except VlsafeError as e:
             flags = " ".join(f"--{name} {value}" for name, value in (("only", only), ("until", until)) if value)
             raise VlsafeError(f"{flags}: {e}") from None
+        from vlsafe.analysis.runinfo import check_out_dir
+
+        check_out_dir(out, replaces=False)
         out.mkdir(parents=True, exist_ok=True)
         bench = BENCH_CSV if cfg.profile == "full" else None  # the budget is about the full profile
         results, metrics = build_organism(cfg, out, only=only, until=until, progress=progress, bench_csv=bench,

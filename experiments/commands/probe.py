@@ -186,13 +186,14 @@ def run_probe(specs: Sequence[str], out_dir: str | Path, *, harmful: str = "harm
 
     `remote` (`ndif`, `local` or a host URL) captures through nnsight on NDIF from a weightless local model
     (`vlsafe.probes.backends.nnsight.remote_lm`); `local` is the offline dry run. Remote runs are text-only."""
-    from vlsafe.analysis.runinfo import write_csv, write_run_json
+    from vlsafe.analysis.runinfo import check_out_dir, write_csv, write_run_json
     from vlsafe.probes.directions import save_directions
     from vlsafe.probes.models import load
 
     if not specs:
         raise VlsafeError("probe needs at least one checkpoint")
     ckpts, labels = _open_all(specs)
+    check_out_dir(out_dir, inputs=[c.path for c in ckpts], replaces=False)
     remote_mode, backend = _remote(remote, backend, select, image)
     if image is not None:
         from vlsafe.probes.behavior.images import parse_image_spec
@@ -281,7 +282,7 @@ def register(app: typer.Typer) -> None:
         backend: Annotated[str, typer.Option(help="Capture backend: hooks, transformer_lens, nnsight.")] = "hooks",
         image: Annotated[str | None, typer.Option(
             help="Also probe LVLMs with this image: blank, noise:SEED or a path.")] = None,
-        n: Annotated[int | None, typer.Option(help="Sample N prompts per set (seeded).")] = None,
+        n: Annotated[int | None, typer.Option(min=1, help="Sample N prompts per set (seeded).")] = None,
         batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 8,
         folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
         pairs: Annotated[int, typer.Option(help="Random pairs per seed for the safety-layer curves.")] = 500,

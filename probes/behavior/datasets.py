@@ -103,6 +103,8 @@ class PromptSet:
 
     def sample(self, n: int, seed: int = 0) -> PromptSet:
         """``n`` records drawn without replacement (all if ``n >= len``), kept in their original order."""
+        if n < 1:
+            raise VlsafeError(f"{self.name}: cannot sample {n} prompts (need at least 1)")
         if n >= len(self.records):
             return self._derive(list(self.records))
         picks = sorted(random.Random(seed).sample(range(len(self.records)), n))
