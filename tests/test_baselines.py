@@ -81,6 +81,23 @@ def _reference(planted: dict, proj: str, layer: int) -> tuple[float, torch.Tenso
     return cos, c @ b
 
 
+def test_safelora_refuses_an_output_that_would_delete_files(planted: dict, tmp_path: Path) -> None:
+    """The adapter folder itself, a folder holding the aligned model, or a foreign folder with files: refused
+    before any work, nothing deleted (the output folder is replaced whole)."""
+    from vlsafe.analysis.errors import VlsafeError
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    before = sorted(p.name for p in planted["adapter"].iterdir())
+    for out, why in ((planted["adapter"], "is or holds an input"), (planted["aligned"].parent, "is or holds an input"),
+                     (foreign, "not an earlier vlsafe run folder")):
+        with pytest.raises(VlsafeError, match=why):
+            safelora_project(planted["adapter"], planted["aligned"], planted["base"], out, progress=False)
+    assert sorted(p.name for p in planted["adapter"].iterdir()) == before
+    assert (foreign / "keep.txt").read_text() == "mine"
+
+
 def test_threshold_projects_outside_updates_only(planted: dict, tmp_path: Path) -> None:
     before = (planted["adapter"] / "adapter_model.safetensors").read_bytes()
     res = safelora_project(planted["adapter"], planted["aligned"], planted["base"], tmp_path / "out",
