@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from vlsafe.analysis.errors import VlsafeError
 from vlsafe.analysis.yamlfile import read_yaml
 from vlsafe.experiments.sweep_eval import EvalConfig
-from vlsafe.experiments.yamlvars import substitute
+from vlsafe.experiments.yamlvars import check_overrides, substitute
 
 METHODS = ("merge", "tune", "resta", "checkpoint", "remedy")
 # method → remedy family (pareto.csv `family`); `remedy` (activation-level, evaluated under a context manager,
@@ -132,6 +132,7 @@ def load_sweep(path: str | Path, overrides: dict[str, str] | None = None) -> tup
     """Parse and validate a sweep YAML (one-line errors naming the key); returns (config, its folder)."""
     p = Path(path)
     raw = read_yaml(p, "sweep config")
+    check_overrides(raw, overrides, str(p))
     if overrides:
         raw = {**raw, "vars": {**(raw.get("vars") or {}), **overrides}}
     if isinstance(raw.get("eval"), dict):  # `${var}`s in eval settings (eval.reference waits for built inputs)

@@ -44,12 +44,37 @@ def parse_vars(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def referenced(obj: Any) -> set[str]:
+    """Every `${name}` used in the strings of `obj` (dicts and lists recursively)."""
+    if isinstance(obj, dict):
+        return set().union(*(referenced(v) for v in obj.values())) if obj else set()
+    if isinstance(obj, list):
+        return set().union(*(referenced(v) for v in obj)) if obj else set()
+    return set(_VAR.findall(obj)) if isinstance(obj, str) else set()
+
+
+def check_overrides(d: Any, overrides: dict[str, str] | None, where: str) -> None:
+    """A `--var NAME=…` whose NAME the config neither defines under `vars:` nor uses as `${NAME}` is a typo (it
+    would silently leave the default in place): a one-line error with the closest names."""
+    import difflib
+
+    if not overrides or not isinstance(d, dict):
+        return
+    known = set(d.get("vars") or {}) | referenced({k: v for k, v in d.items() if k != "vars"})
+    for name in overrides:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"its variables: {', '.join(sorted(known)) or 'none'}"
+            raise VlsafeError(f"--var {name}: {where} has no variable '{name}' ({hint})")
+
+
 def with_vars(d: Any, overrides: dict[str, str] | None, where: str) -> Any:
     """A parsed YAML mapping with its own `vars:` (updated by `overrides`) substituted and removed."""
     if not isinstance(d, dict):
         return d
-    env = dict(d.get("vars") or {})
+    env = d.get("vars") or {}
     if not isinstance(env, dict):
         raise VlsafeError(f"{where}: 'vars' must be a mapping of names to values")
-    env.update(overrides or {})
+    check_overrides(d, overrides, where)
+    env = {**env, **(overrides or {})}
     return substitute({k: v for k, v in d.items() if k != "vars"}, env, where)

@@ -128,3 +128,34 @@ def test_counts_below_one_are_refused_up_front(model: Path, tmp_path: Path, caps
             validate(raw, "sweep.yaml")
     assert main(["merge", str(tmp_path / "none.yaml"), "-o", str(tmp_path / "o"), "--threads", "0"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_a_mistyped_var_is_refused(tmp_path: Path) -> None:
+    """`--var organsim=…` used to be ignored, so the sweep ran on the YAML's default organism."""
+    from vlsafe.experiments.sweep_config import load_sweep
+    from vlsafe.experiments.tune import load_tune_config
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump({"vars": {"organism": "runs/organism"}, "eval": {"mode": "fast"},
+                                   "grid": [{"name": "a", "method": "checkpoint", "config": "${organism}/lvlm"},
+                                            {"name": "b", "method": "checkpoint", "config": "${other}"}]}))
+    with pytest.raises(VlsafeError, match=r"--var organsim: .* \(did you mean organism\?\)"):
+        load_sweep(cfg, {"organsim": "x"})
+    load_sweep(cfg, {"organism": "x", "other": "y"})          # defined, or used without a default: fine
+    tune = tmp_path / "t.yaml"
+    tune.write_text(yaml.safe_dump({"vars": {"model": "m"}, "model": "${model}", "data": []}))
+    with pytest.raises(VlsafeError, match="--var mdl: .* has no variable 'mdl'"):
+        load_tune_config(tune, {"mdl": "x"})
+
+
+def test_counts_are_checked_before_a_model_loads(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from vlsafe.experiments.commands.probe import parse_layers
+
+    with pytest.raises(VlsafeError, match="runs backwards"):
+        parse_layers("5-2", 8)
+    for argv in (["probe", str(model), "--folds", "1"], ["probe", str(model), "--batch-size", "0"],
+                 ["eval", str(model), "--prompts", "harmful-test", "--max-new-tokens", "0"],
+                 ["gate", str(model), "--layer", "1", "--max-fpr", "1.5"]):
+        assert main([*argv, "-o", str(tmp_path / "o")]) == 2, argv   # a usage error from the option's range
+        assert "Invalid value" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -58,9 +58,9 @@ def register(app: typer.Typer) -> None:
                                                               "harmless-test+blank, …), files or HF dataset ids.",
                                                          show_default=False)] = None,
         judge: Annotated[str, typer.Option(help="Judge: default, substring-rd, classifier:ID, logit, …")] = "default",
-        max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 64,
+        max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per prompt.")] = 64,
         limit: Annotated[int | None, typer.Option(help="Keep the first N prompts of each set.")] = None,
-        batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
+        batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generation batch.")] = 16,
         seed: Annotated[int, typer.Option(help="Seed recorded in run.json (generation is greedy).")] = 0,
         no_cache: Annotated[bool, typer.Option("--no-cache", help="Skip the generation cache.")] = False,
         rejudge: Annotated[Path | None, typer.Option(

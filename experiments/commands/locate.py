@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         n_boot: Annotated[int, typer.Option(min=1, help="Bootstrap resamples for the intervals.")] = 1000,
         diff: Annotated[Path | None, typer.Option(help="A `vlsafe diff PRE POST` run: weight-shift signals.")] = None,
         probe: Annotated[Path | None, typer.Option(help="A `vlsafe probe PRE POST` run: probe signals.")] = None,
-        batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 8,
+        batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass.")] = 8,
         seed: Annotated[int, typer.Option(help="Seed for sampling, scenes and the bootstrap.")] = 0,
         no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip figures/.")] = False,
     ) -> None:

@@ -43,6 +43,8 @@ def parse_layers(text: str | None, num_layers: int) -> list[int] | None:
         if not m:
             raise VlsafeError(f"--layers: cannot parse {part!r} (use e.g. 0-5,10 or all)")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise VlsafeError(f"--layers: {part.strip()!r} runs backwards (write {hi}-{lo})")
         for layer in range(lo, hi + 1):
             if not 0 <= layer < num_layers:
                 raise VlsafeError(f"--layers: layer {layer} out of range (valid layers: 0..{num_layers - 1})")
@@ -283,11 +285,11 @@ def register(app: typer.Typer) -> None:
         image: Annotated[str | None, typer.Option(
             help="Also probe LVLMs with this image: blank, noise:SEED or a path.")] = None,
         n: Annotated[int | None, typer.Option(min=1, help="Sample N prompts per set (seeded).")] = None,
-        batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 8,
-        folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
-        pairs: Annotated[int, typer.Option(help="Random pairs per seed for the safety-layer curves.")] = 500,
+        batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass.")] = 8,
+        folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds.")] = 5,
+        pairs: Annotated[int, typer.Option(min=1, help="Random pairs per seed for the safety-layer curves.")] = 500,
         select: Annotated[bool, typer.Option(help="Run refusal-direction selection on the val splits.")] = False,
-        n_val: Annotated[int, typer.Option(help="Prompts per val set for --select.")] = 32,
+        n_val: Annotated[int, typer.Option(min=1, help="Prompts per val set for --select.")] = 32,
         score: Annotated[str, typer.Option(help="Refusal score for --select: first_token or opening.")] = "first_token",
         seed: Annotated[int, typer.Option(help="Seed for sampling, CV splits and the control.")] = 0,
         remote: Annotated[str | None, typer.Option(
