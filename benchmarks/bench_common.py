@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 
 def best_of(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
@@ -28,3 +29,24 @@ def append_rows(path: Path, table: pd.DataFrame) -> None:
         table = pd.concat([pd.read_csv(path), table], ignore_index=True)
     write_csv(path, table)
     print(f"wrote {path}")
+
+
+def gemm_rates(rows: int = 552, reps: int = 200) -> pd.DataFrame:
+    """GFLOP/s of one SmolLM2 block's seven linear layers (`rows` token rows) at fp32 and bf16 — the rates the
+    lower bounds in docs/performance.md divide by (the best of three timed runs: a bound wants the fastest)."""
+    shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+    out = []
+    for dt in (torch.float32, torch.bfloat16):
+        x = {k: torch.randn(rows, k, dtype=dt) for k in (576, 1536)}
+        ws = [torch.randn(i, o, dtype=dt) for i, o in shapes]
+        times = []
+        for rep in (20, reps, reps, reps):                       # warm-up, then three timed runs
+            t = time.perf_counter()
+            for _ in range(rep):
+                for (i, _o), w in zip(shapes, ws):
+                    x[i] @ w
+            times.append(time.perf_counter() - t)
+        rates = [sum(2 * rows * i * o for i, o in shapes) * reps / t / 1e9 for t in times[1:]]
+        out.append({"dtype": str(dt).removeprefix("torch."), "rows": rows, "gflops_best": round(max(rates), 1),
+                    "gflops_min": round(min(rates), 1), "threads": torch.get_num_threads()})
+    return pd.DataFrame(out)

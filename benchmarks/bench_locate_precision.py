@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from bench_common import gemm_rates  # noqa: E402
 from vlsafe.analysis.runinfo import write_csv  # noqa: E402
 from vlsafe.experiments.locate import _image_size, prepare, resolve_images  # noqa: E402
 from vlsafe.probes.patching import patch  # noqa: E402
@@ -60,27 +61,6 @@ def agreement(m: pd.DataFrame) -> dict:
             "spearman_break": rho(m[m.direction == "break"]),
             "max_abs_diff": round(float(diff.max()), 4), "median_abs_diff": round(float(diff.median()), 4),
             "top5_restore_overlap": len(top("recovered_fp32") & top("recovered_bf16"))}
-
-
-def gemm_rates(rows: int = 552, reps: int = 200) -> pd.DataFrame:
-    """GFLOP/s of one SmolLM2 block's seven linear layers (`rows` token rows) at fp32 and bf16 — the rates the
-    lower bounds in docs/performance.md divide by (the best of three timed runs: a bound wants the fastest)."""
-    shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
-    out = []
-    for dt in (torch.float32, torch.bfloat16):
-        x = {k: torch.randn(rows, k, dtype=dt) for k in (576, 1536)}
-        ws = [torch.randn(i, o, dtype=dt) for i, o in shapes]
-        times = []
-        for rep in (20, reps, reps, reps):                       # warm-up, then three timed runs
-            t = time.perf_counter()
-            for _ in range(rep):
-                for (i, _o), w in zip(shapes, ws):
-                    x[i] @ w
-            times.append(time.perf_counter() - t)
-        rates = [sum(2 * rows * i * o for i, o in shapes) * reps / t / 1e9 for t in times[1:]]
-        out.append({"dtype": str(dt).removeprefix("torch."), "rows": rows, "gflops_best": round(max(rates), 1),
-                    "gflops_min": round(min(rates), 1), "threads": torch.get_num_threads()})
-    return pd.DataFrame(out)
 
 
 def main() -> None:
