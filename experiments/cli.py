@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Exit, SystemExit) as e:
         return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
     except Exception as e:  # (typer's) click usage errors arrive here with standalone_mode=False
-        if hasattr(e, "show") and hasattr(e, "exit_code"):
-            e.show()
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # one line, like every other error
+            ctx = getattr(e, "ctx", None)
+            where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            print(f"vlsafe: error: {e.format_message()}{where}", file=sys.stderr)
             return int(e.exit_code)
         if e.__class__.__name__ == "Abort":
             return 1

@@ -159,3 +159,11 @@ def test_counts_are_checked_before_a_model_loads(model: Path, tmp_path: Path, ca
         assert main([*argv, "-o", str(tmp_path / "o")]) == 2, argv   # a usage error from the option's range
         assert "Invalid value" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture) -> None:
+    """click's usage errors (a missing argument, an unknown command, an option's range) were three lines."""
+    for argv, want in ((["diff"], "Missing argument"), (["nosuch"], "No such command"),
+                       (["eval", "x", "-o", "o", "--batch-size", "0"], "--batch-size")):
+        err = _error(capsys, argv)
+        assert want in err and "--help" in err
