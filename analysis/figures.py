@@ -70,7 +70,8 @@ def legend_outside(ax: Any, n: int, **kw: Any) -> Any:
     return ax.legend(ncol=2 if n > 12 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, **kw)
 
 
-def panel_grid(n: int, *, cols: int, row_height: float, xlabel: str, sharey: bool = True) -> tuple[Figure, np.ndarray]:
+def panel_grid(n: int, *, cols: int, row_height: float, xlabel: str,
+               sharey: bool = True) -> tuple[Figure, np.ndarray]:
     """`n` small multiples, at most `cols` per row, a shared x axis (and y axis with `sharey`), unused panels hidden;
     the lowest visible panel of each column carries the x tick labels and `xlabel`. Returns the `n` axes."""
     cols, rows = max(1, min(n, cols)), max(1, -(-n // cols))

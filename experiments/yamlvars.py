@@ -64,7 +64,8 @@ def check_overrides(d: Any, overrides: dict[str, str] | None, where: str) -> Non
     for name in overrides:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else f"its variables: {', '.join(sorted(known)) or 'none'}"
+            hint = (f"did you mean {', '.join(close)}?" if close
+                    else f"its variables: {', '.join(sorted(known)) or 'none'}")
             raise VlsafeError(f"--var {name}: {where} has no variable '{name}' ({hint})")
 
 

@@ -32,7 +32,8 @@ from vlsafe.probes import templates as T
 
 SEEDS = (10, 100, 1000)
 PAIR_KINDS = ("N-N", "M-M", "N-M")
-PAIR_NAMES = {"N-N": "harmless–harmless", "M-M": "harmful–harmful", "N-M": "harmless–harmful"}  # N = normal, M = malicious
+# what each pair kind compares (N = normal, i.e. harmless; M = malicious, i.e. harmful)
+PAIR_NAMES = {"N-N": "harmless–harmless", "M-M": "harmful–harmful", "N-M": "harmless–harmful"}
 SCALED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -167,3 +167,11 @@ def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture) -> None:
                        (["eval", "x", "-o", "o", "--batch-size", "0"], "--batch-size")):
         err = _error(capsys, argv)
         assert want in err and "--help" in err
+
+
+def test_a_broken_jsonl_row_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rows = tmp_path / "r.jsonl"
+    rows.write_text('{"response": "I can\'t help with that."}\n{"response": "ok",\n{"response": "x"}\n')
+    err = _error(capsys, ["judge", str(rows), "--column", "response", "-o", str(tmp_path / "o.csv")])
+    assert "r.jsonl:2: invalid JSON" in err
+    assert not (tmp_path / "o.csv").exists()

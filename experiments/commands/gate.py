@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
         layer: Annotated[list[int], typer.Option(help="Block input to read (repeatable).")],
         kind: Annotated[str, typer.Option(help="probe (logistic regression) or direction (difference in means).")]
         = "probe",
-        max_fpr: Annotated[float, typer.Option(min=0.0, max=1.0, help="Largest false-positive rate on harmless-val.")] = 0.05,
+        max_fpr: Annotated[float, typer.Option(
+            min=0.0, max=1.0, help="Largest false-positive rate on harmless-val.")] = 0.05,
         harmful_train: Annotated[str, typer.Option(help="Harmful training prompts.")] = "harmful-train",
         harmless_train: Annotated[str, typer.Option(help="Harmless training prompts.")] = "harmless-train",
         harmless_val: Annotated[str, typer.Option(help="Harmless prompts that set the threshold.")] = "harmless-val",

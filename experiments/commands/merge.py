@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[Optional[int], typer.Option(help="Seed for DARE masks (overrides the YAML's 'seed').")] = None,
         allow_pickle: Annotated[bool, typer.Option(help="Allow .bin/.pt pickle inputs (loaded weights_only).")] = False,
         trust_remote_code: Annotated[bool, typer.Option(help="Allow checkpoint-supplied code.")] = False,
-        threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads (1 is fastest on a busy machine).")] = None,
+        threads: Annotated[Optional[int], typer.Option(
+            min=1, help="torch CPU threads (1 is fastest on a busy machine).")] = None,
         quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     ) -> None:
         """Merge checkpoints as CONFIG says; an LVLM + LLM merge touches only the language model."""

@@ -174,13 +174,24 @@ def read_judge_input(path: str | Path) -> "Any":
         if suffix in (".csv", ".tsv"):
             return pd.read_csv(p, keep_default_na=False, sep="\t" if suffix == ".tsv" else ",")
         if suffix in (".jsonl", ".ndjson"):
-            return pd.DataFrame([json.loads(ln) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()])
+            lines = enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+            return pd.DataFrame([_json_line(p, i, ln) for i, ln in lines if ln.strip()])
         if suffix == ".json":
             data = json.loads(p.read_text(encoding="utf-8"))
             return pd.DataFrame(data if isinstance(data, list) else data.get("data", data))
     except (ValueError, json.JSONDecodeError) as e:
         raise VlsafeError(f"judge: cannot parse {p}: {str(e).splitlines()[0]}") from None
     raise VlsafeError(f"judge: {p} has unsupported extension {suffix!r} (use .csv, .tsv, .jsonl or .json)")
+
+
+def _json_line(path: Path, lineno: int, line: str) -> Any:
+    """One JSONL row, or a one-line error naming its line."""
+    from vlsafe.analysis.errors import VlsafeError
+
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise VlsafeError(f"judge: {path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
 
 
 def write_table_atomic(df: "Any", out: Path) -> None:
