@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
     def gate(
         checkpoint: Annotated[str, typer.Argument(help="The model whose own states the gate reads (e.g. the LVLM).")],
         out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (one condition file per layer).")],
-        layer: Annotated[list[int], typer.Option(help="Block input to read (repeatable).")],
+        layer: Annotated[list[int], typer.Option(help="0-based layer whose block input is read (repeatable).")],
         kind: Annotated[str, typer.Option(help="probe (logistic regression) or direction (difference in means).")]
         = "probe",
         max_fpr: Annotated[float, typer.Option(
