@@ -94,13 +94,28 @@ def legend_below(fig: Figure, ax: Any) -> Any:
                       frameon=False) if handles else None
 
 
+# The model organism's checkpoints keep one colour in every figure, whichever others a figure shows (`vlsafe eval`
+# of the LVLMs alone colours them as the eval of all five does).
+ORGANISM_COLORS = {"llm-aligned": PALETTE[0], "lvlm": PALETTE[1], "lvlm-safety-posthoc": PALETTE[2],
+                   "lvlm-safety-mixed": PALETTE[3], "llm-base": PALETTE[6]}
+
+
 def checkpoint_colors(labels: Sequence[str]) -> dict[str, str]:
-    """A fixed colour per checkpoint label, by position (the same list gives the same colours everywhere)."""
+    """A colour per checkpoint label: the organism's checkpoints their fixed `ORGANISM_COLORS`, the other labels
+    the remaining palette colours by position (the same list gives the same colours everywhere; see below for the
+    order), then viridis shades when there are more of them than colours left."""
     labels = list(dict.fromkeys(labels))
-    if len(labels) <= len(PALETTE):
-        return {lb: PALETTE[i] for i, lb in enumerate(labels)}
+    fixed = {lb: ORGANISM_COLORS[lb] for lb in labels if lb in ORGANISM_COLORS}
+    rest = [lb for lb in labels if lb not in fixed]
+    # other labels: the colours no organism checkpoint owns first (so blue never means llm-aligned in one panel
+    # and a pair in the next), then the organism's unused ones, the faint yellow last
+    reserved = set(ORGANISM_COLORS.values())
+    free = sorted((c for c in PALETTE if c not in fixed.values()), key=lambda c: (c == PALETTE[7], c in reserved))
+    if len(rest) <= len(free):
+        return {lb: fixed.get(lb) or free[rest.index(lb)] for lb in labels}
     cmap = matplotlib.colormaps["viridis"]
-    return {lb: matplotlib.colors.to_hex(cmap(i / (len(labels) - 1))) for i, lb in enumerate(labels)}
+    shades = {lb: matplotlib.colors.to_hex(cmap(i / max(1, len(rest) - 1))) for i, lb in enumerate(rest)}
+    return {lb: fixed.get(lb) or shades[lb] for lb in labels}
 
 
 def save_figure(fig: Figure, out_dir: str | os.PathLike, stem: str, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:

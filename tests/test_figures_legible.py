@@ -157,3 +157,19 @@ def test_pareto_front_is_not_drawn_like_the_corrected_intervals() -> None:
                                           fig.axes[0].get_legend().legend_handles)}
     assert key["Pareto front"].get_linestyle() == "-"
     assert key["Pareto front"].get_linestyle() != key[next(k for k in key if "corrected" in k)].get_linestyle()
+
+
+def test_organism_checkpoints_keep_their_colour_in_every_figure() -> None:
+    """`vlsafe eval` of all five checkpoints and of the three LVLMs drew lvlm in two colours (by position)."""
+    from vlsafe.analysis.figures import checkpoint_colors
+
+    every = checkpoint_colors(["llm-base", "llm-aligned", "lvlm", "lvlm-safety-posthoc", "lvlm-safety-mixed"])
+    lvlms = checkpoint_colors(["lvlm", "lvlm-safety-posthoc", "lvlm-safety-mixed"])
+    assert all(lvlms[k] == every[k] for k in lvlms) and len(set(every.values())) == 5
+    steps = checkpoint_colors(["llm-aligned", *(f"lvlm-step-{s}" for s in (24, 48, 72, 96)), "lvlm"])
+    assert steps["lvlm"] == every["lvlm"] and steps["llm-aligned"] == every["llm-aligned"]
+    assert len(set(steps.values())) == 6                       # the other labels take colours no one else has
+    pairs = checkpoint_colors(["llm-aligned vs lvlm", "lvlm vs lvlm+blank"])  # not organism names: not their colours
+    assert not set(pairs.values()) & set(every.values())
+    many = checkpoint_colors(["lvlm", *(f"x{i}" for i in range(12))])
+    assert many["lvlm"] == every["lvlm"] and len(set(many.values())) == 13
