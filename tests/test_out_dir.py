@@ -175,3 +175,22 @@ def test_a_broken_jsonl_row_is_named(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = _error(capsys, ["judge", str(rows), "--column", "response", "-o", str(tmp_path / "o.csv")])
     assert "r.jsonl:2: invalid JSON" in err
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_options_that_do_not_apply_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Options the chosen mode ignores were accepted silently (the audit's 'conflicting options')."""
+    rows = tmp_path / "r.csv"
+    rows.write_text("response,label\nI'm sorry, I can't help with that.,1\n")
+    out = ["-o", str(tmp_path / "o.csv")]
+    judge = ["judge", str(rows), "--column", "response"]
+    assert "--judge does not apply" in _error(capsys, [*judge, "--compare", "default,substring-rd", "--judge", "x", *out])
+    assert "--calibration does not apply" in _error(capsys, [*judge, "--labels", "label", "--calibration",
+                                                             str(rows), *out])
+    assert "--category-column does not apply" in _error(capsys, [*judge, "--category-column", "c", *out])
+    assert "needs --projection orthonormal" in _error(capsys, ["safelora", str(tmp_path), "--aligned", "a", "--base",
+                                                               "b", "--rank", "4", "-o", str(tmp_path / "s")])
+    assert "give --ray too" in _error(capsys, ["sweep", str(tmp_path / "s.yaml"), "--ray-cpus", "2",
+                                               "-o", str(tmp_path / "w")])
+    assert "alternatives" in _error(capsys, ["organism", "--profile", "tiny", "--config", str(rows),
+                                             "-o", str(tmp_path / "org")])
+    assert not any((tmp_path / n).exists() for n in ("o.csv", "s", "w", "org"))

@@ -38,6 +38,8 @@ def register(app: typer.Typer) -> None:
         if select not in ("threshold", "number") or projection not in ("original", "orthonormal"):
             raise VlsafeError(f"--select must be threshold|number and --projection original|orthonormal "
                               f"(got {select!r}, {projection!r})")
+        if rank is not None and projection != "orthonormal":
+            raise VlsafeError("--rank sizes the orthonormal basis; it needs --projection orthonormal")
         res = safelora_project(adapter, aligned, base, out, select=select, threshold=threshold,  # type: ignore[arg-type]
                                num=num, projection=projection, rank=rank, energy=energy,  # type: ignore[arg-type]
                                progress=not quiet)

@@ -109,12 +109,12 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
         base: Annotated[str | None, typer.Option(help="Ancestor checkpoint: adds task-vector geometry.")] = None,
         spectral: Annotated[bool, typer.Option(help="Singular values of ΔW: stable/effective rank, top σ.")] = False,
-        top_k: Annotated[int, typer.Option(help="Top-k σ and subspace size for --spectral.")] = 8,
+        top_k: Annotated[int, typer.Option(min=1, help="Top-k σ and subspace size for --spectral.")] = 8,
         allow_mismatch: Annotated[bool, typer.Option(help="Report shape mismatches as rows, not errors.")] = False,
         tv_mode: Annotated[str, typer.Option(help="chain: τ_A=PRE−BASE, τ_B=POST−PRE; "
                                                   "siblings: τ_A=PRE−BASE, τ_B=POST−BASE.")] = "chain",
-        rtol: Annotated[float | None, typer.Option(help="frac_changed: |Δ| > atol + rtol·|W₀| (default 1e-3).")] = None,
-        atol: Annotated[float | None, typer.Option(help="frac_changed absolute tolerance (default 1e-8).")] = None,
+        rtol: Annotated[float | None, typer.Option(min=0.0, help="frac_changed: |Δ| > atol + rtol·|W₀| (default 1e-3).")] = None,
+        atol: Annotated[float | None, typer.Option(min=0.0, help="frac_changed absolute tolerance (default 1e-8).")] = None,
         figures: Annotated[bool, typer.Option(help="Write figures/ (PNG + PDF).")] = True,
         allow_pickle: Annotated[bool, typer.Option(help="Allow .bin/.pt pickles (loaded weights_only).")] = False,
         steps: Annotated[str | None, typer.Option(help="Training step of each checkpoint for dynamics.csv, "

@@ -93,6 +93,13 @@ def register(app: typer.Typer) -> None:
 
         if out.is_dir():
             raise VlsafeError(f"{out}: is a folder; -o names the output CSV file")
+        unused = [flag for flag, given in (("--calibration", calibration is not None and (compare or labels)),
+                                           ("--judge", compare is not None and judge_name != "default"),
+                                           ("--category-column", category_column is not None and labels is None))
+                  if given]
+        if unused:
+            raise VlsafeError(f"{unused[0]} does not apply here (--calibration: plain judging only; --judge: not "
+                              "with --compare, which names its judges; --category-column: with --labels)")
         check_utf8(file)
         df = read_judge_input(file)  # read once; every check below runs before anything is judged or written
         check_responses(df, file, column, allow_empty)

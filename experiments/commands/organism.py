@@ -23,13 +23,14 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def organism(
         out: Annotated[Path, typer.Option("-o", "--out", help="Output directory (reused as a cache).")],
-        profile: Annotated[str, typer.Option(help="tiny (random tiny models, <1 min) or full (SmolLM2).")] = "full",
+        profile: Annotated[Optional[str], typer.Option(
+            help="tiny (random tiny models, <1 min) or full (SmolLM2, the default); not with --config.")] = None,
         config: Annotated[Optional[Path], typer.Option(help="A config YAML instead of the profile's.")] = None,
         only: Annotated[Optional[str], typer.Option(help="Build just this stage (or 'metrics').")] = None,
         until: Annotated[Optional[str], typer.Option(help="Build this stage and the stages it needs, then evaluate "
                                                           "their checkpoints (e.g. lvlm: no safety stages).")] = None,
         alignment: Annotated[Optional[str], typer.Option(help="Override alignment_strength (moderate|strong).")] = None,
-        threads: Annotated[Optional[int], typer.Option(help="torch threads (overrides the config).")] = None,
+        threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (overrides the config).")] = None,
         progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     ) -> None:
         """Build the safety-aligned LLM and its LLaVA adaptation (resumable stages), then evaluate them all."""
@@ -45,7 +46,9 @@ def register(app: typer.Typer) -> None:
             overrides["alignment_strength"] = alignment
         if threads:
             overrides["threads"] = threads
-        cfg = load_config(profile, config, overrides)
+        if profile is not None and config is not None:
+            raise VlsafeError("--profile and --config are alternatives: the config file names its own profile")
+        cfg = load_config(profile or "full", config, overrides)
         try:  # before anything is written; 'metrics' is a value of --only, not a build stage
             stage_scope(specs(), only=None if only == "metrics" else only, until=until)
         except VlsafeError as e:

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         reuse: Annotated[Optional[list[Path]], typer.Option(help="Another replicate (or organism) folder whose "
                                                                 "stages and metrics with the same hashes are "
                                                                 "hard-linked, not rebuilt (repeatable).")] = None,
-        threads: Annotated[Optional[int], typer.Option(help="torch threads per organism build.")] = None,
+        threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads per organism build.")] = None,
         progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     ) -> None:
         """Replicate the organism over seeds and recipe variants; summarise every metric across seeds."""
