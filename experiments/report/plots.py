@@ -176,6 +176,8 @@ def probe_accuracy(probe: pd.DataFrame) -> plt.Figure | None:
         if "control_accuracy" in g.columns:
             ax.plot(g["layer"], g["control_accuracy"], color=colors[lab], ls="--", lw=0.8)
     ax.axhline(0.5, color="grey", lw=0.5)
+    ax.set_title("harmful vs harmless linear probe (dashed: shuffled-label control; grey: chance)", fontsize=8,
+                 loc="left")
     ax.set_xlabel("layer")
     _int_axis(ax)
     ax.set_ylabel("probe accuracy")
