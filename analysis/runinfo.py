@@ -104,10 +104,11 @@ def check_out_dir(out: str | os.PathLike, *, inputs: Any = (), replaces: bool = 
     """Refuse an `-o` folder before any work when writing it would lose or mix data (one-line errors):
 
     - it exists and is a file;
-    - it is, or holds, one of `inputs` (paths of input checkpoints, adapters, files): writing the folder, which
-      `atomic_path` replaces whole, would delete them;
-    - with `replaces` (commands that replace the whole folder): it exists, is not empty and is not an earlier
-      vlsafe run folder (no `run.json`), so whatever is in it would be deleted.
+    - it is one of `inputs` (paths of input checkpoints, adapters, files): outputs would mix with (or, replaced
+      whole, delete) an input;
+    - with `replaces` (commands that replace the whole folder, as `atomic_path` does): it holds one of `inputs`,
+      or it exists, is not empty and is not an earlier vlsafe run folder (no `run.json`), so whatever is in it
+      would be deleted.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -120,7 +121,7 @@ def check_out_dir(out: str | os.PathLike, *, inputs: Any = (), replaces: bool = 
         if not path.exists():
             continue  # a hub id or a built-in name: not a local path
         path = path.resolve()
-        if path == target or target in path.parents:
+        if path == target or (replaces and target in path.parents):
             raise VlsafeError(f"{out}: the output folder is or holds an input ({item}); choose another -o folder")
     if replaces and out.is_dir() and any(out.iterdir()) and not (out / "run.json").is_file():
         raise VlsafeError(f"{out}: exists and is not an earlier vlsafe run folder (its files would be deleted); "

@@ -32,9 +32,10 @@ def test_check_out_dir_rules(tmp_path: Path) -> None:
         check_out_dir(tmp_path / "file.csv")
     ckpt = tmp_path / "runs" / "ckpt"
     ckpt.mkdir(parents=True)
-    for out in (ckpt, tmp_path / "runs"):                     # the input itself, or a folder holding it
-        with pytest.raises(VlsafeError, match="is or holds an input"):
-            check_out_dir(out, inputs=[str(ckpt)], replaces=False)
+    for out, replaces in ((ckpt, False), (ckpt, True), (tmp_path / "runs", True)):  # the input, or a folder
+        with pytest.raises(VlsafeError, match="is or holds an input"):                # replaced whole holding it
+            check_out_dir(out, inputs=[str(ckpt)], replaces=replaces)
+    check_out_dir(tmp_path / "runs", inputs=[str(ckpt)], replaces=False)  # files added beside it delete nothing
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
