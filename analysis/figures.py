@@ -65,6 +65,18 @@ def new_figure(width: str | float = "column", height: float | None = None, nrows
     return fig, axes
 
 
+def agg_figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1,
+               **subplot_kw: Any) -> tuple[Figure, Any]:
+    """`plt.subplots` without pyplot: a constrained-layout Figure on its own Agg canvas (drawable, measurable and
+    savable in any format), never registered with pyplot and without switching the process's backend, so a notebook
+    keeps its own and nothing is left open."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **subplot_kw)
+
+
 def legend_outside(ax: Any, n: int, **kw: Any) -> Any:
     """A legend to the right of the axes, out of the data (two columns past 12 entries); `n` is the entry count."""
     return ax.legend(ncol=2 if n > 12 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, **kw)

@@ -173,3 +173,20 @@ def test_organism_checkpoints_keep_their_colour_in_every_figure() -> None:
     assert not set(pairs.values()) & set(every.values())
     many = checkpoint_colors(["lvlm", *(f"x{i}" for i in range(12))])
     assert many["lvlm"] == every["lvlm"] and len(set(many.values())) == 13
+
+
+def test_report_figures_leave_the_backend_and_pyplot_alone(tmp_path: Path) -> None:
+    """Importing the report switched the process to Agg (`matplotlib.use` at import): a notebook lost its backend.
+    Its figures now come from their own Agg canvas, never registered with pyplot."""
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot as plt, pandas as pd\n"
+            "from vlsafe.experiments.report import build_report\n"
+            "from vlsafe.experiments.report import plots\n"
+            "fig = plots.taskvector_cosine(pd.DataFrame({'layer': [0, 1], 'cosine': [0.1, -0.2]}))\n"
+            "fig.canvas.draw(); fig.savefig(r'" + str(tmp_path / "tv.png") + "')\n"
+            "print(matplotlib.get_backend(), plt.get_fignums())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["svg", "[]"]
+    assert (tmp_path / "tv.png").stat().st_size > 1000

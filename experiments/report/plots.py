@@ -9,17 +9,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt  # types and tickers only: figures come from `agg_figure`, not pyplot
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from vlsafe.analysis.figures import legend_outside, module_columns, short_module  # noqa: E402
-from vlsafe.probes.figures import PAIR_STYLE, pair_label  # noqa: E402
-from vlsafe.experiments.report.plots_pareto import pareto, pareto_front  # noqa: E402,F401  (re-exported)
-from vlsafe.experiments.report.roles import Roles, checkpoint_roles, image_variant  # noqa: E402
+from vlsafe.analysis.figures import agg_figure, legend_outside, module_columns, short_module
+from vlsafe.experiments.report.plots_pareto import pareto, pareto_front  # noqa: F401  (re-exported)
+from vlsafe.experiments.report.roles import Roles, checkpoint_roles, image_variant
+from vlsafe.probes.figures import PAIR_STYLE, pair_label
 
 _STEP = re.compile(r"step[-_]?(\d+)")
 WIDE = (6.8, 2.8)
@@ -58,7 +55,7 @@ def _legend(ax: Any, n: int) -> None:
 
 def _figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = WIDE, **kw: Any) -> tuple[Any, Any]:
     """A constrained-layout figure (room is made for legends outside the axes)."""
-    return plt.subplots(nrows, ncols, figsize=figsize, layout="constrained", **kw)
+    return agg_figure(figsize, nrows, ncols, **kw)
 
 
 def _layer_rows(df: pd.DataFrame) -> pd.DataFrame:

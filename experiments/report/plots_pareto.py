@@ -155,7 +155,9 @@ def pareto(p: pd.DataFrame, *, safety: str = "safety") -> plt.Figure | None:
     colors, front = checkpoint_colors(fams), front_of(p, safety)
     screened = (p["stage"] == "screen").to_numpy() if "stage" in p.columns else [False] * len(p)
     prefix = "pareto-pt" if safety == "safety" else "pareto-image-pt"
-    fig, ax = plt.subplots(figsize=(6.8, 3.6), layout="constrained")
+    from vlsafe.analysis.figures import agg_figure
+
+    fig, ax = agg_figure((6.8, 3.6))
     ax.plot(front["helpfulness"], front["safety"], **FRONT_STYLE, zorder=1)
     shown = p[p[safety].notna()]
     for i in shown.index:
