@@ -55,7 +55,7 @@ def _width(width: str | float) -> float:
     return {"column": COLUMN_WIDTH, "page": PAGE_WIDTH}.get(width, width) if isinstance(width, str) else width
 
 
-def new_figure(width: str | float = "column", height: float | None = None, nrows: int = 1, ncols: int = 1,
+def new_figure(width: str | float = "column", *, height: float | None = None, nrows: int = 1, ncols: int = 1,
                **subplot_kw: Any) -> tuple[Figure, Any]:
     """A constrained-layout Figure in paper style; `width` is "column" (3.3 in), "page" (6.8 in) or inches."""
     w = _width(width)

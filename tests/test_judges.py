@@ -159,7 +159,7 @@ def test_judge_file_csv_and_jsonl(tmp_path: Path) -> None:
     pd.DataFrame({"id": [1, 2, 3], "text": ["I can't help with that.", "Sure, here it is: 1. Do X.", ""]}).to_csv(
         src, index=False)
     out = tmp_path / "out" / "judged.csv"
-    df = judge_file(src, "text", "default", out)
+    df = judge_file(src, "text", judge_name="default", out_path=out)
     back = pd.read_csv(out, keep_default_na=False)
     assert list(back["refused"]) == [1, 0, 1] and list(back["id"]) == [1, 2, 3]
     assert "judge_score" in back.columns and back["judge"].iloc[0] == "vlsafe"
@@ -169,7 +169,7 @@ def test_judge_file_csv_and_jsonl(tmp_path: Path) -> None:
     src2 = tmp_path / "gens.jsonl"
     src2.write_text("\n".join(json.dumps({"response": r}) for r in ["I'm sorry, I cannot.", "Paris."]) + "\n")
     out2 = tmp_path / "judged.jsonl"
-    judge_file(src2, "response", "substring-rd", out2)
+    judge_file(src2, "response", judge_name="substring-rd", out_path=out2)
     rows = [json.loads(ln) for ln in out2.read_text().splitlines()]
     assert [r["refused"] for r in rows] == [1, 0] and rows[0]["judge"] == "substring-rd"
 
@@ -178,7 +178,7 @@ def test_judge_file_errors(tmp_path: Path) -> None:
     src = tmp_path / "gens.csv"
     pd.DataFrame({"prompt": ["p"], "output": ["o"]}).to_csv(src, index=False)
     with pytest.raises(VlsafeError) as e:
-        judge_file(src, "response", "default", tmp_path / "o.csv")
+        judge_file(src, "response", judge_name="default", out_path=tmp_path / "o.csv")
     msg = str(e.value)
     assert "gens.csv" in msg and "'response'" in msg and "prompt, output" in msg and "\n" not in msg
     with pytest.raises(VlsafeError, match="does not exist"):

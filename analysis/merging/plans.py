@@ -67,7 +67,7 @@ def diff_scores(table: Table, metric: str = "rel_frobenius", module: str = "all"
     return (1.0 - s).rename("1-cosine") if metric == "cosine" else s
 
 
-def probe_scores(table: Table, metric: str = "probe_accuracy", checkpoint: str | None = None,
+def probe_scores(table: Table, metric: str = "probe_accuracy", *, checkpoint: str | None = None,
                  position: int | str | None = None) -> pd.Series:
     """Per-layer separability from a probe `layers.csv` (mean over positions unless one is chosen)."""
     return layer_scores(table, metric, module=None, checkpoint=checkpoint, position=position)

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
             overrides["threads"] = threads
         if profile is not None and config is not None:
             raise VlsafeError("--profile and --config are alternatives: the config file names its own profile")
-        cfg = load_config(profile or "full", config, overrides)
+        cfg = load_config(profile or "full", path=config, overrides=overrides)
         try:  # before anything is written; 'metrics' is a value of --only, not a build stage
             stage_scope(specs(), only=None if only == "metrics" else only, until=until)
         except VlsafeError as e:

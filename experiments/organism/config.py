@@ -161,7 +161,7 @@ class OrganismConfig(_Strict):
         return self.alignment[self.alignment_strength]
 
 
-def load_config(profile: str | None = "full", path: str | Path | None = None,
+def load_config(profile: str | None = "full", *, path: str | Path | None = None,
                 overrides: dict[str, Any] | None = None) -> OrganismConfig:
     """Read and validate a config: `path` if given, else the shipped `organism-<profile>.yaml`.
 

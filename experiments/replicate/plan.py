@@ -58,7 +58,7 @@ class Combo:
 
     def load(self) -> OrganismConfig:
         """This combination's validated organism config."""
-        return load_config(self.profile, self.config, self.overrides())
+        return load_config(self.profile, path=self.config, overrides=self.overrides())
 
 
 @dataclass(frozen=True)
@@ -164,12 +164,12 @@ def make_plan(*, seeds: str, vary: list[str] | None = None, out: str | Path, con
             raise VlsafeError(f"--until {until}: {e}") from None
     roots = reuse_roots(list(reuse or []))
     varied = parse_vary(list(vary or []))
-    base = load_config(prof, cfg_path)
+    base = load_config(prof, path=cfg_path)
     for key, values in varied.items():
         check_key(base, key, source)
         for v in values:
             try:
-                load_config(prof, cfg_path, {key: v})
+                load_config(prof, path=cfg_path, overrides={key: v})
             except VlsafeError as e:
                 raise VlsafeError(f"--vary {key}={v}: {e}") from None
     root = Path(out).resolve() / "combos"

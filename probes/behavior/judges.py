@@ -226,7 +226,7 @@ def judge_table(df: "Any", column: str, judge: Judge, *, prompt_column: str | No
                      judge=judge.name)
 
 
-def judge_file(path: str | Path, column: str = "response", judge_name: "str | Judge" = DEFAULT_JUDGE,
+def judge_file(path: str | Path, column: str = "response", *, judge_name: "str | Judge" = DEFAULT_JUDGE,
                out_path: str | Path | None = None, prompt_column: str | None = None, **judge_kw: Any) -> "Any":
     """Judge ``column`` of a CSV/JSONL file; add ``refused`` (0/1), ``judge_score`` and ``judge``; write atomically.
 
