@@ -189,16 +189,26 @@ def test_ablation_and_orthogonalisation_remove_a_planted_direction(built, family
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
-def test_generation_runs_plain_and_ablated(built, family):
+def test_generation_under_ablation_is_the_orthogonalised_models(built, family):
+    """Greedy generation with the direction ablated by hooks (prompt and every cached decoding step) gives the
+    tokens of the weight-orthogonalised model, and other tokens than the plain model (r̂ planted in every
+    embedding, so ablating it matters)."""
     lm = _load(built, family)
+    r = _unit_r(M.hidden_size(lm.model))
+    with torch.no_grad():
+        M.embed_tokens(lm.model).weight.add_(4.0 * r)
     inputs = _inputs(lm, family)[0]
     inputs.pop("position_ids", None)
     with torch.no_grad():
         plain = lm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        with ablate_direction(lm.model, _unit_r(M.hidden_size(lm.model))):
+        with ablate_direction(lm.model, r):
             ablated = lm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        orthogonalize_model(lm.model, r)
+        ortho = lm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
     n = inputs["input_ids"].shape[1]
     assert plain.shape == ablated.shape == (len(PROMPTS), n + 3)
+    assert torch.equal(ablated, ortho)
+    assert not torch.equal(plain[:, n:], ablated[:, n:])
 
 
 def test_family_file_errors_name_the_file():

@@ -180,12 +180,25 @@ def test_streaming_keeps_at_most_two_tensor_groups_alive(models, tmp_path, monke
     assert 3 <= seen["peak_group"] <= 6 and seen["peak_names"] <= 2
 
 
-def test_ties_index_tie_break_from_yaml(models, tmp_path):
+def test_ties_index_tie_break_from_yaml(models, tmp_path, monkeypatch):
+    from vlsafe.analysis.merging import operators
+
+    seen: list[str] = []
+    prune = operators.magnitude_prune
+
+    def recording(delta, density, rescale=False, tie_break="sort"):
+        seen.append(tie_break)
+        return prune(delta, density, rescale, tie_break)
+
+    monkeypatch.setattr(operators, "magnitude_prune", recording)
     ms = [{"model": str(models[f"llm{i}"]), "parameters": {"weight": 0.5, "density": 0.4}} for i in (1, 2)]
     exact = run_merge(_plan(merge_method="ties", base_model=models["llm0"], models=ms), tmp_path / "sort",
                       progress=False)
+    assert seen and set(seen) == {"sort"}
+    seen.clear()
     plan = _plan(merge_method="ties", base_model=models["llm0"], models=ms, parameters={"tie_break": "index"})
     fast = run_merge(plan, tmp_path / "index", progress=False)
+    assert seen and set(seen) == {"index"}                 # the YAML's choice reaches every trim
     a, b = _weights(exact), _weights(fast)
     # random fp32 weights have no ties at the trim threshold: the same entries survive, so the same merge
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

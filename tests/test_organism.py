@@ -90,7 +90,7 @@ def test_recipe_trains_the_right_parts(organism):
     assert torch.equal(aligned[emb], stage1_lm[emb][: aligned[emb].shape[0]])
     for name in ["lvlm-stage1", "lvlm", "lvlm-safety-mixed"]:  # the tower stays frozen throughout
         vt = _sd(root / name, "vision_tower.")
-        assert vt and all(torch.equal(v, tower[k]) for k, v in vt.items() if k in tower)
+        assert vt.keys() == tower.keys() and all(torch.equal(v, tower[k]) for k, v in vt.items())
     lvlm_lm = _sd(root / "lvlm", "language_model.model.")
     assert any(not torch.equal(stage1_lm[k], lvlm_lm[k]) for k in stage1_lm)  # stage 2 trains the LM
     p1, p2 = _sd(root / "lvlm-stage1", "multi_modal_projector."), _sd(root / "lvlm", "multi_modal_projector.")

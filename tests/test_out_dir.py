@@ -127,7 +127,11 @@ def test_counts_below_one_are_refused_up_front(model: Path, tmp_path: Path, caps
         raw = {"eval": {key: -8}, "grid": [{"name": "a", "method": "checkpoint", "config": str(model)}]}
         with pytest.raises(VlsafeError, match=key):
             validate(raw, "sweep.yaml")
-    assert main(["merge", str(tmp_path / "none.yaml"), "-o", str(tmp_path / "o"), "--threads", "0"]) == 2
+    # the range is checked while the options are parsed, before the (missing) config is even looked at
+    assert "Invalid value for '--threads'" in _error(capsys, ["merge", str(tmp_path / "none.yaml"), "-o",
+                                                              str(tmp_path / "o"), "--threads", "0"])
+    assert "Invalid value" not in _error(capsys, ["merge", str(tmp_path / "none.yaml"), "-o", str(tmp_path / "o"),
+                                                  "--threads", "1"])
     assert not (tmp_path / "o").exists()
 
 

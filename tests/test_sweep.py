@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -165,15 +164,19 @@ def test_tune_and_resta_points(tmp_path: Path) -> None:
     ({"grid": [{"name": "x", "method": "resta", "config": {"sft": "${adapted}", "aligned": "${aligned}",
                 "unaligned": "${aligned}", "alpha": 1}}]}, "unknown RESTA parameter 'alpha'"),
 ])
-def test_bad_inputs_fail_before_any_work(tmp_path: Path, patch: dict, message: str) -> None:
+def test_bad_inputs_fail_before_any_work(tmp_path: Path, patch: dict, message: str,
+                                        capsys: pytest.CaptureFixture) -> None:
+    import re
+
     path = _config(tmp_path, **patch)
     rc = main(["sweep", str(path), "-o", str(tmp_path / "run"), "--quiet"])
-    assert rc == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after the tiny inputs' save progress bars)
+    assert rc == 2 and last.startswith("vlsafe: error:") and re.search(message, last), last
+    assert not (tmp_path / "run").exists()                  # the CLI left nothing behind
     with pytest.raises(VlsafeError, match=message):
         cfg, base = load_sweep(path)
-        shutil.rmtree(tmp_path / "run", ignore_errors=True)
         run_sweep(cfg, tmp_path / "run", base_dir=base, progress=False)
-    assert not list((tmp_path / "run" / "points").glob("*")) if (tmp_path / "run" / "points").exists() else True
+    assert not (tmp_path / "run").exists()
 
 
 def test_vars_reach_eval_settings_and_cli_overrides_win(tmp_path: Path) -> None:
