@@ -223,7 +223,7 @@ def test_sharded_output_round_trips(models, tmp_path):
     assert type(AutoModelForCausalLM.from_pretrained(many)).__name__ == "LlamaForCausalLM"
 
 
-def test_cli_merge_and_errors(models, tmp_path):
+def test_cli_merge_and_errors(models, tmp_path, capsys):
     from vlsafe.experiments.cli import main
 
     cfg = tmp_path / "merge.yaml"
@@ -237,6 +237,7 @@ def test_cli_merge_and_errors(models, tmp_path):
     assert torch.allclose(m["model.layers.1.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"], atol=1e-6)
     cfg.write_text("merge_method: slerp\nmodels: [{model: x}]\n")
     assert main(["merge", str(cfg), "-o", str(tmp_path / "bad")]) == 2
+    assert "merge_method 'slerp' needs a base_model" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def _nothing_written(parent: Path, name: str) -> bool:

@@ -88,6 +88,7 @@ def test_probe_bad_input(pair, tmp_path, capsys):
     assert main(["probe", str(llm), "--harmful", str(empty), "-o", str(tmp_path / "c"), *FAST]) == 2
     assert "need at least 2" in capsys.readouterr().err
     assert main(["probe", str(llm), "--positions", "first", "-o", str(tmp_path / "d"), *FAST]) == 2
+    assert "--positions: 'first' is not" in capsys.readouterr().err
     assert not any((tmp_path / x).exists() for x in "abcd")
 
 

@@ -56,12 +56,13 @@ def test_layers_from_any_signal_column(tmp_path: Path) -> None:
         resolve_layers({**sel, "score": "patching"}, tmp_path, "t")
 
 
-def test_bad_signal_column_fails_with_nothing_written(tmp_path: Path) -> None:
+def test_bad_signal_column_fails_with_nothing_written(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _signals(tmp_path / "signals.csv")
     d = {"inputs": INPUTS, "eval": {"mode": "fast", "limit": 2},
          "grid": [{"name": "m", "method": "merge", "config": MERGE,
                    "vary": {"alpha": [1.0], "layers": [{"top_k": 1, "from": "signals.csv", "score": "nope"}]}}]}
     assert main(["sweep", str(_write(tmp_path, d)), "-o", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "'nope'" in capsys.readouterr().err.strip().splitlines()[-1]   # the missing column is named
     assert not (tmp_path / "run").exists()
 
 
