@@ -274,7 +274,11 @@ def test_classifier_seqcls(tiny_models: dict[str, Path]) -> None:
     with pytest.raises(VlsafeError, match="LABEL_0.*refused_labels"):
         get_judge(f"classifier:{tiny_models['generic']}")
     j2 = get_judge(f"classifier:{tiny_models['generic']}", refused_labels=["LABEL_0"], complied_labels=["LABEL_1"])
-    assert len(j2.judge(["answer"])) == 1
+    j3 = get_judge(f"classifier:{tiny_models['generic']}", refused_labels=["LABEL_1"], complied_labels=["LABEL_0"])
+    texts = ["answer", "response response", "request"]
+    a, b = j2.judge(texts), j3.judge(texts)
+    assert len(a) == 3 and [r.refused for r in a] == [not r.refused for r in b]   # the mapping decides, swapped
+    assert all(abs(x.score + y.score - 1) < 1e-6 for x, y in zip(a, b))            # P(refused) flips with it
 
 
 def test_classifier_missing_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
