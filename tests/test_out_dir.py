@@ -1,6 +1,6 @@
 """`-o` folders that would lose or mix data are refused before any work, with one line: an existing file, an input
-checkpoint's own folder (or a folder holding it), and, for the commands that replace their folder whole (gate,
-export-remedy, safelora, merge), a foreign folder with files in it. Before this, `vlsafe gate CKPT -o CKPT`
+checkpoint's own folder, and, for the commands that replace their folder whole (gate, export-remedy, safelora,
+merge), a folder holding an input or a foreign folder with files in it. Before this, `vlsafe gate CKPT -o CKPT`
 deleted the model's weights and exited 0. Also: other bad input found by the CLI audit, one line each."""
 
 from __future__ import annotations
