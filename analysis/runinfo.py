@@ -134,6 +134,8 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise VlsafeError(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
     except UnicodeDecodeError:
         raise VlsafeError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:

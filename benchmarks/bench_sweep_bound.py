@@ -26,6 +26,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,16 +37,16 @@ import pandas as pd  # noqa: E402
 from bench_common import append_rows, gemm_rates  # noqa: E402
 
 
-def geometry(lm) -> tuple[int, int]:
-    """(linear FLOPs per token of the whole decoder stack's blocks ÷ layers, LM-head FLOPs per token)."""
+def geometry(lm: Any) -> tuple[int, int]:
+    """(linear-layer FLOPs per token of one decoder block, of the LM head)."""
     c = getattr(lm.model.config, "text_config", lm.model.config)
-    d, f, n = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    d, f = c.hidden_size, c.intermediate_size
     kv = c.num_key_value_heads * getattr(c, "head_dim", d // c.num_attention_heads)
     block = 2 * (2 * d * d + 2 * d * kv + 3 * d * f)
     return block, 2 * d * c.vocab_size
 
 
-def prompt_tokens(lm, spec: str, limit: int | None) -> tuple[int, int]:
+def prompt_tokens(lm: Any, spec: str, limit: int | None) -> tuple[int, int]:
     """(real tokens, prompts) of a prompt set as the evaluation encodes it (chat template, image tokens)."""
     from vlsafe.probes import templates as T
     from vlsafe.probes.behavior.datasets import load_prompts
@@ -57,11 +58,11 @@ def prompt_tokens(lm, spec: str, limit: int | None) -> tuple[int, int]:
     return total, len(recs)
 
 
-def example_tokens(lm, path: Path, max_length: int) -> float:
-    """Mean encoded length of a tuning point's training examples."""
+def example_tokens(lm: Any, text: str, max_length: int) -> float:
+    """Mean encoded length of a tuning point's training examples (the text of its `examples.jsonl`)."""
     from vlsafe.experiments.tuning import encode_example
 
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return sum(len(encode_example(lm, r, max_length, i)["input_ids"]) for i, r in enumerate(rows)) / len(rows)
 
 
@@ -89,12 +90,15 @@ def bound(sweep: Path, model: str) -> pd.DataFrame:
     # a judged point keeps its screened counts in screen_*; a screened-only point has them in the plain columns
     images = table["screen_n_harmful_image"].where(table["stage"] == "full", table["n_harmful_image"]).fillna(0) > 0
     screen = sum(screen_flops(bool(img)) for img in images)
-    tuning = 0.0
+    tuning, lengths = 0.0, {}  # mean example length per examples text (the targeted LoRA points share theirs)
     for _, row in table[table["method"] == "tune"].iterrows():
         model = sweep / "points" / row["hash"] / "model"
         cfg = json.loads((model / "tune.json").read_text())["config"]
         first = min(map(int, str(row["layers"]).split()))
-        n_tok = cfg["steps"] * cfg["batch_size"] * example_tokens(lvlm, model / "examples.jsonl", cfg["max_length"])
+        text = (model / "examples.jsonl").read_text()
+        if (text, cfg["max_length"]) not in lengths:
+            lengths[text, cfg["max_length"]] = example_tokens(lvlm, text, cfg["max_length"])
+        n_tok = cfg["steps"] * cfg["batch_size"] * lengths[text, cfg["max_length"]]
         tuning += n_tok * (stack + (layers - first) * block)
     judged, gen_tokens, n_judged = 0.0, 0, 0
     full = {s: prompt_tokens(lvlm, s, ev["limit"]) for s in sets + [ev["harmful_image"]]}
@@ -106,11 +110,12 @@ def bound(sweep: Path, model: str) -> pd.DataFrame:
             judged += sum(full[s][0] * stack + full[s][1] * head for s in used) + answers * (stack + head)
             gen_tokens, n_judged = gen_tokens + answers, n_judged + 1
     return pd.DataFrame([
-        {"kind": "screen", "points": len(table), "tflop": screen / 1e12, "note": f"{sc['limit']} prompts/set"},
+        {"kind": "screen", "points": len(table), "tflop": screen / 1e12,
+         "note": f"up to {sc['limit']} prompts per set"},
         {"kind": "tuning", "points": int((table["method"] == "tune").sum()), "tflop": tuning / 1e12,
          "note": "forward + input-gradient backward above the first tuned layer"},
         {"kind": "judged", "points": n_judged, "tflop": judged / 1e12,
-         "note": f"{ev['limit']} prompts/set, {gen_tokens} answer tokens generated"}])
+         "note": f"up to {ev['limit']} prompts per set, {gen_tokens} answer tokens generated"}])
 
 
 def main() -> None:

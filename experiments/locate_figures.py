@@ -21,8 +21,8 @@ def recovered_scale(values: pd.Series) -> float:
 
 def patching_heatmap(patching: pd.DataFrame) -> Figure:
     """One panel per (direction, image): recovered fraction, layers down, components across. A diverging scale
-    centred at 0 (no recovery; red above, blue below), symmetric and wide enough for every
-    value (`recovered_scale`); undefined sites (NaN) grey."""
+    centred at 0 (no recovery; red above, blue below), symmetric and wide enough for every value
+    (`recovered_scale`); undefined sites (NaN) grey."""
     import matplotlib
 
     panels = list(dict.fromkeys(zip(patching["direction"], patching["image"].astype(str))))

@@ -343,8 +343,6 @@ def pareto_figures(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     remedies figure (`vlsafe.experiments.report.plots_pareto.pareto`: points numbered, families by colour and
     marker, the front joined, 95 % intervals, screened-only points hollow) — and `pareto_key.csv`, the table that
     names the numbers."""
-    import matplotlib.pyplot as plt
-
     from vlsafe.analysis.figures import save_figure
     from vlsafe.analysis.runinfo import write_csv
     from vlsafe.experiments.report.plots_pareto import pareto, pareto_key
@@ -354,7 +352,6 @@ def pareto_figures(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         fig = pareto(df, safety=safety) if safety in df.columns else None
         if fig is not None:
             paths += save_figure(fig, out_dir, name)
-            plt.close(fig)
     if paths:
         paths.append(write_csv(Path(out_dir) / "pareto_key.csv", pareto_key(df)))
     return paths

@@ -338,14 +338,13 @@ def run_tune(cfg: TuneConfig, out_dir: str | Path, *, progress: bool = True,
     import json
 
     from vlsafe.analysis.checkpoints import open_checkpoint
-    from vlsafe.analysis.runinfo import atomic_path, write_run_json
+    from vlsafe.analysis.runinfo import atomic_path, check_out_dir, write_run_json
     from vlsafe.experiments import tuning
     from vlsafe.experiments.tune_data import build_examples, collect
 
     out = Path(out_dir)
     ckpt = cfg.checkpoint()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise VlsafeError(f"{out}: exists and is not empty; choose a new -o folder")
+    check_out_dir(out, inputs=[ckpt.path])  # the folder is replaced whole (atomic_path)
     cfg.check_layers(ckpt.num_layers)
     scfg = sft_config(cfg, progress)
     lm = ckpt.load_model(dtype="float32")

@@ -47,9 +47,9 @@ def parse_vars(items: list[str] | None) -> dict[str, str]:
 def referenced(obj: Any) -> set[str]:
     """Every `${name}` used in the strings of `obj` (dicts and lists recursively)."""
     if isinstance(obj, dict):
-        return set().union(*(referenced(v) for v in obj.values())) if obj else set()
+        obj = list(obj.values())
     if isinstance(obj, list):
-        return set().union(*(referenced(v) for v in obj)) if obj else set()
+        return set().union(*map(referenced, obj))
     return set(_VAR.findall(obj)) if isinstance(obj, str) else set()
 
 

@@ -22,7 +22,6 @@ is refused. Files: `cond.json` (the record below) next to `cond.safetensors` (on
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -38,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.exceptions import ConvergenceWarning
 
 from vlsafe.analysis.errors import VlsafeError
-from vlsafe.analysis.runinfo import atomic_path, write_json
+from vlsafe.analysis.runinfo import atomic_path, read_json_object, write_json
 from vlsafe.probes import models as M
 from vlsafe.probes.activations import model_identity
 from vlsafe.probes.capture import capture
@@ -214,13 +213,9 @@ def _weight(w: Any, *, unit: bool) -> torch.Tensor:
 def _read_record(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise VlsafeError(f"{path}: no such condition file")
-    try:
-        rec = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise VlsafeError(f"{path}: not JSON ({str(e)[:80]})") from None
-    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
-        raise VlsafeError(f"{path}: not a condition file (format {rec.get('format') if isinstance(rec, dict) else None!r}"
-                          f", expected {FORMAT!r})")
+    rec = read_json_object(path)
+    if rec.get("format") != FORMAT:
+        raise VlsafeError(f"{path}: not a condition file (format {rec.get('format')!r}, expected {FORMAT!r})")
     missing = [k for k in ("kind", "layer", "threshold") if k not in rec]
     if missing:
         raise VlsafeError(f"{path}: condition record lacks {', '.join(missing)}")

@@ -199,3 +199,13 @@ def test_options_that_do_not_apply_are_refused(tmp_path: Path, capsys: pytest.Ca
     assert "alternatives" in _error(capsys, ["organism", "--profile", "tiny", "--config", str(rows),
                                              "-o", str(tmp_path / "org")])
     assert not any((tmp_path / n).exists() for n in ("o.csv", "s", "w", "org"))
+
+
+def test_tune_into_its_own_model_is_refused(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(model), "method": "lora", "steps": 1,
+                                   "data": [{"set": "harmful-train", "limit": 2}]}))
+    before = _files(model)
+    assert "is or holds an input" in _error(capsys, ["tune", str(cfg), "-o", str(model)])
+    assert "is or holds an input" in _error(capsys, ["tune", str(cfg), "-o", str(model.parent)])
+    assert _files(model) == before

@@ -184,7 +184,7 @@ def test_run_json_without_tables_is_one_line_error(tmp_path: Path) -> None:
     _legacy(tmp_path / "eval", "eval")
     _one_line_error(tmp_path, r"eval/run\.json: no \"tables\" in run\.json \(written by an older vlsafe\)")
     (tmp_path / "eval" / "run.json").write_text("{not json")
-    _one_line_error(tmp_path, r"eval/run\.json: not a valid run\.json")
+    _one_line_error(tmp_path, r"eval/run\.json: not valid JSON")
 
 
 def test_listed_table_without_the_columns_read_is_one_line_error(tmp_path: Path) -> None:

@@ -45,8 +45,8 @@ def register(app: typer.Typer) -> None:
         """Which layers and components carry the change in refusal from PRE to POST (patching, image shift,
         signals table)."""
         from vlsafe.analysis.checkpoints import open_checkpoint
-        from vlsafe.experiments.commands.probe import parse_layers
         from vlsafe.analysis.runinfo import check_out_dir
+        from vlsafe.experiments.commands.probe import parse_layers
         from vlsafe.experiments.locate import run_locate
 
         check_out_dir(out, inputs=[pre, post], replaces=False)

@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build the safety-aligned LLM and its LLaVA adaptation (resumable stages), then evaluate them all."""
         from vlsafe.analysis.errors import VlsafeError
+        from vlsafe.analysis.runinfo import check_out_dir
         from vlsafe.experiments.organism.api import BENCH_CSV, build_organism, write_organism_run_json
         from vlsafe.experiments.organism.build import stage_scope
         from vlsafe.experiments.organism.config import load_config
@@ -54,8 +55,6 @@ def register(app: typer.Typer) -> None:
         except VlsafeError as e:
             flags = " ".join(f"--{name} {value}" for name, value in (("only", only), ("until", until)) if value)
             raise VlsafeError(f"{flags}: {e}") from None
-        from vlsafe.analysis.runinfo import check_out_dir
-
         check_out_dir(out, replaces=False)
         out.mkdir(parents=True, exist_ok=True)
         bench = BENCH_CSV if cfg.profile == "full" else None  # the budget is about the full profile

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 import pandas as pd
 
 from vlsafe.analysis.errors import VlsafeError
@@ -40,7 +40,7 @@ font-style:italic}.source{color:#777}ol.findings li{margin:.3em 0}.note{font-siz
 """
 
 
-def _embed(fig: plt.Figure | None, out_dir: Path, stem: str) -> str | None:
+def _embed(fig: Figure | None, out_dir: Path, stem: str) -> str | None:
     """Save `fig` as PNG + PDF under `out_dir/figures/` and return it as inline SVG (text kept as text)."""
     if fig is None:
         return None
@@ -48,9 +48,7 @@ def _embed(fig: plt.Figure | None, out_dir: Path, stem: str) -> str | None:
     figs.mkdir(parents=True, exist_ok=True)
     fig.savefig(figs / f"{stem}.pdf")
     fig.savefig(figs / f"{stem}.png", dpi=150)
-    tag = svg_tag(fig, stem=stem)
-    plt.close(fig)
-    return tag
+    return svg_tag(fig, stem=stem)  # (figures are never registered with pyplot: nothing to close)
 
 
 def _fmt_rate(r: pd.Series) -> str:
@@ -122,7 +120,7 @@ def _pareto_block(tag: str | None, p: pd.DataFrame | None) -> str | None:
     return tag + '<div class="key">' + pareto_key(p).to_html(index=False, escape=True) + "</div>"
 
 
-def _remedies(p: pd.DataFrame | None, fig: Callable[[plt.Figure | None, str], str | None],
+def _remedies(p: pd.DataFrame | None, fig: Callable[[Figure | None, str], str | None],
               sources: list[str], notes: dict[str, str] | None = None) -> list[str | None]:
     """The text front and, when the sweep has image numbers, the image front; the key (after the last) names the
     points of both, with their family, layers and the signal that chose them. `notes` maps a safety channel to the
@@ -183,7 +181,7 @@ def _repro(art: Artefacts) -> str:
     return "\n".join(blocks)
 
 
-def _sections(art: Artefacts, fig: Callable[[plt.Figure | None, str], str | None]) -> list[str]:
+def _sections(art: Artefacts, fig: Callable[[Figure | None, str], str | None]) -> list[str]:
     diff, probe, sim = art.first("diff_layers"), art.first("probe_layers"), art.first("similarity")
     metrics, table, organism = art.first("organism_metrics"), safety_table(art), organism_table(art)
     roles = checkpoint_roles(metrics=metrics, diff=diff, probe=probe, sim=sim)
@@ -193,7 +191,7 @@ def _sections(art: Artefacts, fig: Callable[[plt.Figure | None, str], str | None
     def src(*kinds: str) -> list[str]:
         return [p.relative_to(art.root).as_posix() for k in kinds if (p := art.first_path(k)) is not None]
 
-    def show(kind: str, draw: Callable[[pd.DataFrame], plt.Figure | None], stem: str) -> str | None:
+    def show(kind: str, draw: Callable[[pd.DataFrame], Figure | None], stem: str) -> str | None:
         df = art.first(kind)
         return fig(draw(df), stem) if df is not None else None
 
@@ -256,7 +254,7 @@ def build_report(run_dir: str | Path, title: str = "vlsafe report") -> Path:
     art = discover(root)
     if not art.runs:
         raise VlsafeError(f"{root}: no vlsafe outputs found (no run.json under it)")
-    fig: Callable[[plt.Figure | None, str], str | None] = lambda f, stem: _embed(f, root, f"report_{stem}")
+    fig: Callable[[Figure | None, str], str | None] = lambda f, stem: _embed(f, root, f"report_{stem}")
     found = findings(art)
     with paper_style():
         body = _section("Findings", [_findings(found)], "") + "".join(_sections(art, fig))

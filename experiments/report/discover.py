@@ -14,14 +14,13 @@ other is a one-line error naming it (rerun that command). Nothing is ever guesse
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from vlsafe.analysis.errors import VlsafeError
-from vlsafe.analysis.runinfo import run_tables
+from vlsafe.analysis.runinfo import read_json_object, run_tables
 
 # columns the report reads from each table kind; a listed table without them is a one-line error naming it
 READS: dict[str, set[str]] = {
@@ -91,16 +90,6 @@ def read_table(path: Path, kind: str) -> pd.DataFrame:
     return df
 
 
-def _read_run(rj: Path) -> dict:
-    try:
-        record = json.loads(rj.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VlsafeError(f"{rj}: not a valid run.json ({type(e).__name__})") from None
-    if not isinstance(record, dict):
-        raise VlsafeError(f"{rj}: not a valid run.json (a JSON object expected)")
-    return record
-
-
 def discover(root: str | Path) -> Artefacts:
     """Every `run.json` under `root` and the tables each lists (see the module docstring)."""
     root = Path(root)
@@ -108,7 +97,7 @@ def discover(root: str | Path) -> Artefacts:
     for rj in sorted(root.rglob("run.json")):
         if any(part.startswith(".") for part in rj.relative_to(root).parts):
             continue
-        record = _read_run(rj)
+        record = read_json_object(rj)
         legacy = "tables" not in record and record.get("command") in LEGACY_WITHOUT_TABLES
         for kind, path in ({} if legacy else run_tables(rj, record)).items():
             if path not in art.paths.setdefault(kind, []):

@@ -10,7 +10,6 @@ import re
 from typing import Any
 
 import matplotlib.pyplot as plt  # types and tickers only: figures come from `agg_figure`, not pyplot
-import numpy as np
 import pandas as pd
 
 from vlsafe.analysis.figures import agg_figure, legend_outside, module_columns, short_module
@@ -150,7 +149,7 @@ def taskvector_cosine(tv: pd.DataFrame) -> plt.Figure | None:
         pair = f": τ_A = {a} − {base}, τ_B = {b} − {a if chain else base}"
     d = d.groupby("layer", as_index=False)["cosine"].mean()
     fig, ax = _figure(figsize=WIDE)
-    ax.bar(d["layer"], d["cosine"], color=_colors(["τ"])["τ"])
+    ax.bar(d["layer"], d["cosine"], color="0.4")  # one series, not a checkpoint: no checkpoint colour
     ax.axhline(0, color="k", lw=0.5)
     ax.set_title(f"task-vector cosine per layer{pair}", fontsize=8, loc="left")
     ax.set_xlabel("layer")

@@ -147,7 +147,7 @@ def pareto(p: pd.DataFrame, *, safety: str = "safety") -> plt.Figure | None:
     front joined (see the module docstring)."""
     if p.empty or safety not in p.columns or p[safety].isna().all():
         return None
-    from vlsafe.analysis.figures import checkpoint_colors
+    from vlsafe.analysis.figures import agg_figure, checkpoint_colors
 
     p = p.reset_index(drop=True)
     fam_of = families(p)
@@ -155,8 +155,6 @@ def pareto(p: pd.DataFrame, *, safety: str = "safety") -> plt.Figure | None:
     colors, front = checkpoint_colors(fams), front_of(p, safety)
     screened = (p["stage"] == "screen").to_numpy() if "stage" in p.columns else [False] * len(p)
     prefix = "pareto-pt" if safety == "safety" else "pareto-image-pt"
-    from vlsafe.analysis.figures import agg_figure
-
     fig, ax = agg_figure((6.8, 3.6))
     ax.plot(front["helpfulness"], front["safety"], **FRONT_STYLE, zorder=1)
     shown = p[p[safety].notna()]

@@ -100,11 +100,9 @@ def load_calibration(path: str | Path) -> JudgeCalibration:
     p = Path(path)
     if not p.is_file():
         raise VlsafeError(f"judge calibration file {p} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise VlsafeError(f"{p}: cannot parse judge calibration: {str(e).splitlines()[0]}") from None
-    return JudgeCalibration.from_dict(data if isinstance(data, dict) else {}, where=str(p))
+    from vlsafe.analysis.runinfo import read_json_object
+
+    return JudgeCalibration.from_dict(read_json_object(p), where=str(p))
 
 
 def shipped_calibration(judge_name: str) -> JudgeCalibration | None:

@@ -39,12 +39,10 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any
     the file when it is not one (no run.json, another kind of run, no generations, a checkpoint without rows)."""
     from vlsafe.analysis.errors import VlsafeError
 
+    from vlsafe.analysis.runinfo import read_json_object
+
     run_json, gens_file = run_dir / "run.json", run_dir / "generations.jsonl"
-    try:
-        record = json.loads(run_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise VlsafeError(f"{run_json}: not a readable run.json ({type(e).__name__})") from None
-    record = record if isinstance(record, dict) else {}
+    record = read_json_object(run_json)
     config = record.get("config")
     if record.get("kind") != "eval" or not isinstance(config, dict) \
             or not all(k in config for k in ("checkpoints", "prompt_sets")):
